@@ -1,0 +1,300 @@
+"""Public alignment API: :func:`align_stack`, :func:`iter_align_stack`, :class:`AlignmentResult`.
+
+Axis convention (used throughout the package):
+
+* stack: ``ndarray, shape (Z, H, W)``
+* displacement: ``ndarray, shape (Z, 2, H, W)``, float32, channel order (dy, dx), in input
+  pixels, a BACKWARD map: ``aligned[z](y, x) = stack[z](y + dy, x + dx)`` (bilinear).
+  It holds the whole transform, pre-alignment included.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import AlignmentCancelled, InputError
+from .params import AlignParams
+
+# Section flags (strings so they serialise to JSON/NPZ and read well in the UI).
+FLAG_OK = ""
+FLAG_BLANK = "blank"
+FLAG_NO_OVERLAP = "no_overlap"
+FLAG_LOW_CONFIDENCE = "low_confidence"
+
+MIN_SIZE = 32
+"""Smallest section side the pyramid and the encoder can work with (pixels)."""
+
+
+@dataclass
+class Progress:
+    """A progress report: ``step`` of ``total`` in ``stage``."""
+
+    stage: str
+    step: int
+    total: int
+    message: str = ""
+    section: int | None = None
+
+
+@dataclass
+class SectionResult:
+    """One finished section, reported while the full result is assembled.
+
+    Attributes
+    ----------
+    z : int
+    aligned : ndarray, shape (H, W), float32
+    displacement : ndarray, shape (2, H, W), float32 (dy, dx)
+    valid : ndarray, shape (H, W), bool
+    """
+
+    z: int
+    aligned: np.ndarray
+    displacement: np.ndarray
+    valid: np.ndarray
+    flag: str = FLAG_OK
+
+
+@dataclass
+class AlignmentResult:
+    """Everything an alignment run produced.
+
+    Attributes
+    ----------
+    aligned : ndarray, shape (Z, H, W), float32
+        Input intensities resampled through ``displacement``; 0 outside the section.
+    displacement : ndarray, shape (Z, 2, H, W), float32
+        Backward map (dy, dx) in input pixels, pre-alignment included.
+    valid : ndarray, shape (Z, H, W), bool
+        True where the aligned pixel comes from inside its section.
+    ncc_before, ncc_after : ndarray, shape (Z,), float64
+        Mean NCC of each section with its adjacent (z-1, z+1) non-blank sections, on pixels
+        valid in both; NaN where a section has no usable neighbour or is blank.
+    flags : list of str, length Z
+        ``""`` for a normal section, else ``"blank"``, ``"no_overlap"`` or
+        ``"low_confidence"``.
+    params : AlignParams
+    timings : dict of str to float
+        Seconds per stage and ``"total"``.
+    device : str
+    """
+
+    aligned: np.ndarray
+    displacement: np.ndarray
+    valid: np.ndarray
+    ncc_before: np.ndarray
+    ncc_after: np.ndarray
+    flags: list[str]
+    params: AlignParams
+    timings: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+
+    @property
+    def flagged(self) -> list[int]:
+        """Indices of sections with a non-empty flag."""
+        return [z for z, f in enumerate(self.flags) if f]
+
+    def summary(self) -> str:
+        """A few human-readable lines about the run."""
+        finite_b = np.nanmean(self.ncc_before) if np.isfinite(self.ncc_before).any() else np.nan
+        finite_a = np.nanmean(self.ncc_after) if np.isfinite(self.ncc_after).any() else np.nan
+        z = self.aligned.shape[0]
+        lines = [
+            f"{z} sections of {self.aligned.shape[1]}x{self.aligned.shape[2]} px on "
+            f"{self.device} in {self.timings.get('total', float('nan')):.1f} s "
+            f"({self.timings.get('total', float('nan')) / max(z, 1):.2f} s/section)",
+            f"mean adjacent NCC: {finite_b:.3f} before, {finite_a:.3f} after",
+        ]
+        for zz in self.flagged:
+            lines.append(f"section {zz}: {self.flags[zz]}")
+        return "\n".join(lines)
+
+
+ProgressCallback = Callable[[Progress | SectionResult], None]
+StopCallback = Callable[[], bool]
+
+
+def check_stack(stack: Any, *, name: str = "stack", min_sections: int = 2) -> np.ndarray:
+    """Validate a (Z, H, W) real-valued stack and return it as an array (never a copy-on-write
+    view that could alias user data into an in-place operation).
+
+    Raises
+    ------
+    InputError
+        With a message that says what is wrong and what to do.
+    """
+    try:
+        arr = np.asarray(stack)
+    except Exception as exc:  # pragma: no cover - exotic array-likes
+        raise InputError(f"The {name} could not be read as an array: {exc}") from None
+    if arr.dtype == bool:
+        raise InputError(f"The {name} is a boolean mask, not an image; pass the grayscale EM "
+                         "stack.")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise InputError(f"The {name} has dtype {arr.dtype}; a real-valued (integer or float) "
+                         "grayscale stack is needed.")
+    if arr.ndim == 2:
+        raise InputError(f"The {name} is a single 2D image of shape {arr.shape}; alignment needs "
+                         "a stack of sections with shape (Z, H, W).")
+    if arr.ndim == 4 and arr.shape[-1] in (3, 4):
+        raise InputError(f"The {name} looks like an RGB(A) stack with shape {arr.shape}; convert "
+                         "it to grayscale (Z, H, W) first.")
+    if arr.ndim != 3:
+        raise InputError(f"The {name} has shape {arr.shape}; a grayscale stack of shape "
+                         "(Z, H, W) is needed. Split channels or time points first.")
+    if arr.shape[-1] in (3, 4) and arr.shape[-2] > 16:
+        raise InputError(f"The {name} of shape {arr.shape} looks like a single RGB(A) image; "
+                         "alignment needs a grayscale stack (Z, H, W).")
+    z, h, w = arr.shape
+    if z < min_sections:
+        raise InputError(f"The {name} has {z} section(s); at least {min_sections} are needed.")
+    if h < MIN_SIZE or w < MIN_SIZE:
+        raise InputError(f"Sections of {h}x{w} px are too small; at least {MIN_SIZE}x{MIN_SIZE} "
+                         "px are needed.")
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            zs = np.unique(np.nonzero(bad.reshape(z, -1).any(axis=1))[0])
+            shown = ", ".join(str(int(s)) for s in zs[:10]) + (" ..." if len(zs) > 10 else "")
+            raise InputError(f"The {name} contains NaN or infinite values in section(s) {shown}; "
+                             "replace them (e.g. with 0) before aligning.")
+    return arr
+
+
+def align_stack(
+    stack: np.ndarray,
+    params: AlignParams | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCallback | None = None,
+    encoder: Any = None,
+    **overrides: Any,
+) -> AlignmentResult:
+    """Align a serial-section stack onto its reference section.
+
+    Parameters
+    ----------
+    stack : array_like, shape (Z, H, W)
+        Any integer or float dtype. Never modified.
+    params : AlignParams, optional
+        Tuning knobs; defaults to ``AlignParams()``.
+    progress : callable, optional
+        Called with every :class:`Progress` and :class:`SectionResult` event.
+    should_stop : callable, optional
+        Polled several times a second; returning True raises :class:`AlignmentCancelled`.
+    encoder : torch.nn.Module, optional
+        A feature encoder to use instead of the one named by ``params.features``.
+    **overrides
+        Field values of :class:`AlignParams`, e.g. ``reference=3, grid_spacing=32``.
+
+    Returns
+    -------
+    AlignmentResult
+    """
+    gen = iter_align_stack(stack, params, should_stop=should_stop, encoder=encoder, **overrides)
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(event)
+
+
+def iter_align_stack(
+    stack: np.ndarray,
+    params: AlignParams | None = None,
+    *,
+    should_stop: StopCallback | None = None,
+    encoder: Any = None,
+    **overrides: Any,
+) -> Generator[Progress | SectionResult, None, AlignmentResult]:
+    """Generator form of :func:`align_stack` for worker threads.
+
+    Yields :class:`Progress` several times a second and one :class:`SectionResult` per
+    finished section; returns the :class:`AlignmentResult` (``StopIteration.value``).
+    Closing the generator (or ``should_stop`` returning True) stops the run.
+    """
+    from . import fit, metrics, prealign, warp  # torch is imported lazily
+    from .device import pick_device
+    from .features import load_feature_extractor
+
+    params = (params or AlignParams()).replace(**overrides) if overrides else (
+        params or AlignParams())
+    arr = check_stack(stack)
+    z_count, h, w = arr.shape
+    if not 0 <= params.reference < z_count:
+        raise InputError(f"Reference section {params.reference} is out of range; the stack has "
+                         f"sections 0 to {z_count - 1}.")
+
+    def stop_check() -> None:
+        if should_stop is not None and should_stop():
+            raise AlignmentCancelled("Alignment cancelled.")
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    device = pick_device(params.device)
+    import torch
+
+    torch.manual_seed(params.seed)
+
+    yield Progress("prepare", 0, 1, f"normalising {z_count} sections on {device}")
+    t0 = time.perf_counter()
+    norm, blank = metrics.normalise_stack(arr)
+    if blank[params.reference]:
+        raise InputError(f"Reference section {params.reference} is blank or has no structure; "
+                         "choose another reference section.")
+    if (~blank).sum() < 2:
+        raise InputError("Fewer than two sections contain image structure; nothing to align.")
+    flags = [FLAG_BLANK if b else FLAG_OK for b in blank]
+    extractor = encoder if encoder is not None else load_feature_extractor(params)
+    timings["prepare"] = time.perf_counter() - t0
+    stop_check()
+
+    t0 = time.perf_counter()
+    matrices, confidence = yield from prealign.prealign_stack(
+        norm, blank, reference=params.reference, kind=params.prealign,
+        max_rotation=params.max_rotation, device=device, should_stop=stop_check)
+    for zz in range(z_count):
+        if not blank[zz] and confidence[zz] < prealign.MIN_CONFIDENCE and params.prealign != "none":
+            flags[zz] = FLAG_LOW_CONFIDENCE
+    timings["prealign"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    free = np.ones(z_count, dtype=bool)
+    free[params.reference] = False
+    residual = yield from fit.fit_stack(
+        norm, matrices, blank=blank, free=free, params=params, extractor=extractor,
+        device=device, should_stop=stop_check)
+    timings["fit"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    aligned = np.zeros((z_count, h, w), np.float32)
+    displacement = np.zeros((z_count, 2, h, w), np.float32)
+    valid = np.zeros((z_count, h, w), bool)
+    source = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    for zz in range(z_count):
+        stop_check()
+        disp = fit.full_displacement(residual, matrices, zz, (h, w), device=device)
+        img, ok = warp.warp_image(source[zz].to(device), disp)
+        displacement[zz] = disp.cpu().numpy()
+        aligned[zz] = img.cpu().numpy()
+        valid[zz] = ok.cpu().numpy()
+        if not blank[zz] and valid[zz].mean() < 0.25:
+            flags[zz] = FLAG_NO_OVERLAP
+        yield SectionResult(zz, aligned[zz], displacement[zz], valid[zz], flags[zz])
+        yield Progress("render", zz + 1, z_count, f"section {zz + 1}/{z_count}", section=zz)
+    timings["render"] = time.perf_counter() - t0
+
+    usable = np.array([f in (FLAG_OK, FLAG_LOW_CONFIDENCE) for f in flags])
+    ncc_before = metrics.adjacent_ncc(norm, None, usable)
+    ncc_after = metrics.adjacent_ncc(aligned, valid, usable)
+    timings["total"] = time.perf_counter() - t_start
+    return AlignmentResult(aligned=aligned, displacement=displacement, valid=valid,
+                           ncc_before=ncc_before, ncc_after=ncc_after, flags=flags,
+                           params=params, timings=timings, device=str(device))

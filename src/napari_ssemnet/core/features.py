@@ -1,0 +1,234 @@
+"""Convolutional autoencoder (CAE) features: model, training, secure weight loading.
+
+The encoder maps a normalised section ``(B, 1, H, W)`` to features ``(B, C, H/2, W/2)``;
+its decoder mirrors it. Training minimises ``||x - g(f(x + noise))||^2`` plus L2 weight decay
+(ssEMnet Eqs. 1-3, with input noise so the features ignore pixel noise).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Generator, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import AlignmentCancelled, InputError, WeightsError
+from .params import AlignParams
+
+ARCH_VERSION = 1
+DEFAULT_WIDTH = 16
+SHIPPED_WEIGHTS = "cae_default.pt"
+
+
+class CAE(nn.Module):
+    """Convolutional autoencoder; ``encode`` gives half-resolution features.
+
+    Parameters
+    ----------
+    width : int
+        Channels of the first stage; the feature map has ``width`` channels.
+    """
+
+    def __init__(self, width: int = DEFAULT_WIDTH) -> None:
+        super().__init__()
+        self.width = width
+        c1, c2 = width, 2 * width
+        self.encoder = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1, padding_mode="reflect"), nn.ReLU(inplace=True),
+            nn.Conv2d(c1, c1, 3, padding=1, padding_mode="reflect"), nn.ReLU(inplace=True),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1, padding_mode="reflect"),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c2, c2, 3, padding=1, padding_mode="reflect"), nn.ReLU(inplace=True),
+            nn.Conv2d(c2, c1, 1),
+        )
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(c1, c1, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(c1, c1, 3, padding=1, padding_mode="reflect"), nn.ReLU(inplace=True),
+            nn.Conv2d(c1, 1, 3, padding=1, padding_mode="reflect"),
+        )
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) -> (B, C, ceil(H/2), ceil(W/2))."""
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"encoder input must be (B, 1, H, W), got {tuple(x.shape)}")
+        return self.encoder(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.decoder(self.encode(x))
+        return y[..., : x.shape[-2], : x.shape[-1]]
+
+
+class PixelFeatures(nn.Module):
+    """The 'pixels' ablation: the normalised image itself, average-pooled to half resolution
+    so that it is sampled exactly like the CAE features."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.avg_pool2d(x, 2, ceil_mode=True)
+
+
+def shipped_weights_path() -> Path:
+    """Path of the encoder weights shipped with the package."""
+    return Path(str(resources.files("napari_ssemnet") / "weights" / SHIPPED_WEIGHTS))
+
+
+def save_weights(model: CAE, path: str | os.PathLike, *, info: dict[str, str] | None = None
+                 ) -> Path:
+    """Save encoder weights as a plain tensor dictionary (loadable with weights_only=True)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": "napari-ssemnet-cae",
+        "arch_version": ARCH_VERSION,
+        "width": int(model.width),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "info": dict(info or {}),
+    }
+    torch.save(payload, path)
+    return path
+
+
+def load_weights(path: str | os.PathLike) -> CAE:
+    """Load a CAE from a weights file without unpickling arbitrary objects.
+
+    Raises
+    ------
+    WeightsError
+        If the file is missing, not a weights file, corrupt or of another architecture.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"Encoder weights file {str(path)!r} does not exist.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"{str(path)!r} is not a readable napari-ssemnet weights file "
+                           f"({type(exc).__name__}). Re-train or re-download it.") from None
+    if not isinstance(payload, dict) or payload.get("format") != "napari-ssemnet-cae":
+        raise WeightsError(f"{str(path)!r} is not a napari-ssemnet encoder weights file.")
+    if payload.get("arch_version") != ARCH_VERSION:
+        raise WeightsError(f"{str(path)!r} was written for encoder version "
+                           f"{payload.get('arch_version')}; this version needs {ARCH_VERSION}. "
+                           "Re-train it with 'napari-ssemnet train-features'.")
+    try:
+        model = CAE(int(payload["width"]))
+        model.load_state_dict(payload["state_dict"])
+    except Exception as exc:
+        raise WeightsError(f"{str(path)!r} does not match the encoder architecture: "
+                           f"{exc}".split("\n")[0]) from None
+    model.info = dict(payload.get("info", {}))
+    model.eval()
+    return model
+
+
+def load_feature_extractor(params: AlignParams) -> nn.Module:
+    """The feature model named by ``params.features``, in eval mode."""
+    if params.features == "pixels":
+        return PixelFeatures()
+    if params.features == "custom":
+        return load_weights(params.weights)
+    path = shipped_weights_path()
+    if not path.is_file():
+        raise WeightsError("The shipped encoder weights are missing from the installation "
+                           f"({path}); reinstall napari-ssemnet or use features='pixels'.")
+    return load_weights(path)
+
+
+def _patches(stacks: Sequence[np.ndarray], n: int, size: int, rng: np.random.Generator
+             ) -> np.ndarray:
+    from .metrics import normalise_stack
+
+    normed = []
+    for s in stacks:
+        norm, blank = normalise_stack(np.asarray(s))
+        normed.extend(norm[i] for i in range(norm.shape[0]) if not blank[i])
+    if not normed:
+        raise InputError("No section with image structure to train on.")
+    out = np.empty((n, 1, size, size), np.float32)
+    for i in range(n):
+        img = normed[rng.integers(len(normed))]
+        y = rng.integers(0, img.shape[0] - size + 1)
+        x = rng.integers(0, img.shape[1] - size + 1)
+        p = img[y:y + size, x:x + size]
+        p = np.rot90(p, rng.integers(4))
+        if rng.random() < 0.5:
+            p = p[:, ::-1]
+        out[i, 0] = p
+    return out
+
+
+def train_encoder(
+    stacks: Sequence[np.ndarray],
+    *,
+    steps: int = 1500,
+    batch: int = 16,
+    patch: int = 64,
+    width: int = DEFAULT_WIDTH,
+    learning_rate: float = 2e-3,
+    weight_decay: float = 1e-5,
+    noise: float = 0.3,
+    seed: int = 0,
+    device: str = "auto",
+    init: CAE | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Generator[Any, None, CAE]:
+    """Train (or fine-tune ``init``) a CAE on one or more stacks, self-supervised.
+
+    Parameters
+    ----------
+    stacks : sequence of ndarray, each shape (Z, H, W)
+    steps, batch, patch : int
+        Adam steps, patches per step and patch side (px).
+    noise : float
+        Std of Gaussian noise added to the input (denoising autoencoder).
+
+    Yields
+    ------
+    Progress
+        Every 10 steps, with the running reconstruction loss in the message.
+
+    Returns
+    -------
+    CAE
+        In eval mode, on the CPU.
+    """
+    from .align import Progress, check_stack
+    from .device import pick_device
+
+    stacks = [check_stack(s, name=f"training stack {i}", min_sections=1)
+              for i, s in enumerate(stacks)]
+    if not stacks:
+        raise InputError("No training stack given.")
+    small = min(min(s.shape[1:]) for s in stacks)
+    patch = min(patch, small - small % 4)
+    dev = pick_device(device)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model = CAE(width) if init is None else init
+    model = model.to(dev).train()
+    opt = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    pool = _patches(stacks, max(batch * 64, 512), patch, rng)
+    running = None
+    for step in range(steps):
+        if should_stop is not None and should_stop():
+            raise AlignmentCancelled("Feature training cancelled.")
+        if step % 64 == 63:
+            pool = _patches(stacks, pool.shape[0], patch, rng)
+        idx = rng.integers(0, pool.shape[0], batch)
+        x = torch.from_numpy(pool[idx]).to(dev)
+        noisy = x + noise * torch.randn_like(x)
+        loss = torch.mean((model(noisy) - x) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lv = float(loss.detach())
+        running = lv if running is None else 0.95 * running + 0.05 * lv
+        if step % 10 == 9 or step == steps - 1:
+            yield Progress("train", step + 1, steps, f"reconstruction loss {running:.4f}")
+    model = model.cpu().eval()
+    model.info = {"train_loss": f"{running:.5f}", "steps": str(steps), "seed": str(seed)}
+    return model

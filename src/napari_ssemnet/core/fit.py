@@ -1,0 +1,278 @@
+"""Joint deformable fit of all sections on frozen encoder features (ssEMnet Eqs. 4-5).
+
+Every free section z gets a residual global map ``A_z`` (translation, rigid or affine, not
+penalised) and a coarse control grid ``v_z`` (penalised by ``alpha ||v||^2 + beta ||grad v||^2``).
+The residual maps reference-frame points ``q`` to pre-aligned points
+``r_z(q) = A_z(q) + v_z(q)``; the whole backward map is ``P_z @ r_z(q)``.
+
+Features are computed once per pyramid level on the pre-aligned sections and then warped,
+which keeps the encoder out of the optimisation loop (the residual motions are small, so
+warping features and featurising warped images agree closely). All sections are optimised in
+one batch against their neighbours within ``window`` on both sides; blank sections are left
+out of the data term and bridged over, and the reference section stays fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import warp
+from .params import AlignParams
+
+_AFFINE_DIMS = {"none": 2, "translation": 2, "rigid": 3, "affine": 6}
+
+
+@dataclass
+class Residual:
+    """Fitted residual maps (full-resolution pixel units).
+
+    Attributes
+    ----------
+    glob : Tensor, shape (Z, n)
+        Global parameters: (ty, tx[, rotation * radius][, 4 linear terms * radius]).
+    grid : Tensor, shape (Z, 2, gh, gw)
+        Control-grid displacements (dy, dx) in pixels.
+    kind : str
+    size : (H, W)
+    """
+
+    glob: torch.Tensor
+    grid: torch.Tensor
+    kind: str
+    size: tuple[int, int]
+
+    def points(self, z: slice | int, q: torch.Tensor) -> torch.Tensor:
+        """Residual map at points ``q`` (Hq, Wq, 2) for sections ``z`` -> (B, Hq, Wq, 2)."""
+        zs = slice(z, z + 1) if isinstance(z, int) else z
+        glob, grid = self.glob[zs], self.grid[zs]
+        interp = warp.grid_interpolators(q[:, 0, 0], q[0, :, 1], grid.shape[-2:], self.size)
+        return residual_points(glob, grid, q, interp, self.kind, self.size)
+
+
+def _radius(size: tuple[int, int]) -> float:
+    return 0.5 * math.hypot(size[0], size[1])
+
+
+def global_matrices(glob: torch.Tensor, kind: str, size: tuple[int, int]) -> torch.Tensor:
+    """(Z, n) global parameters -> (Z, 3, 3) maps about the image centre."""
+    z = glob.shape[0]
+    r = _radius(size)
+    eye = torch.eye(2, dtype=glob.dtype, device=glob.device).expand(z, 2, 2)
+    if kind == "rigid":
+        th = glob[:, 2] / r
+        c, s = torch.cos(th), torch.sin(th)
+        lin = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    elif kind == "affine":
+        lin = eye + glob[:, 2:6].reshape(z, 2, 2) / r
+    else:
+        lin = eye
+    centre = torch.tensor([(size[0] - 1) / 2.0, (size[1] - 1) / 2.0], dtype=glob.dtype,
+                          device=glob.device)
+    t = glob[:, :2] + centre - torch.einsum("zij,j->zi", lin, centre)
+    m = torch.zeros(z, 3, 3, dtype=glob.dtype, device=glob.device)
+    m[:, :2, :2] = lin
+    m[:, :2, 2] = t
+    m[:, 2, 2] = 1.0
+    return m
+
+
+def residual_points(glob: torch.Tensor, grid: torch.Tensor, q: torch.Tensor,
+                    interp: tuple[torch.Tensor, torch.Tensor], kind: str,
+                    size: tuple[int, int]) -> torch.Tensor:
+    """``A(q) + v(q)`` for a batch of sections.
+
+    ``q`` is a rectilinear point set (Hq, Wq, 2) and ``interp`` its
+    :func:`warp.grid_interpolators`; returns (B, Hq, Wq, 2).
+    """
+    p = warp.apply_matrix(global_matrices(glob, kind, size), q)
+    return p + warp.grid_to_dense(grid, *interp)
+
+
+def _pair_weights(n_usable: int, window: int, decay: float) -> list[tuple[int, float]]:
+    """(distance, weight) for neighbour pairs among the usable sections (blanks bridged)."""
+    return [(d, decay ** (d - 1)) for d in range(1, window + 1) if d < n_usable]
+
+
+def _encode(extractor, imgs: torch.Tensor, chunk: int = 4) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([extractor.encode(imgs[i:i + chunk]) for i in
+                          range(0, imgs.shape[0], chunk)])
+
+
+def prewarp(norm: np.ndarray, matrices: np.ndarray, device
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample normalised sections through their pre-alignment.
+
+    Returns
+    -------
+    images : Tensor, shape (Z, 1, H, W)
+    valid : Tensor, shape (Z, 1, H, W), float (1 inside the section)
+    """
+    z, h, w = norm.shape
+    q = warp.level_points(h, w, device=device)
+    imgs = torch.empty(z, 1, h, w, device=device)
+    valid = torch.empty(z, 1, h, w, device=device)
+    src = torch.from_numpy(norm).to(device)
+    mats = torch.from_numpy(matrices).float().to(device)
+    with torch.no_grad():
+        for i in range(z):
+            p = warp.apply_matrix(mats[i:i + 1], q)
+            out, ok = warp.sample(src[i][None, None], p)
+            imgs[i] = out[0]
+            valid[i] = ok.float()
+    return imgs, valid
+
+
+def fit_stack(
+    norm: np.ndarray,
+    matrices: np.ndarray,
+    *,
+    blank: np.ndarray,
+    free: np.ndarray,
+    params: AlignParams,
+    extractor,
+    device,
+    should_stop: Callable[[], None] | None = None,
+    prewarped: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Generator[object, None, Residual]:
+    """Fit residual maps for the ``free`` sections; see the module docstring.
+
+    Parameters
+    ----------
+    norm : ndarray, shape (Z, H, W), float32, normalised
+    matrices : ndarray, shape (Z, 3, 3)
+        Pre-alignment (reference frame -> section pixels).
+    blank, free : ndarray, shape (Z,), bool
+    prewarped : (images, valid), optional
+        Pre-aligned sections if the caller has them, see :func:`prewarp`.
+
+    Yields
+    ------
+    Progress, once per iteration.
+    """
+    from .align import Progress
+
+    z_count, h, w = norm.shape
+    size = (h, w)
+    kind = params.prealign
+    usable = ~np.asarray(blank, bool)
+    use_idx = torch.from_numpy(np.nonzero(usable)[0]).to(device)
+    all_usable = bool(usable.all())
+    pairs = _pair_weights(len(use_idx), params.window, params.neighbour_decay)
+    images, valid = prewarped if prewarped is not None else prewarp(norm, matrices, device)
+    free_t = torch.from_numpy(np.asarray(free, np.float32)).to(device)
+
+    glob = torch.zeros(z_count, _AFFINE_DIMS[kind], device=device)
+    levels = params.levels
+    while levels > 1 and min(h, w) // 2 ** (levels - 1) < 32:
+        levels -= 1
+    grid = None
+    for li, lev in enumerate(range(levels - 1, -1, -1)):
+        k = 2 ** lev
+        imgs_l = F.avg_pool2d(images, k) if k > 1 else images
+        val_l = F.avg_pool2d(valid, k) if k > 1 else valid
+        feats = _encode(extractor, imgs_l)
+        kf = k * imgs_l.shape[-1] / feats.shape[-1]
+        hf, wf = feats.shape[-2:]
+        val_f = (F.adaptive_avg_pool2d(val_l, (hf, wf)) > 0.999).float()
+        # per-channel standardisation over valid pixels of usable sections
+        sel = torch.from_numpy(usable).to(device)
+        wsum = val_f[sel].sum().clamp(min=1.0)
+        mean = (feats[sel] * val_f[sel]).sum(dim=(0, 2, 3)) / wsum
+        var = (((feats[sel] - mean[None, :, None, None]) ** 2) * val_f[sel]).sum(
+            dim=(0, 2, 3)) / wsum
+        feats = (feats - mean[None, :, None, None]) / var.sqrt().clamp(min=1e-6)[
+            None, :, None, None]
+        feats = torch.cat([feats, val_f], dim=1)  # carry validity through the same sampler
+        nfeat = feats.shape[1] - 1
+
+        gshape = warp.control_grid_shape(size, params.grid_spacing * k)
+        if grid is None:
+            grid = torch.zeros(z_count, 2, *gshape, device=device)
+        else:
+            grid = warp.resize_grid(grid.detach(), gshape)
+        glob = glob.detach().requires_grad_(True)
+        grid = grid.detach().requires_grad_(True)
+        lr = params.learning_rate * k
+        opt = torch.optim.Adam([{"params": [glob], "lr": lr},
+                                {"params": [grid], "lr": lr}])
+        q = warp.level_points(hf, wf, kf, device=device)
+        interp = warp.grid_interpolators(q[:, 0, 0], q[0, :, 1], gshape, size)
+        thresholds: list[torch.Tensor | None] = [None] * len(pairs)
+        snapshot = (glob.detach().clone(), grid.detach().clone())
+        total = params.iterations
+        for it in range(total):
+            if should_stop is not None:
+                should_stop()
+            drop = params.loss_drop * 0.5 ** (li + it / 30.0)
+            g_eff = glob * free_t[:, None]
+            v_eff = grid * free_t[:, None, None, None]
+            # global-only warm-up at the coarsest level: the grid must not absorb large moves
+            if li == 0 and it < total // 3:
+                v_eff = v_eff.detach() * 0
+            p = residual_points(g_eff, v_eff, q, interp, kind, size)
+            sampled, inside = warp.sample(feats, p, kf, padding_mode="border")
+            ok = inside & (sampled[:, nfeat] > 0.99)
+            fw = sampled[:, :nfeat]
+            if not all_usable:  # one gather, then neighbour pairs are plain slices
+                fw, ok = fw[use_idx], ok[use_idx]
+            data = 0.0
+            norm_w = 0.0
+            for pi, (d, wgt) in enumerate(pairs):
+                err = ((fw[:-d] - fw[d:]) ** 2).mean(dim=1)
+                m = ok[:-d] & ok[d:]
+                if drop > 0.01:
+                    # loss drop: ignore the worst pixels (quantile refreshed every 5 steps)
+                    if it % 5 == 0 or thresholds[pi] is None:
+                        e = err.detach().masked_fill(~m, float("nan")).flatten(1)[:, ::3]
+                        thr = torch.nanquantile(e, 1.0 - drop, dim=1)
+                        thresholds[pi] = torch.nan_to_num(thr, nan=float("inf"))
+                    m = m & (err.detach() <= thresholds[pi][:, None, None])
+                cnt = m.sum(dim=(1, 2)).clamp(min=1)
+                per_pair = (err * m).sum(dim=(1, 2)) / cnt
+                data = data + wgt * per_pair.sum()
+                norm_w += wgt * err.shape[0]
+            data = data / max(norm_w, 1e-9)
+            nfree = free_t.sum().clamp(min=1.0)
+            reg_mag = (v_eff ** 2).sum() / (nfree * v_eff[0].numel())
+            dy = v_eff[:, :, 1:, :] - v_eff[:, :, :-1, :]
+            dx = v_eff[:, :, :, 1:] - v_eff[:, :, :, :-1]
+            reg_grad = ((dy ** 2).sum() + (dx ** 2).sum()) / (nfree * v_eff[0].numel())
+            loss = data + params.magnitude_penalty * reg_mag + params.smoothness * reg_grad
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            yield Progress(f"fit level {li + 1}/{levels}", it + 1, total,
+                           f"level {li + 1}/{levels}, iteration {it + 1}, "
+                           f"loss {float(data.detach()):.4f}")
+            if it % 10 == 9:
+                moved = max(float((glob.detach() - snapshot[0]).abs().max()),
+                            float((grid.detach() - snapshot[1]).abs().max()))
+                snapshot = (glob.detach().clone(), grid.detach().clone())
+                if it >= 29 and moved < params.tolerance * k:
+                    break
+    return Residual(glob=(glob * free_t[:, None]).detach(),
+                    grid=(grid * free_t[:, None, None, None]).detach(), kind=kind, size=size)
+
+
+def full_displacement(residual: Residual, matrices: np.ndarray, z: int,
+                      size: tuple[int, int], *, device) -> torch.Tensor:
+    """Whole backward displacement of section z at full resolution.
+
+    Returns
+    -------
+    Tensor, shape (2, H, W), (dy, dx)
+    """
+    h, w = size
+    q = warp.level_points(h, w, device=device)
+    with torch.no_grad():
+        r = residual.points(z, q)
+        m = torch.from_numpy(matrices[z:z + 1]).float().to(device)
+        p = warp.apply_matrix(m, r)[0]
+    return (p - q).permute(2, 0, 1).contiguous()

@@ -1,0 +1,210 @@
+"""Normalisation, NCC (global, masked, local) and field statistics (numpy)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Ratio of the 4x4-block-mean std to the pixel std: about 0.25 for white noise, 0.5-0.9 for
+# EM images. Below this a section is treated as blank (no usable structure).
+STRUCTURE_THRESHOLD = 0.35
+
+
+def structure_ratio(section: np.ndarray) -> float:
+    """How much of a section's variance survives 4x4 block averaging (0 for flat images)."""
+    s = np.asarray(section, np.float64)
+    sd = s.std()
+    if not np.isfinite(sd) or sd < 1e-12 * max(1.0, float(np.abs(s).max())):
+        return 0.0
+    h, w = (s.shape[0] // 4) * 4, (s.shape[1] // 4) * 4
+    blocks = s[:h, :w].reshape(h // 4, 4, w // 4, 4).mean(axis=(1, 3))
+    return float(blocks.std() / sd)
+
+
+def normalise_stack(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-section robust intensity normalisation and blank detection.
+
+    Each section is centred on its median and scaled by its 1-99 percentile range, then
+    clipped to [-3, 3], so dark, bright or saturated sections become comparable.
+
+    Parameters
+    ----------
+    stack : ndarray, shape (Z, H, W), any real dtype (not modified)
+
+    Returns
+    -------
+    norm : ndarray, shape (Z, H, W), float32
+        Blank sections are all zero.
+    blank : ndarray, shape (Z,), bool
+    """
+    z = stack.shape[0]
+    norm = np.zeros(stack.shape, np.float32)
+    blank = np.zeros(z, bool)
+    for i in range(z):
+        s = np.asarray(stack[i], np.float32)
+        lo, med, hi = np.percentile(s, [1, 50, 99])
+        spread = hi - lo
+        if spread <= 0:
+            spread = float(s.std()) * 4
+        if spread <= 0 or structure_ratio(s) < STRUCTURE_THRESHOLD:
+            blank[i] = True
+            continue
+        n = (s - med) / (spread / 4.0)
+        np.clip(n, -3.0, 3.0, out=n)
+        n -= n.mean()
+        n /= max(float(n.std()), 1e-6)
+        norm[i] = n
+    return norm, blank
+
+
+def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Normalised cross-correlation of two images on an optional boolean mask.
+
+    Returns NaN when fewer than 16 pixels are usable or either image is flat there.
+    """
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if mask is not None:
+        a = a[mask]
+        b = b[mask]
+    else:
+        a = a.ravel()
+        b = b.ravel()
+    if a.size < 16:
+        return float("nan")
+    a = a - a.mean()
+    b = b - b.mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    if den <= 0:
+        return float("nan")
+    return float((a * b).sum() / den)
+
+
+def adjacent_ncc(stack: np.ndarray, valid: np.ndarray | None,
+                 usable: np.ndarray | None = None) -> np.ndarray:
+    """Mean NCC of each section with its nearest usable neighbours on each side.
+
+    Parameters
+    ----------
+    stack : ndarray, shape (Z, H, W)
+    valid : ndarray, shape (Z, H, W), bool, or None (all valid)
+    usable : ndarray, shape (Z,), bool, or None
+        Sections to include; others (e.g. blank) get NaN and are skipped as neighbours.
+
+    Returns
+    -------
+    ndarray, shape (Z,), float64
+    """
+    z = stack.shape[0]
+    usable = np.ones(z, bool) if usable is None else np.asarray(usable, bool)
+    idx = np.nonzero(usable)[0]
+    out = np.full(z, np.nan)
+    pair: dict[tuple[int, int], float] = {}
+    for a, b in zip(idx[:-1], idx[1:], strict=False):
+        m = None if valid is None else (valid[a] & valid[b])
+        pair[(a, b)] = ncc(stack[a], stack[b], m)
+    for j, zz in enumerate(idx):
+        vals = []
+        if j > 0:
+            vals.append(pair[(idx[j - 1], zz)])
+        if j < len(idx) - 1:
+            vals.append(pair[(zz, idx[j + 1])])
+        vals = [v for v in vals if np.isfinite(v)]
+        if vals:
+            out[zz] = float(np.mean(vals))
+    return out
+
+
+def pair_ncc(stack: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """NCC of each section with the next one, shape (Z-1,)."""
+    return np.array([ncc(stack[i], stack[i + 1],
+                         None if valid is None else valid[i] & valid[i + 1])
+                     for i in range(stack.shape[0] - 1)])
+
+
+def _gauss_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur with reflect padding (numpy FFT-free, small sigma)."""
+    r = max(1, int(3 * sigma + 0.5))
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    k /= k.sum()
+    out = np.asarray(img, np.float64)
+    for axis in (-2, -1):
+        pad = [(0, 0)] * out.ndim
+        pad[axis] = (r, r)
+        p = np.pad(out, pad, mode="reflect")
+        acc = np.zeros_like(out)
+        n = out.shape[axis]
+        for i, kv in enumerate(k):
+            sl = [slice(None)] * out.ndim
+            sl[axis] = slice(i, i + n)
+            acc += kv * p[tuple(sl)]
+        out = acc
+    return out
+
+
+def local_ncc(a: np.ndarray, b: np.ndarray, sigma: float = 8.0) -> np.ndarray:
+    """Local NCC map of two images with a Gaussian window of ``sigma`` px.
+
+    Parameters
+    ----------
+    a, b : ndarray, shape (H, W)
+
+    Returns
+    -------
+    ndarray, shape (H, W), float32, in [-1, 1]
+    """
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    ma, mb = _gauss_blur(a, sigma), _gauss_blur(b, sigma)
+    va = _gauss_blur(a * a, sigma) - ma * ma
+    vb = _gauss_blur(b * b, sigma) - mb * mb
+    cov = _gauss_blur(a * b, sigma) - ma * mb
+    floor = 1e-4 * max(float(np.mean(np.maximum(va, 0))), float(np.mean(np.maximum(vb, 0))),
+                       1e-12)
+    r = cov / np.sqrt(np.maximum(va, floor) * np.maximum(vb, floor))
+    return np.clip(r, -1.0, 1.0).astype(np.float32)
+
+
+def local_ncc_error(aligned: np.ndarray, valid: np.ndarray | None = None, *,
+                    sigma: float = 8.0, blank: np.ndarray | None = None) -> np.ndarray:
+    """Where the alignment is still wrong: ``1 - local NCC`` with the previous usable section.
+
+    Section 0 (or the first usable one) is compared with the next usable section.
+
+    Parameters
+    ----------
+    aligned : ndarray, shape (Z, H, W)
+    valid : ndarray, shape (Z, H, W), bool, optional
+    sigma : float
+        Gaussian window in pixels.
+    blank : ndarray, shape (Z,), bool, optional
+        Sections to skip (their map is 0).
+
+    Returns
+    -------
+    ndarray, shape (Z, H, W), float32 in [0, 2]; 0 where invalid or blank.
+    """
+    z = aligned.shape[0]
+    usable = np.ones(z, bool) if blank is None else ~np.asarray(blank, bool)
+    idx = list(np.nonzero(usable)[0])
+    out = np.zeros(aligned.shape, np.float32)
+    if len(idx) < 2:
+        return out
+    for j, zz in enumerate(idx):
+        other = idx[j - 1] if j > 0 else idx[1]
+        err = 1.0 - local_ncc(aligned[zz], aligned[other], sigma)
+        if valid is not None:
+            err[~(valid[zz] & valid[other])] = 0.0
+        out[zz] = err
+    return out
+
+
+def field_stats(displacement: np.ndarray, valid: np.ndarray | None = None) -> dict[str, float]:
+    """Magnitude statistics of a (Z, 2, H, W) displacement (pixels)."""
+    mag = np.hypot(displacement[:, 0], displacement[:, 1])
+    vals = mag[valid] if valid is not None else mag.ravel()
+    if vals.size == 0:
+        return {"mean": float("nan"), "median": float("nan"), "p95": float("nan"),
+                "max": float("nan")}
+    return {"mean": float(vals.mean()), "median": float(np.median(vals)),
+            "p95": float(np.percentile(vals, 95)), "max": float(vals.max())}

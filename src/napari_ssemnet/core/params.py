@@ -1,0 +1,154 @@
+"""Alignment parameters: the one place every tuning knob is declared.
+
+The CLI options and the dock widget controls are generated from the field
+metadata below, so the three front ends (Python API, CLI, widget) always share
+names, defaults, limits and help texts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+PREALIGN_KINDS = ("none", "translation", "rigid", "affine")
+FEATURE_KINDS = ("shipped", "pixels", "custom")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _knob(default: Any, help: str, *, minimum=None, maximum=None, choices=None, step=None,
+          label: str | None = None, advanced: bool = False):
+    meta = {"help": help, "min": minimum, "max": maximum, "choices": choices, "step": step,
+            "label": label, "advanced": advanced}
+    return field(default=default, metadata=meta)
+
+
+class ParameterError(ValueError):
+    """A parameter value is out of range or of the wrong kind."""
+
+
+@dataclass
+class AlignParams:
+    """Every tuning knob of :func:`napari_ssemnet.core.align.align_stack`.
+
+    Serialises to JSON with :meth:`to_json` / :meth:`from_json`. Field metadata
+    (``help``, ``min``, ``max``, ``choices``) drives the CLI and the widget.
+    """
+
+    reference: int = _knob(
+        0, "Index of the section that stays fixed; every other section is moved onto it. "
+           "Pick a clean, well-centred section.", minimum=0, label="reference section")
+    prealign: str = _knob(
+        "rigid", "Global pre-alignment before the deformable stage: none, translation, rigid "
+                 "(rotation + shift) or affine (adds scale and shear). Use affine when sections "
+                 "are stretched or compressed by cutting; none if the stack is already roughly "
+                 "aligned.", choices=PREALIGN_KINDS, label="pre-alignment")
+    grid_spacing: int = _knob(
+        64, "Spacing in pixels between control points of the deformation grid. Smaller "
+            "follows more local distortion (folds, cracks) but risks warping real tissue; "
+            "larger is stiffer.", minimum=8, maximum=4096, step=8, label="grid spacing (px)")
+    smoothness: float = _knob(
+        1.0, "Weight of the gradient penalty beta*||grad v||^2 on the deformation grid. Raise it "
+             "if the aligned tissue looks bent or squeezed; lower it if local distortions "
+             "remain.", minimum=0.0, maximum=1e4, step=0.1)
+    magnitude_penalty: float = _knob(
+        0.01, "Weight of the magnitude penalty alpha*||v||^2 on the deformable part (the global "
+              "pre-alignment is not penalised). Raise it to keep the deformable correction "
+              "small.", minimum=0.0, maximum=1e4, step=0.01, label="magnitude penalty")
+    window: int = _knob(
+        2, "How many neighbour sections on each side each section is matched to. 2 averages "
+           "out the real differences between adjacent sections; 1 is closest to the paper.",
+        minimum=1, maximum=8, label="neighbour window")
+    neighbour_decay: float = _knob(
+        0.5, "Weight of a neighbour at distance d is neighbour_decay**(d-1). Lower values trust "
+             "the nearest section more.", minimum=0.0, maximum=1.0, step=0.05,
+        label="neighbour decay")
+    iterations: int = _knob(
+        150, "Most Adam iterations per pyramid level; a level stops earlier once the loss "
+             "stops improving.", minimum=1, maximum=10000, label="iterations / level")
+    levels: int = _knob(
+        3, "Pyramid levels (coarse to fine). Each level halves the resolution of the one "
+           "above; 3 suits 512-2048 px sections.", minimum=1, maximum=6, label="pyramid levels")
+    learning_rate: float = _knob(
+        0.1, "Adam step size, in pixels of the current pyramid level per iteration. Lower it if "
+              "the fit oscillates, raise it if it creeps.", minimum=1e-4, maximum=10.0,
+        step=0.01, label="learning rate")
+    loss_drop: float = _knob(
+        0.5, "Fraction of the highest-error pixels ignored at the start of each level (the "
+             "paper's loss drop); it halves as the fit proceeds. Keeps dust and folds from "
+             "pulling the fit.", minimum=0.0, maximum=0.9, step=0.05, label="loss drop")
+    features: str = _knob(
+        "shipped", "What is matched: 'shipped' CAE encoder weights, 'custom' weights from "
+                   "the weights file (e.g. trained on this stack), or raw 'pixels'.",
+        choices=FEATURE_KINDS, label="feature model")
+    weights: str = _knob(
+        "", "Path of an encoder weights file, used when features='custom'.",
+        label="weights file")
+    max_rotation: float = _knob(
+        12.0, "Largest rotation in degrees between adjacent sections searched by the "
+              "pre-alignment.", minimum=0.0, maximum=45.0, step=1.0, label="max rotation (deg)",
+        advanced=True)
+    tolerance: float = _knob(
+        0.02, "Early stop: a pyramid level ends once no parameter moved more than this many "
+              "pixels (of that level) over the last 10 iterations.", minimum=0.0, maximum=10.0,
+        step=0.01, advanced=True)
+    device: str = _knob(
+        "auto", "Where to compute: auto picks CUDA when available, else the CPU.",
+        choices=DEVICES)
+    seed: int = _knob(0, "Random seed; the same seed on the same device gives the same result.",
+                      minimum=0, maximum=2**31 - 1, advanced=True)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ParameterError` with a readable message for bad values."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            meta = f.metadata
+            expected = type(f.default)
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, f.name, value)
+            if not isinstance(value, expected) or isinstance(value, bool):
+                raise ParameterError(
+                    f"Parameter '{f.name}' must be {expected.__name__}, got {value!r}.")
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ParameterError(
+                    f"Parameter '{f.name}' must be one of {', '.join(meta['choices'])}; "
+                    f"got {value!r}.")
+            if meta.get("min") is not None and value < meta["min"]:
+                raise ParameterError(
+                    f"Parameter '{f.name}' must be at least {meta['min']}; got {value}.")
+            if meta.get("max") is not None and value > meta["max"]:
+                raise ParameterError(
+                    f"Parameter '{f.name}' must be at most {meta['max']}; got {value}.")
+        if self.features == "custom" and not self.weights:
+            raise ParameterError("features='custom' needs a weights file (parameter 'weights').")
+
+    def replace(self, **changes: Any) -> AlignParams:
+        """Return a copy with some fields changed (unknown names raise ParameterError)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ParameterError(f"Unknown parameter(s): {', '.join(sorted(unknown))}.")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AlignParams:
+        return cls().replace(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> AlignParams:
+        return cls.from_dict(json.loads(text))
+
+
+def knobs() -> list[dataclasses.Field]:
+    """The fields of :class:`AlignParams`, in declaration order (for front ends)."""
+    return list(dataclasses.fields(AlignParams))

@@ -1,0 +1,326 @@
+"""Global pre-alignment: a translation or rigid estimate per section, chained outwards from the
+reference and later refined jointly (with scale and shear for ``affine``) in :mod:`fit`.
+
+Pairs are matched at <= 256 px by phase correlation of band-passed, windowed sections, with
+an exhaustive rotation search. Each section is matched to both of its two nearest usable
+sections towards the reference, and the more confident match wins, so a single bad pair
+does not throw off every section after it.
+
+Matrices are homogeneous ``(y, x, 1)`` maps from reference-frame pixels to section pixels
+(backward maps): ``prealigned[z](q) = stack[z](P[z] @ q)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import warp
+
+WORK_SIZE = 256
+MIN_CONFIDENCE = 5.0
+"""Peak-to-sidelobe ratio of the phase correlation below which a match is doubtful."""
+
+
+def _gauss_kernel(sigma: float, device) -> torch.Tensor:
+    r = max(1, int(3 * sigma + 0.5))
+    x = torch.arange(-r, r + 1, dtype=torch.float32, device=device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W) with reflect padding."""
+    if sigma <= 0:
+        return x
+    k = _gauss_kernel(sigma, x.device)
+    r = k.numel() // 2
+    c = x.shape[1]
+    r = min(r, x.shape[-1] - 1, x.shape[-2] - 1)
+    k = k[k.numel() // 2 - r: k.numel() // 2 + r + 1]
+    k = k / k.sum()
+    x = F.pad(x, (r, r, 0, 0), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    x = F.pad(x, (0, 0, r, r), mode="reflect")
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def _work_factor(h: int, w: int) -> int:
+    return max(1, math.ceil(max(h, w) / WORK_SIZE))
+
+
+def _bandpass(x: torch.Tensor) -> torch.Tensor:
+    """Keep membrane-scale structure: remove illumination gradients and pixel noise."""
+    return gaussian_blur(x, 1.0) - gaussian_blur(x, 8.0)
+
+
+def _hann(h: int, w: int, device) -> torch.Tensor:
+    return torch.outer(torch.hann_window(h, periodic=False, device=device),
+                       torch.hann_window(w, periodic=False, device=device))
+
+
+def _rotation(theta: torch.Tensor) -> torch.Tensor:
+    """(N,) radians -> (N, 2, 2) rotation acting on (y, x)."""
+    c, s = torch.cos(theta), torch.sin(theta)
+    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+
+
+def _rotate_batch(img: torch.Tensor, thetas: torch.Tensor, k: float) -> torch.Tensor:
+    """Rotate one low-res image (h, w) about its centre by each angle -> (N, h, w)."""
+    h, w = img.shape
+    full_h, full_w = h * k, w * k
+    centre = torch.tensor([(full_h - 1) / 2.0, (full_w - 1) / 2.0], device=img.device)
+    pts = warp.level_points(h, w, k, device=img.device) - centre
+    rot = _rotation(thetas)
+    p = torch.einsum("nij,hwj->nhwi", rot, pts) + centre
+    out, _ = warp.sample(img[None, None].expand(len(thetas), 1, h, w), p, k)
+    return out[:, 0]
+
+
+def _phase_correlation(fixed: torch.Tensor, moving: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched phase correlation.
+
+    Returns, per batch item, the shift ``s`` (dy, dx) in work pixels with
+    ``moving(q + s) ~ fixed(q)``, the peak-to-sidelobe ratio, and the peak height.
+    """
+    n, h, w = moving.shape
+    fa = torch.fft.rfft2(fixed)
+    fb = torch.fft.rfft2(moving)
+    cross = fa * fb.conj()
+    # partial whitening: sharper peaks than plain correlation, less noise-driven than full
+    mag = cross.abs().sqrt()
+    cross = cross / (mag + 1e-6 * mag.mean())
+    corr = torch.fft.irfft2(cross, s=(h, w))
+    flat = corr.reshape(n, -1)
+    peak, idx = flat.max(dim=1)
+    py, px = idx // w, idx % w
+
+    def sub(c_m, c_0, c_p):
+        den = c_m - 2 * c_0 + c_p
+        return torch.where(den.abs() > 1e-12, 0.5 * (c_m - c_p) / den, torch.zeros_like(den))
+
+    ar = torch.arange(n, device=corr.device)
+    dy = sub(corr[ar, (py - 1) % h, px], peak, corr[ar, (py + 1) % h, px])
+    dx = sub(corr[ar, py, (px - 1) % w], peak, corr[ar, py, (px + 1) % w])
+    sy = py.float() + dy
+    sx = px.float() + dx
+    sy = torch.where(sy > h / 2, sy - h, sy)
+    sx = torch.where(sx > w / 2, sx - w, sx)
+    # peak-to-sidelobe ratio, excluding a small neighbourhood of the peak
+    mask = torch.ones_like(corr, dtype=torch.bool)
+    for oy in range(-2, 3):
+        for ox in range(-2, 3):
+            mask[ar, (py + oy) % h, (px + ox) % w] = False
+    side = corr.masked_fill(~mask, float("nan")).reshape(n, -1)
+    mean = torch.nanmean(side, dim=1)
+    std = torch.sqrt(torch.nanmean((side - mean[:, None]) ** 2, dim=1))
+    psr = (peak - mean) / (std + 1e-12)
+    return torch.stack([-sy, -sx], dim=-1), psr, peak
+
+
+def _coarse_rigid(fixed: torch.Tensor, moving: torch.Tensor, *, kind: str, k: float,
+                  max_rotation: float) -> tuple[float, np.ndarray]:
+    """Exhaustive rotation search with phase correlation: (theta, shift in full px)."""
+    h, w = fixed.shape
+    win = _hann(h, w, fixed.device)
+    fixed_w = fixed * win
+    if kind == "translation" or max_rotation <= 0:
+        thetas = torch.zeros(1, device=fixed.device)
+    else:
+        thetas = torch.deg2rad(torch.arange(-max_rotation, max_rotation + 1e-6, 1.0,
+                                            device=fixed.device))
+    rot = _rotate_batch(moving, thetas, k) * win
+    shifts, _, peak = _phase_correlation(fixed_w.expand(len(thetas), h, w), rot)
+    best = int(torch.argmax(peak))
+    return float(thetas[best]), shifts[best].double().cpu().numpy() * k
+
+
+def _rigid_matrix(theta: float, shift: np.ndarray, full_size: tuple[int, int]) -> np.ndarray:
+    """Matrix of q -> R (q + shift - c) + c, rotation about the image centre."""
+    c = np.array([(full_size[0] - 1) / 2.0, (full_size[1] - 1) / 2.0])
+    rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    m = np.eye(3)
+    m[:2, :2] = rot
+    m[:2, 2] = rot @ (shift - c) + c
+    return m
+
+
+def fit_points(src: np.ndarray, dst: np.ndarray, weights: np.ndarray, kind: str) -> np.ndarray:
+    """Weighted least-squares map ``dst ~ M @ src`` of the given kind.
+
+    Parameters
+    ----------
+    src, dst : ndarray, shape (N, 2), (y, x)
+    weights : ndarray, shape (N,)
+    kind : {"translation", "rigid", "affine"}
+
+    Returns
+    -------
+    ndarray, shape (3, 3)
+    """
+    wsum = weights.sum()
+    cs = (weights[:, None] * src).sum(0) / wsum
+    cd = (weights[:, None] * dst).sum(0) / wsum
+    a, b = src - cs, dst - cd
+    m = np.eye(3)
+    if kind == "translation":
+        lin = np.eye(2)
+    elif kind == "rigid":
+        # angle maximising sum w * <R a, b> (2D Procrustes)
+        num = (weights * (a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0])).sum()
+        den = (weights * (a * b).sum(1)).sum()
+        th = math.atan2(num, den)
+        lin = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+    else:
+        wa = a * weights[:, None]
+        lin = np.linalg.lstsq(wa.T @ a, wa.T @ b, rcond=None)[0].T
+    m[:2, :2] = lin
+    m[:2, 2] = cd - lin @ cs
+    return m
+
+
+def _block_match(fixed: torch.Tensor, moving: torch.Tensor, m0: np.ndarray, k: float,
+                 full_size: tuple[int, int], patch: int = 96, n: int = 4
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Local shifts of ``moving`` (warped by ``m0``) against ``fixed`` on an n x n patch grid.
+
+    Returns fixed-frame points, matching moving points (full px) and peak-to-sidelobe ratios.
+    """
+    h, w = fixed.shape
+    patch = min(patch, (min(h, w) // 2) // 2 * 2)
+    pts = warp.level_points(h, w, k, device=fixed.device)
+    mt = torch.tensor(m0, dtype=torch.float32, device=fixed.device)
+    mp = warp.apply_matrix(mt[None], pts)[0]
+    warped, _ = warp.sample(moving[None, None], mp[None], k)
+    warped = warped[0, 0]
+    ys = np.linspace(0, h - patch, n).round().astype(int)
+    xs = np.linspace(0, w - patch, n).round().astype(int)
+    win = _hann(patch, patch, fixed.device)
+    fa = torch.stack([fixed[y:y + patch, x:x + patch] for y in ys for x in xs]) * win
+    fb = torch.stack([warped[y:y + patch, x:x + patch] for y in ys for x in xs]) * win
+    shifts, psr, _ = _phase_correlation(fa, fb)
+    shifts = shifts.double().cpu().numpy()
+    off = (k - 1) / 2.0
+    centre = np.array([[(y + (patch - 1) / 2.0) * k + off, (x + (patch - 1) / 2.0) * k + off]
+                       for y in ys for x in xs])
+    # the fixed point q matches warped(q + s) = moving(m0 (q + s))
+    moved = centre + shifts * k
+    dst = (m0[:2, :2] @ moved.T).T + m0[:2, 2]
+    ok = (fa.std(dim=(1, 2)) > 1e-6) & (fb.std(dim=(1, 2)) > 1e-6)
+    return centre, dst, np.where(ok.cpu().numpy(), psr.cpu().numpy(), 0.0)
+
+
+def estimate_pair(fixed: torch.Tensor, moving: torch.Tensor, *, kind: str, k: float,
+                  max_rotation: float, full_size: tuple[int, int]
+                  ) -> tuple[np.ndarray, float]:
+    """Estimate the map of ``moving`` onto ``fixed``.
+
+    A rotation search with phase correlation gives a rough rigid map; phase correlation of
+    a 5 x 5 grid of patches then gives local shifts, to which a map of ``kind`` is fitted
+    with outlier rejection (folds, dust, tissue that differs between sections).
+
+    Parameters
+    ----------
+    fixed, moving : Tensor, shape (h, w)
+        Band-passed work-resolution sections (factor ``k``).
+
+    Returns
+    -------
+    M : ndarray, shape (3, 3)
+        Maps fixed-frame pixels to moving pixels (full resolution).
+    confidence : float
+        Median peak-to-sidelobe ratio of the inlier patches (0 if the fit failed).
+    """
+    theta, shift = _coarse_rigid(fixed, moving, kind=kind, k=k, max_rotation=max_rotation)
+    m = _rigid_matrix(theta, shift, full_size)
+    conf = 0.0
+    for _ in range(2):
+        src, dst, psr = _block_match(fixed, moving, m, k, full_size)
+        good = psr >= MIN_CONFIDENCE
+        if good.sum() < 4:
+            break
+        for _ in range(3):
+            cand = fit_points(src[good], dst[good], psr[good], kind)
+            pred = (cand[:2, :2] @ src.T).T + cand[:2, 2]
+            res = np.linalg.norm(pred - dst, axis=1)
+            thr = max(3.0 * float(np.median(res[good])), 1.5 * k)
+            new_good = (psr >= MIN_CONFIDENCE) & (res <= thr)
+            if new_good.sum() < 4:
+                break
+            good = new_good
+        m = fit_points(src[good], dst[good], psr[good], kind)
+        conf = float(np.median(psr[good]))
+    return m, conf
+
+
+def prealign_stack(
+    norm: np.ndarray,
+    blank: np.ndarray,
+    *,
+    reference: int,
+    kind: str,
+    max_rotation: float,
+    device,
+    should_stop: Callable[[], None] | None = None,
+) -> Generator[object, None, tuple[np.ndarray, np.ndarray]]:
+    """Chain pairwise estimates outwards from the reference.
+
+    Parameters
+    ----------
+    norm : ndarray, shape (Z, H, W), float32, normalised
+    blank : ndarray, shape (Z,), bool
+
+    Returns
+    -------
+    matrices : ndarray, shape (Z, 3, 3)
+        Reference-frame pixel -> section pixel; identity for the reference.
+    confidence : ndarray, shape (Z,)
+        Peak-to-sidelobe ratio of each section's chosen match (inf for the reference and for
+        ``kind='none'``; 0 for blank sections).
+    """
+    from .align import Progress
+
+    z_count, h, w = norm.shape
+    mats = np.tile(np.eye(3), (z_count, 1, 1))
+    conf = np.full(z_count, np.inf)
+    conf[blank] = 0.0
+    if kind == "none":
+        return mats, conf
+    k = _work_factor(h, w)
+    with torch.no_grad():
+        t = torch.from_numpy(norm).to(device)[:, None]
+        low = F.avg_pool2d(t, k, ceil_mode=False) if k > 1 else t
+        low = _bandpass(low)[:, 0]
+    order = [list(range(reference + 1, z_count)), list(range(reference - 1, -1, -1))]
+    done = 0
+    total = z_count - 1
+    for seq in order:
+        placed = [reference]  # usable sections already placed on this side, nearest last
+        for zz in seq:
+            if should_stop is not None:
+                should_stop()
+            done += 1
+            yield Progress("prealign", done, total, f"pre-aligning section {zz}", section=zz)
+            if blank[zz]:
+                mats[zz] = mats[placed[-1]]
+                continue
+            best = None
+            for cand in placed[-1:-3:-1]:
+                with torch.no_grad():
+                    m, c = estimate_pair(low[cand], low[zz], kind=kind, k=k,
+                                         max_rotation=max_rotation, full_size=(h, w))
+                # sections two apart share little structure: only a fallback, and only when
+                # clearly better than a doubtful nearest match
+                score = c if cand == placed[-1] else 0.8 * c
+                if best is None or score > best[0]:
+                    best = (score, m @ mats[cand], c)
+                if c >= MIN_CONFIDENCE:
+                    break
+            _, mats[zz], conf[zz] = best
+            placed.append(zz)
+    return mats, conf
