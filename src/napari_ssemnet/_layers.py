@@ -1,0 +1,527 @@
+"""Alignment results -> napari layer data, plus the few viewer helpers that place them.
+
+The builders (``*_layer_data``) are pure functions from NumPy arrays to napari
+``LayerDataTuple`` values ``(data, kwargs, layer_type)``, so they can be tested without Qt.
+:func:`upsert_layer` is the only function here that touches a viewer; it only ever updates
+layers that this plugin created (recognised by ``metadata["ssemnet"]``), never the source
+layer or a user layer that happens to share a name.
+
+Result layer names are derived from the source layer name::
+
+    "<name> aligned"        Image, the aligned stack
+    "<name> displacement"   Vectors, the displacement field on a subsampled grid
+    "<name> NCC error"      Image, 1 - local NCC with the previous section
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+META_KEY = "ssemnet"
+"""Key in ``layer.metadata`` that marks a layer as created by this plugin."""
+
+ROLE_ALIGNED = "aligned"
+ROLE_DISPLACEMENT = "displacement"
+ROLE_NCC_ERROR = "ncc_error"
+
+_SUFFIX = {ROLE_ALIGNED: "aligned", ROLE_DISPLACEMENT: "displacement",
+           ROLE_NCC_ERROR: "NCC error"}
+
+DEFAULT_ARROWS_ACROSS = 20
+"""Arrows along the longer side of a section in the displacement layer."""
+
+LayerDataTuple = tuple[Any, dict[str, Any], str]
+
+
+def layer_name(source_name: str, role: str) -> str:
+    """Name of the result layer with ``role`` for the source layer ``source_name``."""
+    return f"{source_name} {_SUFFIX[role]}"
+
+
+def _as_list(values: Any) -> list[float | None]:
+    """NCC arrays -> JSON-friendly lists (NaN becomes None)."""
+    if values is None:
+        return []
+    out = []
+    for v in np.asarray(values, dtype=float).ravel():
+        out.append(float(v) if np.isfinite(v) else None)
+    return out
+
+
+def result_metadata(
+    role: str,
+    source_name: str,
+    *,
+    ncc_before: Any = None,
+    ncc_after: Any = None,
+    flags: Sequence[str] | None = None,
+    params: dict[str, Any] | None = None,
+    complete: bool = True,
+    state: str = "aligned",
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``metadata`` dict of a result layer.
+
+    Parameters
+    ----------
+    role : str
+        One of ``"aligned"``, ``"displacement"``, ``"ncc_error"``.
+    source_name : str
+        Name of the layer that was aligned.
+    ncc_before, ncc_after : array_like, shape (Z,), optional
+        Per-section adjacent NCC; NaN is stored as None.
+    flags : list of str, optional
+        Per-section flags ('' for a normal section).
+    params : dict, optional
+        ``AlignParams.to_dict()`` of the run.
+    complete : bool
+        False while sections are still streaming in.
+    state : str
+        ``"aligned"`` (full run), ``"preview"`` or ``"running"``.
+    extra : dict, optional
+        More entries merged into the plugin's metadata entry.
+    """
+    entry: dict[str, Any] = {
+        "role": role,
+        "source": source_name,
+        "complete": complete,
+        "state": state,
+        "ncc_before": _as_list(ncc_before),
+        "ncc_after": _as_list(ncc_after),
+        "flags": list(flags) if flags is not None else [],
+        "params": dict(params) if params else {},
+    }
+    if extra:
+        entry.update(extra)
+    return {META_KEY: entry}
+
+
+def aligned_layer_data(
+    aligned: np.ndarray,
+    source_name: str,
+    *,
+    contrast_limits: Sequence[float] | None = None,
+    colormap: str = "gray",
+    scale: Sequence[float] | None = None,
+    translate: Sequence[float] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> LayerDataTuple:
+    """Image layer data for the aligned stack.
+
+    Parameters
+    ----------
+    aligned : ndarray, shape (Z, H, W)
+        The aligned stack (0 outside each section).
+    source_name : str
+        Name of the source layer; the layer is called ``"<source_name> aligned"``.
+    contrast_limits : (float, float), optional
+        Usually the source layer's, so both look the same; else computed from the data.
+    colormap : str
+        Usually the source layer's colormap name.
+    scale, translate : sequence of float, optional
+        The source layer's world transform, so results overlay it.
+    metadata : dict, optional
+        From :func:`result_metadata`.
+
+    Returns
+    -------
+    (data, kwargs, "image")
+    """
+    if aligned.ndim != 3:
+        raise ValueError(f"aligned must have shape (Z, H, W), got {aligned.shape}")
+    kwargs: dict[str, Any] = {
+        "name": layer_name(source_name, ROLE_ALIGNED),
+        "colormap": colormap,
+        "blending": "translucent",
+        "metadata": metadata or result_metadata(ROLE_ALIGNED, source_name),
+    }
+    limits = _sensible_limits(aligned, contrast_limits)
+    if limits is not None:
+        kwargs["contrast_limits"] = limits
+    _add_transform(kwargs, scale, translate)
+    return aligned, kwargs, "image"
+
+
+def _sensible_limits(data: np.ndarray, preferred: Sequence[float] | None) -> list[float] | None:
+    """Use ``preferred`` unless it is degenerate; else 0.5/99.5 percentiles of the data."""
+    if preferred is not None:
+        lo, hi = float(preferred[0]), float(preferred[1])
+        if np.isfinite(lo) and np.isfinite(hi) and hi > lo:
+            return [lo, hi]
+    sample = np.asarray(data[:: max(1, data.shape[0] // 8), ::4, ::4], dtype=np.float32)
+    nonzero = sample[sample != 0]
+    if nonzero.size == 0:
+        return None
+    lo, hi = np.percentile(nonzero, [0.5, 99.5])
+    if hi <= lo:
+        hi = lo + 1.0
+    return [float(lo), float(hi)]
+
+
+def _add_transform(kwargs: dict[str, Any], scale, translate) -> None:
+    if scale is not None:
+        kwargs["scale"] = list(scale)
+    if translate is not None:
+        kwargs["translate"] = list(translate)
+
+
+def arrow_grid(shape: tuple[int, int], arrows_across: int = DEFAULT_ARROWS_ACROSS
+               ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Grid points for the arrows of one section.
+
+    Parameters
+    ----------
+    shape : (int, int)
+        Section size (H, W).
+    arrows_across : int
+        Arrows along the longer side.
+
+    Returns
+    -------
+    ys, xs : ndarray of int
+        Row and column coordinates of the grid points (cell centres).
+    spacing : int
+        Distance between grid points in pixels.
+    """
+    h, w = shape
+    spacing = max(1, int(round(max(h, w) / max(1, arrows_across))))
+    ys = np.arange(spacing // 2, h, spacing)
+    xs = np.arange(spacing // 2, w, spacing)
+    return ys, xs, spacing
+
+
+def section_vectors(
+    displacement: np.ndarray,
+    z: int,
+    *,
+    valid: np.ndarray | None = None,
+    arrows_across: int = DEFAULT_ARROWS_ACROSS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Arrows of one section's displacement on a subsampled grid.
+
+    Parameters
+    ----------
+    displacement : ndarray, shape (2, H, W)
+        Backward map (dy, dx) in pixels.
+    z : int
+        Section index, used as the arrows' z coordinate so each section's arrows show on
+        its own slice.
+    valid : ndarray, shape (H, W), bool, optional
+        Arrows are only drawn where this is True.
+    arrows_across : int
+        Arrows along the longer side.
+
+    Returns
+    -------
+    vectors : ndarray, shape (N, 2, 3)
+        napari Vectors data: ``[:, 0]`` the (z, y, x) position, ``[:, 1]`` the projection
+        ``(0, dy, dx)`` in pixels (true length; the layer's ``length`` scales the drawing).
+    magnitude : ndarray, shape (N,)
+        ``hypot(dy, dx)`` in pixels.
+    """
+    if displacement.ndim != 3 or displacement.shape[0] != 2:
+        raise ValueError(f"displacement must have shape (2, H, W), got {displacement.shape}")
+    ys, xs, _ = arrow_grid(displacement.shape[1:], arrows_across)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    yy, xx = yy.ravel(), xx.ravel()
+    if valid is not None:
+        keep = np.asarray(valid)[yy, xx]
+        yy, xx = yy[keep], xx[keep]
+    dy = displacement[0][yy, xx].astype(np.float32)
+    dx = displacement[1][yy, xx].astype(np.float32)
+    vectors = np.zeros((yy.size, 2, 3), np.float32)
+    vectors[:, 0, 0] = z
+    vectors[:, 0, 1] = yy
+    vectors[:, 0, 2] = xx
+    vectors[:, 1, 1] = dy
+    vectors[:, 1, 2] = dx
+    return vectors, np.hypot(dy, dx)
+
+
+def stack_vectors(
+    displacement: np.ndarray,
+    *,
+    valid: np.ndarray | None = None,
+    sections: Sequence[int] | None = None,
+    arrows_across: int = DEFAULT_ARROWS_ACROSS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`section_vectors` for several sections, concatenated.
+
+    Parameters
+    ----------
+    displacement : ndarray, shape (Z, 2, H, W)
+    valid : ndarray, shape (Z, H, W), bool, optional
+    sections : sequence of int, optional
+        Which sections to include (default all).
+
+    Returns
+    -------
+    vectors : ndarray, shape (N, 2, 3)
+    magnitude : ndarray, shape (N,)
+    """
+    if displacement.ndim != 4 or displacement.shape[1] != 2:
+        raise ValueError(f"displacement must have shape (Z, 2, H, W), got {displacement.shape}")
+    zs = range(displacement.shape[0]) if sections is None else sections
+    parts = [section_vectors(displacement[z], z, valid=None if valid is None else valid[z],
+                             arrows_across=arrows_across) for z in zs]
+    if not parts:
+        return np.zeros((0, 2, 3), np.float32), np.zeros(0, np.float32)
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
+
+def arrow_scale(magnitude: np.ndarray, spacing: int) -> float:
+    """Drawing scale for arrows: the 95th-percentile arrow spans about 0.8 grid cells.
+
+    Rounded down to 1, 2 or 5 times a power of ten so the legend reads well. Returns 1.0
+    when there is no displacement.
+    """
+    mags = np.asarray(magnitude, dtype=float)
+    mags = mags[np.isfinite(mags) & (mags > 1e-6)]
+    if mags.size == 0:
+        return 1.0
+    raw = 0.8 * spacing / float(np.percentile(mags, 95))
+    exponent = math.floor(math.log10(raw))
+    base = raw / 10 ** exponent
+    nice = 5.0 if base >= 5 else 2.0 if base >= 2 else 1.0
+    return float(nice * 10 ** exponent)
+
+
+def displacement_layer_data(
+    vectors: np.ndarray,
+    magnitude: np.ndarray,
+    source_name: str,
+    *,
+    section_shape: tuple[int, int],
+    arrows_across: int = DEFAULT_ARROWS_ACROSS,
+    length: float | None = None,
+    scale: Sequence[float] | None = None,
+    translate: Sequence[float] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> LayerDataTuple:
+    """Vectors layer data for the displacement field.
+
+    Arrows start at a grid point q of the aligned section and point along the backward
+    map d(q) = (dy, dx), i.e. towards where that content was in the input section. The
+    layer's ``length`` scales the drawing; ``metadata["ssemnet"]["arrow_scale"]`` records it.
+
+    Parameters
+    ----------
+    vectors, magnitude : from :func:`stack_vectors`.
+    source_name : str
+    section_shape : (int, int)
+        (H, W) of a section, to size arrows and line widths.
+    length : float, optional
+        Drawing scale; default :func:`arrow_scale`.
+
+    Returns
+    -------
+    (data, kwargs, "vectors")
+    """
+    _, _, spacing = arrow_grid(section_shape, arrows_across)
+    if length is None:
+        length = arrow_scale(magnitude, spacing)
+    meta = metadata or result_metadata(ROLE_DISPLACEMENT, source_name)
+    meta[META_KEY].update(arrow_metadata(length, spacing))
+    mag = np.asarray(magnitude, dtype=np.float32)
+    hi = float(np.percentile(mag, 99)) if mag.size else 1.0
+    kwargs: dict[str, Any] = {
+        "name": layer_name(source_name, ROLE_DISPLACEMENT),
+        "features": {"magnitude": mag},
+        "edge_color": "magnitude",
+        "edge_colormap": "plasma",
+        "edge_contrast_limits": (0.0, max(hi, 1e-3)),
+        "edge_width": max(1.0, spacing / 6),
+        "length": length,
+        "vector_style": "arrow",
+        "opacity": 0.9,
+        "metadata": meta,
+    }
+    _add_transform(kwargs, scale, translate)
+    return vectors, kwargs, "vectors"
+
+
+def arrow_metadata(length: float, spacing: int) -> dict[str, Any]:
+    """Human-readable description of how the arrows are drawn."""
+    return {
+        "arrow_scale": float(length),
+        "arrow_spacing_px": int(spacing),
+        "arrow_note": (f"Arrows every {spacing} px, drawn {length:g}x their true length. Each "
+                       "starts at a pixel of the aligned section and points to where that "
+                       "content was in the input (backward map, dy/dx in input pixels); "
+                       "colour = magnitude in px."),
+    }
+
+
+def ncc_error_layer_data(
+    error: np.ndarray,
+    source_name: str,
+    *,
+    scale: Sequence[float] | None = None,
+    translate: Sequence[float] | None = None,
+    metadata: dict[str, Any] | None = None,
+    visible: bool = True,
+) -> LayerDataTuple:
+    """Image layer data for the local 1 - NCC map, made to overlay the aligned stack.
+
+    Parameters
+    ----------
+    error : ndarray, shape (Z, H, W)
+        From :func:`local_ncc_error` (0 where invalid, about 0..2 elsewhere).
+
+    Returns
+    -------
+    (data, kwargs, "image")
+    """
+    kwargs: dict[str, Any] = {
+        "name": layer_name(source_name, ROLE_NCC_ERROR),
+        "colormap": "magma",
+        "contrast_limits": error_contrast_limits(error),
+        "blending": "additive",
+        "opacity": 0.6,
+        "visible": visible,
+        "metadata": metadata or result_metadata(ROLE_NCC_ERROR, source_name),
+    }
+    _add_transform(kwargs, scale, translate)
+    return error.astype(np.float32, copy=False), kwargs, "image"
+
+
+def error_contrast_limits(error: np.ndarray) -> list[float]:
+    """Median to 99th percentile of the nonzero error: real neighbours differ everywhere
+    (1 - NCC of about 0.5-0.8 is normal), so only the worst regions should light up."""
+    sample = np.asarray(error[:, ::2, ::2], dtype=np.float32)
+    values = sample[sample > 0]
+    if values.size == 0:
+        return [0.0, 1.0]
+    lo, hi = np.percentile(values, [50, 99])
+    return [float(lo), float(max(hi, lo + 0.1))]
+
+
+def local_ncc_error(aligned: np.ndarray, valid: np.ndarray | None = None, *,
+                    sigma: float = 8.0) -> np.ndarray:
+    """1 - local NCC of each section with its previous non-blank neighbour.
+
+    Uses :func:`napari_ssemnet.core.metrics.local_ncc_error` when the core provides it;
+    otherwise a small SciPy fallback with the same contract.
+
+    Parameters
+    ----------
+    aligned : ndarray, shape (Z, H, W)
+    valid : ndarray, shape (Z, H, W), bool, optional
+    sigma : float
+        Gaussian window of the local statistics, in pixels.
+
+    Returns
+    -------
+    ndarray, shape (Z, H, W), float32
+        0 where invalid or where a section has no usable neighbour.
+    """
+    try:
+        from .core.metrics import local_ncc_error as core_local_ncc_error
+    except ImportError:
+        core_local_ncc_error = None
+    if core_local_ncc_error is not None:
+        return np.asarray(core_local_ncc_error(aligned, valid, sigma=sigma), dtype=np.float32)
+    return _local_ncc_error_fallback(aligned, valid, sigma=sigma)
+
+
+def _local_ncc_error_fallback(aligned: np.ndarray, valid: np.ndarray | None, *,
+                              sigma: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    a = np.asarray(aligned, dtype=np.float32)
+    z_count = a.shape[0]
+    ok = np.ones(a.shape, bool) if valid is None else np.asarray(valid, bool)
+    blank = np.array([a[z][ok[z]].std() < 1e-6 if ok[z].any() else True for z in range(z_count)])
+    out = np.zeros(a.shape, np.float32)
+
+    def blur(x: np.ndarray) -> np.ndarray:
+        return gaussian_filter(x, sigma, mode="nearest")
+
+    for z in range(z_count):
+        if blank[z]:
+            continue
+        prev = [n for n in range(z - 1, -1, -1) if not blank[n]]
+        nxt = [n for n in range(z + 1, z_count) if not blank[n]]
+        partner = prev[0] if prev else (nxt[0] if nxt else None)
+        if partner is None:
+            continue
+        x, y = a[z], a[partner]
+        mx, my = blur(x), blur(y)
+        vx = blur(x * x) - mx * mx
+        vy = blur(y * y) - my * my
+        cxy = blur(x * y) - mx * my
+        ncc = cxy / np.sqrt(np.maximum(vx * vy, 1e-12))
+        both = ok[z] & ok[partner]
+        out[z] = np.where(both, 1.0 - np.clip(ncc, -1.0, 1.0), 0.0)
+    return out
+
+
+# --- viewer helpers (model only, no Qt) --------------------------------------------------
+
+
+def find_result_layer(viewer: Any, source_name: str, role: str) -> Any | None:
+    """The layer this plugin made for ``source_name`` and ``role``, or None."""
+    for layer in viewer.layers:
+        entry = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
+        if entry and entry.get("role") == role and entry.get("source") == source_name:
+            return layer
+    return None
+
+
+def layer_kind(layer: Any) -> str:
+    """``"image"``, ``"labels"``, ``"vectors"``... (napari's layer type string)."""
+    # __class__, not type(): plugin widgets see layers through napari's PublicOnlyProxy
+    return layer.__class__.__name__.lower()
+
+
+def is_result_layer(layer: Any) -> bool:
+    """True for layers made by this plugin."""
+    return isinstance(layer.metadata, dict) and META_KEY in layer.metadata
+
+
+def upsert_layer(viewer: Any, layer_data: LayerDataTuple, *, role: str, source_name: str
+                 ) -> Any:
+    """Add the result layer, or update in place the one this plugin made earlier.
+
+    Only layers whose metadata marks them as this plugin's result for ``source_name`` and
+    ``role`` are updated; a user layer with the same name is left alone (napari then adds
+    ours under a de-duplicated name).
+
+    Returns
+    -------
+    napari.layers.Layer
+    """
+    data, kwargs, layer_type = layer_data
+    existing = find_result_layer(viewer, source_name, role)
+    if existing is None or layer_kind(existing) != layer_type:
+        if existing is not None:
+            viewer.layers.remove(existing)
+        adder = getattr(viewer, f"add_{layer_type}")
+        return adder(data, **kwargs)
+    update = {k: v for k, v in kwargs.items() if k not in ("name", "visible", "opacity",
+                                                           "blending")}
+    if layer_type == "vectors":
+        features = update.pop("features", None)
+        existing.data = data
+        if features is not None:
+            existing.features = features
+        for key in ("edge_colormap", "edge_contrast_limits", "edge_width", "length",
+                    "vector_style"):
+            if key in update:
+                setattr(existing, key, update.pop(key))
+        existing.edge_color = update.pop("edge_color", "magnitude")
+    else:
+        existing.data = data
+        for key in ("contrast_limits", "colormap"):
+            if key in update:
+                setattr(existing, key, update.pop(key))
+    for key in ("scale", "translate"):
+        if key in update:
+            setattr(existing, key, update.pop(key))
+    if "metadata" in update:
+        existing.metadata = update.pop("metadata")
+    return existing

@@ -1,0 +1,863 @@
+"""Dock widgets: "Align EM stack" and "Apply saved fields".
+
+:class:`AlignWidget` is a thin controller over :mod:`napari_ssemnet.core`:
+
+* the parameter form is generated from :class:`~napari_ssemnet.core.params.AlignParams`;
+* every computation runs in a napari ``thread_worker`` generator (:mod:`.gui._jobs`) that
+  yields the core's progress events; only the main thread (the handlers here) touches
+  layers;
+* results go to three layers per source layer (see :mod:`._layers`), updated in place on
+  re-runs; a cancelled or failed run restores them to their state before the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import (
+    QApplication,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from . import _layers as L
+from .core.align import AlignmentResult, Progress, SectionResult, check_stack
+from .core.errors import SsemnetError
+from .core.params import AlignParams
+from .gui import _jobs as jobs
+from .gui._ncc_plot import NccPlot
+from .gui._params_form import ParamsForm
+
+if TYPE_CHECKING:
+    import napari
+
+log = logging.getLogger(__name__)
+
+
+def show_error(message: str) -> None:
+    """Show an error notification (indirection so tests can see what was shown)."""
+    from napari.utils.notifications import show_error as _show_error
+
+    _show_error(message)
+
+
+def show_info(message: str) -> None:
+    from napari.utils.notifications import show_info as _show_info
+
+    _show_info(message)
+
+
+def notify_failure(failure: jobs.Failure, action: str) -> None:
+    """Readable message for user errors; short generic one + logged traceback for bugs."""
+    if failure.user_facing:
+        show_error(str(failure.exc))
+    else:
+        log.error("napari-ssemnet: %s failed unexpectedly:\n%s", action, failure.traceback)
+        show_error(f"{action} failed with an unexpected error ({type(failure.exc).__name__}: "
+                   f"{failure.exc}). This is a bug in napari-ssemnet; the full traceback is in "
+                   "the log.")
+
+
+def usable_reason(layer: Any) -> str | None:
+    """Why ``layer`` cannot be aligned, or None when it can (3D grayscale Image)."""
+    from napari.layers import Image
+
+    if not isinstance(layer, Image):
+        return f"'{layer.name}' is a {type(layer).__name__} layer, not an Image"
+    if L.is_result_layer(layer):
+        return f"'{layer.name}' is an napari-ssemnet result layer"
+    if layer.rgb:
+        return f"'{layer.name}' is RGB; convert it to grayscale first"
+    if layer.multiscale:
+        return f"'{layer.name}' is multiscale; open its full-resolution level as a layer"
+    if layer.ndim != 3:
+        return (f"'{layer.name}' is {layer.ndim}D; a stack of sections (Z, H, W) is needed"
+                if layer.ndim != 2 else f"'{layer.name}' is a single 2D image, not a stack")
+    return None
+
+
+class _RunControl:
+    """The running job's stop flag and worker, kept apart from the widget.
+
+    Teardown handlers (``destroyed``, ``aboutToQuit``) hold this object, not the widget, so
+    they still work once Qt has deleted the widget and do not keep it alive.
+    """
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.worker: Any = None
+
+    def abort(self, *_: Any) -> None:
+        """Ask the running job to stop (at its next yield or stop check)."""
+        self.stop.set()
+        worker = self.worker
+        if worker is not None:
+            try:
+                worker.quit()
+            except RuntimeError:  # already deleted by Qt
+                pass
+
+
+class AlignWidget(QWidget):
+    """The "Align EM stack" dock widget.
+
+    Parameters
+    ----------
+    napari_viewer : napari.viewer.Viewer
+        Injected by napari.
+    """
+
+    job_finished = Signal(str)
+    """Emitted on the main thread when a job ends: ``"done"``, ``"cancelled"`` or
+    ``"failed"``."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self._ctl = _RunControl()
+        self._job: dict[str, Any] | None = None
+        self.results: dict[str, AlignmentResult] = {}
+        self.last_outcome: str | None = None
+        self._build_ui()
+        self._connect_viewer()
+        self._refresh_layers()
+        # A run must not outlive the window: stop it when Qt destroys us or the app quits.
+        self.destroyed.connect(self._ctl.abort)
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self._ctl.abort)
+
+    # -- UI ------------------------------------------------------------------------
+
+    def _build_ui(self) -> None:
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(6, 6, 6, 6)
+
+        top = QFormLayout()
+        self.layer_combo = QComboBox()
+        self.layer_combo.setToolTip("The 3D grayscale Image layer (Z, H, W) to align. It is "
+                                    "never modified; results go to new layers.")
+        top.addRow("Stack layer", self.layer_combo)
+        lay.addLayout(top)
+
+        self.form = ParamsForm()
+        lay.addWidget(self.form)
+
+        train_row = QHBoxLayout()
+        self.train_btn = QPushButton("Train features on this stack")
+        self.train_btn.setToolTip("Fit the feature encoder (CAE) to this stack, self-supervised, "
+                                  "save the weights to the user cache and switch the feature "
+                                  "model to 'custom'. Worth it for EM that looks unlike the "
+                                  "shipped training data.")
+        self.train_steps = QSpinBox()
+        self.train_steps.setRange(10, 100000)
+        self.train_steps.setSingleStep(100)
+        self.train_steps.setValue(jobs.default_train_steps())
+        self.train_steps.setToolTip("Training steps (Adam, batches of patches).")
+        self.train_steps.setSuffix(" steps")
+        train_row.addWidget(self.train_btn, 1)
+        train_row.addWidget(self.train_steps)
+        lay.addLayout(train_row)
+
+        buttons = QGridLayout()
+        self.align_btn = QPushButton("Align")
+        self.align_btn.setToolTip("Align the whole stack onto the reference section.")
+        self.align_btn.setDefault(True)
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setToolTip("Stop the running job; layers go back to how they were.")
+        self.preview_btn = QPushButton("Preview section")
+        self.preview_btn.setToolTip("Align only the section shown in the viewer against its "
+                                    "neighbours (held as they are), to try parameters quickly.")
+        self.realign_btn = QPushButton("Re-align section")
+        self.realign_btn.setToolTip("After a full run: align the current section again with "
+                                    "the parameters above, neighbours fixed at the result, and "
+                                    "keep it in the result.")
+        buttons.addWidget(self.align_btn, 0, 0)
+        buttons.addWidget(self.cancel_btn, 0, 1)
+        buttons.addWidget(self.preview_btn, 1, 0)
+        buttons.addWidget(self.realign_btn, 1, 1)
+        lay.addLayout(buttons)
+
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setTextVisible(True)
+        lay.addWidget(self.progress)
+        self.status = QLabel("Ready.")
+        self.status.setWordWrap(True)
+        self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        lay.addWidget(self.status)
+
+        self.plot = NccPlot()
+        lay.addWidget(self.plot)
+
+        files = QHBoxLayout()
+        self.save_btn = QPushButton("Save fields…")
+        self.save_btn.setToolTip("Write the displacement fields (Z, 2, H, W) of the last run "
+                                 "on this layer to an .npz file (key 'displacement').")
+        self.apply_btn = QPushButton("Apply fields to layer…")
+        self.apply_btn.setToolTip("Open the 'Apply saved fields' panel to warp another layer "
+                                  "(e.g. labels) with saved fields.")
+        files.addWidget(self.save_btn)
+        files.addWidget(self.apply_btn)
+        lay.addLayout(files)
+        lay.addStretch(1)
+
+        self.align_btn.clicked.connect(self.align)
+        self.cancel_btn.clicked.connect(self.cancel)
+        self.preview_btn.clicked.connect(self.preview)
+        self.realign_btn.clicked.connect(self.realign)
+        self.train_btn.clicked.connect(self.train_features)
+        self.save_btn.clicked.connect(self._save_fields_dialog)
+        self.apply_btn.clicked.connect(self._open_apply_widget)
+        self.layer_combo.currentTextChanged.connect(self._on_layer_changed)
+        self.form.use_current_clicked.connect(self._use_current_slice)
+        self.plot.section_clicked.connect(self._jump_to_section)
+        self._set_running(False)
+
+    def _connect_viewer(self) -> None:
+        ev = self.viewer.layers.events
+        ev.inserted.connect(self._on_layers_changed)
+        ev.removed.connect(self._on_layers_changed)
+        for layer in self.viewer.layers:
+            layer.events.name.connect(self._on_layers_changed)
+        self.viewer.dims.events.current_step.connect(self._on_step)
+
+    @property
+    def worker(self) -> Any:
+        """The running napari worker, or None."""
+        return self._ctl.worker
+
+    # -- layer chooser -------------------------------------------------------------
+
+    def _on_layers_changed(self, event: Any = None) -> None:
+        if event is not None and getattr(event, "type", "") == "inserted":
+            event.value.events.name.connect(self._on_layers_changed)
+        self._refresh_layers()
+
+    def _refresh_layers(self) -> None:
+        current = self.layer_combo.currentText()
+        names = [ly.name for ly in self.viewer.layers if usable_reason(ly) is None]
+        self.layer_combo.blockSignals(True)
+        self.layer_combo.clear()
+        self.layer_combo.addItems(names)
+        if current in names:
+            self.layer_combo.setCurrentText(current)
+        else:
+            active = self.viewer.layers.selection.active
+            if active is not None and active.name in names:
+                self.layer_combo.setCurrentText(active.name)
+        self.layer_combo.blockSignals(False)
+        self._on_layer_changed(self.layer_combo.currentText())
+
+    def selected_layer(self) -> Any | None:
+        """The layer chosen in the combo box (None if there is none)."""
+        name = self.layer_combo.currentText()
+        if name and name in self.viewer.layers:
+            return self.viewer.layers[name]
+        return None
+
+    def set_layer(self, layer: Any) -> None:
+        """Choose ``layer`` (or its name) in the combo box."""
+        name = layer if isinstance(layer, str) else layer.name
+        self._refresh_layers()
+        self.layer_combo.setCurrentText(name)
+
+    def _on_layer_changed(self, name: str) -> None:
+        layer = self.selected_layer()
+        self.form.set_reference_range(layer.data.shape[0] if layer is not None else None)
+        self._update_plot()
+        self._update_buttons()
+
+    def _no_layer_message(self) -> str:
+        reasons = [r for r in (usable_reason(ly) for ly in self.viewer.layers) if r]
+        msg = "No 3D grayscale Image layer to align: open a stack of sections (Z, H, W) first"
+        if reasons:
+            msg += " (" + "; ".join(reasons[:4]) + ")"
+        return msg + "."
+
+    # -- slice tracking ------------------------------------------------------------
+
+    def current_section(self, layer: Any | None = None) -> int:
+        """Index of the section the viewer shows, in the layer's data coordinates."""
+        layer = layer or self.selected_layer()
+        if layer is None:
+            return 0
+        point = np.asarray(self.viewer.dims.point)[-layer.ndim:]
+        try:
+            z = float(np.asarray(layer.world_to_data(point))[0])
+        except Exception:  # odd transforms: fall back to the raw slider index
+            z = float(self.viewer.dims.current_step[-layer.ndim])
+        return int(np.clip(round(z), 0, layer.data.shape[0] - 1))
+
+    def _on_step(self, event: Any = None) -> None:
+        if self.selected_layer() is not None:
+            self.plot.set_current(self.current_section())
+
+    def _use_current_slice(self) -> None:
+        self.form.set_value("reference", self.current_section())
+
+    def _jump_to_section(self, z: int) -> None:
+        layer = self.selected_layer()
+        if layer is None:
+            return
+        world = np.asarray(layer.data_to_world([z, 0, 0]))
+        axis = self.viewer.dims.ndim - layer.ndim
+        self.viewer.dims.set_point(axis, float(world[0]))
+
+    def _update_plot(self) -> None:
+        layer = self.selected_layer()
+        meta = None
+        if layer is not None:
+            res_layer = L.find_result_layer(self.viewer, layer.name, L.ROLE_ALIGNED)
+            if res_layer is not None:
+                meta = res_layer.metadata.get(L.META_KEY)
+        if meta:
+            self.plot.set_data(meta.get("ncc_before"), meta.get("ncc_after"), meta.get("flags"))
+        else:
+            self.plot.set_data(None, None, None)
+        self._on_step()
+
+    # -- running jobs ----------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._job is not None
+
+    def _set_running(self, running: bool) -> None:
+        for w in (self.align_btn, self.preview_btn, self.train_btn, self.form,
+                  self.layer_combo, self.save_btn, self.train_steps):
+            w.setEnabled(not running)
+        self.cancel_btn.setEnabled(running)
+        if not running:
+            self._update_buttons()
+
+    def _update_buttons(self) -> None:
+        if self.running:
+            return
+        layer = self.selected_layer()
+        has_result = layer is not None and self._result_for(layer) is not None
+        self.realign_btn.setEnabled(has_result)
+        self.save_btn.setEnabled(has_result)
+
+    def _result_for(self, layer: Any) -> AlignmentResult | None:
+        result = self.results.get(layer.name)
+        if result is not None and result.aligned.shape != tuple(layer.data.shape):
+            return None
+        return result
+
+    def _prepare(self, what: str) -> tuple[Any, np.ndarray, AlignParams] | None:
+        """Common checks before a job; shows an error and returns None if it cannot run."""
+        if self.running:
+            show_error("napari-ssemnet is already running; cancel it first.")
+            return None
+        layer = self.selected_layer()
+        if layer is None:
+            show_error(self._no_layer_message())
+            return None
+        try:
+            params = self.form.params()
+            stack = check_stack(np.asarray(layer.data), name=f"layer '{layer.name}'")
+            if not 0 <= params.reference < stack.shape[0]:
+                raise SsemnetError(f"Reference section {params.reference} is outside the "
+                                   f"layer's sections 0-{stack.shape[0] - 1}.")
+        except (SsemnetError, ValueError) as exc:
+            show_error(str(exc))
+            return None
+        except Exception as exc:  # e.g. a lazy array that fails to load
+            log.exception("napari-ssemnet: could not read layer %s", layer.name)
+            show_error(f"{what}: could not read layer '{layer.name}' "
+                       f"({type(exc).__name__}: {exc}).")
+            return None
+        return layer, stack, params
+
+    def _start(self, kind: str, func: Any, *args: Any, **info: Any) -> None:
+        from napari.qt.threading import create_worker
+
+        self._ctl.stop = threading.Event()
+        self._job = {"kind": kind, "t0": time.perf_counter(), "outcome": None,
+                     "stream": None, "snapshots": [], **info}
+        worker = create_worker(func, *args, stop=self._ctl.stop, _start_thread=False)
+        worker.yielded.connect(self._on_yielded)
+        worker.returned.connect(self._on_returned)
+        worker.finished.connect(self._on_finished)
+        self._ctl.worker = worker
+        self._set_running(True)
+        self.progress.setRange(0, 0)  # busy until the first event
+        self.status.setText(f"{kind.capitalize()}: starting…")
+        worker.start()
+
+    def align(self) -> None:
+        """Align the whole selected stack (the Align button)."""
+        ready = self._prepare("Align")
+        if ready is None:
+            return
+        layer, stack, params = ready
+        self._start("align", jobs.align_job, stack, params, source=layer.name,
+                    shape=stack.shape, params=params)
+
+    def preview(self) -> None:
+        """Align the current section only, neighbours held fixed (the Preview button)."""
+        self._section("preview")
+
+    def realign(self) -> None:
+        """Re-align the current section and keep it in the result (after a full run)."""
+        self._section("realign")
+
+    def _section(self, kind: str) -> None:
+        ready = self._prepare("Preview" if kind == "preview" else "Re-align")
+        if ready is None:
+            return
+        layer, stack, params = ready
+        base = self._result_for(layer)
+        if kind == "realign" and base is None:
+            show_error(f"Re-align needs a full alignment of '{layer.name}' first; press Align.")
+            return
+        z = self.current_section(layer)
+        self._start(kind, jobs.section_job, stack, z, params, base, source=layer.name,
+                    shape=stack.shape, params=params, z=z)
+
+    def train_features(self) -> None:
+        """Train the feature encoder on the selected stack, then use it ('custom')."""
+        ready = self._prepare("Training")
+        if ready is None:
+            return
+        layer, stack, params = ready
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in layer.name)
+        out = jobs.weights_dir() / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}.pt"
+        self._start("train", _train_entry, stack, int(self.train_steps.value()), params.seed,
+                    params.device, str(out), source=layer.name, shape=stack.shape)
+
+    def cancel(self) -> None:
+        """Stop the running job at its next progress event (the Cancel button)."""
+        if not self.running:
+            return
+        self.status.setText("Cancelling…")
+        self._ctl.abort()
+
+    # -- worker signal handlers (main thread) ----------------------------------------
+
+    def _on_yielded(self, event: Any) -> None:
+        job = self._job
+        if job is None:
+            return
+        if isinstance(event, Progress):
+            total = max(int(event.total), 1)
+            self.progress.setRange(0, total)
+            self.progress.setValue(min(int(event.step), total))
+            self.progress.setFormat(f"{event.stage} %v/%m")
+            elapsed = time.perf_counter() - job["t0"]
+            text = f"{job['kind'].capitalize()} on {self._device_text()} — {event.stage}"
+            if event.message:
+                text += f": {event.message}"
+            text += f" — {elapsed:.1f} s"
+            if job["kind"] == "align" and job["shape"]:
+                text += f" ({elapsed / job['shape'][0]:.2f} s/section so far)"
+            self.status.setText(text)
+        elif isinstance(event, SectionResult) and job["kind"] == "align":
+            self._stream_section(event)
+
+    def _device_text(self) -> str:
+        dev = self.form.value("device")
+        if dev != "auto":
+            return dev
+        job = self._job or {}
+        if "device" not in job:
+            import sys
+
+            torch = sys.modules.get("torch")  # already imported by the worker; never import
+            cuda = bool(torch is not None and torch.cuda.is_available())
+            job["device"] = "cuda" if cuda else "cpu"
+        return job["device"]
+
+    def _on_returned(self, outcome: Any) -> None:
+        if self._job is not None:
+            self._job["outcome"] = outcome
+
+    def _on_finished(self) -> None:
+        job, self._job = self._job, None
+        self._ctl.worker = None
+        if job is None:
+            return
+        outcome = job.get("outcome")
+        state = "failed"
+        try:
+            if outcome is None or isinstance(outcome, jobs.Cancelled):
+                self._rollback(job)
+                state = "cancelled"
+                self.status.setText(f"{job['kind'].capitalize()} cancelled"
+                                    + ("; result layers restored." if job["kind"] == "align"
+                                       else "."))
+            elif isinstance(outcome, jobs.Failure):
+                self._rollback(job)
+                notify_failure(outcome, _ACTIONS[job["kind"]])
+                self.status.setText(f"{_ACTIONS[job['kind']]} failed: {outcome.exc}")
+            elif isinstance(outcome, jobs.AlignOutcome):
+                self._finish_align(job, outcome)
+                state = "done"
+            elif isinstance(outcome, jobs.SectionOutcome):
+                self._finish_section(job, outcome)
+                state = "done"
+            elif isinstance(outcome, jobs.TrainOutcome):
+                self._finish_train(job, outcome)
+                state = "done"
+        except Exception as exc:  # never let a handler error escape into Qt
+            log.exception("napari-ssemnet: could not show the result")
+            self._rollback(job)
+            show_error(f"Could not show the result ({type(exc).__name__}: {exc}). This is a bug "
+                       "in napari-ssemnet; the traceback is in the log.")
+        finally:
+            self.progress.setRange(0, 1)
+            self.progress.setValue(1 if state == "done" else 0)
+            self.progress.setFormat("done" if state == "done" else state)
+            self._set_running(False)
+            self.last_outcome = state
+            self.job_finished.emit(state)
+
+    # -- streaming a full run into layers --------------------------------------------
+
+    def _source_transform(self, source: str) -> dict[str, Any]:
+        layer = self.viewer.layers[source] if source in self.viewer.layers else None
+        if layer is None:
+            return {"scale": None, "translate": None, "contrast_limits": None,
+                    "colormap": "gray"}
+        return {"scale": list(layer.scale), "translate": list(layer.translate),
+                "contrast_limits": list(layer.contrast_limits),
+                "colormap": layer.colormap.name}
+
+    def _snapshot(self, job: dict[str, Any], roles: tuple[str, ...]) -> None:
+        """Remember the result layers' state so a cancelled run can put it back."""
+        for role in roles:
+            layer = L.find_result_layer(self.viewer, job["source"], role)
+            state = None
+            if layer is not None:
+                state = {"data": layer.data, "metadata": layer.metadata}
+                if L.layer_kind(layer) == "vectors":
+                    state.update(features=layer.features.copy(), length=layer.length)
+            job["snapshots"].append((role, layer, state))
+
+    def _rollback(self, job: dict[str, Any]) -> None:
+        for role, layer, state in job.get("snapshots", []):
+            current = L.find_result_layer(self.viewer, job["source"], role)
+            if state is None:
+                if current is not None:  # created by this run: remove the partial layer
+                    self.viewer.layers.remove(current)
+                continue
+            if layer is not None and layer in self.viewer.layers:
+                layer.data = state["data"]
+                if "features" in state:
+                    layer.features = state["features"]
+                    layer.length = state["length"]
+                    layer.edge_color = "magnitude"
+                layer.metadata = state["metadata"]
+        job["snapshots"] = []
+
+    def _stream_section(self, sec: SectionResult) -> None:
+        job = self._job
+        assert job is not None
+        source = job["source"]
+        tf = self._source_transform(source)
+        z_count, h, w = job["shape"]
+        stream = job["stream"]
+        if stream is None:
+            self._snapshot(job, (L.ROLE_ALIGNED, L.ROLE_DISPLACEMENT))
+            stream = job["stream"] = {
+                "aligned": np.zeros((z_count, h, w), np.float32),
+                "vectors": {}, "magnitude": {}, "flags": [""] * z_count,
+            }
+        stream["aligned"][sec.z] = sec.aligned
+        vec, mag = L.section_vectors(sec.displacement, sec.z, valid=sec.valid)
+        stream["vectors"][sec.z] = vec
+        stream["magnitude"][sec.z] = mag
+        stream["flags"][sec.z] = sec.flag
+        done = sorted(stream["vectors"])
+        meta_kw = {"flags": stream["flags"], "params": job["params"].to_dict(),
+                   "complete": False, "state": "running",
+                   "extra": {"sections_done": len(done)}}
+        layer = L.find_result_layer(self.viewer, source, L.ROLE_ALIGNED)
+        if layer is None or not stream.get("aligned_layer"):
+            data = L.aligned_layer_data(
+                stream["aligned"], source, contrast_limits=tf["contrast_limits"],
+                colormap=tf["colormap"], scale=tf["scale"], translate=tf["translate"],
+                metadata=L.result_metadata(L.ROLE_ALIGNED, source, **meta_kw))
+            L.upsert_layer(self.viewer, data, role=L.ROLE_ALIGNED, source_name=source)
+            stream["aligned_layer"] = True
+        else:
+            layer.metadata[L.META_KEY].update(sections_done=len(done))
+            layer.refresh()
+        vectors = np.concatenate([stream["vectors"][z] for z in done])
+        mags = np.concatenate([stream["magnitude"][z] for z in done])
+        data = L.displacement_layer_data(
+            vectors, mags, source, section_shape=(h, w), scale=tf["scale"],
+            translate=tf["translate"],
+            metadata=L.result_metadata(L.ROLE_DISPLACEMENT, source, **meta_kw))
+        L.upsert_layer(self.viewer, data, role=L.ROLE_DISPLACEMENT, source_name=source)
+        self.status.setText(f"Align: section {sec.z + 1}/{z_count} ready"
+                            + (f" ({sec.flag})" if sec.flag else ""))
+
+    def _show_layers(self, source: str, *, aligned: np.ndarray, valid: np.ndarray,
+                     displacement: np.ndarray, ncc_error: np.ndarray, meta_kw: dict[str, Any],
+                     vector_sections: list[int] | None = None) -> None:
+        """Add or update the three result layers for ``source``."""
+        tf = self._source_transform(source)
+        extra = dict(meta_kw.pop("extra", {}) or {})
+
+        def meta(role: str, more: dict[str, Any] | None = None) -> dict[str, Any]:
+            return L.result_metadata(role, source, extra={**extra, **(more or {})}, **meta_kw)
+
+        L.upsert_layer(self.viewer, L.aligned_layer_data(
+            aligned, source, contrast_limits=tf["contrast_limits"], colormap=tf["colormap"],
+            scale=tf["scale"], translate=tf["translate"], metadata=meta(L.ROLE_ALIGNED)),
+            role=L.ROLE_ALIGNED, source_name=source)
+        vectors, mags = L.stack_vectors(displacement, valid=valid, sections=vector_sections)
+        L.upsert_layer(self.viewer, L.displacement_layer_data(
+            vectors, mags, source, section_shape=aligned.shape[1:], scale=tf["scale"],
+            translate=tf["translate"],
+            metadata=meta(L.ROLE_DISPLACEMENT, {"displacement": displacement})),
+            role=L.ROLE_DISPLACEMENT, source_name=source)
+        L.upsert_layer(self.viewer, L.ncc_error_layer_data(
+            ncc_error, source, scale=tf["scale"], translate=tf["translate"],
+            metadata=meta(L.ROLE_NCC_ERROR, {"sigma": 8.0})),
+            role=L.ROLE_NCC_ERROR, source_name=source)
+        self._select(source)
+
+    def _select(self, source: str) -> None:
+        """Keep the source layer selected so the widget's chooser does not jump."""
+        if source in self.viewer.layers:
+            self.viewer.layers.selection.active = self.viewer.layers[source]
+
+    def _finish_align(self, job: dict[str, Any], outcome: jobs.AlignOutcome) -> None:
+        res = outcome.result
+        source = job["source"]
+        self._show_layers(
+            source, aligned=res.aligned, valid=res.valid, displacement=res.displacement,
+            ncc_error=outcome.ncc_error,
+            meta_kw={"ncc_before": res.ncc_before, "ncc_after": res.ncc_after,
+                     "flags": res.flags, "params": res.params.to_dict(),
+                     "extra": {"timings": dict(res.timings), "device": res.device}})
+        self.results[source] = res
+        self._update_plot()
+        z = res.aligned.shape[0]
+        total = res.timings.get("total", time.perf_counter() - job["t0"])
+        text = (f"Aligned {z} sections on {res.device} in {total:.1f} s "
+                f"({total / max(z, 1):.2f} s/section). "
+                f"Mean NCC {np.nanmean(res.ncc_before):.3f} → {np.nanmean(res.ncc_after):.3f}.")
+        if res.flagged:
+            text += " Flagged: " + ", ".join(f"{i} ({res.flags[i]})" for i in res.flagged[:6])
+        self.status.setText(text)
+
+    def _finish_section(self, job: dict[str, Any], out: jobs.SectionOutcome) -> None:
+        source = job["source"]
+        commit = job["kind"] == "realign" and out.result is not None
+        state = "aligned" if commit or out.result is not None else "preview"
+        if job["kind"] == "preview":
+            state = "preview"
+        sections = None if out.result is not None else [out.z]
+        extra: dict[str, Any] = {"section": out.z}
+        if state == "preview":
+            extra["note"] = (f"Preview of section {out.z}; other sections are "
+                             + ("the last full run." if out.result is not None
+                                else "unaligned."))
+        self._show_layers(
+            source, aligned=out.aligned, valid=out.valid, displacement=out.displacement,
+            ncc_error=out.ncc_error, vector_sections=sections,
+            meta_kw={"ncc_before": out.ncc_before, "ncc_after": out.ncc_after,
+                     "flags": out.flags, "params": out.params.to_dict(), "state": state,
+                     "complete": out.result is not None, "extra": extra})
+        if commit:
+            self.results[source] = out.result
+        self._update_plot()
+        sec = out.section
+        b = getattr(sec, "ncc_before", float("nan"))
+        a = getattr(sec, "ncc_after", float("nan"))
+        verb = "Re-aligned" if commit else "Preview of"
+        self.status.setText(f"{verb} section {out.z} in {out.seconds:.1f} s: NCC with neighbours "
+                            f"{b:.3f} → {a:.3f}" + (f" ({sec.flag})" if sec.flag else "") + ".")
+
+    def _finish_train(self, job: dict[str, Any], out: jobs.TrainOutcome) -> None:
+        self.form.set_value("weights", out.path)
+        self.form.set_value("features", "custom")
+        loss = out.info.get("train_loss")
+        self.status.setText(f"Trained features in {out.seconds:.0f} s"
+                            + (f" (loss {loss})" if loss else "")
+                            + f"; saved to {out.path}. Feature model set to 'custom'.")
+        show_info(f"Encoder trained on '{job['source']}' and saved to {out.path}.")
+
+    # -- files -----------------------------------------------------------------------
+
+    def save_fields(self, path: str | Path) -> str | None:
+        """Write the selected layer's last displacement fields to ``path`` (.npz)."""
+        from ._writer import save_fields
+
+        layer = self.selected_layer()
+        result = self._result_for(layer) if layer is not None else None
+        if result is None:
+            show_error("No alignment result for this layer yet; press Align first.")
+            return None
+        try:
+            return save_fields(path, result.displacement, params=result.params,
+                               flags=result.flags)
+        except (OSError, SsemnetError, ValueError) as exc:
+            show_error(f"Could not save fields to {path}: {exc}")
+            return None
+
+    def _save_fields_dialog(self) -> None:
+        layer = self.selected_layer()
+        default = f"{layer.name} fields.npz" if layer is not None else "fields.npz"
+        path, _ = QFileDialog.getSaveFileName(self, "Save displacement fields", default,
+                                              "NumPy fields (*.npz)")
+        if path:
+            if not path.endswith(".npz"):
+                path += ".npz"
+            if self.save_fields(path):
+                self.status.setText(f"Fields saved to {path}.")
+
+    def _open_apply_widget(self) -> None:
+        try:
+            self.viewer.window.add_plugin_dock_widget("napari-ssemnet", "Apply saved fields")
+        except Exception as exc:  # e.g. plugin not registered in a bare test viewer
+            show_error(f"Could not open 'Apply saved fields': {exc}")
+
+    # -- teardown --------------------------------------------------------------------
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+        self._ctl.abort()
+        super().closeEvent(event)
+
+
+_ACTIONS = {"align": "Alignment", "preview": "Preview", "realign": "Re-align",
+            "train": "Feature training"}
+
+
+def _train_entry(stack: np.ndarray, steps: int, seed: int, device: str, out: str, *,
+                 stop: threading.Event):
+    return (yield from jobs.train_job(stack, steps=steps, seed=seed, device=device,
+                                      out_path=out, stop=stop))
+
+
+# -- "Apply saved fields" ----------------------------------------------------------------
+
+
+class ApplyFieldsWidget(QWidget):
+    """Warp a layer with displacement fields saved by napari-ssemnet (CLI or widget).
+
+    Labels use nearest-neighbour sampling so label values stay intact; images bilinear.
+    The result goes to ``"<name> aligned"`` (a new layer of the same type).
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        lay = QVBoxLayout(self)
+        box = QGroupBox("Apply saved displacement fields")
+        form = QFormLayout(box)
+        self.layer_combo = QComboBox()
+        self.layer_combo.setToolTip("A 3D Image or Labels layer with the same (Z, H, W) as the "
+                                    "stack the fields were computed on.")
+        form.addRow("Layer", self.layer_combo)
+        path_row = QHBoxLayout()
+        self.path_edit = QLineEdit()
+        self.path_edit.setPlaceholderText("fields .npz")
+        browse = QPushButton("…")
+        browse.setMaximumWidth(28)
+        browse.clicked.connect(self._browse)
+        path_row.addWidget(self.path_edit, 1)
+        path_row.addWidget(browse)
+        form.addRow("Fields file", path_row)
+        self.order_combo = QComboBox()
+        self.order_combo.addItems(["auto", "nearest", "linear"])
+        self.order_combo.setToolTip("auto: nearest for Labels (keeps label values), linear for "
+                                    "images.")
+        form.addRow("Interpolation", self.order_combo)
+        self.apply_btn = QPushButton("Apply")
+        form.addRow(self.apply_btn)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        form.addRow(self.status)
+        lay.addWidget(box)
+        lay.addStretch(1)
+        self.apply_btn.clicked.connect(self.apply)
+        self.viewer.layers.events.inserted.connect(self._refresh)
+        self.viewer.layers.events.removed.connect(self._refresh)
+        self._refresh()
+
+    def _refresh(self, event: Any = None) -> None:
+        from napari.layers import Image, Labels
+
+        current = self.layer_combo.currentText()
+        names = [ly.name for ly in self.viewer.layers
+                 if isinstance(ly, Image | Labels) and ly.ndim == 3
+                 and not getattr(ly, "rgb", False) and not L.is_result_layer(ly)]
+        self.layer_combo.clear()
+        self.layer_combo.addItems(names)
+        if current in names:
+            self.layer_combo.setCurrentText(current)
+
+    def _browse(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Displacement fields", self.path_edit.text(),
+                                              "NumPy fields (*.npz);;All files (*)")
+        if path:
+            self.path_edit.setText(path)
+
+    def apply(self) -> Any | None:
+        """Warp the chosen layer; returns the result layer (None after an error)."""
+        from ._writer import apply_displacement, load_fields
+
+        name = self.layer_combo.currentText()
+        if not name or name not in self.viewer.layers:
+            show_error("Choose a 3D Image or Labels layer to apply the fields to.")
+            return None
+        layer = self.viewer.layers[name]
+        path = self.path_edit.text().strip()
+        if not path:
+            show_error("Choose a fields file (.npz) written by napari-ssemnet.")
+            return None
+        try:
+            disp, _params = load_fields(path)
+            data = np.asarray(layer.data)
+            if disp.shape[0] != data.shape[0] or disp.shape[2:] != data.shape[1:]:
+                raise SsemnetError(f"The fields in {Path(path).name} are for a stack of shape "
+                                   f"{(disp.shape[0], *disp.shape[2:])}, but '{name}' has "
+                                   f"shape {data.shape}.")
+            is_labels = L.layer_kind(layer) == "labels"
+            choice = self.order_combo.currentText()
+            order = (0 if is_labels else 1) if choice == "auto" else int(choice == "linear")
+            warped = apply_displacement(data, disp, order=order)
+        except (SsemnetError, ValueError, OSError) as exc:
+            show_error(str(exc))
+            return None
+        except Exception as exc:
+            log.exception("napari-ssemnet: applying fields failed")
+            show_error(f"Applying fields failed unexpectedly ({type(exc).__name__}: {exc}).")
+            return None
+        meta = L.result_metadata(L.ROLE_ALIGNED, name, extra={"fields_file": str(path),
+                                                              "order": order})
+        kwargs: dict[str, Any] = {"name": L.layer_name(name, L.ROLE_ALIGNED), "metadata": meta,
+                                  "scale": list(layer.scale),
+                                  "translate": list(layer.translate)}
+        if not is_labels:
+            kwargs["contrast_limits"] = list(layer.contrast_limits)
+            kwargs["colormap"] = layer.colormap.name
+        out = L.upsert_layer(self.viewer, (warped, kwargs, "labels" if is_labels else "image"),
+                             role=L.ROLE_ALIGNED, source_name=name)
+        self.status.setText(f"Applied {Path(path).name} to '{name}' "
+                            f"({'nearest' if order == 0 else 'linear'}) → '{out.name}'.")
+        return out
+

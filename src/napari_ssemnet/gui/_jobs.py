@@ -1,0 +1,230 @@
+"""Generator jobs the dock widget runs in napari ``thread_worker`` threads.
+
+Qt-free on purpose: each job yields the core's :class:`Progress` / :class:`SectionResult`
+events unchanged and *returns* an outcome object instead of raising, so the main thread
+decides how an error is shown (napari's own worker relay would print a traceback-style
+notification for every exception). Nothing here touches a layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._layers import local_ncc_error
+from ..core.align import AlignmentResult, Progress, SectionResult, iter_align_stack
+from ..core.errors import AlignmentCancelled
+from ..core.params import AlignParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Failure:
+    """A job ended with an exception (``user_facing``: message written for users)."""
+
+    exc: BaseException
+    traceback: str
+    user_facing: bool
+
+
+@dataclass
+class Cancelled:
+    """A job noticed the stop request and ended early."""
+
+
+@dataclass
+class AlignOutcome:
+    """A finished full alignment with its local NCC error map."""
+
+    result: AlignmentResult
+    ncc_error: np.ndarray
+
+
+@dataclass
+class SectionOutcome:
+    """One section (re-)aligned, merged into a full-stack picture.
+
+    ``aligned``, ``valid``, ``displacement`` and ``ncc_error`` are fresh (Z, ...) arrays: the
+    base run's (or the source stack and identity, before any run) with section ``z``
+    replaced. ``result`` is the base :class:`AlignmentResult` updated with the section, or
+    None when there was no base run.
+    """
+
+    z: int
+    section: SectionResult
+    aligned: np.ndarray
+    valid: np.ndarray
+    displacement: np.ndarray
+    ncc_error: np.ndarray
+    ncc_before: np.ndarray
+    ncc_after: np.ndarray
+    flags: list[str]
+    params: AlignParams
+    seconds: float
+    result: AlignmentResult | None = None
+
+
+@dataclass
+class TrainOutcome:
+    """Trained encoder weights written to ``path``."""
+
+    path: str
+    info: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _failure(exc: BaseException) -> Failure:
+    from ..core.errors import SsemnetError
+
+    user = isinstance(exc, SsemnetError | ValueError)
+    return Failure(exc, traceback.format_exc(), user)
+
+
+def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event
+              ) -> Generator[Any, None, Any]:
+    """Full-stack alignment; returns :class:`AlignOutcome`, :class:`Cancelled` or
+    :class:`Failure`."""
+    try:
+        result = yield from iter_align_stack(stack, params, should_stop=stop.is_set)
+        yield Progress("metrics", 0, 1, "local NCC error map")
+        error = local_ncc_error(result.aligned, result.valid)
+        yield Progress("metrics", 1, 1, "local NCC error map")
+        return AlignOutcome(result, error)
+    except AlignmentCancelled:
+        return Cancelled()
+    except Exception as exc:  # every error reaches the user as a notification
+        return _failure(exc)
+
+
+def _adjacent_ncc(aligned: np.ndarray, valid: np.ndarray, flags: list[str]) -> np.ndarray | None:
+    try:
+        from ..core.metrics import adjacent_ncc
+    except ImportError:  # pragma: no cover - core always has it today
+        return None
+    usable = np.array([f in ("", "low_confidence") for f in flags])
+    return adjacent_ncc(aligned, valid, usable)
+
+
+def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentResult | None,
+                stop: threading.Event) -> Generator[Any, None, Any]:
+    """Align section ``z`` only (neighbours fixed at ``base`` or identity).
+
+    Returns :class:`SectionOutcome`, :class:`Cancelled` or :class:`Failure`.
+    """
+    try:
+        from ..core.align import iter_align_section
+
+        t0 = time.perf_counter()
+        previous = None if base is None else base.displacement
+        section = yield from iter_align_section(stack, z, params, previous_displacement=previous,
+                                                should_stop=stop.is_set)
+        yield Progress("metrics", 0, 1, "local NCC error map")
+        z_count, h, w = stack.shape
+        if base is not None:
+            aligned = base.aligned.copy()
+            valid = base.valid.copy()
+            displacement = base.displacement.copy()
+            flags = list(base.flags)
+            ncc_before = np.array(base.ncc_before, dtype=float)
+            ncc_after = np.array(base.ncc_after, dtype=float)
+        else:
+            aligned = np.asarray(stack, dtype=np.float32).copy()
+            valid = np.ones((z_count, h, w), bool)
+            displacement = np.zeros((z_count, 2, h, w), np.float32)
+            flags = [""] * z_count
+            ncc_before = np.full(z_count, np.nan)
+            ncc_after = np.full(z_count, np.nan)
+        aligned[z] = section.aligned
+        valid[z] = section.valid
+        displacement[z] = section.displacement
+        flags[z] = section.flag
+        ncc_before[z] = float(getattr(section, "ncc_before", np.nan))
+        ncc_after[z] = float(getattr(section, "ncc_after", np.nan))
+        result = None
+        if base is not None:
+            # neighbours' NCC changes too when z moves; recompute the whole curve
+            recomputed = _adjacent_ncc(aligned, valid, flags)
+            if recomputed is not None:
+                ncc_after = recomputed
+            result = dataclasses.replace(base, aligned=aligned, valid=valid,
+                                         displacement=displacement, flags=flags,
+                                         ncc_after=ncc_after, params=params)
+        error = local_ncc_error(aligned, valid)
+        yield Progress("metrics", 1, 1, "local NCC error map")
+        return SectionOutcome(z, section, aligned, valid, displacement, error, ncc_before,
+                              ncc_after, flags, params, time.perf_counter() - t0, result)
+    except AlignmentCancelled:
+        return Cancelled()
+    except Exception as exc:
+        return _failure(exc)
+
+
+def weights_dir() -> Path:
+    """Folder for encoder weights trained from the widget (user cache, else temp)."""
+    try:
+        from platformdirs import user_cache_dir
+
+        path = Path(user_cache_dir("napari-ssemnet")) / "weights"
+    except ImportError:  # pragma: no cover - platformdirs ships with napari
+        path = Path(tempfile.gettempdir()) / "napari-ssemnet-weights"
+    return path
+
+
+def train_job(stack: np.ndarray, *, steps: int | None, seed: int, device: str, out_path: str,
+              stop: threading.Event) -> Generator[Any, None, Any]:
+    """Train an encoder on ``stack`` and save it to ``out_path``.
+
+    Returns :class:`TrainOutcome`, :class:`Cancelled` or :class:`Failure`.
+    """
+    try:
+        from ..core.features import save_weights, train_encoder  # imports torch
+
+        t0 = time.perf_counter()
+        kwargs: dict[str, Any] = {"seed": seed, "device": device, "should_stop": stop.is_set}
+        if steps:
+            kwargs["steps"] = steps
+        model = yield from train_encoder([stack], **kwargs)
+        os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+        save_weights(model, out_path)
+        return TrainOutcome(out_path, dict(getattr(model, "info", {}) or {}),
+                            time.perf_counter() - t0)
+    except AlignmentCancelled:
+        return Cancelled()
+    except Exception as exc:
+        return _failure(exc)
+
+
+def default_train_steps() -> int:
+    """``train_encoder``'s default number of steps, read without importing torch."""
+    import ast
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("napari_ssemnet.core.features")
+        tree = ast.parse(Path(spec.origin).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name == "train_encoder":
+                for arg, default in zip(node.args.kwonlyargs, node.args.kw_defaults,
+                                        strict=False):
+                    if arg.arg == "steps" and isinstance(default, ast.Constant):
+                        return int(default.value)
+    except Exception:  # pragma: no cover - fall back to a sane number
+        log.debug("could not read train_encoder defaults", exc_info=True)
+    return 1500
+
+
+__all__ = ["AlignOutcome", "Cancelled", "Failure", "SectionOutcome", "TrainOutcome",
+           "align_job", "section_job", "train_job", "weights_dir", "default_train_steps",
+           "SectionResult"]

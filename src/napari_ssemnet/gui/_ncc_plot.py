@@ -1,0 +1,173 @@
+"""A small NCC-vs-section plot drawn with QPainter (no plotting dependency)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from qtpy.QtCore import QPointF, QRectF, Qt, Signal
+from qtpy.QtGui import QColor, QFont, QPainter, QPainterPath, QPen
+from qtpy.QtWidgets import QSizePolicy, QWidget
+
+BEFORE_COLOR = QColor(150, 150, 150)
+AFTER_COLOR = QColor(255, 160, 40)
+CURRENT_COLOR = QColor(90, 170, 255)
+FLAG_COLOR = QColor(230, 60, 60)
+
+
+class NccPlot(QWidget):
+    """Adjacent-section NCC before (grey) and after (orange) alignment, per section.
+
+    The current slice is marked with a blue line; flagged sections with red ticks. Clicking
+    the plot emits :attr:`section_clicked` with the nearest section index.
+    """
+
+    section_clicked = Signal(int)
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.before = np.zeros(0)
+        self.after = np.zeros(0)
+        self.flags: list[str] = []
+        self.current: int | None = None
+        self.setMinimumHeight(110)
+        self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+        self.setFixedHeight(120)
+        self.setToolTip("Mean NCC of each section with its neighbours: grey before, orange "
+                        "after alignment. Click to jump to a section.")
+
+    def set_data(self, before: Sequence[float | None] | None,
+                 after: Sequence[float | None] | None, flags: Sequence[str] | None = None
+                 ) -> None:
+        """Show new curves (None / NaN entries leave gaps)."""
+        self.before = _arr(before)
+        self.after = _arr(after)
+        self.flags = list(flags or [])
+        self.update()
+
+    def set_current(self, z: int | None) -> None:
+        """Mark section ``z``."""
+        if z != self.current:
+            self.current = z
+            self.update()
+
+    def n_sections(self) -> int:
+        return max(self.before.size, self.after.size, len(self.flags))
+
+    # -- drawing -------------------------------------------------------------------
+
+    def _plot_rect(self) -> QRectF:
+        return QRectF(34, 8, max(10, self.width() - 42), max(10, self.height() - 26))
+
+    def _x(self, z: float, rect: QRectF) -> float:
+        n = self.n_sections()
+        if n <= 1:
+            return rect.center().x()
+        return rect.left() + rect.width() * z / (n - 1)
+
+    def _y_range(self) -> tuple[float, float]:
+        vals = np.concatenate([self.before, self.after])
+        vals = vals[np.isfinite(vals)]
+        if vals.size == 0:
+            return 0.0, 1.0
+        lo, hi = float(vals.min()), float(vals.max())
+        lo = math.floor(lo * 10) / 10
+        hi = math.ceil(hi * 10) / 10
+        if hi - lo < 0.1:
+            hi = lo + 0.1
+        return lo, hi
+
+    def paintEvent(self, event) -> None:  # noqa: N802 - Qt API
+        p = QPainter(self)
+        p.setRenderHint(QPainter.Antialiasing)
+        pal = self.palette()
+        p.fillRect(self.rect(), pal.base())
+        text = pal.text().color()
+        font = QFont(p.font())
+        font.setPointSizeF(max(7.0, font.pointSizeF() * 0.85))
+        p.setFont(font)
+        rect = self._plot_rect()
+        n = self.n_sections()
+        lo, hi = self._y_range()
+        p.setPen(QPen(text, 1))
+        p.drawRect(rect)
+        p.drawText(QRectF(0, rect.top() - 4, 32, 14), Qt.AlignRight, f"{hi:.1f}")
+        p.drawText(QRectF(0, rect.bottom() - 10, 32, 14), Qt.AlignRight, f"{lo:.1f}")
+        p.save()
+        p.translate(9, rect.center().y())
+        p.rotate(-90)
+        p.drawText(QRectF(-20, -8, 40, 14), Qt.AlignCenter, "NCC")
+        p.restore()
+        if n == 0:
+            p.drawText(rect, Qt.AlignCenter, "no alignment yet")
+            p.end()
+            return
+        p.drawText(QRectF(rect.left(), rect.bottom() + 2, 40, 14), Qt.AlignLeft, "0")
+        p.drawText(QRectF(rect.right() - 60, rect.bottom() + 2, 60, 14), Qt.AlignRight,
+                   f"{n - 1}")
+        p.drawText(QRectF(rect.left(), rect.bottom() + 2, rect.width(), 14), Qt.AlignCenter,
+                   "section")
+
+        def y_of(v: float) -> float:
+            return rect.bottom() - rect.height() * (v - lo) / (hi - lo)
+
+        for i, flag in enumerate(self.flags):
+            if flag:
+                p.setPen(QPen(FLAG_COLOR, 2))
+                x = self._x(i, rect)
+                p.drawLine(QPointF(x, rect.bottom()), QPointF(x, rect.bottom() - 6))
+        for values, color in ((self.before, BEFORE_COLOR), (self.after, AFTER_COLOR)):
+            path = QPainterPath()
+            pen_down = False
+            for i, v in enumerate(values):
+                if not np.isfinite(v):
+                    pen_down = False
+                    continue
+                pt = QPointF(self._x(i, rect), y_of(v))
+                if pen_down:
+                    path.lineTo(pt)
+                else:
+                    path.moveTo(pt)
+                    pen_down = True
+            p.setPen(QPen(color, 2))
+            p.drawPath(path)
+            if values.size <= 64:
+                p.setBrush(color)
+                for i, v in enumerate(values):
+                    if np.isfinite(v):
+                        p.drawEllipse(QPointF(self._x(i, rect), y_of(v)), 2.0, 2.0)
+                p.setBrush(Qt.NoBrush)
+        if self.current is not None and 0 <= self.current < n:
+            x = self._x(self.current, rect)
+            p.setPen(QPen(CURRENT_COLOR, 1.5, Qt.DashLine))
+            p.drawLine(QPointF(x, rect.top()), QPointF(x, rect.bottom()))
+            label = f"z={self.current}"
+            for name, values in (("before", self.before), ("after", self.after)):
+                if self.current < values.size and np.isfinite(values[self.current]):
+                    label += f"  {name} {values[self.current]:.3f}"
+            p.setPen(QPen(text, 1))
+            p.drawText(QRectF(rect.left() + 4, rect.top() + 1, rect.width() - 8, 14),
+                       Qt.AlignLeft, label)
+        # legend
+        p.setPen(QPen(BEFORE_COLOR, 2))
+        p.drawText(QRectF(rect.right() - 100, rect.top() + 1, 48, 14), Qt.AlignRight, "before")
+        p.setPen(QPen(AFTER_COLOR, 2))
+        p.drawText(QRectF(rect.right() - 50, rect.top() + 1, 46, 14), Qt.AlignRight, "after")
+        p.end()
+
+    def mousePressEvent(self, event) -> None:  # noqa: N802 - Qt API
+        n = self.n_sections()
+        if n == 0:
+            return
+        rect = self._plot_rect()
+        pos = event.pos()
+        frac = (pos.x() - rect.left()) / max(rect.width(), 1)
+        z = int(round(min(max(frac, 0.0), 1.0) * (n - 1)))
+        self.section_clicked.emit(z)
+
+
+def _arr(values: Sequence[float | None] | None) -> np.ndarray:
+    if values is None:
+        return np.zeros(0)
+    return np.array([np.nan if v is None else float(v) for v in values], dtype=float)

@@ -1,0 +1,82 @@
+"""Files: TIFF in via napari's builtin reader, fields out and back onto labels, writers."""
+
+from __future__ import annotations
+
+import numpy as np
+import tifffile
+from conftest import error_messages, n_records, run_and_wait, set_fast
+
+from napari_ssemnet import _layers as L
+from napari_ssemnet._writer import apply_displacement, load_fields, write_fields, write_tiff
+
+
+def test_tiff_opens_with_builtin_reader_and_aligns(qtbot, viewer_widget, stack, tmp_path):
+    viewer, widget = viewer_widget
+    path = tmp_path / "em.tif"
+    tifffile.imwrite(path, stack, photometric="minisblack")
+    layers = viewer.open(str(path))
+    assert len(layers) == 1 and layers[0].data.shape == stack.shape
+    assert widget.layer_combo.currentText() == "em"  # offered without any other step
+    set_fast(widget)
+    assert run_and_wait(qtbot, widget, widget.align) == "done", error_messages()
+    assert viewer.layers["em aligned"].data.shape == stack.shape
+
+
+def test_save_fields_then_apply_to_labels(qtbot, make_napari_viewer, stack, tmp_path):
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-ssemnet", "Align EM stack")
+    viewer.add_image(stack, name="em")
+    set_fast(widget)
+    assert run_and_wait(qtbot, widget, widget.align) == "done"
+    out = widget.save_fields(tmp_path / "f.npz")
+    disp, params = load_fields(out)
+    np.testing.assert_array_equal(disp, widget.results["em"].displacement)
+    assert params["grid_spacing"] == 32
+
+    labels = np.zeros(stack.shape, np.uint16)
+    labels[:, 20:60, 30:70] = 7
+    labels[:, 70:90, 10:30] = 300
+    viewer.add_labels(labels, name="seg")
+    _, apply_w = viewer.window.add_plugin_dock_widget("napari-ssemnet", "Apply saved fields")
+    apply_w.layer_combo.setCurrentText("seg")
+    apply_w.path_edit.setText(str(out))
+    result = apply_w.apply()
+    assert result is not None and L.layer_kind(result) == "labels"
+    assert result.name == "seg aligned" and result.data.dtype == np.uint16
+    assert set(np.unique(result.data)) <= {0, 7, 300}  # nearest neighbour: no mixed labels
+    np.testing.assert_array_equal(viewer.layers["seg"].data, labels)  # source untouched
+    # the same fields on the image reproduce the aligned layer
+    again = apply_displacement(stack, disp, order=1)
+    ref = widget.results["em"].aligned
+    valid = widget.results["em"].valid
+    assert np.abs(again.astype(np.float32) - ref)[valid].mean() < 1.0
+
+
+def test_apply_fields_wrong_shape_is_an_error(qtbot, make_napari_viewer, tmp_path):
+    from napari_ssemnet._writer import save_fields
+
+    viewer = make_napari_viewer()
+    _, apply_w = viewer.window.add_plugin_dock_widget("napari-ssemnet", "Apply saved fields")
+    viewer.add_labels(np.zeros((3, 40, 40), np.uint8), name="seg")
+    path = save_fields(tmp_path / "f.npz", np.zeros((4, 2, 50, 50), np.float32))
+    apply_w.layer_combo.setCurrentText("seg")
+    apply_w.path_edit.setText(path)
+    start = n_records()
+    assert apply_w.apply() is None
+    errors = error_messages(start)
+    assert len(errors) == 1 and "shape" in errors[0]
+    assert [ly.name for ly in viewer.layers] == ["seg"]
+
+
+def test_writers(tmp_path, stack):
+    paths = write_tiff(str(tmp_path / "a.tif"), stack.astype(np.float32), {})
+    np.testing.assert_array_equal(tifffile.imread(paths[0]), stack.astype(np.float32))
+    disp = np.ones((4, 2, 96, 96), np.float32)
+    meta = L.result_metadata(L.ROLE_DISPLACEMENT, "em", params={"window": 2},
+                             extra={"displacement": disp})
+    paths = write_fields(str(tmp_path / "f"), np.zeros((1, 2, 3)), {"metadata": meta})
+    assert paths == [str(tmp_path / "f.npz")]
+    back, params = load_fields(paths[0])
+    np.testing.assert_array_equal(back, disp)
+    # vectors layers this plugin did not make are refused
+    assert write_fields(str(tmp_path / "g.npz"), np.zeros((1, 2, 3)), {"metadata": {}}) == []

@@ -1,0 +1,40 @@
+"""The npe2 manifest: valid, and every contribution resolves."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import numpy as np
+import pytest
+from npe2 import PluginManifest
+
+
+def test_manifest_validates_and_commands_import():
+    mf = PluginManifest.from_distribution("napari-ssemnet")
+    assert mf.name == "napari-ssemnet"
+    widgets = {w.display_name for w in mf.contributions.widgets}
+    assert {"Align EM stack", "Apply saved fields"} <= widgets
+    for cmd in mf.contributions.commands:
+        module, attr = cmd.python_name.split(":")
+        assert callable(getattr(importlib.import_module(module), attr)), cmd.id
+    assert [s.display_name for s in mf.contributions.sample_data] == [
+        "EM stack with known misalignment"]
+
+
+def test_widget_module_does_not_import_torch():
+    code = ("import sys, napari_ssemnet._widget, napari_ssemnet._layers, "
+            "napari_ssemnet._writer, napari_ssemnet._sample_data; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sample_data(make_napari_viewer):
+    pytest.importorskip("napari_ssemnet.core.sample", reason="core.sample not available yet")
+    viewer = make_napari_viewer()
+    layers = viewer.open_sample("napari-ssemnet", "em_misaligned")
+    assert len(layers) == 1
+    data = np.asarray(layers[0].data)
+    assert data.ndim == 3 and data.shape[0] >= 2 and data.dtype == np.uint8
