@@ -1,0 +1,392 @@
+"""The ``napari-ssemnet`` command line.
+
+::
+
+    napari-ssemnet align INPUT.tif -o ALIGNED.tif [--fields FIELDS.npz] [--grid-spacing 64 ...]
+    napari-ssemnet align --sample [-o sample_aligned.tif]
+    napari-ssemnet train-features STACK.tif [STACK2.tif ...] -o WEIGHTS.pt [--steps N]
+    napari-ssemnet --version
+
+The ``align`` options are generated from :class:`~napari_ssemnet.core.params.AlignParams`
+(one ``--dash-name`` per field, same default, limits, choices and help), so the CLI, the
+Python API and the napari widget share every parameter.
+
+Exit codes: 0 done, 2 bad input or parameters (one ``error: ...`` line on stderr),
+130 cancelled with Ctrl-C. torch is imported only once a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from . import __version__
+from .core.errors import AlignmentCancelled, SsemnetError
+from .core.params import AlignParams, ParameterError, knobs
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+EXIT_CANCELLED = 130
+SAMPLE_OUTPUT = "sample_aligned.tif"
+
+
+# -- parameters ------------------------------------------------------------------------
+
+
+def option_name(field_name: str) -> str:
+    """``grid_spacing`` -> ``--grid-spacing``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def _help_text(f: dataclasses.Field) -> str:
+    meta = f.metadata
+    parts = [meta.get("help", "")]
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and hi is not None:
+        parts.append(f"Range {lo} to {hi}.")
+    elif lo is not None:
+        parts.append(f"At least {lo}.")
+    default = f.default if f.default != "" else "''"
+    parts.append(f"(default: {default})")
+    # argparse %-formats help strings
+    return " ".join(p for p in parts if p).replace("%", "%%")
+
+
+def add_param_options(parser: argparse.ArgumentParser) -> None:
+    """Add one option per :class:`AlignParams` field.
+
+    The argparse default is None (meaning "not given"), so values from ``--params`` are only
+    overridden by options actually typed; the real defaults come from ``AlignParams``.
+    """
+    group = parser.add_argument_group(
+        "alignment parameters (same names and defaults as AlignParams and the napari widget)")
+    for f in knobs():
+        kind = type(f.default)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": _help_text(f)}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            if f.metadata.get("choices"):
+                kwargs["choices"] = list(f.metadata["choices"])
+            else:
+                kwargs["metavar"] = {int: "N", float: "X", str: "TEXT"}.get(kind, "VALUE")
+        group.add_argument(option_name(f.name), **kwargs)
+
+
+def load_params_file(path: str | Path) -> AlignParams:
+    """Read parameters from a JSON file (``AlignParams.to_json``) or a fields ``.npz``."""
+    p = Path(path)
+    if not p.is_file():
+        raise SsemnetError(f"Parameter file {str(p)!r} does not exist.")
+    if p.suffix == ".npz":
+        from .core.io import load_fields
+
+        _disp, data = load_fields(p)
+        if not data:
+            raise SsemnetError(f"{str(p)!r} holds no alignment parameters.")
+    else:
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SsemnetError(f"Parameter file {str(p)!r} is not valid JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise SsemnetError(f"Parameter file {str(p)!r} must hold a JSON object of parameters.")
+    return AlignParams.from_dict(data)
+
+
+def params_from_args(args: argparse.Namespace) -> AlignParams:
+    """``--params`` file (if any), overridden by the options given on the command line."""
+    base = load_params_file(args.params) if getattr(args, "params", None) else AlignParams()
+    given = {f.name: getattr(args, f.name) for f in knobs()
+             if getattr(args, f.name, None) is not None}
+    return base.replace(**given) if given else base
+
+
+# -- progress --------------------------------------------------------------------------
+
+
+class ProgressPrinter:
+    """Text progress for :class:`~napari_ssemnet.core.align.Progress` events.
+
+    On a terminal: one ``\\r``-redrawn bar per stage, redrawn at most ``rate`` times a second.
+    Otherwise (logs, pipes): one line when a stage starts.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, rate: float = 10.0, width: int = 30,
+                 tty: bool | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        if tty is None:
+            isatty = getattr(self.stream, "isatty", None)
+            tty = bool(isatty()) if callable(isatty) else False
+        self.tty = tty
+        self.interval = 1.0 / rate
+        self.width = width
+        self.stage: str | None = None
+        self._last = 0.0
+        self._shown = 0  # length of the bar on screen, to blank leftovers
+        self.sections_done = 0
+
+    def __call__(self, event: Any) -> None:
+        stage = getattr(event, "stage", None)
+        if stage is None:  # a SectionResult
+            self.sections_done += 1
+            return
+        new_stage = stage != self.stage
+        if new_stage:
+            self._end_line()
+            self.stage = stage
+            if not self.tty:
+                msg = f": {event.message}" if event.message else ""
+                self.stream.write(f"{stage}{msg}\n")
+                self.stream.flush()
+        if not self.tty:
+            return
+        now = time.monotonic()
+        if not new_stage and event.step < event.total and now - self._last < self.interval:
+            return
+        self._last = now
+        frac = min(max(event.step / event.total, 0.0), 1.0) if event.total else 1.0
+        n = int(round(frac * self.width))
+        text = (f"{stage:<14} [{'#' * n}{'.' * (self.width - n)}] "
+                f"{event.step}/{event.total} {event.message}")[:110]
+        self.stream.write("\r" + text + " " * max(0, self._shown - len(text)))
+        self.stream.flush()
+        self._shown = len(text)
+
+    def _end_line(self) -> None:
+        if self.tty and self._shown:
+            self.stream.write("\n")
+            self.stream.flush()
+        self._shown = 0
+
+    def close(self) -> None:
+        """Finish the current bar line."""
+        self._end_line()
+
+
+@contextmanager
+def ctrl_c_stops() -> Iterator[Callable[[], bool]]:
+    """Turn the first Ctrl-C into a polite stop request; a second one interrupts at once.
+
+    Yields the ``should_stop`` callable to pass to the core. Outside the main thread (where
+    signal handlers cannot be set) it yields a callable that never stops.
+    """
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        sys.stderr.write("\nstopping... (Ctrl-C again to abort at once)\n")
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested.is_set
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+def _as_output_dtype(aligned: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(aligned), info.min, info.max).astype(dtype)
+    return aligned.astype(dtype, copy=False)
+
+
+def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
+    from .core.align import align_stack
+    from .core.io import read_stack, save_fields, write_stack
+
+    if args.sample and args.input:
+        raise SsemnetError("Give either an INPUT file or --sample, not both.")
+    if not args.sample and not args.input:
+        raise SsemnetError("No input: give a TIFF stack (napari-ssemnet align INPUT.tif -o "
+                           "ALIGNED.tif) or --sample.")
+    output = args.output or (SAMPLE_OUTPUT if args.sample else None)
+    if output is None:
+        raise SsemnetError("No output file: add -o ALIGNED.tif.")
+    params = params_from_args(args)  # before reading a big stack: fail fast on bad options
+    if args.sample:
+        from .core.sample import load_sample
+
+        stack = load_sample(misaligned=True)
+        source = "the shipped sample (ISBI 2012 crop with a known misalignment)"
+    else:
+        stack = read_stack(args.input)
+        source = str(args.input)
+    out.write(f"aligning {source}: {stack.shape[0]} sections of {stack.shape[1]}x"
+              f"{stack.shape[2]} px, {stack.dtype}\n")
+    out.flush()
+    printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
+    callback = None if args.quiet else printer
+    try:
+        with ctrl_c_stops() as should_stop:
+            result = align_stack(stack, params, progress=callback, should_stop=should_stop)
+    finally:
+        printer.close()
+    aligned = result.aligned
+    if args.output_dtype == "input":
+        aligned = _as_output_dtype(aligned, stack.dtype)
+    try:
+        path = write_stack(output, aligned)
+        out.write(f"aligned stack -> {path}\n")
+        if args.fields:
+            fpath = save_fields(args.fields, result.displacement, params=result.params,
+                                flags=result.flags, ncc_before=result.ncc_before,
+                                ncc_after=result.ncc_after)
+            out.write(f"displacement fields -> {fpath}\n")
+    except OSError as exc:
+        raise SsemnetError(f"Could not write the output: {exc}") from None
+    out.write(result.summary() + "\n")
+    return EXIT_OK
+
+
+def _sha256_prefix(path: Path, n: int = 16) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def cmd_train(args: argparse.Namespace, out: TextIO) -> int:
+    from .core.features import load_weights, save_weights, train_encoder
+    from .core.io import read_stack
+
+    paths = [Path(p) for p in args.stacks]
+    stacks = [read_stack(p, min_sections=1) for p in paths]
+    init = load_weights(args.init) if args.init else None
+    kwargs: dict[str, Any] = {"seed": args.seed, "device": args.device, "init": init}
+    if args.steps is not None:
+        if args.steps < 1:
+            raise SsemnetError(f"--steps must be at least 1; got {args.steps}.")
+        kwargs["steps"] = args.steps
+    total_px = sum(s.size for s in stacks)
+    out.write(f"training the encoder on {len(stacks)} stack(s), {total_px / 1e6:.1f} Mpx\n")
+    out.flush()
+    printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
+    try:
+        with ctrl_c_stops() as should_stop:
+            gen = train_encoder(stacks, should_stop=should_stop, **kwargs)
+            while True:
+                try:
+                    event = next(gen)
+                except StopIteration as stop:
+                    model = stop.value
+                    break
+                if not args.quiet:
+                    printer(event)
+    finally:
+        printer.close()
+    info = dict(getattr(model, "info", {}) or {})
+    info["inputs"] = "; ".join(f"{p.name} sha256:{_sha256_prefix(p)}" for p in paths)
+    if args.init:
+        info["init"] = f"{Path(args.init).name} sha256:{_sha256_prefix(Path(args.init))}"
+    info["napari_ssemnet_version"] = __version__
+    try:
+        path = save_weights(model, args.output, info=info)
+    except OSError as exc:
+        raise SsemnetError(f"Could not write {args.output}: {exc}") from None
+    out.write(f"encoder weights -> {path} (final loss {info.get('train_loss', '?')})\n"
+              f"use them with: napari-ssemnet align ... --features custom --weights {path}\n")
+    return EXIT_OK
+
+
+# -- parser ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="napari-ssemnet",
+        description="Align serial-section EM stacks with learned CAE features and a "
+                    "spatial-transformer deformation (ssEMnet).")
+    parser.add_argument("--version", action="version", version=f"napari-ssemnet {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="Show full tracebacks instead of one-line error messages.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    al = sub.add_parser(
+        "align", help="Align a (Z, H, W) TIFF stack onto its reference section.",
+        description="Align a multi-page grayscale TIFF stack. Writes the aligned stack and, "
+                    "with --fields, the displacement fields (.npz, key 'displacement', shape "
+                    "(Z, 2, H, W), (dy, dx) backward map in pixels).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    al.add_argument("input", nargs="?", metavar="INPUT.tif",
+                    help="Multi-page grayscale TIFF, shape (Z, H, W).")
+    al.add_argument("-o", "--output", metavar="ALIGNED.tif",
+                    help=f"Aligned stack (TIFF). With --sample defaults to {SAMPLE_OUTPUT}.")
+    al.add_argument("--fields", metavar="FIELDS.npz",
+                    help="Also write the displacement fields, parameters, flags and NCC.")
+    al.add_argument("--sample", action="store_true",
+                    help="Align the shipped sample (8 sections of real EM with a known "
+                         "misalignment) instead of INPUT.")
+    al.add_argument("--params", metavar="PARAMS.json",
+                    help="Load parameters from a JSON file (or the params of a fields .npz); "
+                         "options given on the command line override them.")
+    al.add_argument("--output-dtype", choices=["input", "float32"], default="input",
+                    help="Data type of the aligned TIFF: that of the input (rounded) or "
+                         "float32. (default: input)")
+    al.add_argument("-q", "--quiet", action="store_true", help="No progress output.")
+    add_param_options(al)
+    al.set_defaults(func=cmd_align)
+
+    tr = sub.add_parser(
+        "train-features", help="Train (or fine-tune) the CAE feature encoder on stacks.",
+        description="Self-supervised training of the convolutional autoencoder whose features "
+                    "the alignment matches. Use the result with --features custom --weights.")
+    tr.add_argument("stacks", nargs="+", metavar="STACK.tif", help="Training stacks (TIFF).")
+    tr.add_argument("-o", "--output", required=True, metavar="WEIGHTS.pt",
+                    help="Weights file to write.")
+    tr.add_argument("--steps", type=int, default=None, metavar="N",
+                    help="Adam steps (default: the trainer's default, 1500).")
+    tr.add_argument("--seed", type=int, default=0, help="Random seed. (default: 0)")
+    tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="Where to train. (default: auto)")
+    tr.add_argument("--init", metavar="WEIGHTS.pt",
+                    help="Start from these weights (fine-tuning) instead of random ones.")
+    tr.add_argument("-q", "--quiet", action="store_true", help="No progress output.")
+    tr.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``napari-ssemnet`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_ERROR
+    try:
+        return args.func(args, sys.stdout)
+    except (AlignmentCancelled, KeyboardInterrupt):
+        sys.stderr.write("cancelled\n")
+        return EXIT_CANCELLED
+    except (SsemnetError, ParameterError, ValueError) as exc:
+        if args.debug:
+            raise
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        sys.stderr.write(f"error: {text}\n")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

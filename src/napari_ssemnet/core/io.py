@@ -1,0 +1,318 @@
+"""Files in and out: TIFF stacks and NPZ displacement fields (numpy + tifffile + torch).
+
+Field files (``.npz``, written by :func:`save_fields`, the CLI's ``--fields`` and the
+napari writer) hold:
+
+``displacement``
+    ``float32, shape (Z, 2, H, W)``: backward map (dy, dx) in input pixels,
+    ``aligned[z](y, x) = stack[z](y + dy, x + dx)``, pre-alignment included.
+``params``
+    0-d unicode array with the JSON of :meth:`AlignParams.to_dict` (``"{}"`` if unknown).
+``flags``
+    unicode array, shape (Z,): per-section flags (``""``, ``"blank"``, ...).
+optional extras
+    e.g. ``ncc_before`` / ``ncc_after``, shape (Z,), float64.
+
+Nothing is ever unpickled: files are read with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+_BIGTIFF_BYTES = 2**31 - 2**25  # leave headroom for tags/offsets below the 4 GB/2 GB limits
+
+
+def read_stack(path: str | os.PathLike, *, min_sections: int = 2) -> np.ndarray:
+    """Read a multi-page grayscale TIFF as a stack.
+
+    Parameters
+    ----------
+    path : str or PathLike
+    min_sections : int
+        Fewest sections accepted (alignment needs 2).
+
+    Returns
+    -------
+    ndarray, shape (Z, H, W)
+        The file's own dtype.
+
+    Raises
+    ------
+    InputError
+        Missing file, not a (readable) TIFF, a single 2D image, RGB, more than 3 dims,
+        too-small sections or non-finite values; the message says what is needed.
+    """
+    import tifffile
+
+    from .align import check_stack
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"Input file {str(p)!r} does not exist.")
+    if p.is_dir():
+        raise InputError(f"{str(p)!r} is a folder; give a multi-page TIFF file.")
+    try:
+        with tifffile.TiffFile(p) as tif:
+            series = tif.series[0] if tif.series else None
+            if series is None:
+                raise InputError(f"{str(p)!r} is a TIFF file without images.")
+            arr = series.asarray()
+            axes = str(series.axes)
+            photometric = getattr(series.pages[0], "photometric", None) if series.pages else None
+    except InputError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # tifffile raises many kinds (TiffFileError, ValueError, ...)
+        raise InputError(f"{str(p)!r} is not a readable TIFF file ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'no details'}).") from None
+    is_rgb = "S" in axes or (photometric is not None and int(photometric) == 2)  # 2 = RGB
+    if is_rgb:
+        raise InputError(f"{str(p)!r} holds RGB(A) images (shape {arr.shape}, axes {axes}); "
+                         "a grayscale stack of shape (Z, H, W) is needed. Convert it to "
+                         "grayscale first.")
+    if arr.ndim == 2:
+        raise InputError(f"{str(p)!r} holds a single 2D image of shape {arr.shape}; alignment "
+                         "needs a multi-page TIFF stack of shape (Z, H, W).")
+    if arr.ndim > 3:
+        squeezed = np.squeeze(arr)
+        if squeezed.ndim == 3:  # e.g. singleton channel/time axes from ImageJ hyperstacks
+            arr = squeezed
+        else:
+            raise InputError(f"{str(p)!r} holds an array of shape {arr.shape} (axes {axes}); "
+                             "a grayscale stack of shape (Z, H, W) is needed. Split channels "
+                             "or time points first.")
+    return check_stack(arr, name=f"stack in {p.name}", min_sections=min_sections)
+
+
+def write_stack(path: str | os.PathLike, arr: np.ndarray, *, compression: str | None = None
+                ) -> Path:
+    """Write a (Z, H, W) stack (or a 2D image) as a multi-page grayscale TIFF.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Parent folders are created.
+    arr : ndarray, shape (Z, H, W) or (H, W)
+        Any dtype tifffile supports; written as is (float32 stays float32).
+    compression : str, optional
+        e.g. ``"zlib"``; None writes uncompressed.
+
+    Returns
+    -------
+    Path
+    """
+    import tifffile
+
+    a = np.asarray(arr)
+    if a.dtype == bool:
+        a = a.astype(np.uint8)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    # minisblack: otherwise tifffile stores (3|4, H, W) stacks as one planar RGB(A) image.
+    tifffile.imwrite(p, a, photometric="minisblack", bigtiff=a.nbytes > _BIGTIFF_BYTES,
+                     compression=compression)
+    return p
+
+
+def _params_json(params: Any) -> str:
+    if params is None:
+        return "{}"
+    if isinstance(params, str):
+        json.loads(params)  # must be valid JSON
+        return params
+    if hasattr(params, "to_dict"):
+        params = params.to_dict()
+    return json.dumps(dict(params), sort_keys=True)
+
+
+def save_fields(path: str | os.PathLike, displacement: np.ndarray, params: Any = None,
+                flags: list[str] | None = None, **extra: np.ndarray) -> Path:
+    """Write displacement fields to a compressed ``.npz``.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Parent folders are created. ``numpy`` appends ``.npz`` if missing; the returned
+        path is the one actually written.
+    displacement : ndarray, shape (Z, 2, H, W)
+        (dy, dx) backward map in pixels; stored as float32.
+    params : AlignParams, dict or JSON str, optional
+    flags : list of str, optional
+        One per section.
+    **extra : ndarray
+        More arrays (numeric), e.g. ``ncc_before=..., ncc_after=...``.
+
+    Returns
+    -------
+    Path
+    """
+    disp = np.asarray(displacement, np.float32)
+    if disp.ndim != 4 or disp.shape[1] != 2:
+        raise InputError(f"Displacement has shape {disp.shape}; expected (Z, 2, H, W).")
+    flags = [str(f) for f in (flags or [])]
+    if flags and len(flags) != disp.shape[0]:
+        raise InputError(f"{len(flags)} flags given for {disp.shape[0]} sections.")
+    arrays: dict[str, np.ndarray] = {
+        "displacement": disp,
+        "params": np.array(_params_json(params)),
+        "flags": np.array(flags, dtype=str) if flags else np.zeros(0, dtype="<U1"),
+    }
+    for key, value in extra.items():
+        if value is None:
+            continue
+        if key in arrays:
+            raise ValueError(f"extra key {key!r} clashes with a standard field")
+        a = np.asarray(value)
+        if a.dtype == object:
+            raise ValueError(f"extra array {key!r} has dtype object; only plain arrays are "
+                             "stored (no pickles)")
+        arrays[key] = a
+    p = Path(path)
+    if p.suffix != ".npz":
+        p = p.with_name(p.name + ".npz")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(p, **arrays)
+    return p
+
+
+def load_fields(path: str | os.PathLike, *, with_extra: bool = False
+                ) -> tuple[np.ndarray, dict[str, Any] | None] | tuple[
+                    np.ndarray, dict[str, Any] | None, dict[str, np.ndarray]]:
+    """Read a fields file written by :func:`save_fields`, the CLI or the napari writer.
+
+    Parameters
+    ----------
+    path : str or PathLike
+    with_extra : bool
+        Also return every other array (``flags``, ``ncc_before``, ...) in a dict.
+
+    Returns
+    -------
+    displacement : ndarray, shape (Z, 2, H, W), float32
+    params : dict or None
+        None when the file has no (or empty) parameters.
+    extra : dict of str to ndarray
+        Only with ``with_extra=True``.
+
+    Raises
+    ------
+    InputError
+        Missing or corrupt file, no ``displacement`` key, wrong shape, bad params JSON.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"Fields file {str(p)!r} does not exist.")
+    extra: dict[str, np.ndarray] = {}
+    try:
+        with np.load(p, allow_pickle=False) as npz:
+            if not hasattr(npz, "files"):
+                raise InputError(f"{str(p)!r} is a single .npy array, not a fields .npz file "
+                                 "written by napari-ssemnet.")
+            if "displacement" not in npz.files:
+                raise InputError(f"{str(p)!r} has no 'displacement' array (it has: "
+                                 f"{', '.join(npz.files) or 'nothing'}); is it a fields file "
+                                 "written by napari-ssemnet?")
+            disp = np.asarray(npz["displacement"])
+            params_text = str(npz["params"]) if "params" in npz.files else ""
+            if with_extra:
+                extra = {k: np.asarray(npz[k]) for k in npz.files
+                         if k not in ("displacement", "params")}
+    except InputError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        # ValueError also covers "Object arrays cannot be loaded when allow_pickle=False".
+        raise InputError(f"{str(p)!r} is not a readable fields file ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'no details'}).") from None
+    if disp.ndim != 4 or disp.shape[1] != 2:
+        raise InputError(f"{str(p)!r}: displacement has shape {disp.shape}; expected "
+                         "(Z, 2, H, W).")
+    if not np.issubdtype(disp.dtype, np.floating):
+        raise InputError(f"{str(p)!r}: displacement has dtype {disp.dtype}; expected float.")
+    disp = disp.astype(np.float32, copy=False)
+    params: dict[str, Any] | None = None
+    if params_text:
+        try:
+            params = json.loads(params_text)
+        except json.JSONDecodeError:
+            raise InputError(f"{str(p)!r}: the stored parameters are not valid JSON.") from None
+        if not isinstance(params, dict):
+            raise InputError(f"{str(p)!r}: the stored parameters are not a JSON object.")
+        params = params or None
+    if with_extra:
+        return disp, params, extra
+    return disp, params
+
+
+def apply_displacement(stack: np.ndarray, displacement: np.ndarray, *, order: int = 1
+                       ) -> np.ndarray:
+    """Resample a stack through a backward displacement; the input is never modified.
+
+    Parameters
+    ----------
+    stack : ndarray, shape (Z, H, W)
+        Image or label stack.
+    displacement : ndarray, shape (Z, 2, H, W)
+        (dy, dx) backward map in pixels, as returned by ``align_stack`` or
+        :func:`load_fields`.
+    order : {0, 1}
+        1: bilinear, float32 output. 0: nearest neighbour, keeps the dtype (use for labels;
+        no mixed label values appear).
+
+    Returns
+    -------
+    ndarray, shape (Z, H, W)
+        0 where the sample point falls outside the section.
+    """
+    import torch
+
+    from .warp import warp_image
+
+    if order not in (0, 1):
+        raise InputError(f"order must be 0 (nearest) or 1 (bilinear), got {order!r}.")
+    src = np.asarray(stack)
+    disp = np.asarray(displacement)
+    if src.ndim != 3 or disp.shape != (src.shape[0], 2, *src.shape[1:]):
+        raise InputError(f"Fields of shape {disp.shape} do not fit a stack of shape "
+                         f"{src.shape}; they must be (Z, 2, H, W) for a (Z, H, W) stack.")
+    if not (src.dtype == bool or np.issubdtype(src.dtype, np.integer)
+            or np.issubdtype(src.dtype, np.floating)):
+        raise InputError(f"Cannot resample a stack of dtype {src.dtype}.")
+    mode = "bilinear" if order == 1 else "nearest"
+    out_dtype = np.float32 if order == 1 else src.dtype
+    out = np.zeros(src.shape, out_dtype)
+    # float32 represents integers exactly only up to 2**24; nearest sampling of big label ids
+    # therefore goes through an index image instead of the values themselves.
+    exact = order == 1 or src.dtype.itemsize <= 2 or src.dtype == bool
+    for z in range(src.shape[0]):
+        d = torch.from_numpy(np.ascontiguousarray(disp[z], np.float32))
+        if exact:
+            img = torch.from_numpy(np.ascontiguousarray(src[z], np.float32))
+            warped, ok = warp_image(img, d, mode=mode)
+            w = warped.numpy()
+            if order == 0:
+                w = np.rint(w)
+            w[~ok.numpy()] = 0
+            out[z] = w.astype(out_dtype, copy=False)
+        else:
+            h, wd = src.shape[1:]
+            idx = torch.arange(h * wd, dtype=torch.float64).reshape(h, wd)
+            # index values up to 2**24 are exact in float32; split larger images in two
+            hi, lo = torch.div(idx, 4096, rounding_mode="floor"), torch.remainder(idx, 4096)
+            w_hi, ok = warp_image(hi.float(), d, mode="nearest")
+            w_lo, _ = warp_image(lo.float(), d, mode="nearest")
+            flat = (np.rint(w_hi.numpy()).astype(np.int64) * 4096
+                    + np.rint(w_lo.numpy()).astype(np.int64))
+            vals = src[z].reshape(-1)[np.clip(flat, 0, h * wd - 1)]
+            vals[~ok.numpy()] = 0
+            out[z] = vals
+    return out

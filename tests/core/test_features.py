@@ -1,0 +1,140 @@
+"""core.features: the CAE, secure weight loading and training."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from emtools import em
+
+from napari_ssemnet.core.align import Progress
+from napari_ssemnet.core.errors import WeightsError
+from napari_ssemnet.core.features import (
+    CAE,
+    load_weights,
+    save_weights,
+    shipped_weights_path,
+    train_encoder,
+)
+
+
+class _Evil:
+    """Unpickling this would create ``marker`` (if the loader executed pickled code)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_encode_shape():
+    model = CAE().eval()
+    with torch.no_grad():
+        f = model.encode(torch.zeros(2, 1, 32, 48))
+        y = model(torch.zeros(2, 1, 32, 48))
+    assert f.shape == (2, 16, 16, 24)
+    assert y.shape == (2, 1, 32, 48)
+    with pytest.raises(ValueError, match="B, 1, H, W"):
+        model.encode(torch.zeros(2, 3, 32, 48))
+
+
+def test_save_load_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = CAE().eval()
+    path = save_weights(model, tmp_path / "sub" / "w.pt", info={"note": "test"})
+    back = load_weights(path)
+    x = torch.randn(1, 1, 40, 40)
+    with torch.no_grad():
+        assert torch.equal(model.encode(x), back.encode(x))
+    assert back.info == {"note": "test"}
+    assert not back.training
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_weights(tmp_path / "nope.pt")
+
+
+def test_random_bytes(tmp_path):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(WeightsError, match="not a readable napari-ssemnet weights file"):
+        load_weights(path)
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_malicious_pickle_is_not_executed(tmp_path, writer):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    payload = {"format": "napari-ssemnet-cae", "arch_version": 1, "width": 16,
+               "state_dict": {}, "info": _Evil(marker)}
+    if writer == "pickle":
+        path.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, path)
+    assert not marker.exists()
+    with pytest.raises(WeightsError, match="not a readable"):
+        load_weights(path)
+    assert not marker.exists()  # the pickled callable never ran
+
+
+def test_wrong_format_dict(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(WeightsError, match="not a napari-ssemnet encoder weights file"):
+        load_weights(path)
+    torch.save(CAE().state_dict(), path)  # a bare state dict is not our format either
+    with pytest.raises(WeightsError, match="not a napari-ssemnet"):
+        load_weights(path)
+
+
+def test_wrong_architecture(tmp_path):
+    path = tmp_path / "w.pt"
+    save_weights(CAE(8), path)
+    payload = torch.load(path, weights_only=True)
+    payload["width"] = 16  # claims 16 channels, holds 8
+    torch.save(payload, path)
+    with pytest.raises(WeightsError, match="does not match the encoder architecture"):
+        load_weights(path)
+    payload["arch_version"] = 99
+    torch.save(payload, path)
+    with pytest.raises(WeightsError, match="version"):
+        load_weights(path)
+
+
+def test_shipped_weights_load():
+    path = shipped_weights_path()
+    assert path.is_file(), path
+    model = load_weights(path)
+    assert isinstance(model, CAE)
+    with torch.no_grad():
+        f = model.encode(torch.randn(1, 1, 64, 64))
+    assert f.shape == (1, model.width, 32, 32) and torch.isfinite(f).all()
+
+
+def _train(seed: int, steps: int = 5):
+    stack = em(slice(0, 2), 96)
+    gen = train_encoder([stack], steps=steps, batch=4, patch=32, seed=seed, device="cpu")
+    events = []
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as stop:
+            return events, stop.value
+
+
+def test_train_encoder_runs_and_is_deterministic():
+    events, model = _train(0)
+    assert isinstance(model, CAE) and not model.training
+    assert events and all(isinstance(e, Progress) for e in events)
+    assert events[-1].step == events[-1].total == 5
+    assert "train_loss" in model.info
+    _, again = _train(0)
+    _, other = _train(1)
+    a, b, c = model.state_dict(), again.state_dict(), other.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

@@ -1,0 +1,158 @@
+"""core.io: TIFF stacks, NPZ fields and re-applying fields."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_ssemnet.core.errors import InputError
+from napari_ssemnet.core.io import (
+    apply_displacement,
+    load_fields,
+    read_stack,
+    save_fields,
+    write_stack,
+)
+from napari_ssemnet.core.params import AlignParams
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_tiff_round_trip(tmp_path, dtype):
+    arr = (np.random.default_rng(0).random((3, 40, 50)) * 200).astype(dtype)
+    path = write_stack(tmp_path / "new" / "dir" / "s.tif", arr)
+    back = read_stack(path)
+    assert back.dtype == dtype
+    np.testing.assert_array_equal(back, arr)
+
+
+def test_three_section_stack_is_not_written_as_rgb(tmp_path):
+    arr = np.random.default_rng(1).integers(0, 255, (3, 48, 48)).astype(np.uint8)
+    path = write_stack(tmp_path / "s.tif", arr)
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.pages) == 3
+    np.testing.assert_array_equal(read_stack(path), arr)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        read_stack(tmp_path / "nope.tif")
+
+
+def test_not_a_tiff(tmp_path):
+    path = tmp_path / "x.tif"
+    path.write_text("this is not an image")
+    with pytest.raises(InputError, match="not a readable TIFF"):
+        read_stack(path)
+
+
+def test_truncated_tiff(tmp_path):
+    path = write_stack(tmp_path / "s.tif", np.zeros((4, 64, 64), np.uint8) + 7)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="not a readable TIFF"):
+        read_stack(path)
+
+
+def test_rgb_tiff(tmp_path):
+    path = tmp_path / "rgb.tif"
+    tifffile.imwrite(path, np.zeros((3, 64, 64, 3), np.uint8))
+    with pytest.raises(InputError, match="RGB") as info:
+        read_stack(path)
+    assert "grayscale" in str(info.value)
+
+
+def test_single_image_and_4d(tmp_path):
+    tifffile.imwrite(tmp_path / "one.tif", np.zeros((64, 64), np.uint8))
+    with pytest.raises(InputError, match=r"single 2D image of shape \(64, 64\)"):
+        read_stack(tmp_path / "one.tif")
+    tifffile.imwrite(tmp_path / "4d.tif", np.zeros((2, 3, 64, 64), np.uint8),
+                     photometric="minisblack")
+    with pytest.raises(InputError, match=r"\(2, 3, 64, 64\).*\(Z, H, W\)"):
+        read_stack(tmp_path / "4d.tif")
+
+
+def test_nan_stack_is_refused(tmp_path):
+    arr = np.zeros((2, 64, 64), np.float32)
+    arr[1, 3, 3] = np.nan
+    write_stack(tmp_path / "nan.tif", arr)
+    with pytest.raises(InputError, match="NaN"):
+        read_stack(tmp_path / "nan.tif")
+
+
+def test_fields_round_trip_with_params_flags_and_extras(tmp_path):
+    disp = np.random.default_rng(2).normal(size=(3, 2, 20, 24)).astype(np.float32)
+    params = AlignParams(grid_spacing=32, prealign="affine")
+    path = save_fields(tmp_path / "sub" / "f.npz", disp, params=params,
+                       flags=["", "blank", ""], ncc_before=np.array([0.1, np.nan, 0.2]),
+                       ncc_after=np.array([0.3, np.nan, 0.4]))
+    back, p = load_fields(path)
+    np.testing.assert_array_equal(back, disp)
+    assert back.dtype == np.float32
+    assert AlignParams.from_dict(p) == params
+    back2, p2, extra = load_fields(path, with_extra=True)
+    assert extra["flags"].tolist() == ["", "blank", ""]
+    np.testing.assert_array_equal(extra["ncc_after"], [0.3, np.nan, 0.4])
+    # the raw file layout other tools rely on: plain arrays, params as a JSON string
+    with np.load(path, allow_pickle=False) as npz:
+        assert set(npz.files) >= {"displacement", "params", "flags"}
+        assert json.loads(str(npz["params"]))["grid_spacing"] == 32
+    # dict params and no params
+    _, p3 = load_fields(save_fields(tmp_path / "g.npz", disp, params={"window": 1}))
+    assert p3 == {"window": 1}
+    _, p4 = load_fields(save_fields(tmp_path / "h.npz", disp))
+    assert p4 is None
+
+
+def test_load_fields_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_fields(tmp_path / "nope.npz")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04 definitely not a zip")
+    with pytest.raises(InputError, match="not a readable fields file"):
+        load_fields(bad)
+    np.savez(tmp_path / "other.npz", image=np.zeros((2, 3)))
+    with pytest.raises(InputError, match="no 'displacement'"):
+        load_fields(tmp_path / "other.npz")
+    np.savez(tmp_path / "shape.npz", displacement=np.zeros((2, 3, 4, 4), np.float32))
+    with pytest.raises(InputError, match=r"\(Z, 2, H, W\)"):
+        load_fields(tmp_path / "shape.npz")
+    obj = np.empty(2, dtype=object)
+    np.savez(tmp_path / "obj.npz", displacement=obj)
+    with pytest.raises(InputError, match="not a readable fields file"):
+        load_fields(tmp_path / "obj.npz")  # never unpickles
+
+
+def test_apply_displacement_bilinear_and_input_untouched():
+    stack = (np.arange(2 * 30 * 40) % 251).reshape(2, 30, 40).astype(np.uint8)
+    before = stack.copy()
+    disp = np.zeros((2, 2, 30, 40), np.float32)
+    disp[1, 0], disp[1, 1] = 2.0, -3.0
+    out = apply_displacement(stack, disp)
+    np.testing.assert_array_equal(stack, before)
+    assert out.dtype == np.float32 and out.shape == stack.shape
+    np.testing.assert_allclose(out[0], stack[0], atol=2e-3)  # float32 grid maths
+    np.testing.assert_allclose(out[1, :-2, 3:], stack[1, 2:, :-3], atol=2e-3)
+    assert (out[1, -2:] == 0).all() and (out[1, :, :3] == 0).all()
+
+
+@pytest.mark.parametrize("dtype, big", [(np.uint16, 300), (np.int32, 2**30 + 7),
+                                        (np.uint8, 255)])
+def test_apply_displacement_nearest_keeps_labels(dtype, big):
+    labels = np.zeros((2, 40, 40), dtype)
+    labels[:, 5:20, 5:25] = 7
+    labels[:, 22:35, 10:30] = big
+    disp = np.random.default_rng(3).normal(0, 1.5, (2, 2, 40, 40)).astype(np.float32)
+    out = apply_displacement(labels, disp, order=0)
+    assert out.dtype == dtype
+    assert set(np.unique(out).tolist()) <= {0, 7, big}
+    assert (out == big).sum() > 100
+
+
+def test_apply_displacement_shape_mismatch():
+    with pytest.raises(InputError, match=r"\(3, 2, 20, 20\).*\(2, 20, 20\)"):
+        apply_displacement(np.zeros((2, 20, 20)), np.zeros((3, 2, 20, 20), np.float32))
+    with pytest.raises(InputError, match="order"):
+        apply_displacement(np.zeros((2, 20, 20)), np.zeros((2, 2, 20, 20)), order=3)

@@ -1,0 +1,83 @@
+"""core.metrics: NCC, normalisation and blank detection, local error maps."""
+
+from __future__ import annotations
+
+import numpy as np
+from emtools import em
+
+from napari_ssemnet.core import metrics
+
+
+def test_ncc_identical_negated_masked_and_flat():
+    a = em(slice(0, 1), 128)[0].astype(np.float32)
+    assert abs(metrics.ncc(a, a) - 1) < 1e-9
+    assert abs(metrics.ncc(a, -a) + 1) < 1e-9
+    assert abs(metrics.ncc(a, 3 * a + 7) - 1) < 1e-9  # gain and offset do not matter
+    b = a.copy()
+    b[:, 64:] = np.random.default_rng(0).random((128, 64))
+    mask = np.zeros(a.shape, bool)
+    mask[:, :64] = True
+    assert abs(metrics.ncc(a, b, mask) - 1) < 1e-9 and metrics.ncc(a, b) < 0.9
+    assert np.isnan(metrics.ncc(a, np.ones_like(a)))
+    assert np.isnan(metrics.ncc(a, a, np.zeros(a.shape, bool)))
+
+
+def test_real_neighbours_correlate_weakly():
+    s = em(slice(0, 2), 256).astype(np.float32)
+    assert 0.1 < metrics.ncc(s[0], s[1]) < 0.6  # real sections differ (about 50 nm apart)
+
+
+def test_normalise_stack_flags_constant_and_noise_sections():
+    real = em(slice(0, 2), 128)
+    noise = np.random.default_rng(1).integers(0, 256, (128, 128)).astype(np.uint8)
+    stack = np.stack([real[0], np.full((128, 128), 90, np.uint8), noise, real[1]])
+    before = stack.copy()
+    norm, blank = metrics.normalise_stack(stack)
+    np.testing.assert_array_equal(stack, before)  # input untouched
+    assert blank.tolist() == [False, True, True, False]
+    assert norm.dtype == np.float32 and norm.shape == stack.shape
+    assert (norm[1] == 0).all() and (norm[2] == 0).all()
+    for z in (0, 3):
+        assert abs(norm[z].mean()) < 1e-3 and abs(norm[z].std() - 1) < 1e-2
+        assert np.abs(norm[z]).max() <= 4.0
+
+
+def test_dark_section_is_not_blank():
+    real = em(slice(0, 2), 128)
+    dark = (real[1] // 8).astype(np.uint8)  # 8x darker, still structured
+    _norm, blank = metrics.normalise_stack(np.stack([real[0], dark]))
+    assert not blank.any()
+
+
+def test_local_ncc_error_shape_and_range():
+    s = em(slice(0, 3), 96).astype(np.float32)
+    stack = np.stack([s[0], s[0], s[1]])
+    err = metrics.local_ncc_error(stack, sigma=4.0)
+    assert err.shape == stack.shape and err.dtype == np.float32
+    assert err.min() >= 0.0 and err.max() <= 2.0
+    assert err[1].mean() < 1e-3  # section 1 equals section 0
+    assert err[2].mean() > 0.3
+    valid = np.ones(stack.shape, bool)
+    valid[2, :10] = False
+    err_v = metrics.local_ncc_error(stack, valid, sigma=4.0)
+    assert (err_v[2, :10] == 0).all()
+    blank_skip = metrics.local_ncc_error(stack, sigma=4.0, blank=np.array([False, True, False]))
+    assert (blank_skip[1] == 0).all()
+
+
+def test_adjacent_ncc_skips_blank_sections():
+    a = em(slice(0, 1), 96)[0].astype(np.float32)
+    noise = np.random.default_rng(2).random(a.shape).astype(np.float32)
+    stack = np.stack([a, noise, a, a])
+    out = metrics.adjacent_ncc(stack, None, np.array([True, False, True, True]))
+    assert out.shape == (4,) and np.isnan(out[1])
+    np.testing.assert_allclose(out[[0, 2, 3]], 1.0, atol=1e-9)  # 0 pairs with 2 across 1
+    plain = metrics.adjacent_ncc(stack, None)
+    assert plain[0] < 0.5
+
+
+def test_field_stats_of_constant_field():
+    disp = np.zeros((2, 2, 8, 8), np.float32)
+    disp[:, 0], disp[:, 1] = 3.0, 4.0
+    stats = metrics.field_stats(disp)
+    assert stats["median"] == 5.0 and stats["max"] == 5.0

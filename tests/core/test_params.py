@@ -1,0 +1,63 @@
+"""core.params: AlignParams validation and JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from napari_ssemnet.core.params import AlignParams, ParameterError, knobs
+
+
+def test_defaults_validate_and_round_trip_json():
+    p = AlignParams()
+    p.validate()
+    assert AlignParams.from_json(p.to_json()) == p
+    q = p.replace(grid_spacing=32, prealign="affine", smoothness=2.5, weights="w.pt",
+                  features="custom")
+    back = AlignParams.from_json(q.to_json())
+    assert back == q and back.grid_spacing == 32 and back.features == "custom"
+    assert AlignParams.from_dict(q.to_dict()) == q
+
+
+def test_knobs_cover_every_field_with_help():
+    names = [f.name for f in knobs()]
+    assert names == [f.name for f in dataclasses.fields(AlignParams)]
+    for f in knobs():
+        assert f.metadata["help"], f.name
+        if f.metadata.get("choices"):
+            assert f.default in f.metadata["choices"]
+
+
+def test_int_for_float_is_accepted():
+    p = AlignParams(smoothness=2)
+    assert p.smoothness == 2.0 and isinstance(p.smoothness, float)
+
+
+@pytest.mark.parametrize("changes, name", [
+    ({"grid_spacing": -8}, "grid_spacing"),
+    ({"grid_spacing": 1}, "grid_spacing"),
+    ({"prealign": "similarity"}, "prealign"),
+    ({"features": "custom"}, "weights"),
+    ({"iterations": 1.5}, "iterations"),
+    ({"levels": True}, "levels"),
+    ({"loss_drop": 0.95}, "loss_drop"),
+    ({"device": "tpu"}, "device"),
+    ({"window": "2"}, "window"),
+])
+def test_bad_values_name_the_field(changes, name):
+    with pytest.raises(ParameterError, match=name):
+        AlignParams().replace(**changes)
+    with pytest.raises(ParameterError, match=name):
+        AlignParams(**changes)
+
+
+def test_unknown_key_in_replace_and_from_json():
+    with pytest.raises(ParameterError, match="gridspacing"):
+        AlignParams().replace(gridspacing=32)
+    with pytest.raises(ParameterError, match="bogus"):
+        AlignParams.from_json('{"bogus": 1}')
+
+
+def test_parameter_error_is_a_value_error():
+    assert issubclass(ParameterError, ValueError)

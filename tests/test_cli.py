@@ -1,0 +1,183 @@
+"""The napari-ssemnet command line (in-process via cli.main, plus real subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_ssemnet import __version__, cli
+from napari_ssemnet.core.features import CAE, load_weights
+from napari_ssemnet.core.io import load_fields, read_stack, write_stack
+from napari_ssemnet.core.params import AlignParams, knobs
+from napari_ssemnet.core.sample import load_sample
+
+TINY = ["--iterations", "5", "--levels", "1", "--features", "pixels", "--prealign",
+        "translation", "--grid-spacing", "32", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_tif(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "tiny.tif"
+    write_stack(path, load_sample(misaligned=True)[:4, 100:196, 100:196])
+    return path
+
+
+def _exe() -> list[str]:
+    found = shutil.which("napari-ssemnet")
+    return [found] if found else [sys.executable, "-m", "napari_ssemnet.cli"]
+
+
+def test_every_param_has_an_option_with_the_same_default():
+    parser = cli.build_parser()
+    sub = parser._subparsers._group_actions[0].choices["align"]
+    options = {a.dest: a for a in sub._actions}
+    for f in knobs():
+        action = options[f.name]
+        assert cli.option_name(f.name) in action.option_strings
+        assert f"(default: {f.default if f.default != '' else repr('')})" in action.help
+        if f.metadata.get("choices"):
+            assert list(action.choices) == list(f.metadata["choices"])
+    # nothing given -> exactly AlignParams(); each option parsed from its own default text
+    args = parser.parse_args(["align", "in.tif", "-o", "out.tif"])
+    assert cli.params_from_args(args) == AlignParams()
+    argv = ["align", "in.tif", "-o", "out.tif"]
+    for f in knobs():
+        if f.default != "":
+            argv += [cli.option_name(f.name), str(f.default)]
+    assert cli.params_from_args(parser.parse_args(argv)) == AlignParams()
+
+
+def test_align_writes_tiff_and_fields(tiny_tif, tmp_path, capsys):
+    out, fields = tmp_path / "a" / "al.tif", tmp_path / "f.npz"
+    code = cli.main(["align", str(tiny_tif), "-o", str(out), "--fields", str(fields),
+                     "--smoothness", "2.5", "--neighbour-decay", "0.25", *TINY])
+    assert code == 0
+    stack = read_stack(tiny_tif)
+    aligned = read_stack(out)
+    assert aligned.shape == stack.shape and aligned.dtype == stack.dtype
+    disp, params = load_fields(fields)
+    assert disp.shape == (4, 2, 96, 96) and disp.dtype == np.float32
+    expected = AlignParams(iterations=5, levels=1, features="pixels", prealign="translation",
+                           grid_spacing=32, device="cpu", smoothness=2.5, neighbour_decay=0.25)
+    assert params == expected.to_dict()
+    _, _, extra = load_fields(fields, with_extra=True)
+    assert extra["flags"].shape == (4,) and extra["ncc_after"].shape == (4,)
+    text = capsys.readouterr().out
+    assert "mean adjacent NCC" in text
+
+
+def test_params_file_is_loaded_and_overridden(tiny_tif, tmp_path):
+    pfile = tmp_path / "p.json"
+    pfile.write_text(AlignParams(window=1, grid_spacing=48).to_json())
+    args = cli.build_parser().parse_args(["align", "x.tif", "-o", "y.tif", "--params",
+                                          str(pfile), "--grid-spacing", "40"])
+    p = cli.params_from_args(args)
+    assert p.window == 1 and p.grid_spacing == 40
+
+
+@pytest.mark.parametrize("argv_tail, words", [
+    (["missing.tif"], ["does not exist"]),
+    (["NOTTIFF"], ["not a readable TIFF"]),
+    (["TINY", "--grid-spacing", "-8"], ["grid_spacing"]),
+    (["TINY", "--reference", "9"], ["Reference section 9"]),
+    (["TINY", "--features", "custom"], ["weights"]),
+    ([], ["No input"]),
+])
+def test_bad_input_is_one_error_line(tiny_tif, tmp_path, capsys, argv_tail, words):
+    bad = tmp_path / "x.tif"
+    bad.write_text("hello")
+    tail = [{"NOTTIFF": str(bad), "TINY": str(tiny_tif),
+             "missing.tif": str(tmp_path / "missing.tif")}.get(a, a) for a in argv_tail]
+    code = cli.main(["align", *tail, "-o", str(tmp_path / "o.tif"), *TINY[:2]])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0]
+    assert not (tmp_path / "o.tif").exists()
+
+
+def test_align_sample_default_output(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["align", "--sample", "--fields", "s.npz", *TINY])
+    assert code == 0
+    aligned = read_stack(tmp_path / cli.SAMPLE_OUTPUT)
+    assert aligned.shape == (8, 320, 320) and aligned.dtype == np.uint8
+    assert load_fields(tmp_path / "s.npz")[0].shape == (8, 2, 320, 320)
+
+
+def test_ctrl_c_cancels_with_exit_130(tiny_tif, tmp_path, monkeypatch, capsys):
+    import napari_ssemnet.core.align as core_align
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(core_align, "align_stack", interrupted)
+    code = cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "o.tif"), *TINY])
+    assert code == 130 and "cancelled" in capsys.readouterr().err
+    assert not (tmp_path / "o.tif").exists()
+
+
+def test_progress_printer_tty_and_pipe():
+    import io
+
+    from napari_ssemnet.core.align import Progress
+
+    pipe = io.StringIO()
+    p = cli.ProgressPrinter(pipe, tty=False)
+    for i in range(50):
+        p(Progress("fit level 1/1", i + 1, 50, "loss"))
+    p(Progress("render", 1, 2))
+    p.close()
+    assert pipe.getvalue().splitlines() == ["fit level 1/1: loss", "render"]
+    term = io.StringIO()
+    t = cli.ProgressPrinter(term, tty=True)
+    for i in range(1000):  # fast events are throttled to ~10 redraws a second
+        t(Progress("fit", i + 1, 1000))
+    t.close()
+    text = term.getvalue()
+    assert "\r" in text and text.count("\r") < 50 and "1000/1000" in text
+
+
+def test_train_features_writes_loadable_weights(tiny_tif, tmp_path, capsys):
+    out = tmp_path / "w" / "enc.pt"
+    code = cli.main(["train-features", str(tiny_tif), "-o", str(out), "--steps", "3",
+                     "--device", "cpu", "-q"])
+    assert code == 0
+    model = load_weights(out)
+    assert isinstance(model, CAE)
+    assert "tiny.tif sha256:" in model.info["inputs"]
+    assert model.info["steps"] == "3"
+    # and it can be used for alignment straight away
+    code = cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "o.tif"),
+                     *TINY[:4], "--features", "custom", "--weights", str(out), "-q"])
+    assert code == 0
+
+
+def test_subprocess_version_and_align(tiny_tif, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    res = subprocess.run([*_exe(), "--version"], capture_output=True, text=True, timeout=60,
+                         env=env)
+    assert res.returncode == 0 and res.stdout.strip() == f"napari-ssemnet {__version__}"
+    out, fields = tmp_path / "al.tif", tmp_path / "f.npz"
+    res = subprocess.run([*_exe(), "align", str(tiny_tif), "-o", str(out), "--fields",
+                          str(fields), *TINY], capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert res.returncode == 0, res.stderr
+    assert read_stack(out).shape == (4, 96, 96)
+    disp, params = load_fields(fields)
+    assert disp.shape == (4, 2, 96, 96) and params["iterations"] == 5
+    assert "prealign" in res.stderr  # one line per stage when stderr is not a terminal
+    bad = subprocess.run([*_exe(), "align", str(tmp_path / "nope.tif"), "-o", str(out)],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().startswith("error:") and json.dumps(bad.stderr).count("\\n") == 1
