@@ -204,10 +204,11 @@ def test_consistent_under_known_translation_of_real_neighbours():
     med = [float(np.median(err[z][keep[z]])) for z in range(1, 4)]
     p95 = [float(np.percentile(err[z][keep[z]], 95)) for z in range(1, 4)]
     print("consistency median", med, "p95", p95)
-    # measured on a 2-core CPU: median 0.38 / 1.55 / 1.58 px, p95 0.59 / 1.88 / 1.99 px
-    # (0.04 / 0.24 / 0.28 and 0.08 / 0.42 / 0.48 with the core of commit e134636)
-    assert max(med) < 2.5, med
-    assert max(p95) < 3.5, p95
+    # measured (2-core CPU, default parameters): median 0.09 / 0.23 / 0.27 px,
+    # p95 1.44 / 0.39 / 0.46 px. Real neighbours differ, so the fit is not unique to the
+    # sub-pixel; the bounds leave room for that without letting a broken fit through.
+    assert max(med) < 0.75, med
+    assert max(p95) < 2.5, p95
 
 
 def test_blank_section_in_the_middle_is_flagged_and_bridged():

@@ -51,6 +51,10 @@ class SectionResult:
     aligned : ndarray, shape (H, W), float32
     displacement : ndarray, shape (2, H, W), float32 (dy, dx)
     valid : ndarray, shape (H, W), bool
+    flag : str
+    ncc_before, ncc_after : float
+        Mean NCC with the adjacent sections before and after (set by
+        :func:`iter_align_section`; NaN in full runs, whose result holds them).
     """
 
     z: int
@@ -58,6 +62,8 @@ class SectionResult:
     displacement: np.ndarray
     valid: np.ndarray
     flag: str = FLAG_OK
+    ncc_before: float = float("nan")
+    ncc_after: float = float("nan")
 
 
 @dataclass
@@ -298,3 +304,189 @@ def iter_align_stack(
     return AlignmentResult(aligned=aligned, displacement=displacement, valid=valid,
                            ncc_before=ncc_before, ncc_after=ncc_after, flags=flags,
                            params=params, timings=timings, device=str(device))
+
+
+def align_section(stack: np.ndarray, z: int, params: AlignParams | None = None, *,
+                  previous_displacement: np.ndarray | None = None,
+                  progress: ProgressCallback | None = None,
+                  should_stop: StopCallback | None = None, encoder: Any = None,
+                  **overrides: Any) -> SectionResult:
+    """Align one section against its neighbours; see :func:`iter_align_section`."""
+    gen = iter_align_section(stack, z, params, previous_displacement=previous_displacement,
+                             should_stop=should_stop, encoder=encoder, **overrides)
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(event)
+
+
+def iter_align_section(
+    stack: np.ndarray,
+    z: int,
+    params: AlignParams | None = None,
+    *,
+    previous_displacement: np.ndarray | None = None,
+    should_stop: StopCallback | None = None,
+    encoder: Any = None,
+    **overrides: Any,
+) -> Generator[Progress, None, SectionResult]:
+    """Align section ``z`` alone against its neighbours within ``params.window``.
+
+    Used for a quick preview before a full run, and to re-align one section with changed
+    parameters after it.
+
+    Parameters
+    ----------
+    stack : array_like, shape (Z, H, W)
+        Never modified.
+    z : int
+        Section to align.
+    previous_displacement : ndarray, shape (Z, 2, H, W), optional
+        A full run's result: the neighbours are held where it put them and section ``z`` is
+        aligned onto them. Without it the neighbours stay as they are in ``stack``.
+
+    Returns
+    -------
+    SectionResult
+        With ``ncc_before`` (as the section was: raw, or per ``previous_displacement``) and
+        ``ncc_after``.
+    """
+    import torch
+
+    from . import fit, metrics, prealign, warp
+    from .device import pick_device
+    from .features import load_feature_extractor
+
+    params = (params or AlignParams()).replace(**overrides) if overrides else (
+        params or AlignParams())
+    arr = check_stack(stack)
+    z_count, h, w = arr.shape
+    if not 0 <= z < z_count:
+        raise InputError(f"Section {z} is out of range; the stack has sections 0 to "
+                         f"{z_count - 1}.")
+    if previous_displacement is not None:
+        previous_displacement = np.asarray(previous_displacement, np.float32)
+        if previous_displacement.shape != (z_count, 2, h, w):
+            raise InputError(f"The previous displacement has shape "
+                             f"{previous_displacement.shape}; this stack needs "
+                             f"{(z_count, 2, h, w)}.")
+    device = pick_device(params.device)
+    torch.manual_seed(params.seed)
+
+    def stop_check() -> None:
+        if should_stop is not None and should_stop():
+            raise AlignmentCancelled("Alignment cancelled.")
+
+    lo, hi = max(0, z - params.window), min(z_count, z + params.window + 1)
+    local = z - lo
+    sub = arr[lo:hi]
+    norm, blank = metrics.normalise_stack(sub)
+    yield Progress("prepare", 0, 1, f"section {z}: {hi - lo - 1} neighbours", section=z)
+    src = torch.from_numpy(np.ascontiguousarray(arr[z], dtype=np.float32)).to(device)
+
+    def neighbours_state(disp_z: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+        """Section z (aligned by disp_z, or raw) and its neighbours as they are held."""
+        imgs = np.empty((hi - lo, h, w), np.float32)
+        ok = np.ones((hi - lo, h, w), bool)
+        for i in range(hi - lo):
+            d = disp_z if i == local else (
+                None if previous_displacement is None
+                else torch.from_numpy(previous_displacement[lo + i]).to(device))
+            if d is None:
+                imgs[i] = arr[lo + i]
+            else:
+                im, v = warp.warp_image(torch.from_numpy(
+                    np.ascontiguousarray(arr[lo + i], dtype=np.float32)).to(device), d)
+                imgs[i], ok[i] = im.cpu().numpy(), v.cpu().numpy()
+        return imgs, ok
+
+    def mean_adjacent_ncc(imgs: np.ndarray, ok: np.ndarray) -> float:
+        vals = [metrics.ncc(imgs[local], imgs[j], ok[local] & ok[j])
+                for j in (local - 1, local + 1) if 0 <= j < hi - lo and not blank[j]]
+        vals = [v for v in vals if np.isfinite(v)]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    before_disp = (None if previous_displacement is None
+                   else torch.from_numpy(previous_displacement[z]).to(device))
+    ncc_before = mean_adjacent_ncc(*neighbours_state(before_disp))
+    usable_nb = [i for i in range(hi - lo) if i != local and not blank[i]]
+    if blank[local] or not usable_nb:
+        disp = before_disp if before_disp is not None else torch.zeros(2, h, w, device=device)
+        img, ok = warp.warp_image(src, disp)
+        return SectionResult(z, img.cpu().numpy(), disp.cpu().numpy(), ok.cpu().numpy(),
+                             FLAG_BLANK if blank[local] else FLAG_NO_OVERLAP,
+                             ncc_before, float("nan"))
+
+    # neighbours as held, in the common (reference) frame
+    held = np.zeros((hi - lo, 1, h, w), np.float32)
+    held_ok = np.ones((hi - lo, 1, h, w), np.float32)
+    for i in usable_nb:
+        if previous_displacement is None:
+            held[i, 0] = norm[i]
+        else:
+            im, v = warp.warp_image(torch.from_numpy(norm[i]).to(device),
+                                    torch.from_numpy(previous_displacement[lo + i]).to(device))
+            held[i, 0], held_ok[i, 0] = im.cpu().numpy(), v.cpu().numpy()
+    anchor = min(usable_nb, key=lambda i: abs(i - local))
+    matrices = np.tile(np.eye(3), (hi - lo, 1, 1))
+    conf = float("inf")
+    if params.prealign != "none" and previous_displacement is not None:
+        # start from the global part of the previous result, so that re-aligning with the
+        # same parameters stays where the full run put the section
+        ys, xs = np.meshgrid(np.linspace(0, h - 1, 16), np.linspace(0, w - 1, 16),
+                             indexing="ij")
+        q = np.stack([ys.ravel(), xs.ravel()], 1)
+        iy, ix = q[:, 0].round().astype(int), q[:, 1].round().astype(int)
+        p = np.stack([iy, ix], 1) + previous_displacement[z][:, iy, ix].T
+        matrices[local] = prealign.fit_points(np.stack([iy, ix], 1).astype(float), p,
+                                              np.ones(len(q)), params.prealign)
+    elif params.prealign != "none":
+        k = prealign._work_factor(h, w)
+        with torch.no_grad():
+            pair = torch.from_numpy(np.stack([held[anchor, 0], norm[local]]))[:, None]
+            low = prealign._bandpass(torch.nn.functional.avg_pool2d(pair.to(device), k)
+                                     if k > 1 else pair.to(device))[:, 0]
+            matrices[local], conf = prealign.estimate_pair(
+                low[0], low[1], kind=params.prealign, k=k, max_rotation=params.max_rotation,
+                full_size=(h, w))
+    stop_check()
+    images = torch.from_numpy(held).to(device)
+    valid = torch.from_numpy(held_ok).to(device)
+    pre, pre_ok = fit.prewarp(norm[local:local + 1], matrices[local:local + 1], device)
+    images[local], valid[local] = pre[0], pre_ok[0]
+    extractor = encoder if encoder is not None else load_feature_extractor(params)
+    free = np.zeros(hi - lo, bool)
+    free[local] = True
+    fit_params = params.replace(reference=anchor)
+    init_grid = None
+    if previous_displacement is not None:
+        # keep the previous deformable part as the starting grid (v = L^-1 (q + d(q) - P q)
+        # at the nodes) and refine at full resolution only: the section is already close
+        gshape = warp.control_grid_shape((h, w), params.grid_spacing)
+        ny = np.linspace(0, h - 1, gshape[0])
+        nx = np.linspace(0, w - 1, gshape[1])
+        yy, xx = np.meshgrid(ny, nx, indexing="ij")
+        iy, ix = yy.round().astype(int), xx.round().astype(int)
+        target = np.stack([yy, xx]) + previous_displacement[z][:, iy, ix]
+        lin, t = matrices[local][:2, :2], matrices[local][:2, 2]
+        mapped = np.einsum("ij,jhw->ihw", lin, np.stack([yy, xx])) + t[:, None, None]
+        v = np.einsum("ij,jhw->ihw", np.linalg.inv(lin), target - mapped)
+        init_grid = torch.zeros(hi - lo, 2, *gshape)
+        init_grid[local] = torch.from_numpy(v.astype(np.float32))
+        fit_params = fit_params.replace(levels=1)
+    residual = yield from fit.fit_stack(
+        norm, matrices, blank=blank, free=free, params=fit_params, extractor=extractor,
+        device=device, should_stop=stop_check, prewarped=(images, valid), init_grid=init_grid)
+    disp = fit.full_displacement(residual, matrices, local, (h, w), device=device)
+    img, ok = warp.warp_image(src, disp)
+    ncc_after = mean_adjacent_ncc(*neighbours_state(disp))
+    flag = FLAG_OK
+    if ok.float().mean() < 0.25:
+        flag = FLAG_NO_OVERLAP
+    elif conf < prealign.MIN_CONFIDENCE:
+        flag = FLAG_LOW_CONFIDENCE
+    return SectionResult(z, img.cpu().numpy(), disp.cpu().numpy(), ok.cpu().numpy(), flag,
+                         ncc_before, ncc_after)

@@ -49,13 +49,15 @@ class AlignParams:
             "follows more local distortion (folds, cracks) but risks warping real tissue; "
             "larger is stiffer.", minimum=8, maximum=4096, step=8, label="grid spacing (px)")
     smoothness: float = _knob(
-        1.0, "Weight of the gradient penalty beta*||grad v||^2 on the deformation grid. Raise it "
-             "if the aligned tissue looks bent or squeezed; lower it if local distortions "
-             "remain.", minimum=0.0, maximum=1e4, step=0.1)
+        1.0, "Weight of the gradient penalty beta*||grad v||^2 on the deformation grid, relative "
+             "to the default. Raise it (e.g. 3-10) if the aligned tissue looks bent or squeezed "
+             "or neighbours look suspiciously identical; lower it (0.1-0.3) if local "
+             "distortions remain.", minimum=0.0, maximum=1e4, step=0.1)
     magnitude_penalty: float = _knob(
-        0.01, "Weight of the magnitude penalty alpha*||v||^2 on the deformable part (the global "
-              "pre-alignment is not penalised). Raise it to keep the deformable correction "
-              "small.", minimum=0.0, maximum=1e4, step=0.01, label="magnitude penalty")
+        1.0, "Weight of the magnitude penalty alpha*||v||^2 on the deformable part, relative to "
+             "the default (the global pre-alignment is not penalised). Raise it to keep the "
+             "deformable correction small.", minimum=0.0, maximum=1e4, step=0.1,
+        label="magnitude penalty")
     window: int = _knob(
         2, "How many neighbour sections on each side each section is matched to. 2 averages "
            "out the real differences between adjacent sections; 1 is closest to the paper.",

@@ -244,7 +244,8 @@ def warp_image(image: torch.Tensor, disp: torch.Tensor, *, mode: str = "bilinear
     pts = displacement_to_points(disp[None].to(torch.float32))
     src = image[None, None].to(torch.float32)
     out, ok = sample(src, pts, 1.0, mode=mode)
-    return out[0, 0], ok[0]
+    # exactly 0 outside (grid_sample's zero padding leaves rounding residue at the border)
+    return out[0, 0] * ok[0], ok[0]
 
 
 def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
