@@ -381,7 +381,8 @@ def ncc_error_layer_data(
         "colormap": "magma",
         "contrast_limits": error_contrast_limits(error),
         "blending": "additive",
-        "opacity": 0.6,
+        # subtle by default: the aligned tissue must stay readable underneath
+        "opacity": 0.35,
         "visible": visible,
         "metadata": metadata or result_metadata(ROLE_NCC_ERROR, source_name),
     }
@@ -396,21 +397,20 @@ def error_contrast_limits(error: np.ndarray) -> list[float]:
     values = sample[sample > 0]
     if values.size == 0:
         return [0.0, 1.0]
-    lo, hi = np.percentile(values, [50, 99])
+    lo, hi = np.percentile(values, [75, 99.5])
     return [float(lo), float(max(hi, lo + 0.1))]
 
 
 def local_ncc_error(aligned: np.ndarray, valid: np.ndarray | None = None, *,
-                    sigma: float = 8.0) -> np.ndarray:
-    """1 - local NCC of each section with its previous non-blank neighbour.
-
-    Uses :func:`napari_ssemnet.core.metrics.local_ncc_error` when the core provides it;
-    otherwise a small SciPy fallback with the same contract.
+                    flags: Sequence[str] | None = None, sigma: float = 8.0) -> np.ndarray:
+    """1 - local NCC of each section with its previous usable neighbour (core metric).
 
     Parameters
     ----------
     aligned : ndarray, shape (Z, H, W)
     valid : ndarray, shape (Z, H, W), bool, optional
+    flags : sequence of str, optional
+        Per-section flags; ``"blank"`` sections are skipped (their map is 0).
     sigma : float
         Gaussian window of the local statistics, in pixels.
 
@@ -419,45 +419,10 @@ def local_ncc_error(aligned: np.ndarray, valid: np.ndarray | None = None, *,
     ndarray, shape (Z, H, W), float32
         0 where invalid or where a section has no usable neighbour.
     """
-    try:
-        from .core.metrics import local_ncc_error as core_local_ncc_error
-    except ImportError:
-        core_local_ncc_error = None
-    if core_local_ncc_error is not None:
-        return np.asarray(core_local_ncc_error(aligned, valid, sigma=sigma), dtype=np.float32)
-    return _local_ncc_error_fallback(aligned, valid, sigma=sigma)
+    from .core.metrics import local_ncc_error as core_local_ncc_error
 
-
-def _local_ncc_error_fallback(aligned: np.ndarray, valid: np.ndarray | None, *,
-                              sigma: float) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
-
-    a = np.asarray(aligned, dtype=np.float32)
-    z_count = a.shape[0]
-    ok = np.ones(a.shape, bool) if valid is None else np.asarray(valid, bool)
-    blank = np.array([a[z][ok[z]].std() < 1e-6 if ok[z].any() else True for z in range(z_count)])
-    out = np.zeros(a.shape, np.float32)
-
-    def blur(x: np.ndarray) -> np.ndarray:
-        return gaussian_filter(x, sigma, mode="nearest")
-
-    for z in range(z_count):
-        if blank[z]:
-            continue
-        prev = [n for n in range(z - 1, -1, -1) if not blank[n]]
-        nxt = [n for n in range(z + 1, z_count) if not blank[n]]
-        partner = prev[0] if prev else (nxt[0] if nxt else None)
-        if partner is None:
-            continue
-        x, y = a[z], a[partner]
-        mx, my = blur(x), blur(y)
-        vx = blur(x * x) - mx * mx
-        vy = blur(y * y) - my * my
-        cxy = blur(x * y) - mx * my
-        ncc = cxy / np.sqrt(np.maximum(vx * vy, 1e-12))
-        both = ok[z] & ok[partner]
-        out[z] = np.where(both, 1.0 - np.clip(ncc, -1.0, 1.0), 0.0)
-    return out
+    blank = None if flags is None else np.array([f == "blank" for f in flags])
+    return core_local_ncc_error(aligned, valid, sigma=sigma, blank=blank)
 
 
 # --- viewer helpers (model only, no Qt) --------------------------------------------------

@@ -6,7 +6,6 @@ import importlib
 import sys
 
 import numpy as np
-import pytest
 from npe2 import PluginManifest
 
 
@@ -32,7 +31,6 @@ def test_widget_module_does_not_import_torch():
 
 
 def test_sample_data(make_napari_viewer):
-    pytest.importorskip("napari_ssemnet.core.sample", reason="core.sample not available yet")
     viewer = make_napari_viewer()
     layers = viewer.open_sample("napari-ssemnet", "em_misaligned")
     assert len(layers) == 1

@@ -123,26 +123,7 @@ def test_user_layer_with_result_name_is_left_alone(qtbot, viewer_widget, stack):
     assert ours is not mine and ours.data.shape == stack.shape
 
 
-def _fake_iter_align_section(stack, z, params=None, *, previous_displacement=None,
-                             should_stop=None, encoder=None):
-    """Stand-in with the promised signature, used only while the core lacks it."""
-    from napari_ssemnet.core.align import Progress, SectionResult
-
-    arr = np.asarray(stack, np.float32)
-    for i in range(3):
-        yield Progress("fit", i + 1, 3, "")
-    disp = np.full((2, *arr.shape[1:]), 0.5, np.float32)
-    sec = SectionResult(z, arr[z], disp, np.ones(arr.shape[1:], bool), "")
-    sec.ncc_before, sec.ncc_after = 0.2, 0.4
-    return sec
-
-
-def test_preview_then_realign(qtbot, viewer_widget, stack, monkeypatch):
-    from napari_ssemnet.core import align
-
-    if not hasattr(align, "iter_align_section"):  # core piece not landed yet
-        monkeypatch.setattr(align, "iter_align_section", _fake_iter_align_section,
-                            raising=False)
+def test_preview_then_realign(qtbot, viewer_widget, stack):
     viewer, widget = viewer_widget
     viewer.add_image(stack, name="em")
     set_fast(widget)

@@ -99,7 +99,7 @@ def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event
     try:
         result = yield from iter_align_stack(stack, params, should_stop=stop.is_set)
         yield Progress("metrics", 0, 1, "local NCC error map")
-        error = local_ncc_error(result.aligned, result.valid)
+        error = local_ncc_error(result.aligned, result.valid, flags=result.flags)
         yield Progress("metrics", 1, 1, "local NCC error map")
         return AlignOutcome(result, error)
     except AlignmentCancelled:
@@ -108,11 +108,9 @@ def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event
         return _failure(exc)
 
 
-def _adjacent_ncc(aligned: np.ndarray, valid: np.ndarray, flags: list[str]) -> np.ndarray | None:
-    try:
-        from ..core.metrics import adjacent_ncc
-    except ImportError:  # pragma: no cover - core always has it today
-        return None
+def _adjacent_ncc(aligned: np.ndarray, valid: np.ndarray, flags: list[str]) -> np.ndarray:
+    from ..core.metrics import adjacent_ncc
+
     usable = np.array([f in ("", "low_confidence") for f in flags])
     return adjacent_ncc(aligned, valid, usable)
 
@@ -155,13 +153,11 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
         result = None
         if base is not None:
             # neighbours' NCC changes too when z moves; recompute the whole curve
-            recomputed = _adjacent_ncc(aligned, valid, flags)
-            if recomputed is not None:
-                ncc_after = recomputed
+            ncc_after = _adjacent_ncc(aligned, valid, flags)
             result = dataclasses.replace(base, aligned=aligned, valid=valid,
                                          displacement=displacement, flags=flags,
                                          ncc_after=ncc_after, params=params)
-        error = local_ncc_error(aligned, valid)
+        error = local_ncc_error(aligned, valid, flags=flags)
         yield Progress("metrics", 1, 1, "local NCC error map")
         return SectionOutcome(z, section, aligned, valid, displacement, error, ncc_before,
                               ncc_after, flags, params, time.perf_counter() - t0, result)
