@@ -67,8 +67,9 @@ class AlignParams:
              "the nearest section more.", minimum=0.0, maximum=1.0, step=0.05,
         label="neighbour decay")
     iterations: int = _knob(
-        150, "Most Adam iterations per pyramid level; a level stops earlier once the loss "
-             "stops improving.", minimum=1, maximum=10000, label="iterations / level")
+        150, "Most Adam iterations at the coarsest pyramid level; each finer level gets half "
+             "as many. A level stops earlier once the fit has settled (see tolerance).",
+        minimum=1, maximum=10000, label="iterations")
     levels: int = _knob(
         3, "Pyramid levels (coarse to fine). Each level halves the resolution of the one "
            "above; 3 suits 512-2048 px sections.", minimum=1, maximum=6, label="pyramid levels")
@@ -92,9 +93,9 @@ class AlignParams:
               "pre-alignment.", minimum=0.0, maximum=45.0, step=1.0, label="max rotation (deg)",
         advanced=True)
     tolerance: float = _knob(
-        0.02, "Early stop: a pyramid level ends once no parameter moved more than this many "
-              "pixels (of that level) over the last 10 iterations.", minimum=0.0, maximum=10.0,
-        step=0.01, advanced=True)
+        0.02, "Early stop: a pyramid level ends once the parameters moved on average less than "
+              "this many pixels (of that level) over the last 10 iterations.", minimum=0.0,
+        maximum=10.0, step=0.01, advanced=True)
     device: str = _knob(
         "auto", "Where to compute: auto picks CUDA when available, else the CPU.",
         choices=DEVICES)
