@@ -268,3 +268,23 @@ def test_train_features_switches_to_custom(qtbot, viewer_widget, stack, tmp_path
     # the trained weights are usable for an alignment
     set_fast(widget, features="custom", weights=weights)
     assert run_and_wait(qtbot, widget, widget.align) == "done", error_messages()
+
+
+def test_cancel_during_training_keeps_the_feature_model(qtbot, viewer_widget, stack, tmp_path,
+                                                         monkeypatch):
+    from napari_ssemnet.gui import _jobs
+
+    monkeypatch.setattr(_jobs, "weights_dir", lambda: tmp_path)
+    viewer, widget = viewer_widget
+    viewer.add_image(stack, name="em")
+    widget.train_steps.setValue(100000)
+    widget.form.set_value("device", "cpu")
+    widget.train_btn.click()
+    qtbot.waitUntil(lambda: "train" in widget.status.text().lower(), timeout=30000)
+    with qtbot.waitSignal(widget.job_finished, timeout=5000) as blocker:
+        widget.cancel_btn.click()
+    assert blocker.args[0] == "cancelled"
+    # nothing half-trained is switched on or left on disk
+    assert widget.form.value("features") == "shipped"
+    assert list(tmp_path.iterdir()) == []
+    assert widget.train_btn.isEnabled() and widget.align_btn.isEnabled()
