@@ -30,16 +30,17 @@ from . import warp
 from .params import AlignParams
 from .prealign import gaussian_blur
 
-FEATURE_BLUR = 1.0
+FEATURE_BLUR = 1.0  # feature pixels
+MAX_CHANNELS = 8  # principal components of the features that are matched
 # Regulariser units: the user-facing weights are multiples of these, so that the defaults
 # (1.0) read naturally. Measured on ISBI pairs: 10x weaker over-warps real tissue (adjacent NCC
 # +0.11 over rigid), 100x stronger cannot follow a 2 px elastic distortion.
 SMOOTHNESS_UNIT = 1e-2
-DROP_HALF_LIFE = 15.0
-MAX_CHANNELS = 8
-LR_HALF_LIFE = 40.0
 MAGNITUDE_UNIT = 1e-3
+DROP_HALF_LIFE = 15.0  # iterations
+LR_HALF_LIFE = 40.0  # iterations
 
+# Free global parameters per kind; with prealign="none" the fit still refines a translation.
 _AFFINE_DIMS = {"none": 2, "translation": 2, "rigid": 3, "affine": 6}
 
 
@@ -53,13 +54,11 @@ class Residual:
         Absolute residual global maps ``A_z``.
     grid : Tensor, shape (Z, 2, gh, gw)
         Control-grid displacements (dy, dx) in pixels.
-    kind : str
     size : (H, W)
     """
 
     mats: torch.Tensor
     grid: torch.Tensor
-    kind: str
     size: tuple[int, int]
 
     def points(self, z: slice | int, q: torch.Tensor) -> torch.Tensor:
@@ -338,7 +337,7 @@ def fit_stack(
                     break
     mats = chain_matrices(global_matrices(glob.detach() * free_t[:, None], kind, size), chain)
     return Residual(mats=mats,
-                    grid=(grid * free_t[:, None, None, None]).detach(), kind=kind, size=size)
+                    grid=(grid * free_t[:, None, None, None]).detach(), size=size)
 
 
 def full_displacement(residual: Residual, matrices: np.ndarray, z: int,
