@@ -125,6 +125,17 @@ ProgressCallback = Callable[[Progress | SectionResult], None]
 StopCallback = Callable[[], bool]
 
 
+def run_generator(gen: Generator[Any, None, Any], progress: ProgressCallback | None) -> Any:
+    """Drive one of the ``iter_*`` generators to its return value, passing events on."""
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(event)
+
+
 def check_stack(stack: Any, *, name: str = "stack", min_sections: int = 2) -> np.ndarray:
     """Validate a (Z, H, W) real-valued stack and return it as an array (never a copy-on-write
     view that could alias user data into an in-place operation).
@@ -203,13 +214,7 @@ def align_stack(
     AlignmentResult
     """
     gen = iter_align_stack(stack, params, should_stop=should_stop, encoder=encoder, **overrides)
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(event)
+    return run_generator(gen, progress)
 
 
 def iter_align_stack(
@@ -314,13 +319,7 @@ def align_section(stack: np.ndarray, z: int, params: AlignParams | None = None, 
     """Align one section against its neighbours; see :func:`iter_align_section`."""
     gen = iter_align_section(stack, z, params, previous_displacement=previous_displacement,
                              should_stop=should_stop, encoder=encoder, **overrides)
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(event)
+    return run_generator(gen, progress)
 
 
 def iter_align_section(
