@@ -40,7 +40,7 @@ from qtpy.QtWidgets import (
 from . import _layers as L
 from .core.align import AlignmentResult, Progress, SectionResult, check_stack
 from .core.errors import SsemnetError
-from .core.params import AlignParams
+from .core.params import TRAIN_STEPS, AlignParams
 from .gui import _jobs as jobs
 from .gui._ncc_plot import NccPlot
 from .gui._params_form import ParamsForm
@@ -169,7 +169,7 @@ class AlignWidget(QWidget):
         self.train_steps = QSpinBox()
         self.train_steps.setRange(10, 100000)
         self.train_steps.setSingleStep(100)
-        self.train_steps.setValue(jobs.default_train_steps())
+        self.train_steps.setValue(TRAIN_STEPS)
         self.train_steps.setToolTip("Training steps (Adam, batches of patches).")
         self.train_steps.setSuffix(" steps")
         train_row.addWidget(self.train_btn, 1)

@@ -34,7 +34,7 @@ import numpy as np
 
 from . import __version__
 from .core.errors import AlignmentCancelled, SsemnetError
-from .core.params import AlignParams, ParameterError, knobs
+from .core.params import TRAIN_STEPS, AlignParams, ParameterError, knobs
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("-o", "--output", required=True, metavar="WEIGHTS.pt",
                     help="Weights file to write.")
     tr.add_argument("--steps", type=int, default=None, metavar="N",
-                    help="Adam steps (default: the trainer's default, 1500).")
+                    help=f"Adam steps (default {TRAIN_STEPS}).")
     tr.add_argument("--seed", type=int, default=0, help="Random seed. (default: 0)")
     tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="Where to train. (default: auto)")

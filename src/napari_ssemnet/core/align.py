@@ -386,20 +386,24 @@ def iter_align_section(
     yield Progress("prepare", 0, 1, f"section {z}: {hi - lo - 1} neighbours", section=z)
     src = torch.from_numpy(np.ascontiguousarray(arr[z], dtype=np.float32)).to(device)
 
+    # the held neighbours (raw, or warped by the previous result) are resampled once
+    held_raw = np.empty((hi - lo, h, w), np.float32)
+    held_raw_ok = np.ones((hi - lo, h, w), bool)
+    for i in range(hi - lo):
+        if i == local or previous_displacement is None:
+            held_raw[i] = arr[lo + i]
+            continue
+        im, v = warp.warp_image(torch.from_numpy(np.ascontiguousarray(
+            arr[lo + i], dtype=np.float32)).to(device),
+            torch.from_numpy(previous_displacement[lo + i]).to(device))
+        held_raw[i], held_raw_ok[i] = im.cpu().numpy(), v.cpu().numpy()
+
     def neighbours_state(disp_z: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
-        """Section z (aligned by disp_z, or raw) and its neighbours as they are held."""
-        imgs = np.empty((hi - lo, h, w), np.float32)
-        ok = np.ones((hi - lo, h, w), bool)
-        for i in range(hi - lo):
-            d = disp_z if i == local else (
-                None if previous_displacement is None
-                else torch.from_numpy(previous_displacement[lo + i]).to(device))
-            if d is None:
-                imgs[i] = arr[lo + i]
-            else:
-                im, v = warp.warp_image(torch.from_numpy(
-                    np.ascontiguousarray(arr[lo + i], dtype=np.float32)).to(device), d)
-                imgs[i], ok[i] = im.cpu().numpy(), v.cpu().numpy()
+        """The held neighbours with section z aligned by ``disp_z`` (raw if None)."""
+        imgs, ok = held_raw.copy(), held_raw_ok.copy()
+        if disp_z is not None:
+            im, v = warp.warp_image(src, disp_z)
+            imgs[local], ok[local] = im.cpu().numpy(), v.cpu().numpy()
         return imgs, ok
 
     def mean_adjacent_ncc(imgs: np.ndarray, ok: np.ndarray) -> float:
@@ -443,11 +447,9 @@ def iter_align_section(
         matrices[local] = prealign.fit_points(np.stack([iy, ix], 1).astype(float), p,
                                               np.ones(len(q)), params.prealign)
     elif params.prealign != "none":
-        k = prealign._work_factor(h, w)
+        low, k = prealign.work_images(
+            torch.from_numpy(np.stack([held[anchor, 0], norm[local]])).to(device))
         with torch.no_grad():
-            pair = torch.from_numpy(np.stack([held[anchor, 0], norm[local]]))[:, None]
-            low = prealign._bandpass(torch.nn.functional.avg_pool2d(pair.to(device), k)
-                                     if k > 1 else pair.to(device))[:, 0]
             matrices[local], conf = prealign.estimate_pair(
                 low[0], low[1], kind=params.prealign, k=k, max_rotation=params.max_rotation,
                 full_size=(h, w))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import AlignmentCancelled, InputError, WeightsError
-from .params import AlignParams
+from .params import TRAIN_STEPS, AlignParams
 
 ARCH_VERSION = 1
 DEFAULT_WIDTH = 16
@@ -164,7 +164,7 @@ def _patches(stacks: Sequence[np.ndarray], n: int, size: int, rng: np.random.Gen
 def train_encoder(
     stacks: Sequence[np.ndarray],
     *,
-    steps: int = 1500,
+    steps: int = TRAIN_STEPS,
     batch: int = 16,
     patch: int = 64,
     width: int = DEFAULT_WIDTH,

@@ -15,6 +15,8 @@ from typing import Any
 PREALIGN_KINDS = ("none", "translation", "rigid", "affine")
 FEATURE_KINDS = ("shipped", "pixels", "custom")
 DEVICES = ("auto", "cpu", "cuda")
+TRAIN_STEPS = 1500
+"""Default Adam steps of encoder training (here so front ends can read it without torch)."""
 
 
 def _knob(default: Any, help: str, *, minimum=None, maximum=None, choices=None, step=None,

@@ -58,6 +58,18 @@ def _bandpass(x: torch.Tensor) -> torch.Tensor:
     return gaussian_blur(x, 1.0) - gaussian_blur(x, 8.0)
 
 
+def work_images(norm: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Band-passed, average-pooled copies of (N, H, W) normalised sections at <= 256 px.
+
+    Returns the (N, h, w) images and the pooling factor ``k``.
+    """
+    k = _work_factor(norm.shape[-2], norm.shape[-1])
+    with torch.no_grad():
+        t = norm[:, None]
+        low = F.avg_pool2d(t, k) if k > 1 else t
+        return _bandpass(low)[:, 0], k
+
+
 def _hann(h: int, w: int, device) -> torch.Tensor:
     return torch.outer(torch.hann_window(h, periodic=False, device=device),
                        torch.hann_window(w, periodic=False, device=device))
@@ -291,11 +303,7 @@ def prealign_stack(
     conf[blank] = 0.0
     if kind == "none":
         return mats, conf
-    k = _work_factor(h, w)
-    with torch.no_grad():
-        t = torch.from_numpy(norm).to(device)[:, None]
-        low = F.avg_pool2d(t, k, ceil_mode=False) if k > 1 else t
-        low = _bandpass(low)[:, 0]
+    low, k = work_images(torch.from_numpy(norm).to(device))
     order = [list(range(reference + 1, z_count)), list(range(reference - 1, -1, -1))]
     done = 0
     total = z_count - 1

@@ -202,25 +202,6 @@ def train_job(stack: np.ndarray, *, steps: int | None, seed: int, device: str, o
         return _failure(exc)
 
 
-def default_train_steps() -> int:
-    """``train_encoder``'s default number of steps, read without importing torch."""
-    import ast
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec("napari_ssemnet.core.features")
-        tree = ast.parse(Path(spec.origin).read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.FunctionDef) and node.name == "train_encoder":
-                for arg, default in zip(node.args.kwonlyargs, node.args.kw_defaults,
-                                        strict=False):
-                    if arg.arg == "steps" and isinstance(default, ast.Constant):
-                        return int(default.value)
-    except Exception:  # pragma: no cover - fall back to a sane number
-        log.debug("could not read train_encoder defaults", exc_info=True)
-    return 1500
-
-
 __all__ = ["AlignOutcome", "Cancelled", "Failure", "SectionOutcome", "TrainOutcome",
-           "align_job", "section_job", "train_job", "weights_dir", "default_train_steps",
+           "align_job", "section_job", "train_job", "weights_dir",
            "SectionResult"]
