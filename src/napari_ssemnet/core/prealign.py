@@ -24,6 +24,11 @@ from . import warp
 WORK_SIZE = 256
 MIN_CONFIDENCE = 5.0
 """Peak-to-sidelobe ratio of the phase correlation below which a match is doubtful."""
+MIN_OVERLAP = 0.25
+"""Smallest overlap (fraction of the section) the coarse search considers."""
+PLAUSIBLE = 0.65
+"""A phase-correlation match is kept while its masked-NCC score is at least this fraction
+of the best one."""
 
 
 def _gauss_kernel(sigma: float, device) -> torch.Tensor:
@@ -81,16 +86,87 @@ def _rotation(theta: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
 
 
-def _rotate_batch(img: torch.Tensor, thetas: torch.Tensor, k: float) -> torch.Tensor:
-    """Rotate one low-res image (h, w) about its centre by each angle -> (N, h, w)."""
+def _rotate_batch(img: torch.Tensor, thetas: torch.Tensor, k: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate one low-res image (h, w) about its centre by each angle.
+
+    Returns the (N, h, w) rotated images (0 outside) and their (N, h, w) float validity.
+    """
     h, w = img.shape
     full_h, full_w = h * k, w * k
     centre = torch.tensor([(full_h - 1) / 2.0, (full_w - 1) / 2.0], device=img.device)
     pts = warp.level_points(h, w, k, device=img.device) - centre
     rot = _rotation(thetas)
     p = torch.einsum("nij,hwj->nhwi", rot, pts) + centre
-    out, _ = warp.sample(img[None, None].expand(len(thetas), 1, h, w), p, k)
-    return out[:, 0]
+    out, ok = warp.sample(img[None, None].expand(len(thetas), 1, h, w), p, k)
+    return out[:, 0], ok.float()
+
+
+def _masked_ncc(fixed: torch.Tensor, fixed_mask: torch.Tensor, moving: torch.Tensor,
+                moving_mask: torch.Tensor, min_overlap: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised cross-correlation over the overlap, for every shift (FFT, zero-padded).
+
+    Unlike windowed phase correlation it does not down-weight the image borders, which
+    is where two sections that are shifted by a large fraction of their width overlap.
+
+    Parameters
+    ----------
+    fixed, fixed_mask : Tensor, shape (h, w)
+    moving, moving_mask : Tensor, shape (N, h, w)
+    min_overlap : float
+        Shifts whose overlap is below this fraction of the image score 0.
+
+    Returns
+    -------
+    shift : Tensor, shape (N, 2)
+        (dy, dx) in work pixels with ``moving(q + shift) ~ fixed(q)``, sub-pixel.
+    peak : Tensor, shape (N,)
+        Score at the best shift: NCC times the root of the overlap fraction.
+    scores : Tensor, shape (N, 2h, 2w)
+        That score for every shift, indexed by the shift modulo ``(2h, 2w)``.
+    """
+    n, h, w = moving.shape
+    size = (2 * h, 2 * w)
+    f, fm = fixed * fixed_mask, fixed_mask
+    g, gm = moving * moving_mask, moving_mask
+
+    def spec(x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.rfft2(x.double(), s=size)
+
+    def corr(a_spec: torch.Tensor, b_spec: torch.Tensor) -> torch.Tensor:
+        # sum_q a(q) b(q + s), indexed by s (mod the padded size)
+        return torch.fft.irfft2(a_spec.conj() * b_spec, s=size)
+
+    sf, sfm, sf2 = spec(f), spec(fm), spec(f * f)
+    sg, sgm, sg2 = spec(g), spec(gm), spec(g * g)
+    cnt = corr(sfm, sgm).round()
+    sum_f = corr(sf, sgm)
+    sum_g = corr(sfm, sg)
+    num = corr(sf, sg) - sum_f * sum_g / cnt.clamp(min=1)
+    var_f = (corr(sf2, sgm) - sum_f ** 2 / cnt.clamp(min=1)).clamp(min=0)
+    var_g = (corr(sfm, sg2) - sum_g ** 2 / cnt.clamp(min=1)).clamp(min=0)
+    ncc = num / (var_f * var_g).sqrt().clamp(min=1e-9)
+    enough = cnt >= min_overlap * h * w
+    ncc = torch.where(enough & (var_f > 1e-9) & (var_g > 1e-9), ncc, torch.zeros_like(ncc))
+    # small overlaps give noisy, inflated NCC values: rank shifts by NCC times the square
+    # root of the overlap fraction (an NCC's noise falls with the root of its pixel count)
+    ncc = (ncc * (cnt / (h * w)).clamp(max=1.0).sqrt()).float()
+    hh, ww = size
+    peak, idx = ncc.reshape(n, -1).max(dim=1)
+    py, px = idx // ww, idx % ww
+    ar = torch.arange(n, device=ncc.device)
+
+    def sub(c_m, c_0, c_p):
+        den = c_m - 2 * c_0 + c_p
+        off = torch.where(den.abs() > 1e-12, 0.5 * (c_m - c_p) / den, torch.zeros_like(den))
+        return off.clamp(-0.5, 0.5)
+
+    dy = sub(ncc[ar, (py - 1) % hh, px], peak, ncc[ar, (py + 1) % hh, px])
+    dx = sub(ncc[ar, py, (px - 1) % ww], peak, ncc[ar, py, (px + 1) % ww])
+    sy = torch.where(py > hh // 2, py - hh, py).float() + dy
+    sx = torch.where(px > ww // 2, px - ww, px).float() + dx
+    return torch.stack([sy, sx], dim=-1), peak, ncc
 
 
 def _phase_correlation(fixed: torch.Tensor, moving: torch.Tensor
@@ -137,19 +213,49 @@ def _phase_correlation(fixed: torch.Tensor, moving: torch.Tensor
 
 def _coarse_rigid(fixed: torch.Tensor, moving: torch.Tensor, *, kind: str, k: float,
                   max_rotation: float) -> tuple[float, np.ndarray]:
-    """Exhaustive rotation search with phase correlation: (theta, shift in full px)."""
+    """Exhaustive rotation search: (theta, shift in full px).
+
+    Windowed phase correlation over every rotation (1 degree steps) gives a sharp, repeatable
+    peak, but its Hann window hides the overlap of sections placed far apart. Masked NCC
+    over every shift that leaves at least :data:`MIN_OVERLAP` of the section overlapping
+    checks it: where the phase-correlation estimate scores clearly below the best masked-NCC
+    match, the search is repeated on the pair re-centred on that match.
+    """
     h, w = fixed.shape
-    win = _hann(h, w, fixed.device)
-    fixed_w = fixed * win
     if kind == "translation" or max_rotation <= 0:
         thetas = torch.zeros(1, device=fixed.device)
     else:
         thetas = torch.deg2rad(torch.arange(-max_rotation, max_rotation + 1e-6, 1.0,
                                             device=fixed.device))
-    rot = _rotate_batch(moving, thetas, k) * win
-    shifts, _, peak = _phase_correlation(fixed_w.expand(len(thetas), h, w), rot)
+    win = _hann(h, w, fixed.device)
+    rot, rot_ok = _rotate_batch(moving, thetas, k)
+    shifts, _, peak = _phase_correlation((fixed * win).expand(len(thetas), h, w), rot * win)
     best = int(torch.argmax(peak))
-    return float(thetas[best]), shifts[best].double().cpu().numpy() * k
+    ncc = _masked_ncc(fixed, torch.ones_like(fixed), rot, rot_ok, MIN_OVERLAP)
+    nbest = int(torch.argmax(ncc[1]))
+    if float(_ncc_at(ncc, best, shifts[best])) >= PLAUSIBLE * float(ncc[1][nbest]):
+        return float(thetas[best]), shifts[best].double().cpu().numpy() * k
+    # re-centre on the masked-NCC match, moving'(q) = moving(q + base), so that only a small
+    # shift is left for the windowed phase correlation
+    base = ncc[0][nbest].round()
+    pts = warp.level_points(h, w, k, device=fixed.device) + base * k
+    centred, _ = warp.sample(moving[None, None], pts[None], k)
+    near = thetas[(thetas - thetas[nbest]).abs() <= math.radians(2.01)]
+    rot2, _ = _rotate_batch(centred[0, 0], near, k)
+    fine, _, fpeak = _phase_correlation((fixed * win).expand(len(near), h, w), rot2 * win)
+    j = int(torch.argmax(fpeak))
+    # rot2(q + f) = moving(R (q + f - c) + c + base) = moving(R (q + f + R^-1 base - c) + c)
+    back = _rotation(-near[j:j + 1])[0] @ base
+    return float(near[j]), (fine[j] + back).double().cpu().numpy() * k
+
+
+def _ncc_at(ncc: tuple[torch.Tensor, torch.Tensor, torch.Tensor], i: int,
+            shift: torch.Tensor) -> torch.Tensor:
+    """Masked-NCC score of rotation ``i`` at the (rounded) ``shift`` in work px."""
+    scores = ncc[2][i]
+    hh, ww = scores.shape
+    sy, sx = (int(v) for v in shift.round())
+    return scores[sy % hh, sx % ww]
 
 
 def _rigid_matrix(theta: float, shift: np.ndarray, full_size: tuple[int, int]) -> np.ndarray:
