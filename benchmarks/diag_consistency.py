@@ -1,0 +1,150 @@
+"""Where the consistency error on ISBI comes from (the experiments behind docs/benchmarks.md,
+"What limits consistency").
+
+Three experiments on ISBI sections 0-5, 384^2 crop, reference 0:
+
+* ``parts``: consistency when the known misalignment is cut down to some of its parts
+  (translations only, down to +-2.5 px);
+* ``oracle``: the fit started from the TRUE pre-alignment (the affine part of the known field
+  composed with the pre-alignment found on the untouched crop), with and without the fit;
+* ``landscape``: pixel NCC of adjacent untouched sections against an integer translation
+  (+-16 px), best and second-best peak.
+
+    OMP_NUM_THREADS=2 python benchmarks/diag_consistency.py parts
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+from napari_ssemnet.core import prealign  # noqa: E402
+
+CROP = 384
+PARTS = {
+    "all (benchmark misalignment)": {},
+    "no elastic": {"elastic_px": 0.0},
+    "rigid only": {"elastic_px": 0.0, "scale": 0.0, "shear": 0.0},
+    "translation only (+-31 px)": {"elastic_px": 0.0, "scale": 0.0, "shear": 0.0,
+                                   "rotation_deg": 0.0},
+    "translation only (+-10 px)": {"elastic_px": 0.0, "scale": 0.0, "shear": 0.0,
+                                   "rotation_deg": 0.0, "shift_frac": 0.02},
+    "translation only (+-2.5 px)": {"elastic_px": 0.0, "scale": 0.0, "shear": 0.0,
+                                    "rotation_deg": 0.0, "shift_frac": 0.005},
+}
+FROZEN = {"magnitude_penalty": 1e4, "learning_rate": 1e-4}  # the fit barely moves
+
+
+def consistency(full, seeds, params, *, oracle: bool = False) -> dict:
+    """Mean over seeds of the consistency median / p95, and the per-seed values."""
+    orig = prealign.prealign_stack
+    state: dict = {}
+
+    def patched(norm, blank, **kw):
+        mats, conf = yield from orig(norm, blank, **kw)
+        if state.get("record"):
+            state["c"] = mats.copy()
+        elif oracle:
+            mats = np.stack([np.linalg.inv(e) @ m for e, m in zip(state["E"], state["c"],
+                                                                   strict=True)])
+        return mats, conf
+
+    prealign.prealign_stack = patched
+    try:
+        rows = []
+        c = None
+        for seed in seeds:
+            case = C.make_case("diag", full, CROP, seed=seed)
+            if c is None:
+                state["record"] = True
+                c = C.run_ours(C.untouched_case(case).clean, **params)
+                state["record"] = False
+            state["E"] = [affine_part(case, z) for z in range(full.shape[0])]
+            r = C.run_ours(case.mis.copy(), **params)
+            ev = C.evaluate(case, r["d"], r["valid"], c=c["d"], c_valid=c["valid"])
+            rows.append(ev["consistency"])
+    finally:
+        prealign.prealign_stack = orig
+    return {"median": float(np.mean([r["median"] for r in rows])),
+            "p95": float(np.mean([r["p95"] for r in rows])), "per_seed": rows}
+
+
+def affine_part(case: C.Case, z: int) -> np.ndarray:
+    """Least-squares affine map p -> p + e(p) of section z, crop pixels, (3, 3)."""
+    oy, ox = case.offset
+    n = case.crop
+    yy, xx = np.meshgrid(np.arange(float(n)), np.arange(float(n)), indexing="ij")
+    e = case.e_full[z][:, oy:oy + n, ox:ox + n]
+    x = np.stack([yy.ravel(), xx.ravel(), np.ones(yy.size)], 1)
+    y = np.stack([yy.ravel() + e[0].ravel(), xx.ravel() + e[1].ravel()], 1)
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    m = np.eye(3)
+    m[:2] = coef.T
+    return m
+
+
+def landscape(full: np.ndarray, radius: int = 16) -> None:
+    from scipy import ndimage as ndi
+
+    print("| pair | best shift (dy, dx) | NCC | second peak (> 3 px away) | NCC | NCC at 0 |\n"
+          "|---|---|---|---|---|---|")
+    o = (full.shape[1] - CROP) // 2
+    for a in range(full.shape[0] - 1):
+        fa = ndi.gaussian_filter(full[a], 1.0)
+        fb = ndi.gaussian_filter(full[a + 1], 1.0)
+        ca = fa[o + radius:o + CROP - radius, o + radius:o + CROP - radius]
+        ca = (ca - ca.mean()) / ca.std()
+        s = np.zeros((2 * radius + 1,) * 2)
+        for dy in range(-radius, radius + 1):
+            for dx in range(-radius, radius + 1):
+                cb = fb[o + radius + dy:o + CROP - radius + dy,
+                        o + radius + dx:o + CROP - radius + dx]
+                s[dy + radius, dx + radius] = float((ca * (cb - cb.mean()) / cb.std()).mean())
+        i = np.unravel_index(s.argmax(), s.shape)
+        s2 = s.copy()
+        s2[max(0, i[0] - 3):i[0] + 4, max(0, i[1] - 3):i[1] + 4] = -1
+        j = np.unravel_index(s2.argmax(), s2.shape)
+        print(f"| {a}-{a + 1} | ({i[0] - radius}, {i[1] - radius}) | {s.max():.3f} | "
+              f"({j[0] - radius}, {j[1] - radius}) | {s2.max():.3f} | "
+              f"{s[radius, radius]:.3f} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    C.add_data_arg(p)
+    p.add_argument("experiment", choices=["parts", "oracle", "landscape"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = p.parse_args(argv)
+    full = C.load_stack(args.data, C.ISBI)[:6]
+    base = dict(C.MISALIGNMENT)
+    if args.experiment == "landscape":
+        landscape(full)
+        return
+    print("| experiment | consistency median / p95 (px), mean of seeds |\n|---|---|")
+    if args.experiment == "parts":
+        for name, change in PARTS.items():
+            C.MISALIGNMENT.clear()
+            C.MISALIGNMENT.update({**base, **change})
+            for label, params in [("defaults", {}), ("pre-alignment only", FROZEN)]:
+                r = consistency(full, args.seeds, params)
+                print(f"| {name}, {label} | {r['median']:.2f} / {r['p95']:.2f} |", flush=True)
+    else:
+        for name, change in [("benchmark misalignment", {}), ("no elastic", {"elastic_px": 0.0})]:
+            C.MISALIGNMENT.clear()
+            C.MISALIGNMENT.update({**base, **change})
+            for label, params in [("true pre-alignment, no fit", FROZEN),
+                                  ("true pre-alignment + default fit", {}),
+                                  ("true pre-alignment + fit, 1 level", {"levels": 1})]:
+                r = consistency(full, args.seeds, params, oracle=True)
+                print(f"| {name}: {label} | {r['median']:.2f} / {r['p95']:.2f} |", flush=True)
+    C.MISALIGNMENT.clear()
+    C.MISALIGNMENT.update(base)
+
+
+if __name__ == "__main__":
+    main()
