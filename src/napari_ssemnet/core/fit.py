@@ -41,7 +41,7 @@ MAGNITUDE_UNIT = 1e-3
 DROP_HALF_LIFE = 15.0  # iterations
 LR_HALF_LIFE = 40.0  # iterations
 
-# Free global parameters per kind; with prealign="none" the fit still refines a translation.
+# Global parameters per kind (refined by the fit only with prealign="none": a translation).
 _AFFINE_DIMS = {"none": 2, "translation": 2, "rigid": 3, "affine": 6}
 
 

@@ -351,9 +351,10 @@ def estimate_pair(fixed: torch.Tensor, moving: torch.Tensor, *, kind: str, k: fl
                   ) -> tuple[np.ndarray, float]:
     """Estimate the map of ``moving`` onto ``fixed``.
 
-    A rotation search with phase correlation gives a rough rigid map; phase correlation of
-    a 5 x 5 grid of patches then gives local shifts, to which a map of ``kind`` is fitted
-    with outlier rejection (folds, dust, tissue that differs between sections).
+    A rotation search (phase correlation checked by masked NCC) gives a rough rigid map;
+    phase correlation of a ``BLOCK_GRID`` x ``BLOCK_GRID`` grid of patches then gives local
+    shifts, to which a map of ``kind`` is fitted with outlier rejection (folds, dust, tissue
+    that differs between sections).
 
     Parameters
     ----------
