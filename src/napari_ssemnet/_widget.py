@@ -794,6 +794,8 @@ class ApplyFieldsWidget(QWidget):
         lay.addWidget(box)
         lay.addStretch(1)
         self.apply_btn.clicked.connect(self.apply)
+        self.last_result: Any | None = None
+        self._worker: Any | None = None
         self.viewer.layers.events.inserted.connect(self._refresh)
         self.viewer.layers.events.removed.connect(self._refresh)
         self._refresh()
@@ -817,8 +819,13 @@ class ApplyFieldsWidget(QWidget):
             self.path_edit.setText(path)
 
     def apply(self) -> Any | None:
-        """Warp the chosen layer; returns the result layer (None after an error)."""
-        from ._writer import apply_displacement, load_fields
+        """Warp the chosen layer in a worker thread (the Apply button).
+
+        Returns the started worker, or None when the input is refused at once. The result
+        layer is added on the main thread when the worker returns; it is then also in
+        :attr:`last_result` (None after an error).
+        """
+        from napari.qt.threading import create_worker
 
         name = self.layer_combo.currentText()
         if not name or name not in self.viewer.layers:
@@ -829,24 +836,30 @@ class ApplyFieldsWidget(QWidget):
         if not path:
             show_error("Choose a fields file (.npz) written by napari-ssemnet.")
             return None
-        try:
-            disp, _params = load_fields(path)
-            data = np.asarray(layer.data)
-            if disp.shape[0] != data.shape[0] or disp.shape[2:] != data.shape[1:]:
-                raise SsemnetError(f"The fields in {Path(path).name} are for a stack of shape "
-                                   f"{(disp.shape[0], *disp.shape[2:])}, but '{name}' has "
-                                   f"shape {data.shape}.")
-            is_labels = L.layer_kind(layer) == "labels"
-            choice = self.order_combo.currentText()
-            order = (0 if is_labels else 1) if choice == "auto" else int(choice == "linear")
-            warped = apply_displacement(data, disp, order=order)
-        except (SsemnetError, ValueError, OSError) as exc:
-            show_error(str(exc))
-            return None
-        except Exception as exc:
-            log.exception("napari-ssemnet: applying fields failed")
-            show_error(f"Applying fields failed unexpectedly ({type(exc).__name__}: {exc}).")
-            return None
+        is_labels = L.layer_kind(layer) == "labels"
+        choice = self.order_combo.currentText()
+        order = (0 if is_labels else 1) if choice == "auto" else int(choice == "linear")
+        data = np.asarray(layer.data)
+        self.last_result = None
+        self.apply_btn.setEnabled(False)
+        self.status.setText(f"Applying {Path(path).name} to '{name}'…")
+        worker = create_worker(_apply_job, data, path, name, order, _start_thread=False)
+        worker.returned.connect(lambda out: self._on_applied(out, layer, path, order, is_labels))
+        worker.finished.connect(lambda: self.apply_btn.setEnabled(True))
+        self._worker = worker  # keep a reference until it finishes
+        worker.start()
+        return worker
+
+    def _on_applied(self, outcome: Any, layer: Any, path: str, order: int,
+                    is_labels: bool) -> None:
+        if isinstance(outcome, jobs.Failure):
+            notify_failure(outcome, "Applying fields")
+            self.status.setText("")
+            return
+        name = layer.name
+        if name not in self.viewer.layers:
+            self.status.setText(f"'{name}' was removed while the fields were applied.")
+            return
         meta = L.result_metadata(L.ROLE_ALIGNED, name, extra={"fields_file": str(path),
                                                               "order": order})
         kwargs: dict[str, Any] = {"name": L.layer_name(name, L.ROLE_ALIGNED), "metadata": meta,
@@ -855,9 +868,27 @@ class ApplyFieldsWidget(QWidget):
         if not is_labels:
             kwargs["contrast_limits"] = list(layer.contrast_limits)
             kwargs["colormap"] = layer.colormap.name
-        out = L.upsert_layer(self.viewer, (warped, kwargs, "labels" if is_labels else "image"),
+        out = L.upsert_layer(self.viewer, (outcome, kwargs, "labels" if is_labels else "image"),
                              role=L.ROLE_ALIGNED, source_name=name)
         self.status.setText(f"Applied {Path(path).name} to '{name}' "
                             f"({'nearest' if order == 0 else 'linear'}) → '{out.name}'.")
-        return out
+        self.last_result = out
+
+
+def _apply_job(data: np.ndarray, path: str, name: str, order: int) -> Any:
+    """Worker: load the fields, check their shape, warp ``data``; the warped array or a
+    :class:`jobs.Failure` (never raises, so every error reaches the user)."""
+    from ._writer import apply_displacement, load_fields
+
+    try:
+        disp, _params = load_fields(path)
+        if disp.shape[0] != data.shape[0] or disp.shape[2:] != data.shape[1:]:
+            raise SsemnetError(f"The fields in {Path(path).name} are for a stack of shape "
+                               f"{(disp.shape[0], *disp.shape[2:])}, but '{name}' has "
+                               f"shape {data.shape}.")
+        return apply_displacement(data, disp, order=order)
+    except OSError as exc:  # unreadable file: the message is for the user
+        return jobs.Failure(exc, "", True)
+    except Exception as exc:
+        return jobs._failure(exc)
 

@@ -40,8 +40,10 @@ def test_save_fields_then_apply_to_labels(qtbot, make_napari_viewer, stack, tmp_
     _, apply_w = viewer.window.add_plugin_dock_widget("napari-ssemnet", "Apply saved fields")
     apply_w.layer_combo.setCurrentText("seg")
     apply_w.path_edit.setText(str(out))
-    result = apply_w.apply()
-    assert result is not None and L.layer_kind(result) == "labels"
+    assert apply_w.apply() is not None  # a worker: the GUI stays responsive
+    qtbot.waitUntil(lambda: apply_w.last_result is not None, timeout=30_000)
+    result = apply_w.last_result
+    assert L.layer_kind(result) == "labels"
     assert result.name == "seg aligned" and result.data.dtype == np.uint16
     assert set(np.unique(result.data)) <= {0, 7, 300}  # nearest neighbour: no mixed labels
     np.testing.assert_array_equal(viewer.layers["seg"].data, labels)  # source untouched
@@ -62,10 +64,21 @@ def test_apply_fields_wrong_shape_is_an_error(qtbot, make_napari_viewer, tmp_pat
     apply_w.layer_combo.setCurrentText("seg")
     apply_w.path_edit.setText(path)
     start = n_records()
-    assert apply_w.apply() is None
+    worker = apply_w.apply()
+    assert worker is not None
+    qtbot.waitUntil(lambda: len(error_messages(start)) > 0, timeout=30_000)
+    qtbot.waitUntil(lambda: apply_w.apply_btn.isEnabled(), timeout=30_000)
     errors = error_messages(start)
     assert len(errors) == 1 and "shape" in errors[0]
     assert [ly.name for ly in viewer.layers] == ["seg"]
+    assert apply_w.last_result is None
+    # an unreadable file is a readable error too, not a traceback
+    apply_w.path_edit.setText(str(tmp_path / "missing.npz"))
+    start = n_records()
+    apply_w.apply()
+    qtbot.waitUntil(lambda: len(error_messages(start)) > 0, timeout=30_000)
+    assert "missing.npz" in error_messages(start)[0]
+    qtbot.waitUntil(lambda: apply_w.apply_btn.isEnabled(), timeout=30_000)
 
 
 def test_writers(tmp_path, stack):
