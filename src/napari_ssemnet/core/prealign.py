@@ -26,7 +26,7 @@ MIN_CONFIDENCE = 5.0
 """Peak-to-sidelobe ratio of the phase correlation below which a match is doubtful."""
 MIN_OVERLAP = 0.25
 # Many small patches rather than a few large ones: the fitted map then rests on more,
-# more local matches, and moved 0.34 px instead of 2.49 px between runs on the same tissue
+# more local matches, and moved 0.51 px instead of 2.49 px between runs on the same tissue
 # shifted by +-10 px (ISBI, benchmarks/diag_consistency.py harness).
 BLOCK_GRID = 8
 BLOCK_PATCH = 48  # work px
