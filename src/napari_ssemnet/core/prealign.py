@@ -25,16 +25,16 @@ WORK_SIZE = 256
 MIN_CONFIDENCE = 5.0
 """Peak-to-sidelobe ratio of the phase correlation below which a match is doubtful."""
 MIN_OVERLAP = 0.25
+"""Smallest overlap (fraction of the section) the coarse search considers."""
+CHECK_MIN_SIZE = 64  # work px; smaller images are checked at full work resolution
+PLAUSIBLE = 0.65
+"""A phase-correlation match is kept while its masked-NCC score is at least this fraction
+of the best one."""
 # Many small patches rather than a few large ones: the fitted map then rests on more,
 # more local matches, and moved 0.51 px instead of 2.49 px between runs on the same tissue
 # shifted by +-10 px (ISBI, benchmarks/diag_consistency.py harness).
 BLOCK_GRID = 8
 BLOCK_PATCH = 48  # work px
-CHECK_MIN_SIZE = 64  # work px; smaller images are checked at full work resolution
-"""Smallest overlap (fraction of the section) the coarse search considers."""
-PLAUSIBLE = 0.65
-"""A phase-correlation match is kept while its masked-NCC score is at least this fraction
-of the best one."""
 
 
 def _gauss_kernel(sigma: float, device) -> torch.Tensor:
