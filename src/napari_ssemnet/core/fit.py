@@ -19,7 +19,6 @@ out of the data term and bridged over, and the reference section stays fixed.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
@@ -40,9 +39,6 @@ SMOOTHNESS_UNIT = 1e-2
 MAGNITUDE_UNIT = 1e-3
 DROP_HALF_LIFE = 15.0  # iterations
 LR_HALF_LIFE = 40.0  # iterations
-
-# Global parameters per kind (refined by the fit only with prealign="none": a translation).
-_AFFINE_DIMS = {"none": 2, "translation": 2, "rigid": 3, "affine": 6}
 
 
 @dataclass
@@ -70,30 +66,10 @@ class Residual:
         return residual_points(mats, grid, q, interp)
 
 
-def _radius(size: tuple[int, int]) -> float:
-    return 0.5 * math.hypot(size[0], size[1])
-
-
-def global_matrices(glob: torch.Tensor, kind: str, size: tuple[int, int]) -> torch.Tensor:
-    """(Z, n) global parameters -> (Z, 3, 3) maps about the image centre."""
-    z = glob.shape[0]
-    r = _radius(size)
-    eye = torch.eye(2, dtype=glob.dtype, device=glob.device).expand(z, 2, 2)
-    if kind == "rigid":
-        th = glob[:, 2] / r
-        c, s = torch.cos(th), torch.sin(th)
-        lin = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
-    elif kind == "affine":
-        lin = eye + glob[:, 2:6].reshape(z, 2, 2) / r
-    else:
-        lin = eye
-    centre = torch.tensor([(size[0] - 1) / 2.0, (size[1] - 1) / 2.0], dtype=glob.dtype,
-                          device=glob.device)
-    t = glob[:, :2] + centre - torch.einsum("zij,j->zi", lin, centre)
-    m = torch.zeros(z, 3, 3, dtype=glob.dtype, device=glob.device)
-    m[:, :2, :2] = lin
-    m[:, :2, 2] = t
-    m[:, 2, 2] = 1.0
+def translation_matrices(shift: torch.Tensor) -> torch.Tensor:
+    """(Z, 2) shifts (dy, dx) -> (Z, 3, 3) translation maps."""
+    m = torch.eye(3, dtype=shift.dtype, device=shift.device).repeat(shift.shape[0], 1, 1)
+    m[:, :2, 2] = shift
     return m
 
 
@@ -222,7 +198,6 @@ def fit_stack(
 
     z_count, h, w = norm.shape
     size = (h, w)
-    kind = params.prealign
     usable = ~np.asarray(blank, bool)
     use_idx = torch.from_numpy(np.nonzero(usable)[0]).to(device)
     all_usable = bool(usable.all())
@@ -236,8 +211,15 @@ def fit_stack(
     # real neighbours (ISBI, +-10 px shifts: 0.55 px between runs with the grid alone,
     # 2.26 px with the global parameters free). Without a pre-alignment the fit still needs a
     # translation.
-    refine_global = kind == "none"
-    glob = torch.zeros(z_count, _AFFINE_DIMS[kind], device=device)
+    refine_global = params.prealign == "none"
+    glob = torch.zeros(z_count, 2, device=device)  # relative translations, see parents_of
+    fixed_mats = torch.eye(3, device=device).repeat(z_count, 1, 1)
+
+    def global_maps(g: torch.Tensor) -> torch.Tensor:
+        if not refine_global:
+            return fixed_mats
+        return chain_matrices(translation_matrices(g * free_t[:, None]), chain)
+
     levels = params.levels
     while levels > 1 and min(h, w) // 2 ** (levels - 1) < 32:
         levels -= 1
@@ -273,11 +255,10 @@ def fit_stack(
             grid = torch.zeros(z_count, 2, *gshape, device=device)
         else:
             grid = warp.resize_grid(grid.detach(), gshape)
-        glob = glob.detach().requires_grad_(True)
+        glob = glob.detach().requires_grad_(refine_global)
         grid = grid.detach().requires_grad_(True)
         lr = params.learning_rate * k
-        opt = torch.optim.Adam([{"params": [glob], "lr": lr},
-                                {"params": [grid], "lr": lr}])
+        opt = torch.optim.Adam([glob, grid] if refine_global else [grid], lr=lr)
         q = warp.level_points(hf, wf, kf, device=device)
         interp = warp.grid_interpolators(q[:, 0, 0], q[0, :, 1], gshape, size)
         thresholds: list[torch.Tensor | None] = [None] * len(pairs)
@@ -293,13 +274,11 @@ def fit_stack(
             drop = params.loss_drop * 0.5 ** (li + it / DROP_HALF_LIFE)
             for group in opt.param_groups:
                 group["lr"] = lr * max(0.1, 0.5 ** (it / LR_HALF_LIFE))
-            g_eff = glob * free_t[:, None] if refine_global else torch.zeros_like(glob)
             v_eff = grid * free_t[:, None, None, None]
             # global-only warm-up at the coarsest level: the grid must not absorb large moves
             if refine_global and li == 0 and it < total // 3:
                 v_eff = v_eff.detach() * 0
-            mats = chain_matrices(global_matrices(g_eff, kind, size), chain)
-            p = residual_points(mats, v_eff, q, interp)
+            p = residual_points(global_maps(glob), v_eff, q, interp)
             sampled, inside = warp.sample(feats, p, kf, padding_mode="border")
             ok = inside & (sampled[:, nfeat] > 0.99)
             fw = sampled[:, :nfeat]
@@ -342,8 +321,7 @@ def fit_stack(
                 snapshot = (glob.detach().clone(), grid.detach().clone())
                 if drop <= 0.01 and moved < params.tolerance * k:
                     break
-    mats = chain_matrices(global_matrices(glob.detach() * free_t[:, None], kind, size), chain)
-    return Residual(mats=mats,
+    return Residual(mats=global_maps(glob.detach()),
                     grid=(grid * free_t[:, None, None, None]).detach(), size=size)
 
 
