@@ -839,11 +839,11 @@ class ApplyFieldsWidget(QWidget):
         is_labels = L.layer_kind(layer) == "labels"
         choice = self.order_combo.currentText()
         order = (0 if is_labels else 1) if choice == "auto" else int(choice == "linear")
-        data = np.asarray(layer.data)
         self.last_result = None
         self.apply_btn.setEnabled(False)
         self.status.setText(f"Applying {Path(path).name} to '{name}'…")
-        worker = create_worker(_apply_job, data, path, name, order, _start_thread=False)
+        # layer.data may be lazy (dask, zarr): it is read in the worker, not here
+        worker = create_worker(_apply_job, layer.data, path, name, order, _start_thread=False)
         worker.returned.connect(lambda out: self._on_applied(out, layer, path, order, is_labels))
         worker.finished.connect(lambda: self.apply_btn.setEnabled(True))
         self._worker = worker  # keep a reference until it finishes
@@ -875,12 +875,13 @@ class ApplyFieldsWidget(QWidget):
         self.last_result = out
 
 
-def _apply_job(data: np.ndarray, path: str, name: str, order: int) -> Any:
-    """Worker: load the fields, check their shape, warp ``data``; the warped array or a
-    :class:`jobs.Failure` (never raises, so every error reaches the user)."""
+def _apply_job(layer_data: Any, path: str, name: str, order: int) -> Any:
+    """Worker: load the fields, check their shape, warp the layer's data; the warped array
+    or a :class:`jobs.Failure` (never raises, so every error reaches the user)."""
     from ._writer import apply_displacement, load_fields
 
     try:
+        data = np.asarray(layer_data)
         disp, _params = load_fields(path)
         if disp.shape[0] != data.shape[0] or disp.shape[2:] != data.shape[1:]:
             raise SsemnetError(f"The fields in {Path(path).name} are for a stack of shape "
