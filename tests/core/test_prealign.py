@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 from emtools import em, rigid_fields
 
 from napari_ssemnet.core import metrics, prealign
@@ -36,3 +37,50 @@ def test_finds_sections_placed_far_apart():
     # sections 2 and 3.
     assert max(errors) < 20.0, errors
     assert (conf[1:] >= prealign.MIN_CONFIDENCE).all(), conf
+
+
+def _known_pair(deg: float = 3.0, shift: tuple[float, float] = (12.0, -9.0)):
+    """Real neighbours 0 and 1 of the sample, section 1 moved by a known rigid map."""
+    stack = em(slice(0, 2), 320)
+    mis = apply_misalignment(stack, rigid_fields(stack.shape, {1: (*shift, deg)}))
+    norm, _ = metrics.normalise_stack(mis)
+    low, k = prealign.work_images(torch.from_numpy(norm))
+    return low, k
+
+
+def test_coarse_search_lists_distinct_hypotheses_best_first():
+    low, k = _known_pair()
+    kw = {"kind": "rigid", "k": k, "max_rotation": 12.0}
+    (theta0, shift0), = prealign._coarse_rigid(low[0], low[1], **kw)
+    hyps = prealign._coarse_rigid(low[0], low[1], extra=3, **kw)
+    assert len(hyps) == 4
+    assert hyps[0][0] == theta0 and np.allclose(hyps[0][1], shift0)
+    thetas = np.degrees([t for t, _ in hyps])
+    gaps = np.abs(thetas[:, None] - thetas[None, :])[np.triu_indices(4, 1)]
+    assert gaps.min() >= 1.99, thetas
+
+
+def test_patch_support_picks_the_right_hypothesis(monkeypatch):
+    # the rotation search's best guess is made wrong on purpose (20 deg, 60 px off); with a
+    # second hypothesis the patches must pick the right one, with one they cannot
+    low, k = _known_pair()
+    kw = {"kind": "rigid", "k": k, "max_rotation": 12.0, "full_size": (320, 320)}
+    right, = prealign._coarse_rigid(low[0], low[1], kind="rigid", k=k, max_rotation=12.0)
+    wrong = (right[0] + math.radians(20), right[1] + np.array([60.0, -60.0]))
+
+    def fake(*args, extra=0, **kwargs):
+        return [wrong, right][:1 + extra]
+
+    monkeypatch.setattr(prealign, "_coarse_rigid", fake)
+    wrong_only, _ = prealign.estimate_pair(low[0], low[1], hypotheses=1, **kw)
+    monkeypatch.undo()
+    ref, _ = prealign.estimate_pair(low[0], low[1], hypotheses=1, **kw)
+    monkeypatch.setattr(prealign, "_coarse_rigid", fake)
+    picked, _ = prealign.estimate_pair(low[0], low[1], hypotheses=2, **kw)
+    q = np.array([[60.0, 60.0], [260.0, 260.0], [160.0, 160.0]])
+
+    def at(m):
+        return (m[:2, :2] @ q.T).T + m[:2, 2]
+
+    assert np.abs(at(picked) - at(ref)).max() < 0.5
+    assert np.abs(at(wrong_only) - at(ref)).max() > 20.0  # the wrong start alone stays wrong
