@@ -82,5 +82,11 @@ def test_patch_support_picks_the_right_hypothesis(monkeypatch):
     def at(m):
         return (m[:2, :2] @ q.T).T + m[:2, 2]
 
+    # the known move: moving(p) = source(R (p - c) + c + t), so the map sends q to
+    # R^-1 (q - c - t) + c
+    th, c = math.radians(3.0), np.array([159.5, 159.5])
+    rot = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+    truth = (np.linalg.inv(rot) @ (q - c - [12.0, -9.0]).T).T + c
+    assert np.abs(at(ref) - truth).max() < 6.0  # 2.9 px measured: the neighbours' own motion
     assert np.abs(at(picked) - at(ref)).max() < 0.5
     assert np.abs(at(wrong_only) - at(ref)).max() > 20.0  # the wrong start alone stays wrong
