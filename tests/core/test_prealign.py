@@ -90,3 +90,13 @@ def test_patch_support_picks_the_right_hypothesis(monkeypatch):
     assert np.abs(at(ref) - truth).max() < 6.0  # 2.9 px measured: the neighbours' own motion
     assert np.abs(at(picked) - at(ref)).max() < 0.5
     assert np.abs(at(wrong_only) - at(ref)).max() > 20.0  # the wrong start alone stays wrong
+
+
+def test_pair_settings_treat_gaps_alike_on_both_sides():
+    near = prealign.pair_settings("affine", 1)
+    assert near == (prealign.MEMBRANE_BAND, "affine", 1)
+    assert prealign.pair_settings("affine", -1) == near
+    for d in (2, -2, 3):
+        assert prealign.pair_settings("affine", d) == (prealign.GAP_BAND, "rigid",
+                                                       prealign.GAP_HYPOTHESES)
+    assert prealign.pair_settings("translation", 2)[1] == "translation"

@@ -447,15 +447,13 @@ def iter_align_section(
         matrices[local] = prealign.fit_points(np.stack([iy, ix], 1).astype(float), p,
                                               np.ones(len(q)), params.prealign)
     elif params.prealign != "none":
-        # a neighbour two or more sections away is matched as prealign_stack matches gaps
-        gap = abs(anchor - local) > 1
+        band, pair_kind, hypotheses = prealign.pair_settings(params.prealign, local - anchor)
         low, k = prealign.work_images(
-            torch.from_numpy(np.stack([held[anchor, 0], norm[local]])).to(device),
-            prealign.GAP_BAND if gap else prealign.MEMBRANE_BAND)
+            torch.from_numpy(np.stack([held[anchor, 0], norm[local]])).to(device), band)
         with torch.no_grad():
             matrices[local], conf = prealign.estimate_pair(
-                low[0], low[1], kind=params.prealign, k=k, max_rotation=params.max_rotation,
-                full_size=(h, w), hypotheses=prealign.GAP_HYPOTHESES if gap else 1)
+                low[0], low[1], kind=pair_kind, k=k, max_rotation=params.max_rotation,
+                full_size=(h, w), hypotheses=hypotheses)
     stop_check()
     images = torch.from_numpy(held).to(device)
     valid = torch.from_numpy(held_ok).to(device)

@@ -48,6 +48,18 @@ GAP_BAND = (2.0, 16.0)
 GAP_HYPOTHESES = 4
 
 
+def pair_settings(kind: str, distance: int) -> tuple[tuple[float, float], str, int]:
+    """How to match two sections ``distance`` apart: (band, map kind, rough maps to refine).
+
+    Across a gap the coarser band and several rough maps apply (see :data:`GAP_BAND`), and an
+    affine pre-alignment falls back to rigid: scale and shear across a gap follow the tissue's
+    change more than the section's placement.
+    """
+    if abs(distance) <= 1:
+        return MEMBRANE_BAND, kind, 1
+    return GAP_BAND, "rigid" if kind == "affine" else kind, GAP_HYPOTHESES
+
+
 def _gauss_kernel(sigma: float, device) -> torch.Tensor:
     r = max(1, int(3 * sigma + 0.5))
     x = torch.arange(-r, r + 1, dtype=torch.float32, device=device)
@@ -481,17 +493,14 @@ def prealign_stack(
                 continue
             best = None
             for cand in placed[-1:-3:-1]:
+                band, pair_kind, hypotheses = pair_settings(kind, zz - cand)
                 with torch.no_grad():
-                    # scale and shear across a gap (blank or skipped section) follow the
-                    # tissue's change more than the section's placement
-                    gap = abs(zz - cand) > 1
-                    pair_kind = kind if not gap or kind != "affine" else "rigid"
-                    if gap and low_gap is None:
+                    if band != MEMBRANE_BAND and low_gap is None:
                         low_gap, _ = work_images(torch.from_numpy(norm).to(device), GAP_BAND)
-                    src = low_gap if gap else low
+                    src = low if band == MEMBRANE_BAND else low_gap
                     m, c = estimate_pair(src[cand], src[zz], kind=pair_kind, k=k,
                                          max_rotation=max_rotation, full_size=(h, w),
-                                         hypotheses=GAP_HYPOTHESES if gap else 1)
+                                         hypotheses=hypotheses)
                 # sections two apart share little structure: only a fallback, and only when
                 # clearly better than a doubtful nearest match
                 score = c if cand == placed[-1] else 0.8 * c
