@@ -14,6 +14,8 @@ from napari_ssemnet.core.align import Progress
 from napari_ssemnet.core.errors import WeightsError
 from napari_ssemnet.core.features import (
     CAE,
+    PixelFeatures,
+    encode_tiled,
     load_weights,
     save_weights,
     shipped_weights_path,
@@ -40,6 +42,39 @@ def test_encode_shape():
     assert y.shape == (2, 1, 32, 48)
     with pytest.raises(ValueError, match="B, 1, H, W"):
         model.encode(torch.zeros(2, 3, 32, 48))
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 150, 233), (1, 1, 301, 257)])
+def test_tiled_encoding_equals_whole_section_encoding(shape):
+    # odd sizes and tiles far smaller than a section: seams, borders and the stride-2 grid
+    model = load_weights(shipped_weights_path())
+    x = torch.from_numpy(em(slice(0, shape[0]), 320)[:, None, :shape[2], :shape[3]].astype(
+        np.float32))
+    x = (x - x.mean()) / x.std()
+    with torch.no_grad():
+        whole = model.encode(x)
+    tiled = encode_tiled(model, x, budget_px=96 * 96)
+    assert tiled.shape == whole.shape
+    assert float((tiled - whole).abs().max()) < 1e-4 * float(whole.abs().max())
+    pix = PixelFeatures()
+    assert torch.equal(encode_tiled(pix, x, budget_px=96 * 96), pix.encode(x))
+
+
+def test_encoding_without_a_declared_reach_is_never_tiled():
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def encode(self, x):
+            self.seen.append(tuple(x.shape))
+            return x[..., ::2, ::2]
+
+    probe = Probe()
+    x = torch.randn(3, 1, 64, 80)
+    out = encode_tiled(probe, x, budget_px=1000)
+    assert torch.equal(out, x[..., ::2, ::2])
+    assert probe.seen == [(1, 1, 64, 80)] * 3
 
 
 def test_save_load_round_trip_gives_identical_outputs(tmp_path):

@@ -34,6 +34,10 @@ class CAE(nn.Module):
         Channels of the first stage; the feature map has ``width`` channels.
     """
 
+    # Input pixels on each side that reach one output pixel (three 3x3 convolutions at full
+    # resolution, one at half): 5. Tiles get a wider halo, see ``encode_tiled``.
+    reach = 5
+
     def __init__(self, width: int = DEFAULT_WIDTH) -> None:
         super().__init__()
         self.width = width
@@ -67,8 +71,51 @@ class PixelFeatures(nn.Module):
     """The 'pixels' ablation: the normalised image itself, average-pooled to half resolution
     so that it is sampled exactly like the CAE features."""
 
+    reach = 1
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.avg_pool2d(x, 2, ceil_mode=True)
+
+
+ENCODE_BUDGET_PX = 2**20
+"""Input pixels encoded at once: bounds the encoder's activations (about 200 MB for the CAE)
+whatever the section size."""
+
+
+def encode_tiled(extractor: nn.Module, imgs: torch.Tensor,
+                 budget_px: int = ENCODE_BUDGET_PX) -> torch.Tensor:
+    """Encode (B, 1, H, W) sections a few at a time, or in overlapping tiles when one section
+    exceeds ``budget_px``; returns what ``extractor.encode(imgs)`` returns.
+
+    Tiling needs the extractor to declare its ``reach`` (input pixels on each side that
+    influence an output pixel) and a half-resolution output; each tile carries a halo wider
+    than that reach, so the stitched result equals the untiled one (up to float rounding).
+    Extractors without ``reach`` are run one whole section at a time.
+    """
+    b, _, h, w = imgs.shape
+    with torch.no_grad():
+        reach = getattr(extractor, "reach", None)
+        if h * w <= budget_px or reach is None:
+            chunk = max(1, budget_px // (h * w))
+            return torch.cat([extractor.encode(imgs[i:i + chunk])
+                              for i in range(0, b, chunk)])
+        halo = 2 * ((int(reach) + 8) // 2)  # even, so tile origins stay on the stride-2 grid
+        side = max(64, int(budget_px ** 0.5) - 2 * halo) // 2 * 2
+        out = None
+        for i in range(b):
+            for y0 in range(0, h, side):
+                for x0 in range(0, w, side):
+                    y1, x1 = min(h, y0 + side), min(w, x0 + side)
+                    ya, xa = max(0, y0 - halo), max(0, x0 - halo)
+                    yb, xb = min(h, y1 + halo), min(w, x1 + halo)
+                    f = extractor.encode(imgs[i:i + 1, :, ya:yb, xa:xb])
+                    if out is None:
+                        out = imgs.new_empty(b, f.shape[1], (h + 1) // 2, (w + 1) // 2)
+                    oy, ox = (y0 - ya) // 2, (x0 - xa) // 2
+                    ny, nx = (y1 - y0 + 1) // 2, (x1 - x0 + 1) // 2
+                    out[i, :, y0 // 2:y0 // 2 + ny, x0 // 2:x0 // 2 + nx] = \
+                        f[0, :, oy:oy + ny, ox:ox + nx]
+        return out
 
 
 def shipped_weights_path() -> Path:

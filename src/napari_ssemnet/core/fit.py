@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import warp
+from .features import encode_tiled
 from .params import AlignParams
 from .prealign import gaussian_blur
 
@@ -114,30 +115,71 @@ def _pair_weights(n_usable: int, window: int, decay: float) -> list[tuple[int, f
     return [(d, decay ** (d - 1)) for d in range(1, window + 1) if d < n_usable]
 
 
-def _principal_channels(feats: torch.Tensor, valid: torch.Tensor, sel: torch.Tensor,
-                        keep: int) -> torch.Tensor:
-    """Project (Z, C, h, w) features onto their ``keep`` principal components.
+def level_features(extractor, images: torch.Tensor, valid: torch.Tensor, usable: np.ndarray,
+                   keep: int = MAX_CHANNELS) -> tuple[torch.Tensor, int, float]:
+    """Features of one pyramid level, ready to be sampled by the fit.
 
-    Warping the feature maps dominates the run time; the CAE's 16 channels are strongly
-    correlated, so the leading components carry most of the variance. Components are not
-    whitened, so squared differences keep their scale.
+    The encoder's channels are standardised over the valid pixels of the usable sections,
+    blurred slightly and projected onto their ``keep`` leading principal components (warping
+    the feature maps dominates the run time, and the CAE's 16 channels are strongly
+    correlated; components are not whitened, so squared differences keep their scale). The
+    validity is appended as a last channel, so that it goes through the same sampler.
+
+    Works one section at a time after encoding, so that only the encoder output and the
+    result are held at once.
+
+    Parameters
+    ----------
+    images, valid : Tensor, shape (Z, 1, H, W)
+        Pre-aligned sections of this level and their validity (float, 1 inside).
+    usable : ndarray, shape (Z,), bool
+
+    Returns
+    -------
+    feats : Tensor, shape (Z, C' + 1, h, w)
+        ``C' = min(C, keep)`` feature channels, then the validity (0 or 1).
+    n_orig : int
+        Channels of the encoder (the data term is normalised by it).
+    kf : float
+        Input pixels of this level per feature pixel.
     """
-    c = feats.shape[1]
+    feats = encode_tiled(extractor, images)
+    z_count, c, hf, wf = feats.shape
+    kf = images.shape[-1] / wf
+    val_f = (F.adaptive_avg_pool2d(valid, (hf, wf)) > 0.999).float()
+    use = [int(i) for i in np.nonzero(usable)[0]]
+    wsum = max(float(sum(float(val_f[i].sum()) for i in use)), 1.0)
+    mean = sum((feats[i] * val_f[i]).sum(dim=(1, 2)) for i in use) / wsum
+    var = sum((((feats[i] - mean[:, None, None]) ** 2) * val_f[i]).sum(dim=(1, 2))
+              for i in use) / wsum
+    std = var.sqrt().clamp(min=1e-6)
+    for i in range(z_count):
+        # a slight blur removes the bilinear sampler's pull towards whole-pixel shifts
+        # (measured: 0.1 px bias without it, 0.01 px with sigma = 1 feature pixel)
+        feats[i:i + 1] = gaussian_blur(
+            (feats[i:i + 1] - mean[None, :, None, None]) / std[None, :, None, None],
+            FEATURE_BLUR)
     if c <= keep:
-        return feats
-    x = feats[sel].permute(1, 0, 2, 3).reshape(c, -1)
-    m = valid[sel].reshape(-1) > 0.5
-    x = x[:, m][:, :: max(1, int(m.sum()) // 200_000)]
-    cov = x @ x.T / max(x.shape[1], 1)
-    _, vecs = torch.linalg.eigh(cov)
+        return torch.cat([feats, val_f], dim=1), c, kf
+    # covariance on a regular subsample of the valid pixels of all usable sections, taken as
+    # if they were one sequence (section by section, row-major)
+    inside = [val_f[i].reshape(-1) > 0.5 for i in use]
+    step = max(1, int(sum(int(m.sum()) for m in inside)) // 200_000)
+    cov = feats.new_zeros(c, c)
+    count, offset = 0, 0
+    for i, m in zip(use, inside, strict=True):
+        x = feats[i].reshape(c, -1)[:, m]
+        x = x[:, (-offset) % step::step]
+        offset += int(m.sum())
+        cov += x @ x.T
+        count += x.shape[1]
+    _, vecs = torch.linalg.eigh(cov / max(count, 1))
     basis = vecs[:, -keep:].T.contiguous()  # (keep, C), leading components
-    return torch.einsum("kc,zchw->zkhw", basis, feats)
-
-
-def _encode(extractor, imgs: torch.Tensor, chunk: int = 4) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([extractor.encode(imgs[i:i + chunk]) for i in
-                          range(0, imgs.shape[0], chunk)])
+    out = feats.new_empty(z_count, keep + 1, hf, wf)
+    for i in range(z_count):
+        out[i, :keep] = torch.einsum("kc,chw->khw", basis, feats[i])
+    out[:, keep:] = val_f
+    return out, c, kf
 
 
 def prewarp(norm: np.ndarray, matrices: np.ndarray, device
@@ -228,24 +270,9 @@ def fit_stack(
         k = 2 ** lev
         imgs_l = F.avg_pool2d(images, k) if k > 1 else images
         val_l = F.avg_pool2d(valid, k) if k > 1 else valid
-        feats = _encode(extractor, imgs_l)
-        kf = k * imgs_l.shape[-1] / feats.shape[-1]
+        feats, n_orig, kf_l = level_features(extractor, imgs_l, val_l, usable)
+        kf = k * kf_l
         hf, wf = feats.shape[-2:]
-        val_f = (F.adaptive_avg_pool2d(val_l, (hf, wf)) > 0.999).float()
-        # per-channel standardisation over valid pixels of usable sections
-        sel = torch.from_numpy(usable).to(device)
-        wsum = val_f[sel].sum().clamp(min=1.0)
-        mean = (feats[sel] * val_f[sel]).sum(dim=(0, 2, 3)) / wsum
-        var = (((feats[sel] - mean[None, :, None, None]) ** 2) * val_f[sel]).sum(
-            dim=(0, 2, 3)) / wsum
-        feats = (feats - mean[None, :, None, None]) / var.sqrt().clamp(min=1e-6)[
-            None, :, None, None]
-        # a slight blur removes the bilinear sampler's pull towards whole-pixel shifts
-        # (measured: 0.1 px bias without it, 0.01 px with sigma = 1 feature pixel)
-        feats = gaussian_blur(feats, FEATURE_BLUR)
-        n_orig = feats.shape[1]
-        feats = _principal_channels(feats, val_f, sel, MAX_CHANNELS)
-        feats = torch.cat([feats, val_f], dim=1)  # carry validity through the same sampler
         nfeat = feats.shape[1] - 1
 
         gshape = warp.control_grid_shape(size, params.grid_spacing * k)

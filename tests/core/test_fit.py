@@ -1,0 +1,52 @@
+"""core.fit: per-level feature preparation (the fit itself is tested through align_stack)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from emtools import em
+
+from napari_ssemnet.core.features import load_weights, shipped_weights_path
+from napari_ssemnet.core.fit import FEATURE_BLUR, level_features
+from napari_ssemnet.core.prealign import gaussian_blur
+
+
+def _batched_reference(model, images, valid, usable, keep):
+    """The same preparation written on whole batches, as the fit did before it went section
+    by section."""
+    with torch.no_grad():
+        feats = model.encode(images)
+    hf, wf = feats.shape[-2:]
+    val_f = (torch.nn.functional.adaptive_avg_pool2d(valid, (hf, wf)) > 0.999).float()
+    sel = torch.from_numpy(usable)
+    wsum = val_f[sel].sum()
+    mean = (feats[sel] * val_f[sel]).sum(dim=(0, 2, 3)) / wsum
+    var = (((feats[sel] - mean[None, :, None, None]) ** 2) * val_f[sel]).sum(dim=(0, 2, 3)) / wsum
+    feats = (feats - mean[None, :, None, None]) / var.sqrt()[None, :, None, None]
+    feats = gaussian_blur(feats, FEATURE_BLUR)
+    c = feats.shape[1]
+    x = feats[sel].permute(1, 0, 2, 3).reshape(c, -1)
+    m = val_f[sel].reshape(-1) > 0.5
+    x = x[:, m][:, :: max(1, int(m.sum()) // 200_000)]
+    _, vecs = torch.linalg.eigh(x @ x.T / x.shape[1])
+    basis = vecs[:, -keep:].T
+    return torch.cat([torch.einsum("kc,zchw->zkhw", basis, feats), val_f], dim=1)
+
+
+def test_level_features_match_the_batched_computation():
+    model = load_weights(shipped_weights_path())
+    raw = em(slice(0, 4), 96)
+    raw = raw.astype(np.float32)
+    images = torch.from_numpy((raw - raw.mean()) / raw.std())[:, None]
+    valid = torch.ones_like(images)
+    valid[1, :, :30, :] = 0  # a section partly outside, as after a pre-alignment
+    usable = np.array([True, True, False, True])  # a blank section stays out of the statistics
+    feats, n_orig, kf = level_features(model, images, valid, usable, keep=5)
+    ref = _batched_reference(model, images, valid, usable, keep=5)
+    assert feats.shape == (4, 6, 48, 48) and n_orig == 16 and kf == 2.0
+    assert torch.equal(feats[:, 5], ref[:, 5])
+    # principal components are defined up to sign
+    for k in range(5):
+        a, b = feats[:, k], ref[:, k]
+        sign = float(torch.sign((a * b).sum()))
+        assert float((a - sign * b).abs().max()) < 1e-3 * float(b.abs().max())
