@@ -106,6 +106,19 @@ def test_bad_input_is_one_error_line(tiny_tif, tmp_path, capsys, argv_tail, word
     assert not (tmp_path / "o.tif").exists()
 
 
+def test_stack_too_big_for_free_memory_is_one_error_line(tiny_tif, tmp_path, capsys,
+                                                         monkeypatch):
+    from napari_ssemnet.core import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10 * 2**20)
+    code = cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "o.tif"), *TINY])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: Aligning 4 sections of 96x96 px needs about")
+    assert not (tmp_path / "o.tif").exists()
+
+
 def test_align_sample_default_output(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = cli.main(["align", "--sample", "--fields", "s.npz", *TINY])

@@ -230,14 +230,29 @@ def iter_align_stack(
     Yields :class:`Progress` several times a second and one :class:`SectionResult` per
     finished section; returns the :class:`AlignmentResult` (``StopIteration.value``).
     Closing the generator (or ``should_stop`` returning True) stops the run.
+
+    Raises
+    ------
+    MemoryLimitError
+        Before any work if the stack would not fit in the free memory (CPU), or when an
+        out-of-memory error surfaces during the run.
     """
-    from . import fit, metrics, prealign, warp  # torch is imported lazily
+    from . import memory
+
+    arr = check_stack(stack)
+    return (yield from memory.guard(_iter_align_stack(
+        arr, params, should_stop=should_stop, encoder=encoder, **overrides), arr.shape))
+
+
+def _iter_align_stack(arr: np.ndarray, params: AlignParams | None, *,
+                      should_stop: StopCallback | None, encoder: Any, **overrides: Any
+                      ) -> Generator[Progress | SectionResult, None, AlignmentResult]:
+    from . import fit, memory, metrics, prealign, warp  # torch is imported lazily
     from .device import pick_device
     from .features import load_feature_extractor
 
     params = (params or AlignParams()).replace(**overrides) if overrides else (
         params or AlignParams())
-    arr = check_stack(stack)
     z_count, h, w = arr.shape
     if not 0 <= params.reference < z_count:
         raise InputError(f"Reference section {params.reference} is out of range; the stack has "
@@ -250,6 +265,7 @@ def iter_align_stack(
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     device = pick_device(params.device)
+    memory.check_memory(arr.shape, device)
     import torch
 
     torch.manual_seed(params.seed)
@@ -288,11 +304,12 @@ def iter_align_stack(
     aligned = np.zeros((z_count, h, w), np.float32)
     displacement = np.zeros((z_count, 2, h, w), np.float32)
     valid = np.zeros((z_count, h, w), bool)
-    source = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     for zz in range(z_count):
         stop_check()
         disp = fit.full_displacement(residual, matrices, zz, (h, w), device=device)
-        img, ok = warp.warp_image(source[zz].to(device), disp)
+        # one section at a time: a float copy of a whole integer stack is 4 bytes per pixel
+        source = torch.from_numpy(np.ascontiguousarray(arr[zz], dtype=np.float32))
+        img, ok = warp.warp_image(source.to(device), disp)
         displacement[zz] = disp.cpu().numpy()
         aligned[zz] = img.cpu().numpy()
         valid[zz] = ok.cpu().numpy()
@@ -353,15 +370,28 @@ def iter_align_section(
         With ``ncc_before`` (as the section was: raw, or per ``previous_displacement``) and
         ``ncc_after``.
     """
+    from . import memory
+
+    arr = check_stack(stack)
+    window = int(overrides.get("window", (params or AlignParams()).window))
+    held = (min(arr.shape[0], 2 * window + 1), *arr.shape[1:])
+    return (yield from memory.guard(_iter_align_section(
+        arr, z, params, previous_displacement=previous_displacement, should_stop=should_stop,
+        encoder=encoder, **overrides), held))
+
+
+def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams | None, *,
+                        previous_displacement: np.ndarray | None,
+                        should_stop: StopCallback | None, encoder: Any, **overrides: Any
+                        ) -> Generator[Progress, None, SectionResult]:
     import torch
 
-    from . import fit, metrics, prealign, warp
+    from . import fit, memory, metrics, prealign, warp
     from .device import pick_device
     from .features import load_feature_extractor
 
     params = (params or AlignParams()).replace(**overrides) if overrides else (
         params or AlignParams())
-    arr = check_stack(stack)
     z_count, h, w = arr.shape
     if not 0 <= z < z_count:
         raise InputError(f"Section {z} is out of range; the stack has sections 0 to "
@@ -374,12 +404,13 @@ def iter_align_section(
                              f"{(z_count, 2, h, w)}.")
     device = pick_device(params.device)
     torch.manual_seed(params.seed)
+    lo, hi = max(0, z - params.window), min(z_count, z + params.window + 1)
+    memory.check_memory((hi - lo, h, w), device)
 
     def stop_check() -> None:
         if should_stop is not None and should_stop():
             raise AlignmentCancelled("Alignment cancelled.")
 
-    lo, hi = max(0, z - params.window), min(z_count, z + params.window + 1)
     local = z - lo
     sub = arr[lo:hi]
     norm, blank = metrics.normalise_stack(sub)

@@ -17,3 +17,7 @@ class WeightsError(SsemnetError):
 
 class AlignmentCancelled(SsemnetError):
     """The run was stopped by the caller (Cancel button, Ctrl-C)."""
+
+
+class MemoryLimitError(SsemnetError):
+    """The stack needs more memory than the machine (or GPU) has free."""

@@ -1,0 +1,111 @@
+"""How much memory an alignment needs, and a clear error instead of an out-of-memory crash.
+
+On Linux an allocation rarely fails outright: the kernel lets the process grow and then kills
+it (and with it napari and whatever the user had open). So the CPU path checks its estimate
+against the memory that is free *before* it starts, and every out-of-memory exception that
+does surface (NumPy, torch on the CPU, CUDA) becomes a :class:`MemoryLimitError` that says
+what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+from typing import Any
+
+from .errors import MemoryLimitError
+
+# Peak resident memory an alignment adds to its process, measured with the default
+# parameters on the 2-core dev box (benchmarks/bench_memory.py, docs/benchmarks.md): about
+# 80 bytes per input pixel of the stack plus about 300 MB that does not depend on the size
+# (8 x 256^2 to 16 x 1024^2). Rounded so that the estimate is at or above every measurement.
+PEAK_BYTES_PER_PIXEL = 90
+PEAK_BYTES_FIXED = 300 * 2**20
+SKIP_ENV = "NAPARI_SSEMNET_SKIP_MEMORY_CHECK"
+"""Set to 1 to skip the check (e.g. with swap the estimate does not know about)."""
+
+
+def estimate_peak_bytes(shape: tuple[int, int, int]) -> int:
+    """Bytes an alignment of a ``(Z, H, W)`` stack adds at its peak (CPU, default parameters).
+
+    The input stack itself is not included: it is already in memory.
+    """
+    z, h, w = (int(s) for s in shape)
+    return PEAK_BYTES_PER_PIXEL * z * h * w + PEAK_BYTES_FIXED
+
+
+def available_bytes() -> int | None:
+    """Memory the system can give this process without swapping, or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # other Unix systems: free pages only (an underestimate)
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.1f} GB"
+
+
+def _advice(shape: tuple[int, int, int]) -> str:
+    z, h, w = shape
+    return ("Crop the stack to the region you need, bin it 2x2 first (about a quarter of the "
+            f"memory), align fewer than {z} sections at a time, or use a machine with more "
+            "memory.")
+
+
+def check_memory(shape: tuple[int, int, int], device: Any) -> None:
+    """Raise :class:`MemoryLimitError` if aligning ``shape`` on the CPU would not fit.
+
+    Only the CPU path is checked: on a GPU the run fails with a catchable out-of-memory error
+    (turned into the same error by :func:`guard`), and the GPU figure has not been measured.
+    """
+    if getattr(device, "type", str(device)) != "cpu" or os.environ.get(SKIP_ENV) == "1":
+        return
+    free = available_bytes()
+    need = estimate_peak_bytes(shape)
+    if free is None or need <= free:
+        return
+    z, h, w = shape
+    raise MemoryLimitError(
+        f"Aligning {z} sections of {h}x{w} px needs about {_gb(need)} of memory, but only "
+        f"{_gb(free)} is free. {_advice(shape)} (Set {SKIP_ENV}=1 to try anyway.)")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    try:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):  # pragma: no cover - torch is a dependency
+        pass
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text
+                                              or "can't allocate memory" in text
+                                              or "not enough memory" in text)
+
+
+def guard(gen: Generator[Any, None, Any], shape: tuple[int, int, int]
+          ) -> Generator[Any, None, Any]:
+    """Run the generator ``gen``; an out-of-memory error inside becomes a
+    :class:`MemoryLimitError` about a stack of ``shape``."""
+    try:
+        return (yield from gen)
+    except (MemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        z, h, w = shape
+        where = "the GPU" if "cuda" in str(exc).lower() else "this machine"
+        raise MemoryLimitError(
+            f"Ran out of memory on {where} while aligning {z} sections of {h}x{w} px (an "
+            f"estimated {_gb(estimate_peak_bytes(shape))} on the CPU). {_advice(shape)} On a "
+            "GPU, device='cpu' may fit where the GPU does not.") from None

@@ -1,0 +1,81 @@
+"""core.memory: the up-front memory check and out-of-memory errors a user can act on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from emtools import FAST, em
+
+from napari_ssemnet.core import fit, memory
+from napari_ssemnet.core.align import Progress, align_section, align_stack
+from napari_ssemnet.core.errors import MemoryLimitError, SsemnetError
+
+
+@pytest.fixture
+def small() -> np.ndarray:
+    return em(slice(0, 3), 96).astype(np.float32)
+
+
+def test_estimate_grows_with_every_axis():
+    base = memory.estimate_peak_bytes((8, 512, 512))
+    assert memory.estimate_peak_bytes((16, 512, 512)) > base
+    assert memory.estimate_peak_bytes((8, 1024, 512)) > base
+    # measured: 30 x 512^2 added 0.86 GB at its peak, 16 x 1024^2 1.64 GB (dev box)
+    assert 0.86 * 2**30 < memory.estimate_peak_bytes((30, 512, 512)) < 1.3 * 0.86 * 2**30
+    assert 1.64 * 2**30 < memory.estimate_peak_bytes((16, 1024, 1024)) < 1.3 * 1.64 * 2**30
+
+
+def test_available_memory_is_known_here():
+    free = memory.available_bytes()
+    assert free is not None and free > 2**20
+
+
+def test_a_stack_too_big_for_the_free_memory_stops_before_any_work(small, monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda: 50 * 2**20)
+    seen = []
+    with pytest.raises(MemoryLimitError) as info:
+        align_stack(small, progress=seen.append, **FAST)
+    text = str(info.value)
+    assert "3 sections of 96x96 px needs about 0.3 GB" in text and "0.0 GB is free" in text
+    assert "bin it 2x2" in text
+    assert not [e for e in seen if isinstance(e, Progress) and e.stage.startswith("fit")]
+    with pytest.raises(MemoryLimitError, match="needs about"):
+        align_section(small, 1, **FAST)
+    monkeypatch.setenv(memory.SKIP_ENV, "1")
+    assert align_stack(small, **FAST).aligned.shape == small.shape
+
+
+def test_plenty_of_memory_passes_the_check(small, monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda: 64 * 2**30)
+    assert align_stack(small, **FAST).aligned.shape == small.shape
+
+
+@pytest.mark.parametrize("exc", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory"),
+    MemoryError(),
+])
+def test_out_of_memory_during_the_run_is_a_clear_error(small, monkeypatch, exc):
+    def boom(*args, **kwargs):
+        raise exc
+        yield  # pragma: no cover - makes this a generator like fit_stack
+
+    monkeypatch.setattr(fit, "fit_stack", boom)
+    with pytest.raises(MemoryLimitError) as info:
+        align_stack(small, **FAST)
+    assert isinstance(info.value, SsemnetError)
+    text = str(info.value)
+    where = "the GPU" if "CUDA" in str(exc) else "this machine"
+    assert text.startswith(f"Ran out of memory on {where} while aligning")
+    assert "3 sections of 96x96 px" in text
+
+
+def test_other_runtime_errors_pass_through(small, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("something else")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(fit, "fit_stack", boom)
+    with pytest.raises(RuntimeError, match="something else"):
+        align_stack(small, **FAST)
