@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+STREAM_INTERVAL = 0.5
+"""Seconds between redraws of the result layers while sections stream in."""
+
 
 def show_error(message: str) -> None:
     """Show an error notification (indirection so tests can see what was shown)."""
@@ -587,6 +590,14 @@ class AlignWidget(QWidget):
         stream["vectors"][sec.z] = vec
         stream["magnitude"][sec.z] = mag
         stream["flags"][sec.z] = sec.flag
+        self.status.setText(f"Align: section {sec.z + 1}/{z_count} ready"
+                            + (f" ({sec.flag})" if sec.flag else ""))
+        # redrawing the layers for every section slowed the run down (the window repaint shares
+        # the CPU with the worker); the finished run shows every section anyway
+        now = time.perf_counter()
+        if stream.get("aligned_layer") and now - stream.get("drawn", 0.0) < STREAM_INTERVAL:
+            return
+        stream["drawn"] = now
         done = sorted(stream["vectors"])
         meta_kw = {"flags": stream["flags"], "params": job["params"].to_dict(),
                    "complete": False, "state": "running",
@@ -609,8 +620,6 @@ class AlignWidget(QWidget):
             translate=tf["translate"],
             metadata=L.result_metadata(L.ROLE_DISPLACEMENT, source, **meta_kw))
         L.upsert_layer(self.viewer, data, role=L.ROLE_DISPLACEMENT, source_name=source)
-        self.status.setText(f"Align: section {sec.z + 1}/{z_count} ready"
-                            + (f" ({sec.flag})" if sec.flag else ""))
 
     def _show_layers(self, source: str, *, aligned: np.ndarray, valid: np.ndarray,
                      displacement: np.ndarray, ncc_error: np.ndarray, meta_kw: dict[str, Any],

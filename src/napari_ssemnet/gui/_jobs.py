@@ -85,6 +85,32 @@ class TrainOutcome:
     seconds: float = 0.0
 
 
+PROGRESS_INTERVAL = 0.2
+"""Seconds between progress reports passed to the GUI thread. The core reports every
+iteration (about 150 a second on the sample); each report repaints the window, which under
+software OpenGL took the CPU the fit needed."""
+
+
+def throttled(gen: Generator[Any, None, Any], interval: float = PROGRESS_INTERVAL
+              ) -> Generator[Any, None, Any]:
+    """Pass on ``gen``'s events, but a :class:`Progress` only if ``interval`` seconds have passed
+    since the last one, its stage changed or it is the stage's last step; returns ``gen``'s
+    return value. Every other event (e.g. :class:`SectionResult`) is passed on."""
+    last_time, last_stage = -float("inf"), None
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if isinstance(event, Progress):
+            now = time.perf_counter()
+            if (event.stage == last_stage and now - last_time < interval
+                    and event.step < event.total):
+                continue
+            last_time, last_stage = now, event.stage
+        yield event
+
+
 def _failure(exc: BaseException) -> Failure:
     from ..core.errors import SsemnetError
 
@@ -97,7 +123,7 @@ def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event
     """Full-stack alignment; returns :class:`AlignOutcome`, :class:`Cancelled` or
     :class:`Failure`."""
     try:
-        result = yield from iter_align_stack(stack, params, should_stop=stop.is_set)
+        result = yield from throttled(iter_align_stack(stack, params, should_stop=stop.is_set))
         yield Progress("metrics", 0, 1, "local NCC error map")
         error = local_ncc_error(result.aligned, result.valid, flags=result.flags)
         yield Progress("metrics", 1, 1, "local NCC error map")
@@ -126,8 +152,8 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
 
         t0 = time.perf_counter()
         previous = None if base is None else base.displacement
-        section = yield from iter_align_section(stack, z, params, previous_displacement=previous,
-                                                should_stop=stop.is_set)
+        section = yield from throttled(iter_align_section(
+            stack, z, params, previous_displacement=previous, should_stop=stop.is_set))
         yield Progress("metrics", 0, 1, "local NCC error map")
         z_count, h, w = stack.shape
         if base is not None:
@@ -191,7 +217,7 @@ def train_job(stack: np.ndarray, *, steps: int | None, seed: int, device: str, o
         kwargs: dict[str, Any] = {"seed": seed, "device": device, "should_stop": stop.is_set}
         if steps:
             kwargs["steps"] = steps
-        model = yield from train_encoder([stack], **kwargs)
+        model = yield from throttled(train_encoder([stack], **kwargs))
         os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
         save_weights(model, out_path)
         return TrainOutcome(out_path, dict(getattr(model, "info", {}) or {}),
