@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import Qt, Signal
+from qtpy.QtCore import QEventLoop, Qt, Signal
 from qtpy.QtWidgets import (
     QApplication,
     QComboBox,
@@ -557,11 +557,12 @@ class AlignWidget(QWidget):
             job["snapshots"].append((role, layer, state))
 
     def _rollback(self, job: dict[str, Any]) -> None:
+        created = []
         for role, layer, state in job.get("snapshots", []):
             current = L.find_result_layer(self.viewer, job["source"], role)
             if state is None:
                 if current is not None:  # created by this run: remove the partial layer
-                    self.viewer.layers.remove(current)
+                    created.append(current)
                 continue
             if layer is not None and layer in self.viewer.layers:
                 layer.data = state["data"]
@@ -571,6 +572,14 @@ class AlignWidget(QWidget):
                     layer.edge_color = "magnitude"
                 layer.metadata = state["metadata"]
         job["snapshots"] = []
+        for i, layer in enumerate(created):
+            if i:
+                # Removing two layers between two canvas draws crashed napari 0.9.2 (vispy
+                # 0.17, Mesa llvmpipe) in the next draw; one at a time with a draw between
+                # did not (docs/widget.md, "Known problems").
+                QApplication.processEvents(QEventLoop.ProcessEventsFlag.ExcludeUserInputEvents)
+            if layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
 
     def _stream_section(self, sec: SectionResult) -> None:
         job = self._job

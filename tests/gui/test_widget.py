@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -288,3 +289,51 @@ def test_cancel_during_training_keeps_the_feature_model(qtbot, viewer_widget, st
     assert widget.form.value("features") == "shipped"
     assert list(tmp_path.iterdir()) == []
     assert widget.train_btn.isEnabled() and widget.align_btn.isEnabled()
+
+
+_CANCEL_IN_A_SHOWN_VIEWER = """
+import os, sys, time
+import napari
+from qtpy.QtCore import QEventLoop, QTimer
+from napari_ssemnet.core.sample import load_sample
+
+stack = load_sample(misaligned=True)[:5, :160, :160]
+viewer = napari.Viewer(show=True)
+viewer.add_image(stack, name="em")
+_dock, widget = viewer.window.add_plugin_dock_widget("napari-ssemnet", "Align EM stack")
+app = napari.qt.get_qapp()
+seen = []
+
+def on_insert(event):
+    seen.append(event.value.name)
+    if len(seen) == 2:  # both streamed layers exist: cancel now
+        QTimer.singleShot(0, widget.cancel)
+
+viewer.layers.events.inserted.connect(on_insert)
+loop = QEventLoop()
+widget.job_finished.connect(lambda state: loop.quit())
+widget.align()
+QTimer.singleShot(120_000, loop.quit)
+loop.exec_()
+for z in range(stack.shape[0]):  # draw the canvas a few times after the rollback
+    viewer.dims.set_current_step(0, z)
+    for _ in range(3):
+        app.processEvents()
+        time.sleep(0.02)
+print("OUTCOME", widget.last_outcome, len(seen), len(viewer.layers), flush=True)
+viewer.close()
+"""
+
+
+def test_cancel_while_streaming_does_not_crash_a_shown_viewer(tmp_path):
+    # With the canvas really drawing (shown window), removing the two partial layers in one go
+    # made the next draw segfault (napari 0.9.2 + Mesa); a subprocess keeps a crash contained.
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NAPARI_CONFIG": str(tmp_path / "settings.yaml")}
+    res = subprocess.run([sys.executable, "-c", _CANCEL_IN_A_SHOWN_VIEWER], env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("OUTCOME")][-1]
+    assert line == "OUTCOME cancelled 2 1", line  # cancelled, after 2 layers, 1 left
