@@ -34,7 +34,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def one_point(data: Path, dataset: str, n: int, size: int) -> dict:
+def one_point(data: Path, dataset: str, n: int, size: int, binning: int = 1) -> dict:
     from napari_ssemnet import align_stack
     from napari_ssemnet.core.memory import estimate_peak_bytes
 
@@ -61,33 +61,36 @@ def one_point(data: Path, dataset: str, n: int, size: int) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
-    align_stack(stack, progress=progress)
+    align_stack(stack, progress=progress, fit_binning=binning)
     seconds = time.perf_counter() - t0
     running[0] = False
     sampler.join()
-    return {"dataset": dataset, "sections": n, "size": size, "dtype": str(stack.dtype),
+    return {"dataset": dataset, "sections": n, "size": size, "fit_binning": binning,
+            "dtype": str(stack.dtype),
             "seconds": seconds, "baseline_mb": base,
             "stages_added_mb": {k: v - base for k, v in peaks.items()},
             "added_mb": max(peaks.values()) - base,
-            "estimate_mb": estimate_peak_bytes(stack.shape) / 2**20}
+            "estimate_mb": estimate_peak_bytes(stack.shape, binning) / 2**20}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     C.add_data_arg(p)
     p.add_argument("--points", nargs="+", default=DEFAULT_POINTS,
-                   help="DATASET:SECTIONS:SIZE, e.g. isbi:8:512 vnc:16:1024")
+                   help="DATASET:SECTIONS:SIZE[:FIT_BINNING], e.g. isbi:8:512 vnc:16:1024:2")
     p.add_argument("--output", default="memory_cpu.json", help="JSON under benchmarks/results/")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        dataset, n, size = args.one.split(":")
-        print("RESULT " + json.dumps(one_point(args.data, dataset, int(n), int(size))))
+        dataset, n, size, *binning = args.one.split(":")
+        print("RESULT " + json.dumps(one_point(args.data, dataset, int(n), int(size),
+                                               int(binning[0]) if binning else 1)))
         return
     out = {"machine": C.machine_info(), "points": []}
     print(f"load average before: {os.getloadavg()}", flush=True)
-    print("| data | sections x size | wall (s) | added at peak (MB) | estimate (MB) | "
-          "estimate / measured | peak stage |\n|---|---|---|---|---|---|---|", flush=True)
+    print("| data | sections x size | fit binning | wall (s) | added at peak (MB) | "
+          "estimate (MB) | estimate / measured | peak stage |\n"
+          "|---|---|---|---|---|---|---|---|", flush=True)
     for point in args.points:
         proc = subprocess.run([sys.executable, __file__, "--data", str(args.data),
                                "--one", point], capture_output=True, text=True)
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         row = json.loads(lines[-1][7:])
         worst = max(row["stages_added_mb"], key=row["stages_added_mb"].get)
         print(f"| {row['dataset']} | {row['sections']} x {row['size']}^2 | "
-              f"{row['seconds']:.1f} | {row['added_mb']:.0f} | {row['estimate_mb']:.0f} | "
+              f"{row['fit_binning']} | {row['seconds']:.1f} | {row['added_mb']:.0f} | "
+              f"{row['estimate_mb']:.0f} | "
               f"{row['estimate_mb'] / row['added_mb']:.2f} | {worst} |", flush=True)
         out["points"].append(row)
         C.save_json(args.output, out)

@@ -183,6 +183,15 @@ def check_stack(stack: Any, *, name: str = "stack", min_sections: int = 2) -> np
     return arr
 
 
+def check_binning(params: AlignParams, h: int, w: int) -> None:
+    """Raise :class:`InputError` if ``params.fit_binning`` leaves sections too small to fit."""
+    b = params.fit_binning
+    if min(h, w) // b < MIN_SIZE:
+        raise InputError(f"Fit binning {b} leaves {h // b}x{w // b} px of these {h}x{w} px "
+                         f"sections; the fit needs at least {MIN_SIZE}x{MIN_SIZE} px. Use a "
+                         f"fit binning of at most {max(1, min(h, w) // MIN_SIZE)}.")
+
+
 def align_stack(
     stack: np.ndarray,
     params: AlignParams | None = None,
@@ -257,6 +266,7 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams | None, *,
     if not 0 <= params.reference < z_count:
         raise InputError(f"Reference section {params.reference} is out of range; the stack has "
                          f"sections 0 to {z_count - 1}.")
+    check_binning(params, h, w)
 
     def stop_check() -> None:
         if should_stop is not None and should_stop():
@@ -265,7 +275,7 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams | None, *,
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     device = pick_device(params.device)
-    memory.check_memory(arr.shape, device)
+    memory.check_memory(arr.shape, device, binning=params.fit_binning)
     import torch
 
     torch.manual_seed(params.seed)
@@ -405,7 +415,8 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams | None, *,
     device = pick_device(params.device)
     torch.manual_seed(params.seed)
     lo, hi = max(0, z - params.window), min(z_count, z + params.window + 1)
-    memory.check_memory((hi - lo, h, w), device)
+    check_binning(params, h, w)
+    memory.check_memory((hi - lo, h, w), device, binning=params.fit_binning)
 
     def stop_check() -> None:
         if should_stop is not None and should_stop():

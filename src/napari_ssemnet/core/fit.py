@@ -182,28 +182,31 @@ def level_features(extractor, images: torch.Tensor, valid: torch.Tensor, usable:
     return out, c, kf
 
 
-def prewarp(norm: np.ndarray, matrices: np.ndarray, device
+def prewarp(norm: np.ndarray, matrices: np.ndarray, device, binning: int = 1
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resample normalised sections through their pre-alignment.
+    """Resample normalised sections through their pre-alignment, then bin them.
 
     Returns
     -------
-    images : Tensor, shape (Z, 1, H, W)
-    valid : Tensor, shape (Z, 1, H, W), float (1 inside the section)
+    images : Tensor, shape (Z, 1, H // binning, W // binning)
+    valid : Tensor, same shape, float (fraction of the bin inside the section)
     """
     z, h, w = norm.shape
     q = warp.level_points(h, w, device=device)
-    imgs = torch.empty(z, 1, h, w, device=device)
-    valid = torch.empty(z, 1, h, w, device=device)
+    imgs = torch.empty(z, 1, h // binning, w // binning, device=device)
+    valid = torch.empty_like(imgs)
     src = torch.from_numpy(norm).to(device)
     mats = torch.from_numpy(matrices).float().to(device)
     with torch.no_grad():
         for i in range(z):
             p = warp.apply_matrix(mats[i:i + 1], q)
             out, ok = warp.sample(src[i][None, None], p)
-            imgs[i] = out[0]
-            valid[i] = ok.float()
+            imgs[i], valid[i] = _bin(out, binning)[0], _bin(ok.float(), binning)[0]
     return imgs, valid
+
+
+def _bin(x: torch.Tensor, binning: int) -> torch.Tensor:
+    return F.avg_pool2d(x, binning) if binning > 1 else x
 
 
 def fit_stack(
@@ -228,7 +231,7 @@ def fit_stack(
         Pre-alignment (reference frame -> section pixels).
     blank, free : ndarray, shape (Z,), bool
     prewarped : (images, valid), optional
-        Pre-aligned sections if the caller has them, see :func:`prewarp`.
+        Pre-aligned sections at full resolution if the caller has them, see :func:`prewarp`.
     init_grid : Tensor, shape (Z, 2, gh, gw), optional
         Starting control grid (pixels), resampled to each level's node count.
 
@@ -244,7 +247,11 @@ def fit_stack(
     use_idx = torch.from_numpy(np.nonzero(usable)[0]).to(device)
     all_usable = bool(usable.all())
     pairs = _pair_weights(len(use_idx), params.window, params.neighbour_decay)
-    images, valid = prewarped if prewarped is not None else prewarp(norm, matrices, device)
+    b = params.fit_binning
+    if prewarped is not None:
+        images, valid = _bin(prewarped[0], b), _bin(prewarped[1], b)
+    else:
+        images, valid = prewarp(norm, matrices, device, b)
     free_t = torch.from_numpy(np.asarray(free, np.float32)).to(device)
     chain = parents_of(usable, params.reference)
 
@@ -262,20 +269,21 @@ def fit_stack(
             return fixed_mats
         return chain_matrices(translation_matrices(g * free_t[:, None]), chain)
 
+    # level ``lev`` works on sections binned by k = b * 2**lev (input pixels per level pixel);
+    # the finest fitted level is the binning b itself
     levels = params.levels
-    while levels > 1 and min(h, w) // 2 ** (levels - 1) < 32:
+    while levels > 1 and min(h, w) // (b * 2 ** (levels - 1)) < 32:
         levels -= 1
     grid = None
     for li, lev in enumerate(range(levels - 1, -1, -1)):
-        k = 2 ** lev
-        imgs_l = F.avg_pool2d(images, k) if k > 1 else images
-        val_l = F.avg_pool2d(valid, k) if k > 1 else valid
+        k = b * 2 ** lev
+        imgs_l, val_l = _bin(images, 2 ** lev), _bin(valid, 2 ** lev)
         feats, n_orig, kf_l = level_features(extractor, imgs_l, val_l, usable)
         kf = k * kf_l
         hf, wf = feats.shape[-2:]
         nfeat = feats.shape[1] - 1
 
-        gshape = warp.control_grid_shape(size, params.grid_spacing * k)
+        gshape = warp.control_grid_shape(size, params.grid_spacing * 2 ** lev)
         if grid is None and init_grid is not None:
             grid = warp.resize_grid(init_grid.to(device).float(), gshape)
         elif grid is None:

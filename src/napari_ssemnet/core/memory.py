@@ -18,20 +18,30 @@ from .errors import MemoryLimitError
 # Peak resident memory an alignment adds to its process, measured with the default
 # parameters on the 2-core dev box (benchmarks/bench_memory.py, docs/benchmarks.md): about
 # 80 bytes per input pixel of the stack plus about 300 MB that does not depend on the size
-# (8 x 256^2 to 16 x 1024^2). Rounded so that the estimate is at or above every measurement.
+# (8 x 256^2 to 16 x 1024^2). Rounded so that the estimate is at or above every measurement
+# (all but 4 x 1024^2 at binning 2, which it misses by 2 %).
 PEAK_BYTES_PER_PIXEL = 90
-PEAK_BYTES_FIXED = 300 * 2**20
+PEAK_BYTES_FIXED = 320 * 2**20
+# With fit_binning b the fit holds about 8 + 82 / b**2 bytes per input pixel, and the render
+# step (the result's aligned stack, displacement and validity) about 20, whichever is more
+# (measured with b = 1, 2 and 4).
+FIT_FULL_RESOLUTION_BYTES = 8
+RENDER_BYTES = 20
 SKIP_ENV = "NAPARI_SSEMNET_SKIP_MEMORY_CHECK"
 """Set to 1 to skip the check (e.g. with swap the estimate does not know about)."""
 
 
-def estimate_peak_bytes(shape: tuple[int, int, int]) -> int:
-    """Bytes an alignment of a ``(Z, H, W)`` stack adds at its peak (CPU, default parameters).
+def estimate_peak_bytes(shape: tuple[int, int, int], binning: int = 1) -> int:
+    """Bytes an alignment of a ``(Z, H, W)`` stack adds at its peak (CPU, default parameters
+    apart from ``fit_binning``).
 
     The input stack itself is not included: it is already in memory.
     """
     z, h, w = (int(s) for s in shape)
-    return PEAK_BYTES_PER_PIXEL * z * h * w + PEAK_BYTES_FIXED
+    fit = (FIT_FULL_RESOLUTION_BYTES
+           + (PEAK_BYTES_PER_PIXEL - FIT_FULL_RESOLUTION_BYTES) / binning**2)
+    per_px = max(RENDER_BYTES, fit)
+    return int(per_px * z * h * w) + PEAK_BYTES_FIXED
 
 
 def available_bytes() -> int | None:
@@ -55,12 +65,12 @@ def _gb(n: float) -> str:
 
 def _advice(shape: tuple[int, int, int]) -> str:
     z, h, w = shape
-    return ("Crop the stack to the region you need, bin it 2x2 first (about a quarter of the "
-            f"memory), align fewer than {z} sections at a time, or use a machine with more "
-            "memory.")
+    return ("Raise fit_binning (e.g. 2 or 4: the fit runs on binned sections), crop the stack "
+            f"to the region you need, align fewer than {z} sections at a time, or use a "
+            "machine with more memory.")
 
 
-def check_memory(shape: tuple[int, int, int], device: Any) -> None:
+def check_memory(shape: tuple[int, int, int], device: Any, binning: int = 1) -> None:
     """Raise :class:`MemoryLimitError` if aligning ``shape`` on the CPU would not fit.
 
     Only the CPU path is checked: on a GPU the run fails with a catchable out-of-memory error
@@ -69,7 +79,7 @@ def check_memory(shape: tuple[int, int, int], device: Any) -> None:
     if getattr(device, "type", str(device)) != "cpu" or os.environ.get(SKIP_ENV) == "1":
         return
     free = available_bytes()
-    need = estimate_peak_bytes(shape)
+    need = estimate_peak_bytes(shape, binning)
     if free is None or need <= free:
         return
     z, h, w = shape

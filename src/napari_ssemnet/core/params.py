@@ -78,6 +78,12 @@ class AlignParams:
            "full resolution (2: about 1.7x slower); 4 was the best trade of consistency and "
            "speed on real ssTEM.",
         minimum=1, maximum=6, label="pyramid levels")
+    fit_binning: int = _knob(
+        1, "Fit the deformation on sections binned by this factor, then apply it at full "
+           "resolution. For large sections (2048 px and up) 2 or 4 cut the fit's memory and "
+           "time by about 4x or 16x; detail finer than that many pixels is no longer fitted "
+           "(the grid spacing stays as set). 1 fits at full resolution.",
+        minimum=1, maximum=8, label="fit binning", advanced=True)
     learning_rate: float = _knob(
         0.1, "Adam step size, in pixels of the current pyramid level per iteration. Lower it if "
               "the fit oscillates, raise it if it creeps.", minimum=1e-4, maximum=10.0,
