@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from napari_ssemnet.core.align import Progress, SectionResult
+from napari_ssemnet.core.align import Progress, SectionResult, run_generator
 from napari_ssemnet.gui._jobs import throttled
 
 
@@ -21,11 +21,7 @@ def _events():
 
 def _drain(gen):
     out = []
-    while True:
-        try:
-            out.append(next(gen))
-        except StopIteration as stop:
-            return out, stop.value
+    return out, run_generator(gen, out.append)
 
 
 def test_throttled_keeps_stage_changes_last_steps_and_every_other_event():
