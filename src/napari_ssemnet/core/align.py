@@ -183,6 +183,14 @@ def check_stack(stack: Any, *, name: str = "stack", min_sections: int = 2) -> np
     return arr
 
 
+def _int_or(value: Any, default: int) -> int:
+    """``value`` as an int for sizing messages; bad values are left to parameter validation."""
+    try:
+        return int(value) if value is not None else default
+    except (TypeError, ValueError):
+        return default
+
+
 def check_binning(params: AlignParams, h: int, w: int) -> None:
     """Raise :class:`InputError` if ``params.fit_binning`` leaves sections too small to fit."""
     b = params.fit_binning
@@ -249,8 +257,10 @@ def iter_align_stack(
     from . import memory
 
     arr = check_stack(stack)
+    binning = _int_or(overrides.get("fit_binning"), (params or AlignParams()).fit_binning)
     return (yield from memory.guard(_iter_align_stack(
-        arr, params, should_stop=should_stop, encoder=encoder, **overrides), arr.shape))
+        arr, params, should_stop=should_stop, encoder=encoder, **overrides), arr.shape,
+        binning))
 
 
 def _iter_align_stack(arr: np.ndarray, params: AlignParams | None, *,
@@ -383,11 +393,13 @@ def iter_align_section(
     from . import memory
 
     arr = check_stack(stack)
-    window = int(overrides.get("window", (params or AlignParams()).window))
+    base = params or AlignParams()
+    window = _int_or(overrides.get("window"), base.window)
+    binning = _int_or(overrides.get("fit_binning"), base.fit_binning)
     held = (min(arr.shape[0], 2 * window + 1), *arr.shape[1:])
     return (yield from memory.guard(_iter_align_section(
         arr, z, params, previous_displacement=previous_displacement, should_stop=should_stop,
-        encoder=encoder, **overrides), held))
+        encoder=encoder, **overrides), held, binning))
 
 
 def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams | None, *,

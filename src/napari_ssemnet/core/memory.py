@@ -104,10 +104,10 @@ def _is_out_of_memory(exc: BaseException) -> bool:
                                               or "not enough memory" in text)
 
 
-def guard(gen: Generator[Any, None, Any], shape: tuple[int, int, int]
+def guard(gen: Generator[Any, None, Any], shape: tuple[int, int, int], binning: int = 1
           ) -> Generator[Any, None, Any]:
     """Run the generator ``gen``; an out-of-memory error inside becomes a
-    :class:`MemoryLimitError` about a stack of ``shape``."""
+    :class:`MemoryLimitError` about a stack of ``shape`` fitted at ``binning``."""
     try:
         return (yield from gen)
     except (MemoryError, RuntimeError) as exc:
@@ -117,5 +117,6 @@ def guard(gen: Generator[Any, None, Any], shape: tuple[int, int, int]
         where = "the GPU" if "cuda" in str(exc).lower() else "this machine"
         raise MemoryLimitError(
             f"Ran out of memory on {where} while aligning {z} sections of {h}x{w} px (an "
-            f"estimated {_gb(estimate_peak_bytes(shape))} on the CPU). {_advice(shape)} On a "
+            f"estimated {_gb(estimate_peak_bytes(shape, binning))} on the CPU). "
+            f"{_advice(shape)} On a "
             "GPU, device='cpu' may fit where the GPU does not.") from None
