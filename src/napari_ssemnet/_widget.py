@@ -572,14 +572,15 @@ class AlignWidget(QWidget):
                     layer.edge_color = "magnitude"
                 layer.metadata = state["metadata"]
         job["snapshots"] = []
-        for i, layer in enumerate(created):
-            if i:
-                # Removing two layers between two canvas draws crashed napari 0.9.2 (vispy
-                # 0.17, Mesa llvmpipe) in the next draw; one at a time with a draw between
-                # did not (docs/widget.md, "Known problems").
-                QApplication.processEvents(QEventLoop.ProcessEventsFlag.ExcludeUserInputEvents)
-            if layer in self.viewer.layers:
-                self.viewer.layers.remove(layer)
+        for layer in created:
+            if layer not in self.viewer.layers:
+                continue
+            # napari 0.9.2 (vispy 0.17, Mesa) crashed in the next canvas draw after removing
+            # two layers between draws, or a hidden layer; removing each one visible and
+            # right after a draw did not (docs/widget.md, "Known problems")
+            layer.visible = True
+            QApplication.processEvents(QEventLoop.ProcessEventsFlag.ExcludeUserInputEvents)
+            self.viewer.layers.remove(layer)
 
     def _stream_section(self, sec: SectionResult) -> None:
         job = self._job

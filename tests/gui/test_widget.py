@@ -291,23 +291,35 @@ def test_cancel_during_training_keeps_the_feature_model(qtbot, viewer_widget, st
     assert widget.train_btn.isEnabled() and widget.align_btn.isEnabled()
 
 
-_CANCEL_IN_A_SHOWN_VIEWER = """
+_REMOVAL_IN_A_SHOWN_VIEWER = """
 import os, sys, time
 import napari
 from qtpy.QtCore import QEventLoop, QTimer
+from napari_ssemnet import _layers as L
 from napari_ssemnet.core.sample import load_sample
 
-stack = load_sample(misaligned=True)[:5, :160, :160]
+stack = load_sample(misaligned=True)
 viewer = napari.Viewer(show=True)
 viewer.add_image(stack, name="em")
 _dock, widget = viewer.window.add_plugin_dock_widget("napari-ssemnet", "Align EM stack")
 app = napari.qt.get_qapp()
+
+
+def pump(n=10):
+    for _ in range(n):
+        app.processEvents()
+        time.sleep(0.02)
+
+
 seen = []
+mode = os.environ["REMOVAL_MODE"]
+
 
 def on_insert(event):
     seen.append(event.value.name)
-    if len(seen) == 2:  # both streamed layers exist: cancel now
-        QTimer.singleShot(0, widget.cancel)
+    if mode == "cancel" and len(seen) == 1:  # the first streamed layer: stop now
+        widget.cancel()  # the same handler call still adds the displacement layer
+
 
 viewer.layers.events.inserted.connect(on_insert)
 loop = QEventLoop()
@@ -315,25 +327,36 @@ widget.job_finished.connect(lambda state: loop.quit())
 widget.align()
 QTimer.singleShot(120_000, loop.quit)
 loop.exec_()
-for z in range(stack.shape[0]):  # draw the canvas a few times after the rollback
+pump()
+if mode == "hidden":
+    # a finished run whose layers the user hid: the rollback path must survive removing
+    # layers that were drawn, then hidden
+    for layer in list(viewer.layers)[1:]:
+        layer.visible = False
+    pump()
+    roles = (L.ROLE_ALIGNED, L.ROLE_DISPLACEMENT, L.ROLE_NCC_ERROR)
+    widget._rollback({"source": "em", "snapshots": [(r, None, None) for r in roles]})
+for z in range(stack.shape[0]):  # draw the canvas a few times afterwards
     viewer.dims.set_current_step(0, z)
-    for _ in range(3):
-        app.processEvents()
-        time.sleep(0.02)
+    pump(3)
 print("OUTCOME", widget.last_outcome, len(seen), len(viewer.layers), flush=True)
 viewer.close()
 """
 
 
-def test_cancel_while_streaming_does_not_crash_a_shown_viewer(tmp_path):
-    # With the canvas really drawing (shown window), removing the two partial layers in one go
-    # made the next draw segfault (napari 0.9.2 + Mesa); a subprocess keeps a crash contained.
+@pytest.mark.parametrize("mode, expected", [("cancel", "OUTCOME cancelled 2 1"),
+                                            ("hidden", "OUTCOME done 3 1")])
+def test_removing_result_layers_does_not_crash_a_shown_viewer(tmp_path, mode, expected):
+    # With the canvas really drawing (shown window), removing the two partial layers of a
+    # cancelled run in one go, or removing a layer that was drawn and then hidden, made the
+    # next draw segfault (napari 0.9.2 + Mesa); a subprocess keeps a crash contained.
     import subprocess
     import sys
 
-    env = {**os.environ, "NAPARI_CONFIG": str(tmp_path / "settings.yaml")}
-    res = subprocess.run([sys.executable, "-c", _CANCEL_IN_A_SHOWN_VIEWER], env=env,
+    env = {**os.environ, "NAPARI_CONFIG": str(tmp_path / "settings.yaml"),
+           "REMOVAL_MODE": mode}
+    res = subprocess.run([sys.executable, "-c", _REMOVAL_IN_A_SHOWN_VIEWER], env=env,
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("OUTCOME")][-1]
-    assert line == "OUTCOME cancelled 2 1", line  # cancelled, after 2 layers, 1 left
+    assert line == expected, line  # outcome, result layers created, layers left
