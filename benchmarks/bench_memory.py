@@ -6,7 +6,8 @@ run last reported (``prepare``, ``prealign``, ``fit level i/n``, ``render``). A 
 includes the set-up of the next one that runs before the next progress report (e.g. the
 encoding of level i+1 counts for "fit level i"). ``added`` is the peak minus the reading just
 before ``align_stack`` (imports and input loaded), which is what ``estimate_peak_bytes``
-predicts. Linux only (``/proc``).
+predicts. Sizes larger than the data tile each section (``tiled`` in the JSON): repeated
+content, so such points are for time and memory only. Linux only (``/proc``).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_memory.py
     OMP_NUM_THREADS=2 python benchmarks/bench_memory.py --points isbi:8:512 vnc:16:1024
@@ -22,6 +23,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
@@ -40,8 +43,12 @@ def one_point(data: Path, dataset: str, n: int, size: int, binning: int = 1) -> 
 
     full = C.load_stack(data, C.ISBI if dataset == "isbi" else C.VNC)[:n]
     h, w = full.shape[1:]
-    if size > min(h, w) or n > full.shape[0]:
-        raise SystemExit(f"error: {dataset} has {full.shape[0]} sections of {h}x{w}")
+    if n > full.shape[0]:
+        raise SystemExit(f"error: {dataset} has {full.shape[0]} sections")
+    reps = -(-size // min(h, w))
+    if reps > 1:  # larger than the data: tile each section (for time and memory only)
+        full = np.tile(full, (1, reps, reps))
+        h, w = full.shape[1:]
     oy, ox = (h - size) // 2, (w - size) // 2
     stack = full[:, oy:oy + size, ox:ox + size].copy()
     del full
@@ -66,6 +73,7 @@ def one_point(data: Path, dataset: str, n: int, size: int, binning: int = 1) -> 
     running[0] = False
     sampler.join()
     return {"dataset": dataset, "sections": n, "size": size, "fit_binning": binning,
+            "tiled": reps,
             "dtype": str(stack.dtype),
             "seconds": seconds, "baseline_mb": base,
             "stages_added_mb": {k: v - base for k, v in peaks.items()},
