@@ -2,9 +2,10 @@
 
 The builders (``*_layer_data``) are pure functions from NumPy arrays to napari
 ``LayerDataTuple`` values ``(data, kwargs, layer_type)``, so they can be tested without Qt.
-:func:`upsert_layer` is the only function here that touches a viewer; it only ever updates
-layers that this plugin created (recognised by ``metadata["ssemnet"]``), never the source
-layer or a user layer that happens to share a name.
+:func:`upsert_layer` and :func:`remove_layer` are the only functions here that touch a
+viewer; they only ever change layers that this plugin created (recognised by
+``metadata["ssemnet"]``), never the source layer or a user layer that happens to share a
+name.
 
 Result layer names are derived from the source layer name::
 
@@ -448,6 +449,24 @@ def is_result_layer(layer: Any) -> bool:
     return isinstance(layer.metadata, dict) and META_KEY in layer.metadata
 
 
+def remove_layer(viewer: Any, layer: Any) -> None:
+    """Remove ``layer`` from ``viewer`` in a way napari 0.9.2 survives on software OpenGL.
+
+    There (vispy 0.17, Mesa), removing two layers between two canvas draws, or removing a
+    layer that was drawn and then hidden, made the next draw segfault; removing each layer
+    visible and right after a draw did not (docs/widget.md, "Known problems").
+    """
+    if layer not in viewer.layers:
+        return
+    from qtpy.QtCore import QEventLoop
+    from qtpy.QtWidgets import QApplication
+
+    layer.visible = True
+    if QApplication.instance() is not None:
+        QApplication.processEvents(QEventLoop.ProcessEventsFlag.ExcludeUserInputEvents)
+    viewer.layers.remove(layer)
+
+
 def upsert_layer(viewer: Any, layer_data: LayerDataTuple, *, role: str, source_name: str
                  ) -> Any:
     """Add the result layer, or update in place the one this plugin made earlier.
@@ -464,7 +483,7 @@ def upsert_layer(viewer: Any, layer_data: LayerDataTuple, *, role: str, source_n
     existing = find_result_layer(viewer, source_name, role)
     if existing is None or layer_kind(existing) != layer_type:
         if existing is not None:
-            viewer.layers.remove(existing)
+            remove_layer(viewer, existing)
         adder = getattr(viewer, f"add_{layer_type}")
         return adder(data, **kwargs)
     update = {k: v for k, v in kwargs.items() if k not in ("name", "visible", "opacity",

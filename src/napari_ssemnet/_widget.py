@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import QEventLoop, Qt, Signal
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
     QApplication,
     QComboBox,
@@ -573,14 +573,7 @@ class AlignWidget(QWidget):
                 layer.metadata = state["metadata"]
         job["snapshots"] = []
         for layer in created:
-            if layer not in self.viewer.layers:
-                continue
-            # napari 0.9.2 (vispy 0.17, Mesa) crashed in the next canvas draw after removing
-            # two layers between draws, or a hidden layer; removing each one visible and
-            # right after a draw did not (docs/widget.md, "Known problems")
-            layer.visible = True
-            QApplication.processEvents(QEventLoop.ProcessEventsFlag.ExcludeUserInputEvents)
-            self.viewer.layers.remove(layer)
+            L.remove_layer(self.viewer, layer)
 
     def _stream_section(self, sec: SectionResult) -> None:
         job = self._job
