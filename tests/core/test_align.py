@@ -276,3 +276,22 @@ def test_fit_binning_that_leaves_too_few_pixels_is_an_input_error(small):
         align_stack(small, **{**FAST, "fit_binning": 4})
     with pytest.raises(InputError, match="at most 3"):
         align_section(small, 1, **{**FAST, "fit_binning": 4})
+
+
+def test_section_without_overlap_is_flagged_and_left_out_of_the_before_ncc(small, monkeypatch):
+    from napari_ssemnet.core import fit
+    from napari_ssemnet.core.metrics import adjacent_ncc, normalise_stack
+
+    full_displacement = fit.full_displacement
+
+    def pushed_out(residual, matrices, z, size, *, device):
+        d = full_displacement(residual, matrices, z, size, device=device)
+        return d + 1000.0 if z == 2 else d  # section 2 lands outside the frame
+
+    monkeypatch.setattr(fit, "full_displacement", pushed_out)
+    r = align_stack(small, **FAST)
+    assert r.flags == ["", "", "no_overlap", ""]
+    norm, _ = normalise_stack(small)
+    expected = adjacent_ncc(norm, None, np.array([True, True, False, True]))
+    np.testing.assert_allclose(r.ncc_before, expected, equal_nan=True)
+    assert np.isnan(r.ncc_after[2]) and np.isfinite(r.ncc_after[[0, 1, 3]]).all()

@@ -320,6 +320,11 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams | None, *,
         device=device, should_stop=stop_check)
     timings["fit"] = time.perf_counter() - t0
 
+    # the normalised stack (4 bytes per pixel) is not held through the render step
+    usable_before = np.array([f in (FLAG_OK, FLAG_LOW_CONFIDENCE) for f in flags])
+    ncc_before = metrics.adjacent_ncc(norm, None, usable_before)
+    del norm
+
     t0 = time.perf_counter()
     aligned = np.zeros((z_count, h, w), np.float32)
     displacement = np.zeros((z_count, 2, h, w), np.float32)
@@ -340,7 +345,8 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams | None, *,
     timings["render"] = time.perf_counter() - t0
 
     usable = np.array([f in (FLAG_OK, FLAG_LOW_CONFIDENCE) for f in flags])
-    ncc_before = metrics.adjacent_ncc(norm, None, usable)
+    if not np.array_equal(usable, usable_before):  # a section lost its overlap when rendered
+        ncc_before = metrics.adjacent_ncc(metrics.normalise_stack(arr)[0], None, usable)
     ncc_after = metrics.adjacent_ncc(aligned, valid, usable)
     timings["total"] = time.perf_counter() - t_start
     return AlignmentResult(aligned=aligned, displacement=displacement, valid=valid,
