@@ -35,3 +35,20 @@ def test_throttled_keeps_stage_changes_last_steps_and_every_other_event():
 def test_throttled_with_no_interval_passes_everything():
     events, value = _drain(throttled(_events(), interval=0.0))
     assert value == "done" and len(events) == 151
+
+
+def test_closing_the_throttled_job_closes_the_run_inside():
+    closed = []
+
+    def run():
+        try:
+            for i in range(10):
+                yield Progress("fit", i, 10)
+        finally:
+            closed.append(True)
+
+    inner = run()  # held here too, so garbage collection cannot close it for the wrapper
+    gen = throttled(inner)
+    next(gen)
+    gen.close()
+    assert closed == [True]

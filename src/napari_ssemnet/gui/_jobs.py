@@ -97,18 +97,21 @@ def throttled(gen: Generator[Any, None, Any], interval: float = PROGRESS_INTERVA
     since the last one, its stage changed or it is the stage's last step; returns ``gen``'s
     return value. Every other event (e.g. :class:`SectionResult`) is passed on."""
     last_time, last_stage = -float("inf"), None
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if isinstance(event, Progress):
-            now = time.perf_counter()
-            if (event.stage == last_stage and now - last_time < interval
-                    and event.step < event.total):
-                continue
-            last_time, last_stage = now, event.stage
-        yield event
+    try:
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            if isinstance(event, Progress):
+                now = time.perf_counter()
+                if (event.stage == last_stage and now - last_time < interval
+                        and event.step < event.total):
+                    continue
+                last_time, last_stage = now, event.stage
+            yield event
+    finally:
+        gen.close()  # closing this job closes the run inside it at once
 
 
 def _failure(exc: BaseException) -> Failure:
