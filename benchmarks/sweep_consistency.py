@@ -11,6 +11,10 @@ the variant ``prealign=rigid,magnitude_penalty=10000`` for it).
 
     OMP_NUM_THREADS=2 python benchmarks/sweep_consistency.py
     OMP_NUM_THREADS=2 python benchmarks/sweep_consistency.py --variants defaults window=1
+    OMP_NUM_THREADS=2 python benchmarks/sweep_consistency.py --hard '{"blank": 3}'
+
+``--hard`` replaces the hard case's degradations (keyword arguments of
+``core.synth.apply_misalignment``), e.g. to separate the blank section from the jitter.
 """
 
 from __future__ import annotations
@@ -44,13 +48,14 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return text, out
 
 
-def run_variant(full: np.ndarray, crop: int, params: dict, seeds: list[int]) -> dict:
+def run_variant(full: np.ndarray, crop: int, params: dict, seeds: list[int],
+                hard: dict | None = None) -> dict:
     t0 = time.perf_counter()
     first = C.make_case("sweep", full, crop, seed=seeds[0])
     c = C.run_ours(C.untouched_case(first).clean, **params)
     untouched_ncc = C.evaluate(C.untouched_case(first), c["d"], c["valid"])["adjacent_ncc"]
     out: dict = {"params": params, "untouched_ncc": untouched_ncc}
-    for case_name, extra in (("clean", {}), ("hard", HARD)):
+    for case_name, extra in (("clean", {}), ("hard", HARD if hard is None else hard)):
         rows = []
         for seed in seeds:
             case = C.make_case("sweep", full, crop, seed=seed, **extra)
@@ -77,17 +82,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", nargs="+", default=["defaults"],
                    help='"defaults" or "name=value,name=value" (AlignParams names)')
     p.add_argument("--out", default="sweep_consistency.json")
+    p.add_argument("--hard", type=json.loads, default=None,
+                   help=f"JSON degradations of the hard case (default {json.dumps(HARD)})")
     args = p.parse_args(argv)
     name, sections, crop = DATASETS[args.dataset]
     full = C.load_stack(args.data, name)[:sections]
     seeds = list(range(args.seeds))
     results = {"machine": C.machine_info(), "dataset": args.dataset, "sections": sections,
-               "crop": crop, "seeds": seeds, "variants": {}}
+               "crop": crop, "seeds": seeds, "hard": args.hard or HARD, "variants": {}}
     print("| variant | clean median / p95 (worst p95) | hard median / p95 (worst p95) | "
           "adjacent NCC clean / untouched | s |\n|---|---|---|---|---|", flush=True)
     for text in args.variants:
         label, params = parse_variant(text)
-        r = run_variant(full, crop, params, seeds)
+        r = run_variant(full, crop, params, seeds, args.hard)
         results["variants"][label] = r
         cl, hd = r["clean"], r["hard"]
         print(f"| {label} | {cl['mean_median']:.2f} / {cl['mean_p95']:.2f} "
