@@ -183,12 +183,10 @@ def check_stack(stack: Any, *, name: str = "stack", min_sections: int = 2) -> np
     return arr
 
 
-def _int_or(value: Any, default: int) -> int:
-    """``value`` as an int for sizing messages; bad values are left to parameter validation."""
-    try:
-        return int(value) if value is not None else default
-    except (TypeError, ValueError):
-        return default
+def resolve_params(params: AlignParams | None, overrides: dict[str, Any]) -> AlignParams:
+    """``params`` (default ``AlignParams()``) with ``overrides`` applied and validated."""
+    params = params or AlignParams()
+    return params.replace(**overrides) if overrides else params
 
 
 def check_binning(params: AlignParams, h: int, w: int) -> None:
@@ -257,21 +255,18 @@ def iter_align_stack(
     from . import memory
 
     arr = check_stack(stack)
-    binning = _int_or(overrides.get("fit_binning"), (params or AlignParams()).fit_binning)
+    params = resolve_params(params, overrides)
     return (yield from memory.guard(_iter_align_stack(
-        arr, params, should_stop=should_stop, encoder=encoder, **overrides), arr.shape,
-        binning))
+        arr, params, should_stop=should_stop, encoder=encoder), arr.shape, params.fit_binning))
 
 
-def _iter_align_stack(arr: np.ndarray, params: AlignParams | None, *,
-                      should_stop: StopCallback | None, encoder: Any, **overrides: Any
+def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
+                      should_stop: StopCallback | None, encoder: Any
                       ) -> Generator[Progress | SectionResult, None, AlignmentResult]:
     from . import fit, memory, metrics, prealign, warp  # torch is imported lazily
     from .device import pick_device
     from .features import load_feature_extractor
 
-    params = (params or AlignParams()).replace(**overrides) if overrides else (
-        params or AlignParams())
     z_count, h, w = arr.shape
     if not 0 <= params.reference < z_count:
         raise InputError(f"Reference section {params.reference} is out of range; the stack has "
@@ -399,18 +394,16 @@ def iter_align_section(
     from . import memory
 
     arr = check_stack(stack)
-    base = params or AlignParams()
-    window = _int_or(overrides.get("window"), base.window)
-    binning = _int_or(overrides.get("fit_binning"), base.fit_binning)
-    held = (min(arr.shape[0], 2 * window + 1), *arr.shape[1:])
+    params = resolve_params(params, overrides)
+    held = (min(arr.shape[0], 2 * params.window + 1), *arr.shape[1:])
     return (yield from memory.guard(_iter_align_section(
         arr, z, params, previous_displacement=previous_displacement, should_stop=should_stop,
-        encoder=encoder, **overrides), held, binning))
+        encoder=encoder), held, params.fit_binning))
 
 
-def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams | None, *,
+def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
                         previous_displacement: np.ndarray | None,
-                        should_stop: StopCallback | None, encoder: Any, **overrides: Any
+                        should_stop: StopCallback | None, encoder: Any
                         ) -> Generator[Progress, None, SectionResult]:
     import torch
 
@@ -418,8 +411,6 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams | None, *,
     from .device import pick_device
     from .features import load_feature_extractor
 
-    params = (params or AlignParams()).replace(**overrides) if overrides else (
-        params or AlignParams())
     z_count, h, w = arr.shape
     if not 0 <= z < z_count:
         raise InputError(f"Section {z} is out of range; the stack has sections 0 to "
