@@ -24,7 +24,6 @@ import json
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from . import __version__
+from .core.align import ProgressRate
 from .core.errors import AlignmentCancelled, SsemnetError
 from .core.params import TRAIN_STEPS, AlignParams, ParameterError, knobs
 
@@ -132,10 +132,9 @@ class ProgressPrinter:
             isatty = getattr(self.stream, "isatty", None)
             tty = bool(isatty()) if callable(isatty) else False
         self.tty = tty
-        self.interval = 1.0 / rate
+        self._rate = ProgressRate(1.0 / rate)
         self.width = width
         self.stage: str | None = None
-        self._last = 0.0
         self._shown = 0  # length of the bar on screen, to blank leftovers
         self.sections_done = 0
 
@@ -152,12 +151,8 @@ class ProgressPrinter:
                 msg = f": {event.message}" if event.message else ""
                 self.stream.write(f"{stage}{msg}\n")
                 self.stream.flush()
-        if not self.tty:
+        if not self.tty or not self._rate.due(event):
             return
-        now = time.monotonic()
-        if not new_stage and event.step < event.total and now - self._last < self.interval:
-            return
-        self._last = now
         frac = min(max(event.step / event.total, 0.0), 1.0) if event.total else 1.0
         n = int(round(frac * self.width))
         text = (f"{stage:<14} [{'#' * n}{'.' * (self.width - n)}] "

@@ -41,6 +41,29 @@ class Progress:
     section: int | None = None
 
 
+class ProgressRate:
+    """Which :class:`Progress` events are worth showing: the first of each stage, each
+    stage's last step, and otherwise at most one every ``interval`` seconds.
+
+    The core reports every fit iteration (about 150 a second on the sample); front ends that
+    draw each report (a terminal bar, a Qt window) pass them through this first.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._stage: str | None = None
+        self._last = -float("inf")
+
+    def due(self, event: Progress) -> bool:
+        """True if ``event`` should be shown (and remembered as the last one shown)."""
+        now = time.monotonic()
+        if (event.stage == self._stage and event.step < event.total
+                and now - self._last < self.interval):
+            return False
+        self._stage, self._last = event.stage, now
+        return True
+
+
 @dataclass
 class SectionResult:
     """One finished section, reported while the full result is assembled.

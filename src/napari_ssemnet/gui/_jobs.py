@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .._layers import local_ncc_error
-from ..core.align import AlignmentResult, Progress, SectionResult, iter_align_stack
+from ..core.align import AlignmentResult, Progress, ProgressRate, SectionResult, iter_align_stack
 from ..core.errors import AlignmentCancelled
 from ..core.params import AlignParams
 
@@ -93,22 +93,18 @@ software OpenGL took the CPU the fit needed."""
 
 def throttled(gen: Generator[Any, None, Any], interval: float = PROGRESS_INTERVAL
               ) -> Generator[Any, None, Any]:
-    """Pass on ``gen``'s events, but a :class:`Progress` only if ``interval`` seconds have passed
-    since the last one, its stage changed or it is the stage's last step; returns ``gen``'s
-    return value. Every other event (e.g. :class:`SectionResult`) is passed on."""
-    last_time, last_stage = -float("inf"), None
+    """Pass on ``gen``'s events, a :class:`Progress` only when :class:`ProgressRate` finds
+    it due; returns ``gen``'s return value. Every other event (e.g. :class:`SectionResult`)
+    is passed on."""
+    rate = ProgressRate(interval)
     try:
         while True:
             try:
                 event = next(gen)
             except StopIteration as stop:
                 return stop.value
-            if isinstance(event, Progress):
-                now = time.perf_counter()
-                if (event.stage == last_stage and now - last_time < interval
-                        and event.step < event.total):
-                    continue
-                last_time, last_stage = now, event.stage
+            if isinstance(event, Progress) and not rate.due(event):
+                continue
             yield event
     finally:
         gen.close()  # closing this job closes the run inside it at once
