@@ -103,19 +103,24 @@ def encode_tiled(extractor: nn.Module, imgs: torch.Tensor,
         side = max(64, int(budget_px ** 0.5) - 2 * halo) // 2 * 2
         out = None
         for i in range(b):
-            for y0 in range(0, h, side):
-                for x0 in range(0, w, side):
-                    y1, x1 = min(h, y0 + side), min(w, x0 + side)
-                    ya, xa = max(0, y0 - halo), max(0, x0 - halo)
-                    yb, xb = min(h, y1 + halo), min(w, x1 + halo)
-                    f = extractor.encode(imgs[i:i + 1, :, ya:yb, xa:xb])
+            for ys, yk in _tile_spans(h, side, halo):
+                for xs, xk in _tile_spans(w, side, halo):
+                    f = extractor.encode(imgs[i:i + 1, :, ys, xs])
                     if out is None:
                         out = imgs.new_empty(b, f.shape[1], (h + 1) // 2, (w + 1) // 2)
-                    oy, ox = (y0 - ya) // 2, (x0 - xa) // 2
-                    ny, nx = (y1 - y0 + 1) // 2, (x1 - x0 + 1) // 2
-                    out[i, :, y0 // 2:y0 // 2 + ny, x0 // 2:x0 // 2 + nx] = \
-                        f[0, :, oy:oy + ny, ox:ox + nx]
+                    out[i, :, yk[0], xk[0]] = f[0, :, yk[1], xk[1]]
         return out
+
+
+def _tile_spans(n: int, side: int, halo: int):
+    """Tiles of one axis of length ``n``: (input slice with halo, (output slice, slice of the
+    tile's half-resolution output that goes there))."""
+    for a in range(0, n, side):
+        b = min(n, a + side)
+        lo, hi = max(0, a - halo), min(n, b + halo)
+        keep = (b - a + 1) // 2
+        first = (a - lo) // 2
+        yield slice(lo, hi), (slice(a // 2, a // 2 + keep), slice(first, first + keep))
 
 
 def shipped_weights_path() -> Path:

@@ -476,7 +476,8 @@ def prealign_stack(
     conf[blank] = 0.0
     if kind == "none":
         return mats, conf
-    low, k = work_images(torch.from_numpy(norm).to(device))
+    norm_t = torch.from_numpy(norm).to(device)
+    low, k = work_images(norm_t)
     low_gap: torch.Tensor | None = None  # made on the first pair across a gap
     order = [list(range(reference + 1, z_count)), list(range(reference - 1, -1, -1))]
     done = 0
@@ -496,7 +497,7 @@ def prealign_stack(
                 band, pair_kind, hypotheses = pair_settings(kind, zz - cand)
                 with torch.no_grad():
                     if band != MEMBRANE_BAND and low_gap is None:
-                        low_gap, _ = work_images(torch.from_numpy(norm).to(device), GAP_BAND)
+                        low_gap, _ = work_images(norm_t, GAP_BAND)
                     src = low if band == MEMBRANE_BAND else low_gap
                     m, c = estimate_pair(src[cand], src[zz], kind=pair_kind, k=k,
                                          max_rotation=max_rotation, full_size=(h, w),
