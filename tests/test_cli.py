@@ -194,3 +194,60 @@ def test_subprocess_version_and_align(tiny_tif, tmp_path):
                          capture_output=True, text=True, timeout=60, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().startswith("error:") and json.dumps(bad.stderr).count("\\n") == 1
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_blockwise_align_streams_to_disk_and_matches_the_api(tiny_tif, tmp_path, capsys,
+                                                             compression):
+    from napari_ssemnet.core.align import align_stack
+
+    stack = read_stack(tiny_tif)
+    src = tmp_path / "in.tif"
+    write_stack(src, stack, compression=compression)  # zlib: read page by page
+    out, fields = tmp_path / "o" / "al.tif", tmp_path / "f" / "f.npz"
+    code = cli.main(["align", str(src), "-o", str(out), "--fields", str(fields),
+                     "--block-size", "3", "--window", "1", *TINY])
+    assert code == 0
+    assert "in 2 blocks of at most 3 sections" in capsys.readouterr().out
+    r = align_stack(stack, AlignParams(block_size=3, window=1, iterations=5, levels=1,
+                                       features="pixels", prealign="translation",
+                                       grid_spacing=32, device="cpu"))
+    disp, params, extra = load_fields(fields, with_extra=True)
+    np.testing.assert_array_equal(disp, r.displacement)
+    assert params["block_size"] == 3 and list(extra["flags"]) == r.flags
+    np.testing.assert_allclose(extra["ncc_after"], r.ncc_after)
+    aligned = read_stack(out)
+    assert aligned.dtype == stack.dtype
+    np.testing.assert_array_equal(aligned, np.clip(np.rint(r.aligned), 0, 255))
+    # the working files are gone
+    assert sorted(p.name for p in out.parent.iterdir()) == ["al.tif"]
+    assert sorted(p.name for p in fields.parent.iterdir()) == ["f.npz"]
+
+
+def test_blockwise_cancel_keeps_an_existing_output_and_leaves_no_files(tiny_tif, tmp_path,
+                                                                      monkeypatch, capsys):
+    import napari_ssemnet.core.blocks as blocks
+
+    real = blocks.iter_align_blocks
+
+    def interrupted(*args, **kwargs):
+        gen = real(*args, **kwargs)
+        yield next(gen)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(blocks, "iter_align_blocks", interrupted)
+    out = tmp_path / "al.tif"
+    out.write_bytes(b"the user's earlier result")
+    code = cli.main(["align", str(tiny_tif), "-o", str(out), "--fields",
+                     str(tmp_path / "f.npz"), "--block-size", "3", "--window", "1", *TINY])
+    assert code == 130 and "cancelled" in capsys.readouterr().err
+    assert out.read_bytes() == b"the user's earlier result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["al.tif"]
+
+
+def test_block_size_below_window_plus_two_is_one_error_line(tiny_tif, tmp_path, capsys):
+    code = cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "o.tif"),
+                     "--block-size", "3", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: Parameter 'block_size'") and "window + 2" in err
+    assert not (tmp_path / "o.tif").exists()

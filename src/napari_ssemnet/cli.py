@@ -209,7 +209,7 @@ def _as_output_dtype(aligned: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
     from .core.align import align_stack
-    from .core.io import read_stack, save_fields, write_stack
+    from .core.io import open_stack, read_stack, save_fields, write_stack
 
     if args.sample and args.input:
         raise SsemnetError("Give either an INPUT file or --sample, not both.")
@@ -220,17 +220,25 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
     if output is None:
         raise SsemnetError("No output file: add -o ALIGNED.tif.")
     params = params_from_args(args)  # before reading a big stack: fail fast on bad options
+    blockwise = params.block_size > 0
     if args.sample:
         from .core.sample import load_sample
 
         stack = load_sample(misaligned=True)
         source = "the shipped sample (ISBI 2012 crop with a known misalignment)"
     else:
-        stack = read_stack(args.input)
+        # block-wise runs read the sections as they go (memory-mapped when uncompressed)
+        stack = open_stack(args.input) if blockwise else read_stack(args.input)
         source = str(args.input)
     out.write(f"aligning {source}: {stack.shape[0]} sections of {stack.shape[1]}x"
               f"{stack.shape[2]} px, {stack.dtype}\n")
     out.flush()
+    if blockwise and params.block_size < stack.shape[0]:
+        try:
+            return _align_blocks_to_disk(stack, params, args, output, out)
+        finally:
+            if hasattr(stack, "close"):
+                stack.close()
     printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
     callback = None if args.quiet else printer
     try:
@@ -252,6 +260,75 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
     except OSError as exc:
         raise SsemnetError(f"Could not write the output: {exc}") from None
     out.write(result.summary() + "\n")
+    return EXIT_OK
+
+
+def _partial(path: Path, suffix: str) -> Path:
+    """A working file next to ``path`` that replaces nothing of the user's."""
+    return path.with_name(f".{path.name}.{suffix}")
+
+
+def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namespace,
+                          output: str, out: TextIO) -> int:
+    """Block-wise run whose sections go straight into memory-mapped files: the aligned TIFF
+    (written under a temporary name, renamed once complete) and the displacement, which the
+    later blocks read back and ``--fields`` packs into its ``.npz``."""
+    import tifffile
+
+    from .core.align import format_summary, run_generator
+    from .core.blocks import iter_align_blocks
+    from .core.io import _BIGTIFF_BYTES, save_fields
+
+    z, h, w = (int(n) for n in stack.shape)
+    dtype = np.dtype(stack.dtype) if args.output_dtype == "input" else np.dtype(np.float32)
+    if dtype.kind == "b":
+        dtype = np.dtype(np.uint8)
+    out_path = Path(output)
+    fields_path = Path(args.fields) if args.fields else None
+    tmp_tif = _partial(out_path, "partial.tif")
+    tmp_disp = _partial(fields_path or out_path, "displacement.partial.npy")
+    made: list[Path] = []
+    printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_disp.parent.mkdir(parents=True, exist_ok=True)
+        made += [tmp_tif, tmp_disp]
+        aligned = tifffile.memmap(tmp_tif, shape=(z, h, w), dtype=dtype,
+                                  photometric="minisblack",
+                                  bigtiff=z * h * w * dtype.itemsize > _BIGTIFF_BYTES)
+        disp = np.lib.format.open_memmap(tmp_disp, mode="w+", dtype=np.float32,
+                                         shape=(z, 2, h, w))
+    except OSError as exc:
+        for f in made:
+            f.unlink(missing_ok=True)
+        raise SsemnetError(f"Could not create the output files: {exc}") from None
+    try:
+        with ctrl_c_stops() as should_stop:
+            gen = iter_align_blocks(stack, params, displacement=disp, aligned=aligned,
+                                    should_stop=should_stop)
+            summary = run_generator(gen, None if args.quiet else printer)
+        printer.close()
+        aligned.flush()
+        del aligned
+        disp.flush()
+        tmp_tif.replace(out_path)
+        made.remove(tmp_tif)
+        out.write(f"aligned stack -> {out_path}\n")
+        if fields_path is not None:
+            fpath = save_fields(fields_path, disp, params=params, flags=summary.flags,
+                                ncc_before=summary.ncc_before, ncc_after=summary.ncc_after)
+            out.write(f"displacement fields -> {fpath}\n")
+    except OSError as exc:
+        raise SsemnetError(f"Could not write the output: {exc}") from None
+    finally:
+        printer.close()
+        del disp  # unmap before removing the working files
+        for f in made:
+            f.unlink(missing_ok=True)
+    out.write(f"aligned in {len(summary.blocks)} blocks of at most {params.block_size} "
+              "sections\n")
+    out.write(format_summary((z, h, w), summary.device, summary.timings, summary.ncc_before,
+                             summary.ncc_after, summary.flags) + "\n")
     return EXIT_OK
 
 

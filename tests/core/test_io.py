@@ -10,8 +10,10 @@ import tifffile
 
 from napari_ssemnet.core.errors import InputError
 from napari_ssemnet.core.io import (
+    PageStack,
     apply_displacement,
     load_fields,
+    open_stack,
     read_stack,
     save_fields,
     write_stack,
@@ -80,6 +82,43 @@ def test_nan_stack_is_refused(tmp_path):
     write_stack(tmp_path / "nan.tif", arr)
     with pytest.raises(InputError, match="NaN"):
         read_stack(tmp_path / "nan.tif")
+
+
+@pytest.mark.parametrize("compression, kind", [(None, np.memmap), ("zlib", PageStack)])
+def test_open_stack_reads_sections_on_demand(tmp_path, compression, kind):
+    arr = (np.random.default_rng(2).random((5, 40, 48)) * 60000).astype(np.uint16)
+    path = write_stack(tmp_path / "s.tif", arr, compression=compression)
+    stack = open_stack(path)
+    try:
+        assert isinstance(stack, kind)
+        assert stack.shape == (5, 40, 48) and stack.dtype == np.uint16 and len(stack) == 5
+        for z in (0, 4, -1):
+            np.testing.assert_array_equal(np.asarray(stack[z]), arr[z])
+        if kind is np.memmap:
+            with pytest.raises(ValueError):  # opened read-only: the file cannot change
+                stack[0, 0, 0] = 1
+    finally:
+        if hasattr(stack, "close"):
+            stack.close()
+
+
+def test_open_stack_refuses_what_read_stack_refuses(tmp_path):
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((3, 64, 64, 3), np.uint8))
+    tifffile.imwrite(tmp_path / "one.tif", np.zeros((64, 64), np.uint8))
+    tifffile.imwrite(tmp_path / "small.tif", np.zeros((3, 16, 16), np.uint8),
+                     photometric="minisblack")
+    (tmp_path / "x.tif").write_text("this is not an image")
+    path = write_stack(tmp_path / "cut.tif", np.zeros((4, 64, 64), np.uint8) + 7)
+    path.write_bytes(path.read_bytes()[:3000])
+    nan = np.zeros((2, 64, 64), np.float32)
+    nan[1, 3, 3] = np.nan
+    write_stack(tmp_path / "nan.tif", nan)
+    for name, words in [("rgb.tif", "RGB"), ("one.tif", "single 2D image"),
+                        ("small.tif", "too small"), ("x.tif", "not a readable TIFF"),
+                        ("cut.tif", "not a readable TIFF"), ("nan.tif", "NaN"),
+                        ("missing.tif", "does not exist")]:
+        with pytest.raises(InputError, match=words):
+            open_stack(tmp_path / name)
 
 
 def test_fields_round_trip_with_params_flags_and_extras(tmp_path):

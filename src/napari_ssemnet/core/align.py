@@ -130,18 +130,26 @@ class AlignmentResult:
 
     def summary(self) -> str:
         """A few human-readable lines about the run."""
-        finite_b = np.nanmean(self.ncc_before) if np.isfinite(self.ncc_before).any() else np.nan
-        finite_a = np.nanmean(self.ncc_after) if np.isfinite(self.ncc_after).any() else np.nan
-        z = self.aligned.shape[0]
-        lines = [
-            f"{z} sections of {self.aligned.shape[1]}x{self.aligned.shape[2]} px on "
-            f"{self.device} in {self.timings.get('total', float('nan')):.1f} s "
-            f"({self.timings.get('total', float('nan')) / max(z, 1):.2f} s/section)",
-            f"mean adjacent NCC: {finite_b:.3f} before, {finite_a:.3f} after",
-        ]
-        for zz in self.flagged:
-            lines.append(f"section {zz}: {self.flags[zz]}")
-        return "\n".join(lines)
+        return format_summary(self.aligned.shape, self.device, self.timings, self.ncc_before,
+                              self.ncc_after, self.flags)
+
+
+def format_summary(shape: tuple[int, ...], device: str, timings: dict[str, float],
+                   ncc_before: np.ndarray, ncc_after: np.ndarray, flags: list[str]) -> str:
+    """The lines of :meth:`AlignmentResult.summary` for a run of a (Z, H, W) stack."""
+    finite_b = np.nanmean(ncc_before) if np.isfinite(ncc_before).any() else np.nan
+    finite_a = np.nanmean(ncc_after) if np.isfinite(ncc_after).any() else np.nan
+    z = shape[0]
+    total = timings.get("total", float("nan"))
+    lines = [
+        f"{z} sections of {shape[1]}x{shape[2]} px on {device} in {total:.1f} s "
+        f"({total / max(z, 1):.2f} s/section)",
+        f"mean adjacent NCC: {finite_b:.3f} before, {finite_a:.3f} after",
+    ]
+    for zz, f in enumerate(flags):
+        if f:
+            lines.append(f"section {zz}: {f}")
+    return "\n".join(lines)
 
 
 ProgressCallback = Callable[[Progress | SectionResult], None]
@@ -197,9 +205,9 @@ def check_stack(stack: Any, *, name: str = "stack", min_sections: int = 2) -> np
         raise InputError(f"Sections of {h}x{w} px are too small; at least {MIN_SIZE}x{MIN_SIZE} "
                          "px are needed.")
     if np.issubdtype(arr.dtype, np.floating):
-        bad = ~np.isfinite(arr)
-        if bad.any():
-            zs = np.unique(np.nonzero(bad.reshape(z, -1).any(axis=1))[0])
+        # one section at a time: a whole-stack mask would be 1 byte per pixel of a big stack
+        zs = [i for i in range(z) if not np.isfinite(arr[i]).all()]
+        if zs:
             shown = ", ".join(str(int(s)) for s in zs[:10]) + (" ..." if len(zs) > 10 else "")
             raise InputError(f"The {name} contains NaN or infinite values in section(s) {shown}; "
                              "replace them (e.g. with 0) before aligning.")
@@ -279,8 +287,33 @@ def iter_align_stack(
 
     arr = check_stack(stack)
     params = resolve_params(params, overrides)
-    return (yield from memory.guard(_iter_align_stack(
-        arr, params, should_stop=should_stop, encoder=encoder), arr.shape, params.fit_binning))
+    if 0 < params.block_size < arr.shape[0]:
+        gen = _iter_align_stack_blocks(arr, params, should_stop=should_stop, encoder=encoder)
+        held = (params.block_size, *arr.shape[1:])
+    else:
+        gen = _iter_align_stack(arr, params, should_stop=should_stop, encoder=encoder)
+        held = arr.shape
+    return (yield from memory.guard(gen, held, params.fit_binning))
+
+
+def _iter_align_stack_blocks(arr: np.ndarray, params: AlignParams, *,
+                             should_stop: StopCallback | None, encoder: Any
+                             ) -> Generator[Progress | SectionResult, None, AlignmentResult]:
+    """Block-wise run (``params.block_size``) into a result held in memory."""
+    from .blocks import iter_align_blocks
+    from .memory import RESULT_BYTES
+
+    z_count, h, w = arr.shape
+    aligned = np.zeros((z_count, h, w), np.float32)
+    displacement = np.zeros((z_count, 2, h, w), np.float32)
+    valid = np.zeros((z_count, h, w), bool)
+    summary = yield from iter_align_blocks(
+        arr, params, displacement=displacement, aligned=aligned, valid=valid,
+        should_stop=should_stop, encoder=encoder, extra_bytes=RESULT_BYTES * arr.size)
+    return AlignmentResult(aligned=aligned, displacement=displacement, valid=valid,
+                           ncc_before=summary.ncc_before, ncc_after=summary.ncc_after,
+                           flags=summary.flags, params=params, timings=summary.timings,
+                           device=summary.device)
 
 
 def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,

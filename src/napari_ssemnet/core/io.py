@@ -94,6 +94,91 @@ def read_stack(path: str | os.PathLike, *, min_sections: int = 2) -> np.ndarray:
     return check_stack(arr, name=f"stack in {p.name}", min_sections=min_sections)
 
 
+class PageStack:
+    """A multi-page TIFF read one section (page) at a time: ``shape``, ``dtype``, ``ndim``,
+    ``size``, ``len`` and ``stack[z]`` for an integer z, so that a block-wise alignment never
+    holds the whole file. Close it (or use it as a context manager) when done."""
+
+    def __init__(self, tif: Any, pages: Any, shape: tuple[int, int, int], dtype: np.dtype
+                 ) -> None:
+        self._tif, self._pages = tif, pages
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        self.ndim, self.size = 3, int(np.prod(shape))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        if not isinstance(z, int | np.integer):
+            raise TypeError("PageStack supports integer indices only")
+        z = int(z)
+        if not -self.shape[0] <= z < self.shape[0]:
+            raise IndexError(f"section {z} out of range")
+        return np.asarray(self._pages[z % self.shape[0]].asarray()).reshape(self.shape[1:])
+
+    def close(self) -> None:
+        self._tif.close()
+
+    def __enter__(self) -> PageStack:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_stack(path: str | os.PathLike, *, min_sections: int = 2) -> Any:
+    """Open a multi-page grayscale TIFF for reading section by section.
+
+    An uncompressed TIFF is memory-mapped; a compressed one with one page per section is a
+    :class:`PageStack`; anything else is read whole with :func:`read_stack`. The same checks
+    as :func:`read_stack` apply (non-finite values are checked section by section).
+
+    Returns
+    -------
+    numpy.memmap, PageStack or ndarray, shape (Z, H, W)
+        Read-only; a :class:`PageStack` should be closed after use.
+    """
+    import tifffile
+
+    from .align import MIN_SIZE, check_stack
+
+    p = Path(path)
+    if not p.is_file():
+        return read_stack(p, min_sections=min_sections)  # its errors say what is wrong
+    try:
+        tif = tifffile.TiffFile(p)
+    except Exception:
+        return read_stack(p, min_sections=min_sections)
+    try:
+        series = tif.series[0] if tif.series else None
+        shape = tuple(int(s) for s in series.shape if s != 1) if series is not None else ()
+        axes = str(series.axes) if series is not None else ""
+        page0 = series.pages[0] if series is not None and series.pages else None
+        rgb = "S" in axes or (page0 is not None
+                              and int(getattr(page0, "photometric", 1) or 1) == 2)
+        real = series is not None and series.dtype != bool and (
+            np.issubdtype(series.dtype, np.integer) or np.issubdtype(series.dtype, np.floating))
+        simple = (real and len(shape) == 3 and not rgb and min(shape[1:]) >= MIN_SIZE
+                  and shape[0] >= min_sections)
+        if simple and series.dataoffset is not None:
+            tif.close()
+            mm = tifffile.memmap(p, series=0, mode="r").reshape(shape)
+            check_stack(mm, name=f"stack in {p.name}", min_sections=min_sections)
+            return mm  # check_stack's result is a plain ndarray view of the same pages
+        pages = list(series.pages) if simple else []
+        if simple and len(pages) == shape[0] and all(
+                pg is not None and tuple(pg.shape) == shape[1:] for pg in pages):
+            # non-finite values are checked as the sections are read
+            return PageStack(tif, pages, shape, series.dtype)
+    except InputError:
+        tif.close()
+        raise
+    except Exception:  # anything unusual: read_stack gives the precise error or the array
+        pass
+    tif.close()
+    return read_stack(p, min_sections=min_sections)
+
+
 def write_stack(path: str | os.PathLike, arr: np.ndarray, *, compression: str | None = None
                 ) -> Path:
     """Write a (Z, H, W) stack (or a 2D image) as a multi-page grayscale TIFF.

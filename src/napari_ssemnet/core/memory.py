@@ -26,6 +26,8 @@ PEAK_BYTES_FIXED = 320 * 2**20
 # step (the result's aligned stack, displacement and validity) about 20, whichever is more
 # (measured with b = 1, 2 and 4).
 FIT_FULL_RESOLUTION_BYTES = 8
+RESULT_BYTES = 13
+"""Bytes per pixel of a finished result held in memory: aligned (4), displacement (8), valid (1)."""
 RENDER_BYTES = 20
 SKIP_ENV = "NAPARI_SSEMNET_SKIP_MEMORY_CHECK"
 """Set to 1 to skip the check (e.g. with swap the estimate does not know about)."""
@@ -66,12 +68,18 @@ def _gb(n: float) -> str:
 def _advice(shape: tuple[int, int, int]) -> str:
     z, h, w = shape
     return ("Raise fit_binning (e.g. 2 or 4: the fit runs on binned sections), crop the stack "
-            f"to the region you need, align fewer than {z} sections at a time, or use a "
-            "machine with more memory.")
+            f"to the region you need, align fewer than {z} sections at a time (block_size; "
+            "the command line then streams the result to disk), or use a machine with more "
+            "memory.")
 
 
-def check_memory(shape: tuple[int, int, int], device: Any, binning: int = 1) -> None:
+def check_memory(shape: tuple[int, int, int], device: Any, binning: int = 1, *,
+                 extra_bytes: int = 0, total_sections: int | None = None) -> None:
     """Raise :class:`MemoryLimitError` if aligning ``shape`` on the CPU would not fit.
+
+    ``extra_bytes`` is held on top of the estimate for ``shape`` (e.g. the whole result of a
+    block-wise run, whose fit only sees one block of ``shape``; ``total_sections`` is then the
+    stack's length, for the message).
 
     Only the CPU path is checked: on a GPU the run fails with a catchable out-of-memory error
     (turned into the same error by :func:`guard`), and the GPU figure has not been measured.
@@ -79,13 +87,16 @@ def check_memory(shape: tuple[int, int, int], device: Any, binning: int = 1) -> 
     if getattr(device, "type", str(device)) != "cpu" or os.environ.get(SKIP_ENV) == "1":
         return
     free = available_bytes()
-    need = estimate_peak_bytes(shape, binning)
+    need = estimate_peak_bytes(shape, binning) + int(extra_bytes)
     if free is None or need <= free:
         return
     z, h, w = shape
+    z_all = total_sections or z
+    how = "" if z_all == z else f" in blocks of {z}"
     raise MemoryLimitError(
-        f"Aligning {z} sections of {h}x{w} px needs about {_gb(need)} of memory, but only "
-        f"{_gb(free)} is free. {_advice(shape)} (Set {SKIP_ENV}=1 to try anyway.)")
+        f"Aligning {z_all} sections of {h}x{w} px{how} needs about {_gb(need)} of memory, but "
+        f"only {_gb(free)} is free. {_advice((z_all, h, w))} (Set {SKIP_ENV}=1 to try "
+        "anyway.)")
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -97,17 +97,31 @@ def adjacent_ncc(stack: np.ndarray, valid: np.ndarray | None,
     z = stack.shape[0]
     usable = np.ones(z, bool) if usable is None else np.asarray(usable, bool)
     idx = np.nonzero(usable)[0]
-    out = np.full(z, np.nan)
     pair: dict[tuple[int, int], float] = {}
     for a, b in zip(idx[:-1], idx[1:], strict=False):
         m = None if valid is None else (valid[a] & valid[b])
-        pair[(a, b)] = ncc(stack[a], stack[b], m)
+        pair[(int(a), int(b))] = ncc(stack[a], stack[b], m)
+    return mean_of_pairs(pair, usable)
+
+
+def mean_of_pairs(pair: dict[tuple[int, int], float], usable: np.ndarray) -> np.ndarray:
+    """Per-section mean of the NCCs ``pair[(a, b)]`` of consecutive usable sections a < b.
+
+    Sections that are not usable, or whose pairs are all NaN or missing, get NaN.
+
+    Returns
+    -------
+    ndarray, shape (Z,), float64
+    """
+    usable = np.asarray(usable, bool)
+    idx = [int(i) for i in np.nonzero(usable)[0]]
+    out = np.full(usable.shape[0], np.nan)
     for j, zz in enumerate(idx):
         vals = []
         if j > 0:
-            vals.append(pair[(idx[j - 1], zz)])
+            vals.append(pair.get((idx[j - 1], zz), np.nan))
         if j < len(idx) - 1:
-            vals.append(pair[(zz, idx[j + 1])])
+            vals.append(pair.get((zz, idx[j + 1]), np.nan))
         vals = [v for v in vals if np.isfinite(v)]
         if vals:
             out[zz] = float(np.mean(vals))

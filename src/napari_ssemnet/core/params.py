@@ -84,6 +84,13 @@ class AlignParams:
            "time by about 4x or 16x; detail finer than that many pixels is no longer fitted "
            "(the grid spacing stays as set). 1 fits at full resolution.",
         minimum=1, maximum=8, label="fit binning", advanced=True)
+    block_size: int = _knob(
+        0, "Align at most this many sections at a time instead of the whole stack in one "
+           "joint fit (0). Each block is fitted jointly and held onto the already aligned "
+           "sections it overlaps (the last 'window' of them), so the memory of the fit grows "
+           "with the block, not the stack; the command line then also streams the result "
+           "to disk. For stacks that do not fit in memory; must be at least window + 2.",
+        minimum=0, maximum=100000, label="block size (sections)", advanced=True)
     learning_rate: float = _knob(
         0.1, "Adam step size, in pixels of the current pyramid level per iteration. Lower it if "
               "the fit oscillates, raise it if it creeps.", minimum=1e-4, maximum=10.0,
@@ -138,6 +145,10 @@ class AlignParams:
             if meta.get("max") is not None and value > meta["max"]:
                 raise ParameterError(
                     f"Parameter '{f.name}' must be at most {meta['max']}; got {value}.")
+        if 0 < self.block_size < self.window + 2:
+            raise ParameterError(
+                f"Parameter 'block_size' must be 0 (whole stack) or at least window + 2 = "
+                f"{self.window + 2}; got {self.block_size}.")
         if self.features == "custom" and not self.weights:
             raise ParameterError("features='custom' needs a weights file (parameter 'weights').")
 

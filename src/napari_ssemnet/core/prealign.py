@@ -452,6 +452,7 @@ def prealign_stack(
     max_rotation: float,
     device,
     should_stop: Callable[[], None] | None = None,
+    fixed: np.ndarray | None = None,
 ) -> Generator[object, None, tuple[np.ndarray, np.ndarray]]:
     """Chain pairwise estimates outwards from the reference.
 
@@ -459,6 +460,9 @@ def prealign_stack(
     ----------
     norm : ndarray, shape (Z, H, W), float32, normalised
     blank : ndarray, shape (Z,), bool
+    fixed : ndarray, shape (Z,), bool, optional
+        Sections already in the reference frame (e.g. aligned by an earlier block): they
+        keep the identity and serve as anchors for the sections beyond them.
 
     Returns
     -------
@@ -489,6 +493,10 @@ def prealign_stack(
                 should_stop()
             done += 1
             yield Progress("prealign", done, total, f"pre-aligning section {zz}", section=zz)
+            if fixed is not None and fixed[zz]:
+                if not blank[zz]:
+                    placed.append(zz)
+                continue
             if blank[zz]:
                 mats[zz] = mats[placed[-1]]
                 continue

@@ -1,0 +1,339 @@
+"""Block-wise alignment: stacks too large for one joint fit (``AlignParams.block_size``).
+
+The stack is aligned a block of sections at a time. The first block holds the reference and
+is aligned as a whole stack would be. Every later block holds the next new sections plus the
+``window`` usable sections next to them that are already aligned (and any blank sections
+among those): these are *fixed*, resampled into the reference frame through their finished
+displacement, so that the new sections are pre-aligned and fitted onto them exactly as in a
+joint run, and nothing is re-estimated. Blocks run outwards from the reference block, first
+towards the end of the stack, then towards its start.
+
+Memory then grows with ``block_size``, not with the stack; the caller decides where the
+finished sections go (arrays in memory, or memory-mapped files for the command line).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .align import (
+    FLAG_BLANK,
+    FLAG_LOW_CONFIDENCE,
+    FLAG_NO_OVERLAP,
+    FLAG_OK,
+    Progress,
+    SectionResult,
+    check_binning,
+)
+from .errors import AlignmentCancelled, InputError
+from .params import AlignParams
+
+USABLE_FLAGS = (FLAG_OK, FLAG_LOW_CONFIDENCE)
+
+
+@dataclass
+class BlockRunSummary:
+    """What a block-wise run returns besides the sections it wrote.
+
+    Attributes
+    ----------
+    ncc_before, ncc_after : ndarray, shape (Z,), float64
+        As :class:`~napari_ssemnet.core.align.AlignmentResult`.
+    flags : list of str, length Z
+    blocks : list of list of int
+        The sections of each block, in the order the blocks ran (fixed ones included).
+    timings : dict of str to float
+    device : str
+    """
+
+    ncc_before: np.ndarray
+    ncc_after: np.ndarray
+    flags: list[str]
+    blocks: list[list[int]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+
+
+def block_plan(z_count: int, reference: int, block_size: int, window: int
+               ) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """Which sections each block adds.
+
+    Returns
+    -------
+    first : (lo, hi)
+        The reference block, sections ``lo`` to ``hi - 1`` (``block_size`` of them, or all).
+    later : list of (start, stop)
+        New sections of each later block in the order they run: upwards from ``hi``, then
+        downwards from ``lo``. Each adds ``block_size - window`` sections.
+    """
+    lo = max(0, reference - (block_size - 1) // 2)
+    hi = min(z_count, lo + block_size)
+    lo = max(0, hi - block_size)
+    step = block_size - window
+    later = []
+    s = hi
+    while s < z_count:
+        later.append((s, min(z_count, s + step)))
+        s += step
+    e = lo
+    while e > 0:
+        later.append((max(0, e - step), e))
+        e -= step
+    return (lo, hi), later
+
+
+def _carried(order: Sequence[int], flags: list[str], done: np.ndarray, window: int,
+             limit: int) -> list[int]:
+    """Finished sections walked in ``order`` (away from the new ones) until ``window`` usable
+    ones are collected; blank or unusable sections met on the way are kept (they hold the
+    distances in z that the pre-alignment uses). At most ``limit`` sections."""
+    out, usable = [], 0
+    for z in order:
+        if not done[z] or len(out) == limit:
+            break
+        out.append(z)
+        if flags[z] in USABLE_FLAGS:
+            usable += 1
+            if usable == window:
+                break
+    while out and flags[out[-1]] not in USABLE_FLAGS:  # nothing to hold onto beyond that
+        out.pop()
+    return sorted(out)
+
+
+def _read_sections(stack: Any, zs: Sequence[int]) -> np.ndarray:
+    """Sections ``zs`` of an array-like stack as one array, checked for NaN and inf."""
+    raw = np.stack([np.asarray(stack[z]) for z in zs])
+    if np.issubdtype(raw.dtype, np.floating):
+        bad = [z for z, sec in zip(zs, raw, strict=True) if not np.isfinite(sec).all()]
+        if bad:
+            shown = ", ".join(str(z) for z in bad[:10]) + (" ..." if len(bad) > 10 else "")
+            raise InputError(f"The stack contains NaN or infinite values in section(s) "
+                             f"{shown}; replace them (e.g. with 0) before aligning.")
+    return raw
+
+
+def _store(out: Any, z: int, value: np.ndarray) -> None:
+    """Write one section into an output array, rounding into integer dtypes."""
+    dtype = out.dtype
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        value = np.clip(np.rint(value), info.min, info.max)
+    out[z] = value.astype(dtype, copy=False)
+
+
+def iter_align_blocks(
+    stack: Any,
+    params: AlignParams,
+    *,
+    displacement: Any,
+    aligned: Any,
+    valid: Any = None,
+    should_stop: Callable[[], bool] | None = None,
+    encoder: Any = None,
+    extra_bytes: int = 0,
+) -> Generator[Progress | SectionResult, None, BlockRunSummary]:
+    """Align ``stack`` in blocks of ``params.block_size`` sections, writing each finished
+    section into the output arrays.
+
+    Parameters
+    ----------
+    stack : array_like, shape (Z, H, W)
+        Anything with ``shape``, ``dtype`` and ``stack[z]`` (e.g. a memory-mapped TIFF). Never
+        modified; each section is read when a block needs it.
+    params : AlignParams
+        With ``block_size`` >= ``window + 2``.
+    displacement : array_like, shape (Z, 2, H, W), float32, writable
+        Receives the fields; read back for the fixed sections of later blocks.
+    aligned : array_like, shape (Z, H, W), writable
+        Receives the aligned sections (rounded and clipped for an integer dtype).
+    valid : array_like, shape (Z, H, W), bool, writable, optional
+    extra_bytes : int
+        Memory the caller holds besides one block (for the memory check).
+
+    Yields
+    ------
+    Progress, and one SectionResult per finished section (blocks in the order they run).
+
+    Returns
+    -------
+    BlockRunSummary
+    """
+    import torch
+
+    from . import fit, memory, metrics, prealign, warp
+    from .device import pick_device
+    from .features import load_feature_extractor
+
+    z_count, h, w = (int(s) for s in stack.shape)
+    b = params.block_size
+    if not b or b < params.window + 2:
+        raise InputError(f"block_size must be at least window + 2 = {params.window + 2} for a "
+                         f"block-wise run; got {b}.")
+    if not 0 <= params.reference < z_count:
+        raise InputError(f"Reference section {params.reference} is out of range; the stack has "
+                         f"sections 0 to {z_count - 1}.")
+    check_binning(params, h, w)
+
+    def stop_check() -> None:
+        if should_stop is not None and should_stop():
+            raise AlignmentCancelled("Alignment cancelled.")
+
+    t_start = time.perf_counter()
+    timings = {"prepare": 0.0, "prealign": 0.0, "fit": 0.0, "render": 0.0}
+    device = pick_device(params.device)
+    memory.check_memory((min(b, z_count), h, w), device, binning=params.fit_binning,
+                        extra_bytes=extra_bytes, total_sections=z_count)
+    torch.manual_seed(params.seed)
+    extractor = encoder if encoder is not None else load_feature_extractor(params)
+    flags = [FLAG_OK] * z_count
+    done = np.zeros(z_count, bool)
+    pairs_before: dict[tuple[int, int], float] = {}
+    pairs_after: dict[tuple[int, int], float] = {}
+    (lo, hi), later = block_plan(z_count, params.reference, b, params.window)
+    n_blocks = 1 + len(later)
+    blocks: list[list[int]] = []
+
+    for k in range(n_blocks):
+        if k == 0:
+            fixed_zs, new = [params.reference], [z for z in range(lo, hi) if z != params.reference]
+        else:
+            s, e = later[k - 1]
+            new = list(range(s, e))
+            away = range(s - 1, -1, -1) if s >= hi else range(e, z_count)
+            fixed_zs = _carried(away, flags, done, params.window, b)
+            if not fixed_zs:
+                raise InputError(f"Sections {s}-{e - 1} have no aligned section with image "
+                                 f"structure within {b} sections to continue from (a run of "
+                                 "blank sections?); raise block_size.")
+        members = sorted(fixed_zs + new)
+        blocks.append(members)
+        local = {z: i for i, z in enumerate(members)}
+        fixed = np.array([z in fixed_zs for z in members])
+        usable_fixed = [z for z in fixed_zs if z == params.reference or flags[z] in USABLE_FLAGS]
+        if not usable_fixed:  # pragma: no cover - the reference block always has one
+            raise InputError("No aligned section to continue from.")
+        anchor_z = min(usable_fixed, key=lambda z: min(abs(z - n) for n in new))
+        anchor = local[anchor_z]
+        tag = f"block {k + 1}/{n_blocks}"
+
+        def relabel(gen: Generator[Any, None, Any], tag: str = tag,
+                    members: list[int] = members) -> Generator[Any, None, Any]:
+            while True:
+                try:
+                    ev = next(gen)
+                except StopIteration as stop:
+                    return stop.value
+                if isinstance(ev, Progress):
+                    if ev.section is not None:
+                        ev.section = members[ev.section]
+                    if ev.stage == "prealign" and ev.section is not None:
+                        ev.message = f"pre-aligning section {ev.section}"  # not the local index
+                    ev.message = f"{tag}: {ev.message}"
+                yield ev
+
+        stop_check()
+        t0 = time.perf_counter()
+        yield Progress("prepare", 0, 1, f"{tag}: sections {members[0]}-{members[-1]} "
+                                        f"({len(new)} new)")
+        raw = _read_sections(stack, members)
+        norm, blank = metrics.normalise_stack(raw)
+        if k == 0:
+            if blank[anchor]:
+                raise InputError(f"Reference section {params.reference} is blank or has no "
+                                 "structure; choose another reference section.")
+            for i, z in enumerate(members):
+                flags[z] = FLAG_BLANK if blank[i] else FLAG_OK
+        else:
+            for z in new:
+                flags[z] = FLAG_BLANK if blank[local[z]] else FLAG_OK
+        # raw-stack NCC of the pairs this block is the first to see
+        use_b = np.array([not blank[i] for i in range(len(members))])
+        ub = np.nonzero(use_b)[0]
+        for i, j in zip(ub[:-1], ub[1:], strict=False):
+            if not (fixed[i] and fixed[j]):
+                pairs_before[(members[i], members[j])] = metrics.ncc(norm[i], norm[j])
+        # fixed sections enter in the reference frame, through their finished fields
+        frame_ok = np.ones((len(members), h, w), bool)
+        held_disp: dict[int, torch.Tensor] = {}
+        for i in np.nonzero(fixed)[0] if k > 0 else ():
+            d = torch.from_numpy(np.ascontiguousarray(displacement[members[i]], np.float32))
+            held_disp[int(i)] = d.to(device)
+            if blank[i]:
+                continue
+            im, ok = warp.warp_image(torch.from_numpy(norm[i]).to(device), held_disp[int(i)])
+            norm[i], frame_ok[i] = im.cpu().numpy(), ok.cpu().numpy()
+        timings["prepare"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        matrices, confidence = yield from relabel(prealign.prealign_stack(
+            norm, blank, reference=anchor, kind=params.prealign,
+            max_rotation=params.max_rotation, device=device, should_stop=stop_check,
+            fixed=fixed))
+        timings["prealign"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        images, ok_t = fit.prewarp(norm, matrices, device)
+        ok_t[torch.from_numpy(fixed)] = torch.from_numpy(
+            frame_ok[fixed, None].astype(np.float32)).to(device)
+        residual = yield from relabel(fit.fit_stack(
+            norm, matrices, blank=blank, free=~fixed, params=params.replace(reference=anchor),
+            extractor=extractor, device=device, should_stop=stop_check,
+            prewarped=(images, ok_t)))
+        del images, ok_t, norm
+        timings["fit"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        out_img: dict[int, np.ndarray] = {}
+        out_ok: dict[int, np.ndarray] = {}
+        for i, z in enumerate(members):
+            stop_check()
+            src = torch.from_numpy(np.ascontiguousarray(raw[i], dtype=np.float32)).to(device)
+            if fixed[i] and k > 0:
+                if i in held_disp and flags[z] in USABLE_FLAGS:  # for the NCC pairs only
+                    im, ok = warp.warp_image(src, held_disp[i])
+                    out_img[z], out_ok[z] = im.cpu().numpy(), ok.cpu().numpy()
+                continue
+            disp = fit.full_displacement(residual, matrices, i, (h, w), device=device)
+            im, ok = warp.warp_image(src, disp)
+            d_np, im_np, ok_np = disp.cpu().numpy(), im.cpu().numpy(), ok.cpu().numpy()
+            if not blank[i] and ok_np.mean() < 0.25:
+                flags[z] = FLAG_NO_OVERLAP
+            elif (not blank[i] and params.prealign != "none"
+                  and confidence[i] < prealign.MIN_CONFIDENCE):
+                flags[z] = FLAG_LOW_CONFIDENCE
+            displacement[z] = d_np
+            _store(aligned, z, im_np)
+            if valid is not None:
+                valid[z] = ok_np
+            done[z] = True
+            if flags[z] in USABLE_FLAGS:
+                out_img[z], out_ok[z] = im_np, ok_np
+            yield SectionResult(z, im_np, d_np, ok_np, flags[z])
+            yield Progress("render", int(done.sum()), z_count,
+                           f"{tag}: section {z + 1}/{z_count}", section=z)
+        use = [z for z in members if z in out_img]
+        for a, c in zip(use[:-1], use[1:], strict=False):
+            if not (fixed[local[a]] and fixed[local[c]]):
+                pairs_after[(a, c)] = metrics.ncc(out_img[a], out_img[c],
+                                                  out_ok[a] & out_ok[c])
+        timings["render"] += time.perf_counter() - t0
+
+    usable = np.array([f in USABLE_FLAGS for f in flags])
+    ncc_before = metrics.mean_of_pairs(_restrict(pairs_before, usable), usable)
+    ncc_after = metrics.mean_of_pairs(pairs_after, usable)
+    timings["total"] = time.perf_counter() - t_start
+    return BlockRunSummary(ncc_before=ncc_before, ncc_after=ncc_after, flags=flags,
+                           blocks=blocks, timings=timings, device=str(device))
+
+
+def _restrict(pairs: dict[tuple[int, int], float], usable: np.ndarray
+              ) -> dict[tuple[int, int], float]:
+    """Pairs between sections that are both usable (the raw-stack pairs were taken over
+    non-blank sections, before rendering could flag one ``no_overlap``)."""
+    return {k: v for k, v in pairs.items() if usable[k[0]] and usable[k[1]]}

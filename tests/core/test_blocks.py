@@ -1,0 +1,149 @@
+"""core.blocks: block-wise alignment (``block_size``) of stacks too large for one joint fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from emtools import em, interior, rigid_fields
+
+from napari_ssemnet.core import memory, warp
+from napari_ssemnet.core.align import SectionResult, align_stack, iter_align_stack
+from napari_ssemnet.core.blocks import block_plan, iter_align_blocks
+from napari_ssemnet.core.errors import InputError, MemoryLimitError
+from napari_ssemnet.core.params import AlignParams, ParameterError
+from napari_ssemnet.core.synth import apply_misalignment
+
+FAST = {"levels": 2, "iterations": 40, "device": "cpu"}
+
+
+def _recovery_error(e: np.ndarray, d: np.ndarray) -> np.ndarray:
+    return warp.compose(torch.from_numpy(e), torch.from_numpy(d)).norm(dim=1).numpy()
+
+
+@pytest.fixture(scope="module")
+def copies() -> tuple[np.ndarray, np.ndarray]:
+    """8 copies of one real section with known rigid moves (exact truth for reference 3,
+    which does not move), and the moves."""
+    section = em(slice(3, 4), 128)[0]
+    stack = np.stack([section] * 8)
+    moves = {0: (2.0, 4.0, -1.0), 1: (3.0, -2.0, 1.0), 2: (-4.0, 3.0, 0.0),
+             4: (-3.0, -3.0, 0.5), 5: (4.0, 1.0, 0.0), 6: (-2.0, 5.0, 1.0),
+             7: (3.0, -4.0, -0.5)}
+    e = rigid_fields(stack.shape, moves)
+    return apply_misalignment(stack, e), e
+
+
+@pytest.mark.parametrize("z_count,reference,size,window", [
+    (10, 0, 4, 2), (10, 9, 4, 2), (10, 5, 4, 2), (7, 3, 5, 1), (30, 12, 8, 2), (5, 2, 4, 2),
+])
+def test_block_plan_adds_every_section_once(z_count, reference, size, window):
+    (lo, hi), later = block_plan(z_count, reference, size, window)
+    assert lo <= reference < hi and hi - lo == min(size, z_count)
+    new = list(range(lo, hi)) + [z for s, e in later for z in range(s, e)]
+    assert sorted(new) == list(range(z_count))
+    assert all(e - s <= size - window for s, e in later)
+    # each later block continues from sections that are already done
+    done = set(range(lo, hi))
+    for s, e in later:
+        assert (s - 1 in done) if s >= hi else (e in done)
+        done |= set(range(s, e))
+
+
+def test_blockwise_run_recovers_known_motion_in_every_block(copies):
+    mis, e = copies
+    r = align_stack(mis, block_size=4, reference=3, **FAST)
+    # reference block 2-5, then 6-7 upwards and 0-1 downwards: three blocks
+    err = _recovery_error(e, r.displacement)
+    keep = interior(r.valid, 16)
+    med = [float(np.median(err[z][keep[z]])) for z in range(8)]
+    print("recovery median per section", np.round(med, 3))
+    assert med[3] == 0.0 and not r.displacement[3].any()  # the reference stays put
+    assert max(med) < 0.25, med  # measured 0.01-0.08 px
+    assert r.flags == [""] * 8
+    assert np.isfinite(r.ncc_after).all() and (r.ncc_after > r.ncc_before).all()
+    # the aligned stack is the input resampled through the returned fields
+    for z in (0, 7):
+        img, _ = warp.warp_image(torch.from_numpy(mis[z].astype(np.float32)),
+                                 torch.from_numpy(r.displacement[z]))
+        np.testing.assert_allclose(r.aligned[z], img.numpy(), atol=1e-4)
+
+
+def test_blank_section_at_a_block_boundary_is_flagged_and_bridged(copies):
+    mis, e = copies
+    mis = mis.astype(np.float32)
+    mis[4] = 100.0  # in the reference block (2-5), then carried into the next one (3-7)
+    r = align_stack(mis, block_size=4, reference=3, **FAST)
+    assert r.flags == ["", "", "", "", "blank", "", "", ""]
+    err = _recovery_error(e, r.displacement)
+    keep = interior(r.valid, 16)
+    for z in (1, 2, 3, 5, 6, 7):
+        assert np.median(err[z][keep[z]]) < 0.5, (z, float(np.median(err[z][keep[z]])))
+    assert np.isnan(r.ncc_after[4]) and np.isfinite(np.delete(r.ncc_after, 4)).all()
+
+
+def test_block_size_at_least_the_stack_is_the_joint_fit(copies):
+    mis, _ = copies
+    a = align_stack(mis[:5], **FAST)
+    b = align_stack(mis[:5], block_size=5, **FAST)
+    np.testing.assert_array_equal(a.displacement, b.displacement)
+
+
+def test_each_section_is_written_once_and_reported_once(copies):
+    mis, _ = copies
+    params = AlignParams(block_size=4, reference=5, **FAST)
+    writes: list[int] = []
+
+    class Recorder(np.ndarray):
+        def __setitem__(self, key, value):
+            writes.append(int(key))
+            super().__setitem__(key, value)
+
+    disp = np.zeros((8, 2, *mis.shape[1:]), np.float32).view(Recorder)
+    aligned = np.zeros(mis.shape, np.uint8)
+    gen = iter_align_blocks(mis, params, displacement=disp, aligned=aligned)
+    events = []
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as stop:
+            summary = stop.value
+            break
+    assert summary.blocks == [[4, 5, 6, 7], [2, 3, 4, 5], [0, 1, 2, 3]]
+    reported = [ev.z for ev in events if isinstance(ev, SectionResult)]
+    assert sorted(reported) == list(range(8)) and sorted(writes) == list(range(8))
+    assert aligned.dtype == np.uint8 and aligned[0].any()  # rounded into the given dtype
+
+
+def test_block_size_too_small_for_the_window_is_a_parameter_error():
+    with pytest.raises(ParameterError, match="window \\+ 2 = 4"):
+        AlignParams(block_size=3)
+    AlignParams(block_size=3, window=1)  # fine
+
+
+def test_blockwise_memory_check_counts_one_block_plus_the_result(copies, monkeypatch):
+    mis, _ = copies
+    z, h, w = mis.shape
+    whole = memory.estimate_peak_bytes(mis.shape)
+    blockwise = memory.estimate_peak_bytes((4, h, w)) + memory.RESULT_BYTES * mis.size
+    assert blockwise < whole
+    monkeypatch.delenv(memory.SKIP_ENV, raising=False)
+    monkeypatch.setattr(memory, "available_bytes", lambda: (whole + blockwise) // 2)
+    with pytest.raises(MemoryLimitError, match="block_size"):
+        align_stack(mis, **FAST)
+    r = align_stack(mis, block_size=4, **FAST)
+    assert r.displacement.shape == (z, 2, h, w)
+    monkeypatch.setattr(memory, "available_bytes", lambda: blockwise - 1)
+    with pytest.raises(MemoryLimitError, match="in blocks of 4"):
+        align_stack(mis, block_size=4, **FAST)
+
+
+def test_blockwise_input_is_not_modified_and_nan_is_reported_by_section(copies):
+    mis, _ = copies
+    before = mis.copy()
+    align_stack(mis, block_size=4, **FAST)
+    np.testing.assert_array_equal(mis, before)
+    bad = mis.astype(np.float32)
+    bad[6, 3, 3] = np.nan
+    with pytest.raises(InputError, match="section\\(s\\) 6"):
+        list(iter_align_stack(bad, block_size=4, **FAST))
