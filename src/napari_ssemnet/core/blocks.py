@@ -3,10 +3,13 @@
 The stack is aligned a block of sections at a time. The first block holds the reference and
 is aligned as a whole stack would be. Every later block holds the next new sections plus the
 ``window`` usable sections next to them that are already aligned (and any blank sections
-among those): these are *fixed*, resampled into the reference frame through their finished
-displacement, so that the new sections are pre-aligned and fitted onto them exactly as in a
-joint run, and nothing is re-estimated. Blocks run outwards from the reference block, first
-towards the end of the stack, then towards its start.
+among those): these are *fixed*. They enter raw, with the global map and control grid their
+own block fitted held constant, so the new sections are pre-aligned and fitted onto them as
+in a joint run, and nothing already written is re-estimated. (Resampling them into the
+reference frame first and holding that image instead cost several pixels across a blank
+section: the fill outside the resampled section misled the coarse matches.) Blocks run
+outwards from the reference block, first towards the end of the stack, then towards its
+start.
 
 Memory then grows with ``block_size``, not with the stack; the caller decides where the
 finished sections go (arrays in memory, or memory-mapped files for the command line).
@@ -198,6 +201,9 @@ def iter_align_blocks(
     (lo, hi), later = block_plan(z_count, params.reference, b, params.window)
     n_blocks = 1 + len(later)
     blocks: list[list[int]] = []
+    # each finished section's global map (reference frame -> section) and control grid
+    held_mats: dict[int, np.ndarray] = {}
+    held_grids: dict[int, np.ndarray] = {}
 
     for k in range(n_blocks):
         if k == 0:
@@ -258,34 +264,38 @@ def iter_align_blocks(
         for i, j in zip(ub[:-1], ub[1:], strict=False):
             if not (fixed[i] and fixed[j]):
                 pairs_before[(members[i], members[j])] = metrics.ncc(norm[i], norm[j])
-        # fixed sections enter in the reference frame, through their finished fields
-        frame_ok = np.ones((len(members), h, w), bool)
-        held_disp: dict[int, torch.Tensor] = {}
-        for i in np.nonzero(fixed)[0] if k > 0 else ():
-            d = torch.from_numpy(np.ascontiguousarray(displacement[members[i]], np.float32))
-            held_disp[int(i)] = d.to(device)
-            if blank[i]:
-                continue
-            im, ok = warp.warp_image(torch.from_numpy(norm[i]).to(device), held_disp[int(i)])
-            norm[i], frame_ok[i] = im.cpu().numpy(), ok.cpu().numpy()
+        # fixed sections enter as in a joint run: raw, with the global map and control grid
+        # their own block fitted, both held
+        held_now = {int(i): held_mats[members[i]] for i in np.nonzero(fixed)[0]
+                    if members[i] in held_mats}
+        init_grid = None
+        if held_now:
+            gshape = warp.control_grid_shape((h, w), params.grid_spacing)
+            init_grid = torch.zeros(len(members), 2, *gshape)
+            for i in held_now:
+                init_grid[i] = torch.from_numpy(held_grids[members[i]])
         timings["prepare"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
         matrices, confidence = yield from relabel(prealign.prealign_stack(
             norm, blank, reference=anchor, kind=params.prealign,
             max_rotation=params.max_rotation, device=device, should_stop=stop_check,
-            fixed=fixed))
+            fixed=held_now or {anchor: np.eye(3)}))
         timings["prealign"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        images, ok_t = fit.prewarp(norm, matrices, device)
-        ok_t[torch.from_numpy(fixed)] = torch.from_numpy(
-            frame_ok[fixed, None].astype(np.float32)).to(device)
         residual = yield from relabel(fit.fit_stack(
             norm, matrices, blank=blank, free=~fixed, params=params.replace(reference=anchor),
-            extractor=extractor, device=device, should_stop=stop_check,
-            prewarped=(images, ok_t)))
-        del images, ok_t, norm
+            extractor=extractor, device=device, should_stop=stop_check, init_grid=init_grid))
+        del norm
+        res_mats, res_grid = residual.mats.cpu().numpy(), residual.grid.cpu().numpy()
+        for i in np.nonzero(~fixed)[0]:
+            # M (A q + v) = (M A)(q + v) for the translations A that the fit may add
+            held_mats[members[i]] = matrices[i] @ res_mats[i].astype(np.float64)
+            held_grids[members[i]] = res_grid[i]
+        if k == 0:
+            held_mats[params.reference] = np.eye(3)
+            held_grids[params.reference] = res_grid[anchor]
         timings["fit"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -295,8 +305,9 @@ def iter_align_blocks(
             stop_check()
             src = torch.from_numpy(np.ascontiguousarray(raw[i], dtype=np.float32)).to(device)
             if fixed[i] and k > 0:
-                if i in held_disp and flags[z] in USABLE_FLAGS:  # for the NCC pairs only
-                    im, ok = warp.warp_image(src, held_disp[i])
+                if flags[z] in USABLE_FLAGS:  # for the NCC pairs only
+                    d = torch.from_numpy(np.ascontiguousarray(displacement[z], np.float32))
+                    im, ok = warp.warp_image(src, d.to(device))
                     out_img[z], out_ok[z] = im.cpu().numpy(), ok.cpu().numpy()
                 continue
             disp = fit.full_displacement(residual, matrices, i, (h, w), device=device)

@@ -233,7 +233,8 @@ def fit_stack(
     prewarped : (images, valid), optional
         Pre-aligned sections at full resolution if the caller has them, see :func:`prewarp`.
     init_grid : Tensor, shape (Z, 2, gh, gw), optional
-        Starting control grid (pixels), resampled to each level's node count.
+        Starting control grid (pixels), resampled to each level's node count. Sections that
+        are not ``free`` keep theirs throughout (e.g. sections aligned by an earlier block).
 
     Yields
     ------
@@ -292,6 +293,9 @@ def fit_stack(
             grid = warp.resize_grid(grid.detach(), gshape)
         glob = glob.detach().requires_grad_(refine_global)
         grid = grid.detach().requires_grad_(True)
+        held = (None if init_grid is None
+                else warp.resize_grid(init_grid.to(device).float(), gshape)
+                * (1 - free_t)[:, None, None, None])
         lr = params.learning_rate * k
         opt = torch.optim.Adam([glob, grid] if refine_global else [grid], lr=lr)
         q = warp.level_points(hf, wf, kf, device=device)
@@ -310,6 +314,8 @@ def fit_stack(
             for group in opt.param_groups:
                 group["lr"] = lr * max(0.1, 0.5 ** (it / LR_HALF_LIFE))
             v_eff = grid * free_t[:, None, None, None]
+            if held is not None:
+                v_eff = v_eff + held
             # global-only warm-up at the coarsest level: the grid must not absorb large moves
             if refine_global and li == 0 and it < total // 3:
                 v_eff = v_eff.detach() * 0
@@ -356,8 +362,10 @@ def fit_stack(
                 snapshot = (glob.detach().clone(), grid.detach().clone())
                 if drop <= 0.01 and moved < params.tolerance * k:
                     break
-    return Residual(mats=global_maps(glob.detach()),
-                    grid=(grid * free_t[:, None, None, None]).detach(), size=size)
+    final = grid * free_t[:, None, None, None]
+    if held is not None:
+        final = final + held
+    return Residual(mats=global_maps(glob.detach()), grid=final.detach(), size=size)
 
 
 def full_displacement(residual: Residual, matrices: np.ndarray, z: int,

@@ -452,7 +452,7 @@ def prealign_stack(
     max_rotation: float,
     device,
     should_stop: Callable[[], None] | None = None,
-    fixed: np.ndarray | None = None,
+    fixed: dict[int, np.ndarray] | None = None,
 ) -> Generator[object, None, tuple[np.ndarray, np.ndarray]]:
     """Chain pairwise estimates outwards from the reference.
 
@@ -460,9 +460,9 @@ def prealign_stack(
     ----------
     norm : ndarray, shape (Z, H, W), float32, normalised
     blank : ndarray, shape (Z,), bool
-    fixed : ndarray, shape (Z,), bool, optional
-        Sections already in the reference frame (e.g. aligned by an earlier block): they
-        keep the identity and serve as anchors for the sections beyond them.
+    fixed : dict of int to ndarray (3, 3), optional
+        Sections already placed (e.g. by an earlier block) with their matrices: they are
+        kept and serve as anchors for the sections beyond them.
 
     Returns
     -------
@@ -478,6 +478,8 @@ def prealign_stack(
     mats = np.tile(np.eye(3), (z_count, 1, 1))
     conf = np.full(z_count, np.inf)
     conf[blank] = 0.0
+    for zz, m in (fixed or {}).items():
+        mats[zz] = m
     if kind == "none":
         return mats, conf
     norm_t = torch.from_numpy(norm).to(device)
@@ -486,14 +488,17 @@ def prealign_stack(
     order = [list(range(reference + 1, z_count)), list(range(reference - 1, -1, -1))]
     done = 0
     total = z_count - 1
-    for seq in order:
-        placed = [reference]  # usable sections already placed on this side, nearest last
+    for n, seq in enumerate(order):
+        # usable sections already placed on this side, nearest last; fixed sections beyond
+        # the reference come first, as they would if the chain had run through them
+        behind = order[1 - n] if fixed else []
+        placed = [z for z in reversed(behind) if z in fixed and not blank[z]] + [reference]
         for zz in seq:
             if should_stop is not None:
                 should_stop()
             done += 1
             yield Progress("prealign", done, total, f"pre-aligning section {zz}", section=zz)
-            if fixed is not None and fixed[zz]:
+            if fixed and zz in fixed:
                 if not blank[zz]:
                     placed.append(zz)
                 continue

@@ -1,0 +1,150 @@
+"""Memory and time of the command line, whole stack against block-wise (``--block-size``).
+
+Builds a misaligned uint8 TIFF from the VNC raw stack (the benchmark misalignment of
+``core.synth.random_misalignment`` on each full section; more sections than the data's 20
+repeat the stack, so such points are for time and memory only), then runs
+``napari-ssemnet align IN.tif -o OUT.tif --fields FIELDS.npz [--block-size B]`` in a fresh
+child process per point. The child samples ``/proc/self/status`` every 10 ms: ``RssAnon``
+(memory the process itself holds: what the memory check and an out-of-memory kill are about)
+and ``RssFile`` (pages of the memory-mapped input and outputs, which the kernel can drop or
+write back). Linux only.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_blocks.py
+    OMP_NUM_THREADS=2 python benchmarks/bench_blocks.py --points 16:0 16:8 64:8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+
+DEFAULT_POINTS = ["16:0", "16:8", "32:0", "32:8", "64:8"]  # SECTIONS:BLOCK_SIZE (0 = whole)
+
+
+def _status_mb() -> tuple[float, float]:
+    anon = file = 0.0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                anon = int(line.split()[1]) / 1024
+            elif line.startswith("RssFile:"):
+                file = int(line.split()[1]) / 1024
+    return anon, file
+
+
+def make_input(data: Path, n: int, folder: Path, seed: int = 0) -> Path:
+    """A misaligned (n, 1024, 1024) uint8 TIFF from the VNC raw stack."""
+    from napari_ssemnet.core.io import write_stack
+    from napari_ssemnet.core.synth import apply_misalignment, random_misalignment
+
+    src = C.load_stack(data, C.VNC)
+    reps = -(-n // src.shape[0])
+    stack = np.concatenate([src] * reps)[:n]
+    e = random_misalignment(stack.shape, rotation_deg=4, shift_frac=0.06, scale=0.02,
+                            shear=0.02, elastic_px=2, reference=0, seed=seed)
+    mis = apply_misalignment(stack, e)
+    path = folder / f"vnc_mis_{n}.tif"
+    write_stack(path, np.clip(np.rint(mis), 0, 255).astype(np.uint8))
+    return path
+
+
+def one_point(src: Path, block_size: int, out_dir: Path) -> dict:
+    from napari_ssemnet import cli
+
+    peaks = {"anon": 0.0, "file": 0.0}
+    running = [True]
+
+    def sample() -> None:
+        while running[0]:
+            anon, file = _status_mb()
+            peaks["anon"] = max(peaks["anon"], anon)
+            peaks["file"] = max(peaks["file"], file)
+            time.sleep(0.01)
+
+    import torch  # noqa: F401 - counted in the baseline, as the CLI imports it anyway
+
+    base_anon, base_file = _status_mb()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    argv = ["align", str(src), "-o", str(out_dir / "aligned.tif"), "--fields",
+            str(out_dir / "fields.npz"), "-q", "--device", "cpu"]
+    if block_size:
+        argv += ["--block-size", str(block_size)]
+    t0 = time.perf_counter()
+    code = cli.main(argv)
+    seconds = time.perf_counter() - t0
+    running[0] = False
+    sampler.join()
+    fields = np.load(out_dir / "fields.npz")
+    return {"exit_code": code, "block_size": block_size, "seconds": seconds,
+            "baseline_anon_mb": base_anon, "added_anon_mb": peaks["anon"] - base_anon,
+            "peak_file_mb": peaks["file"], "baseline_file_mb": base_file,
+            "ncc_after_mean": float(np.nanmean(fields["ncc_after"])),
+            "ncc_before_mean": float(np.nanmean(fields["ncc_before"])),
+            "flags": [str(f) for f in fields["flags"] if f]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    C.add_data_arg(p)
+    p.add_argument("--points", nargs="+", default=DEFAULT_POINTS,
+                   help="SECTIONS:BLOCK_SIZE, 0 for the whole stack, e.g. 32:0 32:8")
+    p.add_argument("--output", default="blocks_cpu.json", help="JSON under benchmarks/results/")
+    p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        src, block = args.one
+        with tempfile.TemporaryDirectory() as tmp:
+            print("RESULT " + json.dumps(one_point(Path(src), int(block), Path(tmp))))
+        return
+    from napari_ssemnet.core.memory import estimate_peak_bytes
+
+    out = {"machine": C.machine_info(), "points": []}
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    print("| sections x 1024^2 | block size | wall (s) | s/section | anonymous memory added "
+          "(MB) | estimate (MB) | mapped file pages at peak (MB) | NCC before / after |\n"
+          "|---|---|---|---|---|---|---|---|", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs: dict[int, Path] = {}
+        for point in args.points:
+            n, block = (int(v) for v in point.split(":"))
+            if n not in inputs:
+                inputs[n] = make_input(args.data, n, Path(tmp))
+            proc = subprocess.run([sys.executable, __file__, "--data", str(args.data),
+                                   "--one", str(inputs[n]), str(block)],
+                                  capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+                print(f"| {n} | {block} | failed: {err} |", flush=True)
+                out["points"].append({"point": point, "error": err})
+                continue
+            row = json.loads(lines[-1][7:])
+            held = (min(block, n) if block else n, 1024, 1024)
+            row.update(sections=n, size=1024,
+                       estimate_mb=estimate_peak_bytes(held) / 2**20)
+            print(f"| {n} | {block or 'whole'} | {row['seconds']:.1f} | "
+                  f"{row['seconds'] / n:.2f} | {row['added_anon_mb']:.0f} | "
+                  f"{row['estimate_mb']:.0f} | {row['peak_file_mb']:.0f} | "
+                  f"{row['ncc_before_mean']:.3f} / {row['ncc_after_mean']:.3f} |", flush=True)
+            out["points"].append(row)
+            C.save_json(args.output, out)
+    out["load_avg_after"] = list(os.getloadavg())
+    C.save_json(args.output, out)
+    print(f"load average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
