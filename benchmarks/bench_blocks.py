@@ -2,7 +2,8 @@
 
 Builds a misaligned uint8 TIFF from the VNC raw stack (the benchmark misalignment of
 ``core.synth.random_misalignment`` on each full section; more sections than the data's 20
-repeat the stack, so such points are for time and memory only), then runs
+run back and forth through the stack, 0-19, 19-0, 0-19, ..., so that neighbours stay real
+neighbours, and such points are for time and memory only), then runs
 ``napari-ssemnet align IN.tif -o OUT.tif --fields FIELDS.npz [--block-size B]`` in a fresh
 child process per point. The child samples ``/proc/self/status`` every 10 ms: ``RssAnon``
 (memory the process itself holds: what the memory check and an out-of-memory kill are about)
@@ -11,6 +12,11 @@ write back). Linux only.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_blocks.py
     OMP_NUM_THREADS=2 python benchmarks/bench_blocks.py --points 16:0 16:8 64:8
+
+``--seams B [B ...]`` measures what blocks cost in accuracy instead: all 30 ISBI sections
+(384^2 crop) with the benchmark misalignment, aligned as one joint fit and in blocks of each B;
+per section the consistency with the same variant's run on the untouched crop, and the
+adjacent NCC, with the sections that start a block marked.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ def make_input(data: Path, n: int, folder: Path, seed: int = 0) -> Path:
 
     src = C.load_stack(data, C.VNC)
     reps = -(-n // src.shape[0])
-    stack = np.concatenate([src] * reps)[:n]
+    stack = np.concatenate([src if r % 2 == 0 else src[::-1] for r in range(reps)])[:n]
     e = random_misalignment(stack.shape, rotation_deg=4, shift_frac=0.06, scale=0.02,
                             shear=0.02, elastic_px=2, reference=0, seed=seed)
     mis = apply_misalignment(stack, e)
@@ -96,14 +102,55 @@ def one_point(src: Path, block_size: int, out_dir: Path) -> dict:
             "flags": [str(f) for f in fields["flags"] if f]}
 
 
+def seams(data: Path, block_sizes: list[int], seed: int = 0) -> dict:
+    """Consistency per section of joint and block-wise runs on ISBI 30 x 384^2."""
+    from napari_ssemnet.core.blocks import block_plan
+
+    full = C.load_stack(data, C.ISBI)
+    case = C.make_case("seams", full, 384, seed=seed)
+    untouched = C.untouched_case(case)
+    out: dict = {"sections": int(full.shape[0]), "crop": 384, "seed": seed, "variants": {}}
+    print("| variant | consistency median / p95 (px) | at block starts: median of the "
+          "per-section medians | elsewhere | adjacent NCC | s |\n|---|---|---|---|---|---|",
+          flush=True)
+    for b in [0, *block_sizes]:
+        kw = {"block_size": b} if b else {}
+        c = C.run_ours(untouched.clean.copy(), **kw)
+        r = C.run_ours(case.mis.copy(), **kw)
+        ev = C.evaluate(case, r["d"], r["valid"], c=c["d"], c_valid=c["valid"])
+        per = ev["consistency_per_section"]  # sections 1..Z-1
+        starts: list[int] = []
+        if b:
+            (_, hi), later = block_plan(full.shape[0], 0, b, 2)
+            starts = [s for s, _ in later]
+        at = [per[z - 1] for z in starts]
+        rest = [v for z, v in enumerate(per, start=1) if z not in starts]
+        label = f"block_size={b}" if b else "joint"
+        out["variants"][label] = {"consistency": ev["consistency"], "per_section": per,
+                                  "block_starts": starts, "adjacent_ncc": ev["adjacent_ncc"],
+                                  "pair_ncc": ev["pair_ncc"], "seconds": r["seconds"]}
+        print(f"| {label} | {ev['consistency']['median']:.2f} / "
+              f"{ev['consistency']['p95']:.2f} | "
+              f"{np.median(at) if at else float('nan'):.2f} | {np.median(rest):.2f} | "
+              f"{ev['adjacent_ncc']:.3f} | {r['seconds']:.1f} |", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     C.add_data_arg(p)
     p.add_argument("--points", nargs="+", default=DEFAULT_POINTS,
                    help="SECTIONS:BLOCK_SIZE, 0 for the whole stack, e.g. 32:0 32:8")
     p.add_argument("--output", default="blocks_cpu.json", help="JSON under benchmarks/results/")
+    p.add_argument("--seams", nargs="+", type=int, metavar="B",
+                   help="accuracy along ISBI 30 x 384^2 for these block sizes instead")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.seams:
+        res = seams(args.data, args.seams)
+        C.save_json(args.output if args.output != "blocks_cpu.json" else "blocks_seams_isbi.json",
+                    {"machine": C.machine_info(), **res})
+        return
     if args.one:
         src, block = args.one
         with tempfile.TemporaryDirectory() as tmp:

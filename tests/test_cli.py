@@ -251,3 +251,16 @@ def test_block_size_below_window_plus_two_is_one_error_line(tiny_tif, tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: Parameter 'block_size'") and "window + 2" in err
     assert not (tmp_path / "o.tif").exists()
+
+
+def test_blockwise_without_disk_space_is_one_error_line(tiny_tif, tmp_path, monkeypatch,
+                                                       capsys):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(cli.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    code = cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "o.tif"), "--block-size",
+                     "3", "--window", "1", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "GB of disk" in err and "0.0 GB is free" in err
+    assert list(tmp_path.iterdir()) == []

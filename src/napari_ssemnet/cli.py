@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import json
+import os
+import shutil
 import signal
 import sys
 import threading
@@ -268,6 +271,19 @@ def _partial(path: Path, suffix: str) -> Path:
     return path.with_name(f".{path.name}.{suffix}")
 
 
+def _reserve(path: Path) -> None:
+    """Allocate a sparse file's blocks now, so that a full disk fails here."""
+    if not hasattr(os, "posix_fallocate"):  # pragma: no cover - not Linux
+        return
+    with open(path, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return  # the file system cannot; the disk check above has to do
+            raise
+
+
 def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namespace,
                           output: str, out: TextIO) -> int:
     """Block-wise run whose sections go straight into memory-mapped files: the aligned TIFF
@@ -292,12 +308,23 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp_disp.parent.mkdir(parents=True, exist_ok=True)
+        need = {out_path.parent: z * h * w * dtype.itemsize}
+        need[tmp_disp.parent] = need.get(tmp_disp.parent, 0) + z * 2 * h * w * 4 * (
+            2 if fields_path is not None else 1)  # the .npz is written beside its working copy
+        for folder, n in need.items():
+            free = shutil.disk_usage(folder).free
+            if n > free:
+                raise SsemnetError(
+                    f"Writing the result needs about {n / 2**30:.1f} GB of disk in {folder}, "
+                    f"but only {free / 2**30:.1f} GB is free.")
         made += [tmp_tif, tmp_disp]
         aligned = tifffile.memmap(tmp_tif, shape=(z, h, w), dtype=dtype,
                                   photometric="minisblack",
                                   bigtiff=z * h * w * dtype.itemsize > _BIGTIFF_BYTES)
         disp = np.lib.format.open_memmap(tmp_disp, mode="w+", dtype=np.float32,
                                          shape=(z, 2, h, w))
+        for f in made:  # a full disk under a memory map is a crash (SIGBUS), not an error
+            _reserve(f)
     except OSError as exc:
         for f in made:
             f.unlink(missing_ok=True)

@@ -82,6 +82,40 @@ def test_blank_section_at_a_block_boundary_is_flagged_and_bridged(copies):
     assert np.isnan(r.ncc_after[4]) and np.isfinite(np.delete(r.ncc_after, 4)).all()
 
 
+def test_blockwise_without_prealignment_continues_a_drift():
+    # each section 5 px further than the last: later blocks must start from where the
+    # sections they continue from ended, not from zero
+    section = em(slice(3, 4), 128)[0]
+    stack = np.stack([section] * 8)
+    e = rigid_fields(stack.shape, {z: (5.0 * z, -3.0 * z, 0.0) for z in range(1, 8)})
+    mis = apply_misalignment(stack, e)
+    r = align_stack(mis, block_size=4, prealign="none", **FAST)
+    err = _recovery_error(e, r.displacement)
+    keep = interior(r.valid, 16)
+    med = [float(np.median(err[z][keep[z]])) for z in range(1, 8) if keep[z].any()]
+    print("recovery median, no pre-alignment", np.round(med, 2))
+    assert len(med) == 7 and max(med) < 0.5, med
+
+
+def test_sections_without_overlap_at_a_block_end_do_not_stop_the_run(copies, monkeypatch):
+    from napari_ssemnet.core import fit
+
+    mis, _ = copies
+    full_displacement = fit.full_displacement
+    calls = []
+
+    def pushed_out(residual, matrices, z, size, *, device):
+        calls.append(z)
+        d = full_displacement(residual, matrices, z, size, device=device)
+        # the first block renders sections 0-3: 2 and 3 land outside the frame
+        return d + 1000.0 if len(calls) <= 4 and z in (2, 3) else d
+
+    monkeypatch.setattr(fit, "full_displacement", pushed_out)
+    r = align_stack(mis, block_size=4, reference=0, **FAST)
+    assert r.flags == ["", "", "no_overlap", "no_overlap", "", "", "", ""]
+    assert np.isfinite(r.ncc_after[[0, 1, 4, 5, 6, 7]]).all()
+
+
 def test_block_size_at_least_the_stack_is_the_joint_fit(copies):
     mis, _ = copies
     a = align_stack(mis[:5], **FAST)

@@ -46,7 +46,9 @@ class BlockRunSummary:
     Attributes
     ----------
     ncc_before, ncc_after : ndarray, shape (Z,), float64
-        As :class:`~napari_ssemnet.core.align.AlignmentResult`.
+        As :class:`~napari_ssemnet.core.align.AlignmentResult`, except that a pair whose
+        sections are only joined across sections flagged ``no_overlap`` at the end of a
+        block is missing (that side is left out of the mean).
     flags : list of str, length Z
     blocks : list of list of int
         The sections of each block, in the order the blocks ran (fixed ones included).
@@ -92,19 +94,22 @@ def block_plan(z_count: int, reference: int, block_size: int, window: int
 
 def _carried(order: Sequence[int], flags: list[str], done: np.ndarray, window: int,
              limit: int) -> list[int]:
-    """Finished sections walked in ``order`` (away from the new ones) until ``window`` usable
-    ones are collected; blank or unusable sections met on the way are kept (they hold the
-    distances in z that the pre-alignment uses). At most ``limit`` sections."""
-    out, usable = [], 0
+    """Finished sections walked in ``order`` (away from the new ones) until ``window``
+    non-blank ones are collected; blank sections met on the way are kept (they hold the
+    distances in z that the pre-alignment uses). At most ``limit`` sections.
+
+    Sections flagged ``no_overlap`` or ``low_confidence`` count: a joint run fits its
+    sections against them too (the flags come after the fit)."""
+    out, found = [], 0
     for z in order:
         if not done[z] or len(out) == limit:
             break
         out.append(z)
-        if flags[z] in USABLE_FLAGS:
-            usable += 1
-            if usable == window:
+        if flags[z] != FLAG_BLANK:
+            found += 1
+            if found == window:
                 break
-    while out and flags[out[-1]] not in USABLE_FLAGS:  # nothing to hold onto beyond that
+    while out and flags[out[-1]] == FLAG_BLANK:  # nothing to hold onto beyond that
         out.pop()
     return sorted(out)
 
@@ -119,6 +124,23 @@ def _read_sections(stack: Any, zs: Sequence[int]) -> np.ndarray:
             raise InputError(f"The stack contains NaN or infinite values in section(s) "
                              f"{shown}; replace them (e.g. with 0) before aligning.")
     return raw
+
+
+def _relabelled(gen: Generator[Any, None, Any], tag: str, members: list[int]
+                ) -> Generator[Any, None, Any]:
+    """Pass on a block's events with stack section numbers and the block named."""
+    while True:
+        try:
+            ev = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if isinstance(ev, Progress):
+            if ev.section is not None:
+                ev.section = members[ev.section]
+            if ev.stage == "prealign" and ev.section is not None:
+                ev.message = f"pre-aligning section {ev.section}"  # not the block's index
+            ev.message = f"{tag}: {ev.message}"
+        yield ev
 
 
 def _store(out: Any, z: int, value: np.ndarray) -> None:
@@ -221,7 +243,7 @@ def iter_align_blocks(
         blocks.append(members)
         local = {z: i for i, z in enumerate(members)}
         fixed = np.array([z in fixed_zs for z in members])
-        usable_fixed = [z for z in fixed_zs if z == params.reference or flags[z] in USABLE_FLAGS]
+        usable_fixed = [z for z in fixed_zs if z == params.reference or flags[z] != FLAG_BLANK]
         if not usable_fixed:  # pragma: no cover - the reference block always has one
             raise InputError("No aligned section to continue from.")
         anchor_z = min(usable_fixed, key=lambda z: min(abs(z - n) for n in new))
@@ -230,18 +252,7 @@ def iter_align_blocks(
 
         def relabel(gen: Generator[Any, None, Any], tag: str = tag,
                     members: list[int] = members) -> Generator[Any, None, Any]:
-            while True:
-                try:
-                    ev = next(gen)
-                except StopIteration as stop:
-                    return stop.value
-                if isinstance(ev, Progress):
-                    if ev.section is not None:
-                        ev.section = members[ev.section]
-                    if ev.stage == "prealign" and ev.section is not None:
-                        ev.message = f"pre-aligning section {ev.section}"  # not the local index
-                    ev.message = f"{tag}: {ev.message}"
-                yield ev
+            return _relabelled(gen, tag, members)
 
         stop_check()
         t0 = time.perf_counter()
@@ -281,6 +292,9 @@ def iter_align_blocks(
             norm, blank, reference=anchor, kind=params.prealign,
             max_rotation=params.max_rotation, device=device, should_stop=stop_check,
             fixed=held_now or {anchor: np.eye(3)}))
+        if params.prealign == "none" and held_now:
+            # the fit's translations chain outwards from the anchor, whose own is in its map
+            matrices[~fixed] = held_mats[anchor_z]
         timings["prealign"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
