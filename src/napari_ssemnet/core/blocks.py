@@ -255,6 +255,7 @@ def iter_align_blocks(
             return _relabelled(gen, tag, members)
 
         stop_check()
+        memory.release_freed_memory()
         t0 = time.perf_counter()
         yield Progress("prepare", 0, 1, f"{tag}: sections {members[0]}-{members[-1]} "
                                         f"({len(new)} new)")

@@ -99,6 +99,32 @@ def check_memory(shape: tuple[int, int, int], device: Any, binning: int = 1, *,
         "anyway.)")
 
 
+def release_freed_memory() -> None:
+    """Hand memory that was freed back to the system (glibc only; elsewhere a no-op).
+
+    glibc keeps freed heap pages for reuse; across the blocks of a block-wise run that
+    retained heap grew with the number of blocks (44 x 1024^2 in blocks of 8: 581 -> 794 MB
+    at the block starts), where trimming before each block kept it at 363 MB.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = False
+        try:
+            import ctypes
+            import ctypes.util
+
+            name = ctypes.util.find_library("c")
+            libc = ctypes.CDLL(name) if name else None
+            _malloc_trim = getattr(libc, "malloc_trim", None) or False
+        except (OSError, AttributeError):  # pragma: no cover - not glibc
+            pass
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
