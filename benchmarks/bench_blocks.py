@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             print("RESULT " + json.dumps(one_point(Path(src), int(block), Path(tmp))))
         return
+    from napari_ssemnet.core.blocks import held_shape
     from napari_ssemnet.core.memory import estimate_peak_bytes
 
     out = {"machine": C.machine_info(), "points": []}
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
                 out["points"].append({"point": point, "error": err})
                 continue
             row = json.loads(lines[-1][7:])
-            held = (min(block, n) if block else n, 1024, 1024)
+            held = held_shape(block, (n, 1024, 1024)) if block else (n, 1024, 1024)
             row.update(sections=n, size=1024,
                        estimate_mb=estimate_peak_bytes(held) / 2**20)
             print(f"| {n} | {block or 'whole'} | {row['seconds']:.1f} | "

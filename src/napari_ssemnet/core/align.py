@@ -288,8 +288,10 @@ def iter_align_stack(
     arr = check_stack(stack)
     params = resolve_params(params, overrides)
     if 0 < params.block_size < arr.shape[0]:
+        from .blocks import held_shape
+
         gen = _iter_align_stack_blocks(arr, params, should_stop=should_stop, encoder=encoder)
-        held = (params.block_size, *arr.shape[1:])
+        held = held_shape(params.block_size, arr.shape)
     else:
         gen = _iter_align_stack(arr, params, should_stop=should_stop, encoder=encoder)
         held = arr.shape

@@ -92,7 +92,7 @@ def check_memory(shape: tuple[int, int, int], device: Any, binning: int = 1, *,
         return
     z, h, w = shape
     z_all = total_sections or z
-    how = "" if z_all == z else f" in blocks of {z}"
+    how = "" if z_all == z else f" a block at a time (about {z} sections held)"
     raise MemoryLimitError(
         f"Aligning {z_all} sections of {h}x{w} px{how} needs about {_gb(need)} of memory, but "
         f"only {_gb(free)} is free. {_advice((z_all, h, w))} (Set {SKIP_ENV}=1 to try "
