@@ -113,6 +113,23 @@ def test_align_makes_three_layers(qtbot, viewer_widget, stack):
     assert viewer.layers["em aligned"].metadata[L.META_KEY]["params"]["grid_spacing"] == 48
 
 
+def test_blockwise_align_from_the_widget_matches_the_api(qtbot, viewer_widget):
+    from napari_ssemnet.core.align import align_stack
+
+    viewer, widget = viewer_widget
+    stack = make_stack(z=7)
+    viewer.add_image(stack, name="em")
+    # blocks 2-5 (with the reference), then 6 upwards and 0-1 downwards: sections arrive out
+    # of order
+    set_fast(widget, block_size=4, reference=3)
+    assert run_and_wait(qtbot, widget, widget.align) == "done", error_messages()
+    r = align_stack(stack, **FAST, block_size=4, reference=3)
+    np.testing.assert_array_equal(widget.results["em"].displacement, r.displacement)
+    np.testing.assert_array_equal(viewer.layers["em aligned"].data, r.aligned)
+    meta = viewer.layers["em aligned"].metadata[L.META_KEY]
+    assert meta["complete"] and meta["params"]["block_size"] == 4
+
+
 def test_user_layer_with_result_name_is_left_alone(qtbot, viewer_widget, stack):
     viewer, widget = viewer_widget
     viewer.add_image(stack, name="em")
