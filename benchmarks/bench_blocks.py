@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -93,6 +92,8 @@ def one_point(src: Path, block_size: int, out_dir: Path) -> dict:
     seconds = time.perf_counter() - t0
     running[0] = False
     sampler.join()
+    if code:
+        raise SystemExit(f"error: the command line exited with {code}")
     fields = np.load(out_dir / "fields.npz")
     return {"exit_code": code, "block_size": block_size, "seconds": seconds,
             "baseline_anon_mb": base_anon, "added_anon_mb": peaks["anon"] - base_anon,
@@ -170,16 +171,12 @@ def main(argv: list[str] | None = None) -> None:
             n, block = (int(v) for v in point.split(":"))
             if n not in inputs:
                 inputs[n] = make_input(args.data, n, Path(tmp))
-            proc = subprocess.run([sys.executable, __file__, "--data", str(args.data),
-                                   "--one", str(inputs[n]), str(block)],
-                                  capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            row, err = C.run_child([sys.executable, __file__, "--data", str(args.data),
+                                    "--one", str(inputs[n]), str(block)])
+            if row is None:
                 print(f"| {n} | {block} | failed: {err} |", flush=True)
                 out["points"].append({"point": point, "error": err})
                 continue
-            row = json.loads(lines[-1][7:])
             held = held_shape(block, (n, 1024, 1024)) if block else (n, 1024, 1024)
             row.update(sections=n, size=1024,
                        estimate_mb=estimate_peak_bytes(held) / 2**20)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -100,15 +99,12 @@ def main(argv: list[str] | None = None) -> None:
           "estimate (MB) | estimate / measured | peak stage |\n"
           "|---|---|---|---|---|---|---|---|", flush=True)
     for point in args.points:
-        proc = subprocess.run([sys.executable, __file__, "--data", str(args.data),
-                               "--one", point], capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        row, err = C.run_child([sys.executable, __file__, "--data", str(args.data),
+                                "--one", point])
+        if row is None:
             print(f"| {point} | failed: {err} |")
             out["points"].append({"point": point, "error": err})
             continue
-        row = json.loads(lines[-1][7:])
         worst = max(row["stages_added_mb"], key=row["stages_added_mb"].get)
         print(f"| {row['dataset']} | {row['sections']} x {row['size']}^2 | "
               f"{row['fit_binning']} | {row['seconds']:.1f} | {row['added_mb']:.0f} | "

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -126,14 +125,12 @@ def main(argv: list[str] | None = None) -> None:
         cmd = [sys.executable, __file__, "--data", str(args.data), "--device", args.device,
                *(["--misaligned"] if args.misaligned else []),
                "--one", method, dataset, str(n), str(size)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
+        row, err = C.run_child(cmd)
+        if row is None:
             row = {"method": method, "dataset": dataset, "sections": n, "size": size,
-                   "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-            print(f"| {method} | {dataset} | {n} | {size} | failed: {row['error']} |")
+                   "error": err}
+            print(f"| {method} | {dataset} | {n} | {size} | failed: {err} |")
         else:
-            row = json.loads(lines[-1][7:])
             extra = (f" (+{row['cuda_peak_allocated_mb']:.0f} MB CUDA)"
                      if "cuda_peak_allocated_mb" in row else "")
             print(f"| {method} | {dataset} | {n} | {size} | {row['seconds']:.1f} | "

@@ -88,6 +88,21 @@ def machine_info() -> dict:
             "machine": platform.machine(), "system": platform.system()}
 
 
+def run_child(cmd: list[str]) -> tuple[dict | None, str]:
+    """Run one benchmark point in a fresh process; return its row (the last ``RESULT {json}``
+    line of its output) or, if there is none, the first ``error:`` line (else the last line)
+    of its stderr."""
+    import subprocess
+
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode == 0 and rows:
+        return json.loads(rows[-1][len("RESULT "):]), ""
+    err = proc.stderr.strip().splitlines()
+    said = [ln for ln in err if ln.startswith("error:")]
+    return None, (said[:1] or err[-1:] or ["failed"])[0]
+
+
 def save_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / name

@@ -220,6 +220,24 @@ def resolve_params(params: AlignParams | None, overrides: dict[str, Any]) -> Ali
     return params.replace(**overrides) if overrides else params
 
 
+def check_reference(reference: int, z_count: int) -> None:
+    """Raise :class:`InputError` if ``reference`` is not a section of a ``z_count`` stack."""
+    if not 0 <= reference < z_count:
+        raise InputError(f"Reference section {reference} is out of range; the stack has "
+                         f"sections 0 to {z_count - 1}.")
+
+
+def stopper(should_stop: StopCallback | None) -> Callable[[], None]:
+    """A check to call between steps: raises :class:`AlignmentCancelled` once
+    ``should_stop()`` returns True."""
+
+    def stop_check() -> None:
+        if should_stop is not None and should_stop():
+            raise AlignmentCancelled("Alignment cancelled.")
+
+    return stop_check
+
+
 def check_binning(params: AlignParams, h: int, w: int) -> None:
     """Raise :class:`InputError` if ``params.fit_binning`` leaves sections too small to fit."""
     b = params.fit_binning
@@ -326,15 +344,9 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     from .features import load_feature_extractor
 
     z_count, h, w = arr.shape
-    if not 0 <= params.reference < z_count:
-        raise InputError(f"Reference section {params.reference} is out of range; the stack has "
-                         f"sections 0 to {z_count - 1}.")
+    check_reference(params.reference, z_count)
     check_binning(params, h, w)
-
-    def stop_check() -> None:
-        if should_stop is not None and should_stop():
-            raise AlignmentCancelled("Alignment cancelled.")
-
+    stop_check = stopper(should_stop)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     device = pick_device(params.device)
@@ -485,10 +497,7 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
     check_binning(params, h, w)
     memory.check_memory((hi - lo, h, w), device, binning=params.fit_binning)
 
-    def stop_check() -> None:
-        if should_stop is not None and should_stop():
-            raise AlignmentCancelled("Alignment cancelled.")
-
+    stop_check = stopper(should_stop)
     local = z - lo
     sub = arr[lo:hi]
     norm, blank = metrics.normalise_stack(sub)

@@ -32,8 +32,10 @@ from .align import (
     Progress,
     SectionResult,
     check_binning,
+    check_reference,
+    stopper,
 )
-from .errors import AlignmentCancelled, InputError
+from .errors import InputError
 from .params import AlignParams
 
 USABLE_FLAGS = (FLAG_OK, FLAG_LOW_CONFIDENCE)
@@ -210,15 +212,9 @@ def iter_align_blocks(
     if not b or b < params.window + 2:
         raise InputError(f"block_size must be at least window + 2 = {params.window + 2} for a "
                          f"block-wise run; got {b}.")
-    if not 0 <= params.reference < z_count:
-        raise InputError(f"Reference section {params.reference} is out of range; the stack has "
-                         f"sections 0 to {z_count - 1}.")
+    check_reference(params.reference, z_count)
     check_binning(params, h, w)
-
-    def stop_check() -> None:
-        if should_stop is not None and should_stop():
-            raise AlignmentCancelled("Alignment cancelled.")
-
+    stop_check = stopper(should_stop)
     t_start = time.perf_counter()
     timings = {"prepare": 0.0, "prealign": 0.0, "fit": 0.0, "render": 0.0}
     device = pick_device(params.device)
