@@ -112,9 +112,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{row['estimate_mb'] / row['added_mb']:.2f} | {worst} |", flush=True)
         out["points"].append(row)
         C.save_json(args.output, out)
-    out["load_avg_after"] = list(os.getloadavg())
-    C.save_json(args.output, out)
-    print(f"load average after: {os.getloadavg()}")
+    C.finish(args.output, out)
 
 
 if __name__ == "__main__":

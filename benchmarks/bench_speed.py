@@ -139,9 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         row["load_avg_after"] = list(os.getloadavg())
         out["points"].append(row)
         C.save_json(output, out)
-    out["load_avg_after"] = list(os.getloadavg())
-    C.save_json(output, out)
-    print(f"load average after: {os.getloadavg()}")
+    C.finish(output, out)
 
 
 if __name__ == "__main__":

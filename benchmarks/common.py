@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -101,6 +102,14 @@ def run_child(cmd: list[str]) -> tuple[dict | None, str]:
     err = proc.stderr.strip().splitlines()
     said = [ln for ln in err if ln.startswith("error:")]
     return None, (said[:1] or err[-1:] or ["failed"])[0]
+
+
+def finish(name: str, payload: dict) -> Path:
+    """Record the load average after a run, save the JSON and print the load."""
+    payload["load_avg_after"] = list(os.getloadavg())
+    path = save_json(name, payload)
+    print(f"load average after: {os.getloadavg()}")
+    return path
 
 
 def save_json(name: str, payload: dict) -> Path:
