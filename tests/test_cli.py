@@ -264,3 +264,44 @@ def test_blockwise_without_disk_space_is_one_error_line(tiny_tif, tmp_path, monk
     err = capsys.readouterr().err
     assert code == 2 and "GB of disk" in err and "0.0 GB is free" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_apply_fields_reproduces_the_aligned_stack_and_keeps_labels(tiny_tif, tmp_path,
+                                                                   capsys):
+    from napari_ssemnet.core.io import apply_displacement
+
+    out, fields = tmp_path / "al.tif", tmp_path / "f.npz"
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), "--fields", str(fields),
+                     *TINY]) == 0
+    # the same fields on the same stack give the aligned stack again
+    again = tmp_path / "again.tif"
+    assert cli.main(["apply-fields", str(fields), str(tiny_tif), "-o", str(again)]) == 0
+    np.testing.assert_array_equal(read_stack(again), read_stack(out))
+    # labels: nearest neighbour, ids and dtype kept, exactly as the API does it
+    disp, _ = load_fields(fields)
+    labels = (np.arange(4 * 96 * 96, dtype=np.uint32).reshape(4, 96, 96) // 37) + 70000
+    lab_in = write_stack(tmp_path / "labels.tif", labels, compression="zlib")  # page by page
+    lab_out = tmp_path / "labels_aligned.tif"
+    assert cli.main(["apply-fields", str(fields), str(lab_in), "-o", str(lab_out),
+                     "--labels", "-q"]) == 0
+    got = read_stack(lab_out)
+    assert got.dtype == np.uint32
+    np.testing.assert_array_equal(got, apply_displacement(labels, disp, order=0))
+    assert set(np.unique(got)) <= set(np.unique(labels)) | {0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "again.tif", "al.tif", "f.npz", "labels.tif", "labels_aligned.tif"]
+
+
+def test_apply_fields_bad_input_is_one_error_line(tiny_tif, tmp_path, capsys):
+    from napari_ssemnet.core.io import save_fields
+
+    wrong = save_fields(tmp_path / "wrong.npz", np.zeros((3, 2, 96, 96), np.float32))
+    (tmp_path / "junk.npz").write_text("not a zip")
+    for fields, words in [(wrong, "for a stack of 3 sections of 96x96 px"),
+                          (tmp_path / "junk.npz", "not a readable fields file"),
+                          (tmp_path / "missing.npz", "does not exist")]:
+        code = cli.main(["apply-fields", str(fields), str(tiny_tif), "-o",
+                         str(tmp_path / "o.tif")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error:") and words in err, err
+    assert not (tmp_path / "o.tif").exists()

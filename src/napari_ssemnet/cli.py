@@ -4,6 +4,7 @@
 
     napari-ssemnet align INPUT.tif -o ALIGNED.tif [--fields FIELDS.npz] [--grid-spacing 64 ...]
     napari-ssemnet align --sample [-o sample_aligned.tif]
+    napari-ssemnet apply-fields FIELDS.npz LABELS.tif -o ALIGNED_LABELS.tif [--labels]
     napari-ssemnet train-features STACK.tif [STACK2.tif ...] -o WEIGHTS.pt [--steps N]
     napari-ssemnet --version
 
@@ -359,6 +360,67 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
     return EXIT_OK
 
 
+def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
+    """Resample a stack through saved fields, one section at a time."""
+    import tifffile
+
+    from .core.align import Progress
+    from .core.io import (
+        _BIGTIFF_BYTES,
+        FieldSections,
+        apply_displacement_section,
+        open_stack,
+    )
+
+    order = 0 if args.labels else 1
+    stack = open_stack(args.input)
+    try:
+        with FieldSections(args.fields) as fields:
+            z, h, w = (int(n) for n in stack.shape)
+            if fields.shape != (z, 2, h, w):
+                raise SsemnetError(
+                    f"The fields in {args.fields} are for a stack of {fields.shape[0]} sections "
+                    f"of {fields.shape[2]}x{fields.shape[3]} px; {args.input} has {z} of "
+                    f"{h}x{w} px.")
+            dtype = np.dtype(stack.dtype)
+            if order == 1 and args.output_dtype == "float32":
+                dtype = np.dtype(np.float32)
+            if dtype.kind == "b":
+                dtype = np.dtype(np.uint8)
+            out_path = Path(args.output)
+            tmp = _partial(out_path, "partial.tif")
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out.write(f"applying {args.fields} to {args.input} ("
+                      f"{'nearest neighbour, labels' if order == 0 else 'bilinear'}): {z} "
+                      f"sections of {h}x{w} px\n")
+            out.flush()
+            printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
+            try:
+                with ctrl_c_stops() as should_stop, tifffile.TiffWriter(
+                        tmp, bigtiff=z * h * w * dtype.itemsize > _BIGTIFF_BYTES) as tif:
+                    for zz, disp in enumerate(fields):
+                        if should_stop():
+                            raise AlignmentCancelled("Cancelled.")
+                        sec = apply_displacement_section(np.asarray(stack[zz]), disp,
+                                                         order=order)
+                        if sec.dtype != dtype:  # labels keep theirs (no float round trip)
+                            sec = _as_output_dtype(sec, dtype)
+                        tif.write(sec, photometric="minisblack", contiguous=True)
+                        if not args.quiet:
+                            printer(Progress("apply", zz + 1, z, f"section {zz + 1}/{z}"))
+                tmp.replace(out_path)
+            except OSError as exc:
+                raise SsemnetError(f"Could not write {out_path}: {exc}") from None
+            finally:
+                printer.close()
+                tmp.unlink(missing_ok=True)
+    finally:
+        if hasattr(stack, "close"):
+            stack.close()
+    out.write(f"resampled stack -> {out_path}\n")
+    return EXIT_OK
+
+
 def _sha256_prefix(path: Path, n: int = 16) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -447,6 +509,24 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("-q", "--quiet", action="store_true", help="No progress output.")
     add_param_options(al)
     al.set_defaults(func=cmd_align)
+
+    ap = sub.add_parser(
+        "apply-fields", help="Resample a stack (e.g. labels) through saved fields.",
+        description="Apply displacement fields written by 'align --fields' (or the napari "
+                    "widget) to another stack of the same shape, e.g. a segmentation or "
+                    "another channel, one section at a time.")
+    ap.add_argument("fields", metavar="FIELDS.npz", help="Fields file from 'align --fields'.")
+    ap.add_argument("input", metavar="INPUT.tif", help="Stack to resample, shape (Z, H, W).")
+    ap.add_argument("-o", "--output", required=True, metavar="OUT.tif",
+                    help="Resampled stack (TIFF).")
+    ap.add_argument("--labels", action="store_true",
+                    help="Nearest-neighbour sampling that keeps label ids and the data type "
+                         "(for segmentations). Default: bilinear.")
+    ap.add_argument("--output-dtype", choices=["input", "float32"], default="input",
+                    help="Data type of a bilinear result: that of the input (rounded) or "
+                         "float32. (default: input)")
+    ap.add_argument("-q", "--quiet", action="store_true", help="No progress output.")
+    ap.set_defaults(func=cmd_apply)
 
     tr = sub.add_parser(
         "train-features", help="Train (or fine-tune) the CAE feature encoder on stacks.",

@@ -10,6 +10,7 @@ import tifffile
 
 from napari_ssemnet.core.errors import InputError
 from napari_ssemnet.core.io import (
+    FieldSections,
     PageStack,
     apply_displacement,
     load_fields,
@@ -119,6 +120,20 @@ def test_open_stack_refuses_what_read_stack_refuses(tmp_path):
                         ("missing.tif", "does not exist")]:
         with pytest.raises(InputError, match=words):
             open_stack(tmp_path / name)
+
+
+def test_field_sections_stream_what_load_fields_reads(tmp_path):
+    disp = np.random.default_rng(3).normal(size=(3, 2, 40, 50)).astype(np.float32)
+    path = save_fields(tmp_path / "f.npz", disp, params=AlignParams(), flags=["", "blank", ""])
+    with FieldSections(path) as fields:
+        assert fields.shape == (3, 2, 40, 50)
+        got = np.stack(list(fields))
+    np.testing.assert_array_equal(got, load_fields(path)[0])
+    np.savez(tmp_path / "ints.npz", displacement=np.zeros((3, 2, 8, 8), np.int32))
+    np.savez(tmp_path / "other.npz", something=np.zeros(3))
+    for name, words in [("ints.npz", "expected float"), ("other.npz", "no 'displacement'")]:
+        with pytest.raises(InputError, match=words):
+            FieldSections(tmp_path / name)
 
 
 def test_fields_round_trip_with_params_flags_and_extras(tmp_path):

@@ -358,46 +358,136 @@ def apply_displacement(stack: np.ndarray, displacement: np.ndarray, *, order: in
     ndarray, shape (Z, H, W)
         0 where the sample point falls outside the section.
     """
-    import torch
-
-    from .warp import warp_image
-
-    if order not in (0, 1):
-        raise InputError(f"order must be 0 (nearest) or 1 (bilinear), got {order!r}.")
     src = np.asarray(stack)
     disp = np.asarray(displacement)
     if src.ndim != 3 or disp.shape != (src.shape[0], 2, *src.shape[1:]):
         raise InputError(f"Fields of shape {disp.shape} do not fit a stack of shape "
                          f"{src.shape}; they must be (Z, 2, H, W) for a (Z, H, W) stack.")
-    if not (src.dtype == bool or np.issubdtype(src.dtype, np.integer)
-            or np.issubdtype(src.dtype, np.floating)):
-        raise InputError(f"Cannot resample a stack of dtype {src.dtype}.")
+    _check_order_and_dtype(order, src.dtype)
+    out = np.zeros(src.shape, np.float32 if order == 1 else src.dtype)
+    for z in range(src.shape[0]):
+        out[z] = apply_displacement_section(src[z], disp[z], order=order)
+    return out
+
+
+def _check_order_and_dtype(order: int, dtype: np.dtype) -> None:
+    if order not in (0, 1):
+        raise InputError(f"order must be 0 (nearest) or 1 (bilinear), got {order!r}.")
+    if not (np.dtype(dtype).kind == "b" or np.issubdtype(dtype, np.integer)
+            or np.issubdtype(dtype, np.floating)):
+        raise InputError(f"Cannot resample a stack of dtype {dtype}.")
+
+
+def apply_displacement_section(section: np.ndarray, displacement: np.ndarray, *,
+                               order: int = 1) -> np.ndarray:
+    """One section of :func:`apply_displacement`.
+
+    Parameters
+    ----------
+    section : ndarray, shape (H, W)
+    displacement : ndarray, shape (2, H, W)
+    order : {0, 1}
+
+    Returns
+    -------
+    ndarray, shape (H, W): float32 for ``order=1``, the section's dtype for ``order=0``.
+    """
+    import torch
+
+    from .warp import warp_image
+
+    src = np.asarray(section)
+    if src.ndim != 2 or np.shape(displacement) != (2, *src.shape):
+        raise InputError(f"A field of shape {np.shape(displacement)} does not fit a section "
+                         f"of shape {src.shape}; it must be (2, H, W).")
+    _check_order_and_dtype(order, src.dtype)
     mode = "bilinear" if order == 1 else "nearest"
     out_dtype = np.float32 if order == 1 else src.dtype
-    out = np.zeros(src.shape, out_dtype)
+    d = torch.from_numpy(np.ascontiguousarray(displacement, np.float32))
     # float32 represents integers exactly only up to 2**24; nearest sampling of big label ids
     # therefore goes through an index image instead of the values themselves.
-    exact = order == 1 or src.dtype.itemsize <= 2 or src.dtype == bool
-    for z in range(src.shape[0]):
-        d = torch.from_numpy(np.ascontiguousarray(disp[z], np.float32))
-        if exact:
-            img = torch.from_numpy(np.ascontiguousarray(src[z], np.float32))
-            warped, ok = warp_image(img, d, mode=mode)
-            w = warped.numpy()
-            if order == 0:
-                w = np.rint(w)
-            w[~ok.numpy()] = 0
-            out[z] = w.astype(out_dtype, copy=False)
-        else:
-            h, wd = src.shape[1:]
-            idx = torch.arange(h * wd, dtype=torch.float64).reshape(h, wd)
-            # index values up to 2**24 are exact in float32; split larger images in two
-            hi, lo = torch.div(idx, 4096, rounding_mode="floor"), torch.remainder(idx, 4096)
-            w_hi, ok = warp_image(hi.float(), d, mode="nearest")
-            w_lo, _ = warp_image(lo.float(), d, mode="nearest")
-            flat = (np.rint(w_hi.numpy()).astype(np.int64) * 4096
-                    + np.rint(w_lo.numpy()).astype(np.int64))
-            vals = src[z].reshape(-1)[np.clip(flat, 0, h * wd - 1)]
-            vals[~ok.numpy()] = 0
-            out[z] = vals
-    return out
+    if order == 1 or src.dtype.itemsize <= 2 or src.dtype == bool:
+        img = torch.from_numpy(np.ascontiguousarray(src, np.float32))
+        warped, ok = warp_image(img, d, mode=mode)
+        w = warped.numpy()
+        if order == 0:
+            w = np.rint(w)
+        w[~ok.numpy()] = 0
+        return w.astype(out_dtype, copy=False)
+    h, wd = src.shape
+    idx = torch.arange(h * wd, dtype=torch.float64).reshape(h, wd)
+    # index values up to 2**24 are exact in float32; split larger images in two
+    hi, lo = torch.div(idx, 4096, rounding_mode="floor"), torch.remainder(idx, 4096)
+    w_hi, ok = warp_image(hi.float(), d, mode="nearest")
+    w_lo, _ = warp_image(lo.float(), d, mode="nearest")
+    flat = (np.rint(w_hi.numpy()).astype(np.int64) * 4096
+            + np.rint(w_lo.numpy()).astype(np.int64))
+    vals = src.reshape(-1)[np.clip(flat, 0, h * wd - 1)]
+    vals[~ok.numpy()] = 0
+    return vals
+
+
+class FieldSections:
+    """The ``displacement`` of a fields ``.npz`` read one section at a time, in order, so
+    that applying the fields of a large stack never holds them all.
+
+    ``shape`` is (Z, 2, H, W); iterate for the (2, H, W) float32 sections. Use it as a
+    context manager (or call :meth:`close`).
+
+    Raises
+    ------
+    InputError
+        As :func:`load_fields` for a missing or unreadable file or a wrong shape.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"Fields file {str(p)!r} does not exist.")
+        self._zip = None
+        try:
+            self._zip = zipfile.ZipFile(p)
+            names = self._zip.namelist()
+            if "displacement.npy" not in names:
+                raise InputError(f"{str(p)!r} has no 'displacement' array (it has: "
+                                 f"{', '.join(n.removesuffix('.npy') for n in names) or 'nothing'}"
+                                 "); is it a fields file written by napari-ssemnet?")
+            self._fh = self._zip.open("displacement.npy")
+            fmt = np.lib.format
+            major, _ = fmt.read_magic(self._fh)
+            read_header = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+            shape, fortran, dtype = read_header(self._fh)
+        except InputError:
+            self.close()
+            raise
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+            self.close()
+            why = str(exc).splitlines()[0] if str(exc) else "no details"
+            raise InputError(f"{str(p)!r} is not a readable fields file ({type(exc).__name__}: "
+                             f"{why}).") from None
+        if len(shape) != 4 or shape[1] != 2 or fortran or dtype.hasobject or not np.issubdtype(
+                dtype, np.floating):
+            self.close()
+            raise InputError(f"{str(p)!r}: displacement has shape {shape} and dtype {dtype}; "
+                             "expected float (Z, 2, H, W).")
+        self.shape, self.dtype, self._path = tuple(int(s) for s in shape), dtype, p
+
+    def __iter__(self):
+        n = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        for _ in range(self.shape[0]):
+            buf = self._fh.read(n)
+            if len(buf) != n:
+                raise InputError(f"{str(self._path)!r} ends before its last section.")
+            yield np.frombuffer(buf, self.dtype).reshape(self.shape[1:]).astype(np.float32)
+
+    def close(self) -> None:
+        if getattr(self, "_fh", None) is not None:
+            self._fh.close()
+        if self._zip is not None:
+            self._zip.close()
+
+    def __enter__(self) -> FieldSections:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
