@@ -13,6 +13,9 @@ write back). Linux only.
     OMP_NUM_THREADS=2 python benchmarks/bench_blocks.py
     OMP_NUM_THREADS=2 python benchmarks/bench_blocks.py --points 16:0 16:8 64:8
 
+``--apply N`` times ``napari-ssemnet apply-fields`` against the API's
+``apply_displacement`` (stack and fields read whole) on N x 1024^2.
+
 ``--seams B [B ...]`` measures what blocks cost in accuracy instead: all 30 ISBI sections
 (384^2 crop) with the benchmark misalignment, aligned as one joint fit and in blocks of each B;
 per section the consistency with the same variant's run on the untouched crop, and the
@@ -65,9 +68,8 @@ def make_input(data: Path, n: int, folder: Path, seed: int = 0) -> Path:
     return path
 
 
-def one_point(src: Path, block_size: int, out_dir: Path) -> dict:
-    from napari_ssemnet import cli
-
+def measured(run) -> dict:
+    """Call ``run()`` (returning an exit code) while sampling this process's memory."""
     peaks = {"anon": 0.0, "file": 0.0}
     running = [True]
 
@@ -83,24 +85,79 @@ def one_point(src: Path, block_size: int, out_dir: Path) -> dict:
     base_anon, base_file = _status_mb()
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    argv = ["align", str(src), "-o", str(out_dir / "aligned.tif"), "--fields",
-            str(out_dir / "fields.npz"), "-q", "--device", "cpu"]
-    if block_size:
-        argv += ["--block-size", str(block_size)]
     t0 = time.perf_counter()
-    code = cli.main(argv)
+    code = run()
     seconds = time.perf_counter() - t0
     running[0] = False
     sampler.join()
     if code:
         raise SystemExit(f"error: the command line exited with {code}")
+    return {"seconds": seconds, "baseline_anon_mb": base_anon,
+            "added_anon_mb": peaks["anon"] - base_anon, "peak_file_mb": peaks["file"],
+            "baseline_file_mb": base_file}
+
+
+def one_point(src: Path, block_size: int, out_dir: Path) -> dict:
+    from napari_ssemnet import cli
+
+    argv = ["align", str(src), "-o", str(out_dir / "aligned.tif"), "--fields",
+            str(out_dir / "fields.npz"), "-q", "--device", "cpu"]
+    if block_size:
+        argv += ["--block-size", str(block_size)]
+    row = measured(lambda: cli.main(argv))
     fields = np.load(out_dir / "fields.npz")
-    return {"exit_code": code, "block_size": block_size, "seconds": seconds,
-            "baseline_anon_mb": base_anon, "added_anon_mb": peaks["anon"] - base_anon,
-            "peak_file_mb": peaks["file"], "baseline_file_mb": base_file,
+    return {"block_size": block_size, **row,
             "ncc_after_mean": float(np.nanmean(fields["ncc_after"])),
             "ncc_before_mean": float(np.nanmean(fields["ncc_before"])),
             "flags": [str(f) for f in fields["flags"] if f]}
+
+
+def apply_point(src: Path, fields: Path, how: str, out_dir: Path) -> dict:
+    """``apply-fields`` from the command line, or the API's ``apply_displacement`` on the
+    stack and fields read whole."""
+    from napari_ssemnet import cli
+
+    if how == "cli":
+        argv = ["apply-fields", str(fields), str(src), "-o", str(out_dir / "out.tif"), "-q"]
+        return {"how": how, **measured(lambda: cli.main(argv))}
+
+    def api() -> int:
+        import tifffile
+
+        from napari_ssemnet.core.io import apply_displacement, load_fields
+
+        disp, _ = load_fields(fields)
+        apply_displacement(tifffile.imread(src), disp)
+        return 0
+
+    return {"how": how, **measured(api)}
+
+
+def bench_apply(data: Path, n: int, output: str) -> None:
+    """apply-fields against the API on n x 1024^2 (a constant shift as the fields: the
+    resampling does not depend on them)."""
+    from napari_ssemnet.core.io import save_fields
+
+    out = {"machine": C.machine_info(), "sections": n, "size": 1024, "points": []}
+    print("| sections x 1024^2 | how | wall (s) | anonymous memory added (MB) | mapped file "
+          "pages at peak (MB) |\n|---|---|---|---|---|", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = make_input(data, n, Path(tmp))
+        disp = np.zeros((n, 2, 1024, 1024), np.float32)
+        disp[:, 0], disp[:, 1] = 2.5, -1.25
+        fields = save_fields(Path(tmp) / "fields.npz", disp)
+        del disp
+        for how in ("cli", "api"):
+            row, err = C.run_child([sys.executable, __file__, "--data", str(data),
+                                    "--one-apply", str(src), str(fields), how])
+            if row is None:
+                print(f"| {n} | {how} | failed: {err} |", flush=True)
+                out["points"].append({"how": how, "error": err})
+                continue
+            print(f"| {n} | {how} | {row['seconds']:.1f} | {row['added_anon_mb']:.0f} | "
+                  f"{row['peak_file_mb']:.0f} |", flush=True)
+            out["points"].append(row)
+    C.finish(output, out)
 
 
 def seams(data: Path, block_sizes: list[int], seed: int = 0) -> dict:
@@ -145,8 +202,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", default="blocks_cpu.json", help="JSON under benchmarks/results/")
     p.add_argument("--seams", nargs="+", type=int, metavar="B",
                    help="accuracy along ISBI 30 x 384^2 for these block sizes instead")
+    p.add_argument("--apply", type=int, metavar="N",
+                   help="time apply-fields against the API on N x 1024^2 instead")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--one-apply", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.one_apply:
+        src, fields, how = args.one_apply
+        with tempfile.TemporaryDirectory() as tmp:
+            print("RESULT " + json.dumps(apply_point(Path(src), Path(fields), how,
+                                                     Path(tmp))))
+        return
+    if args.apply:
+        bench_apply(args.data, args.apply,
+                    args.output if args.output != "blocks_cpu.json" else "apply_cpu.json")
+        return
     if args.seams:
         res = seams(args.data, args.seams)
         C.save_json(args.output if args.output != "blocks_cpu.json" else "blocks_seams_isbi.json",
