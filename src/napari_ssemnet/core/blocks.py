@@ -322,6 +322,8 @@ def iter_align_blocks(
         t0 = time.perf_counter()
         out_img: dict[int, np.ndarray] = {}
         out_ok: dict[int, np.ndarray] = {}
+        n_new = len(members) - int(fixed.sum()) + (1 if k == 0 else 0)
+        rendered = 0
         for i, z in enumerate(members):
             stop_check()
             src = torch.from_numpy(np.ascontiguousarray(raw[i], dtype=np.float32)).to(device)
@@ -347,8 +349,10 @@ def iter_align_blocks(
             if flags[z] in USABLE_FLAGS:
                 out_img[z], out_ok[z] = im_np, ok_np
             yield SectionResult(z, im_np, d_np, ok_np, flags[z])
-            yield Progress("render", int(done.sum()), z_count,
-                           f"{tag}: section {z + 1}/{z_count}", section=z)
+            rendered += 1
+            yield Progress("render", rendered, n_new,
+                           f"{tag}: section {z} ({int(done.sum())} of {z_count} done)",
+                           section=z)
         use = [z for z in members if z in out_img]
         for a, c in zip(use[:-1], use[1:], strict=False):
             if not (fixed[local[a]] and fixed[local[c]]):

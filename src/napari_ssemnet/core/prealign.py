@@ -487,7 +487,7 @@ def prealign_stack(
     low_gap: torch.Tensor | None = None  # made on the first pair across a gap
     order = [list(range(reference + 1, z_count)), list(range(reference - 1, -1, -1))]
     done = 0
-    total = z_count - 1
+    total = z_count - 1 - sum(1 for zz in (fixed or {}) if zz != reference)
     for n, seq in enumerate(order):
         # usable sections already placed on this side, nearest last; fixed sections beyond
         # the reference come first, as they would if the chain had run through them
@@ -496,12 +496,12 @@ def prealign_stack(
         for zz in seq:
             if should_stop is not None:
                 should_stop()
-            done += 1
-            yield Progress("prealign", done, total, f"pre-aligning section {zz}", section=zz)
             if fixed and zz in fixed:
                 if not blank[zz]:
                     placed.append(zz)
                 continue
+            done += 1
+            yield Progress("prealign", done, total, f"pre-aligning section {zz}", section=zz)
             if blank[zz]:
                 mats[zz] = mats[placed[-1]]
                 continue
