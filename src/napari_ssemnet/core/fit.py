@@ -318,7 +318,7 @@ def fit_stack(
                 v_eff = v_eff + held
             # global-only warm-up at the coarsest level: the grid must not absorb large moves
             if refine_global and li == 0 and it < total // 3:
-                v_eff = v_eff.detach() * 0
+                v_eff = held if held is not None else v_eff.detach() * 0
             p = residual_points(global_maps(glob), v_eff, q, interp)
             sampled, inside = warp.sample(feats, p, kf, padding_mode="border")
             ok = inside & (sampled[:, nfeat] > 0.99)
