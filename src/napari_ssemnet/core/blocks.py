@@ -2,7 +2,7 @@
 
 The stack is aligned a block of sections at a time. The first block holds the reference and
 is aligned as a whole stack would be. Every later block holds the next new sections plus the
-``window`` usable sections next to them that are already aligned (and any blank sections
+``window`` non-blank sections next to them that are already aligned (and any blank sections
 among those): these are *fixed*. They enter raw, with the global map and control grid their
 own block fitted held constant, so the new sections are pre-aligned and fitted onto them as
 in a joint run, and nothing already written is re-estimated. (Resampling them into the
@@ -256,10 +256,6 @@ def iter_align_blocks(
         anchor = local[anchor_z]
         tag = f"block {k + 1}/{n_blocks}"
 
-        def relabel(gen: Generator[Any, None, Any], tag: str = tag,
-                    members: list[int] = members) -> Generator[Any, None, Any]:
-            return _relabelled(gen, tag, members)
-
         stop_check()
         memory.release_freed_memory()
         t0 = time.perf_counter()
@@ -295,19 +291,20 @@ def iter_align_blocks(
         timings["prepare"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        matrices, confidence = yield from relabel(prealign.prealign_stack(
+        matrices, confidence = yield from _relabelled(prealign.prealign_stack(
             norm, blank, reference=anchor, kind=params.prealign,
             max_rotation=params.max_rotation, device=device, should_stop=stop_check,
-            fixed=held_now or {anchor: np.eye(3)}))
+            fixed=held_now or {anchor: np.eye(3)}), tag, members)
         if params.prealign == "none" and held_now:
             # the fit's translations chain outwards from the anchor, whose own is in its map
             matrices[~fixed] = held_mats[anchor_z]
         timings["prealign"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        residual = yield from relabel(fit.fit_stack(
+        residual = yield from _relabelled(fit.fit_stack(
             norm, matrices, blank=blank, free=~fixed, params=params.replace(reference=anchor),
-            extractor=extractor, device=device, should_stop=stop_check, init_grid=init_grid))
+            extractor=extractor, device=device, should_stop=stop_check, init_grid=init_grid),
+            tag, members)
         del norm
         res_mats, res_grid = residual.mats.cpu().numpy(), residual.grid.cpu().numpy()
         for i in np.nonzero(~fixed)[0]:
