@@ -224,6 +224,14 @@ def test_blockwise_align_streams_to_disk_and_matches_the_api(tiny_tif, tmp_path,
     assert sorted(p.name for p in fields.parent.iterdir()) == ["f.npz"]
 
 
+def test_block_size_covering_a_compressed_stack_runs_the_joint_fit(tiny_tif, tmp_path):
+    src = write_stack(tmp_path / "in.tif", read_stack(tiny_tif), compression="zlib")
+    a, b = tmp_path / "a.tif", tmp_path / "b.tif"
+    assert cli.main(["align", str(src), "-o", str(a), *TINY]) == 0
+    assert cli.main(["align", str(src), "-o", str(b), "--block-size", "4", *TINY]) == 0
+    np.testing.assert_array_equal(read_stack(a), read_stack(b))
+
+
 def test_blockwise_cancel_keeps_an_existing_output_and_leaves_no_files(tiny_tif, tmp_path,
                                                                       monkeypatch, capsys):
     import napari_ssemnet.core.blocks as blocks

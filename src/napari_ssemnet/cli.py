@@ -243,6 +243,9 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
         finally:
             if hasattr(stack, "close"):
                 stack.close()
+    if hasattr(stack, "close"):  # one block holds it all: the joint run reads it whole
+        stack.close()
+        stack = read_stack(args.input)
     printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
     callback = None if args.quiet else printer
     try:
