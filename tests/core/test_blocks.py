@@ -116,6 +116,18 @@ def test_sections_without_overlap_at_a_block_end_do_not_stop_the_run(copies, mon
     assert np.isfinite(r.ncc_after[[0, 1, 4, 5, 6, 7]]).all()
 
 
+def test_a_block_of_only_blank_new_sections_is_flagged_and_passed(copies):
+    mis, e = copies
+    mis = mis.astype(np.float32)
+    mis[5:7] = 100.0  # blocks of 3, window 1: 2-4, then 5-6 (both blank, onto 4), then 7
+    r = align_stack(mis, block_size=3, window=1, reference=3, **FAST)
+    assert r.flags == ["", "", "", "", "", "blank", "blank", ""]
+    err = _recovery_error(e, r.displacement)
+    keep = interior(r.valid, 16)
+    for z in (0, 1, 2, 4, 7):  # 7 continues across the two blank sections
+        assert np.median(err[z][keep[z]]) < 0.5, (z, float(np.median(err[z][keep[z]])))
+
+
 def test_block_size_at_least_the_stack_is_the_joint_fit(copies):
     mis, _ = copies
     a = align_stack(mis[:5], **FAST)

@@ -248,6 +248,14 @@ def fit_stack(
     use_idx = torch.from_numpy(np.nonzero(usable)[0]).to(device)
     all_usable = bool(usable.all())
     pairs = _pair_weights(len(use_idx), params.window, params.neighbour_decay)
+    if not pairs:  # one usable section (a block whose new sections are all blank): no data
+        gshape = warp.control_grid_shape(size, params.grid_spacing)
+        held_grid = torch.zeros(z_count, 2, *gshape, device=device)
+        if init_grid is not None:
+            keep = torch.from_numpy(~np.asarray(free, bool)).to(device)
+            held_grid[keep] = warp.resize_grid(init_grid.to(device).float(), gshape)[keep]
+        return Residual(mats=torch.eye(3, device=device).repeat(z_count, 1, 1),
+                        grid=held_grid, size=size)
     b = params.fit_binning
     if prewarped is not None:
         images, valid = _bin(prewarped[0], b), _bin(prewarped[1], b)
