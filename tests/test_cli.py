@@ -313,3 +313,57 @@ def test_apply_fields_bad_input_is_one_error_line(tiny_tif, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error:") and words in err, err
     assert not (tmp_path / "o.tif").exists()
+
+
+def test_blockwise_run_stopped_then_resumed_matches_an_uninterrupted_one(tiny_tif, tmp_path,
+                                                                        monkeypatch, capsys):
+    import napari_ssemnet.core.blocks as blocks
+
+    opts = ["--block-size", "3", "--window", "1", *TINY]
+    full = tmp_path / "full.tif"
+    assert cli.main(["align", str(tiny_tif), "-o", str(full), "--fields",
+                     str(tmp_path / "full.npz"), *opts]) == 0
+    real = blocks.iter_align_blocks
+
+    def interrupted_after_first_block(*args, on_block=None, **kwargs):
+        def saved(st):
+            on_block(st)
+            raise KeyboardInterrupt  # as a second Ctrl-C would
+
+        return (yield from real(*args, on_block=saved, **kwargs))
+
+    monkeypatch.setattr(blocks, "iter_align_blocks", interrupted_after_first_block)
+    out, fields = tmp_path / "o" / "al.tif", tmp_path / "o" / "f.npz"
+    argv = ["align", str(tiny_tif), "-o", str(out), "--fields", str(fields), *opts]
+    capsys.readouterr()
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "stopped after block 1 of 2" in err and "--resume" in err
+    assert not out.exists() and len(list(out.parent.iterdir())) == 3  # the working files
+    # other options do not resume it
+    assert cli.main([*argv[:-len(opts)], "--block-size", "3", "--window", "1", *TINY[:-2],
+                     "--device", "cpu", "--smoothness", "2", "--resume"]) == 2
+    assert "other parameters" in capsys.readouterr().err
+    monkeypatch.setattr(blocks, "iter_align_blocks", real)
+    assert cli.main([*argv, "--resume"]) == 0
+    assert "resuming at block 2 of 2" in capsys.readouterr().out
+    np.testing.assert_array_equal(read_stack(out), read_stack(full))
+    np.testing.assert_array_equal(load_fields(fields)[0],
+                                  load_fields(tmp_path / "full.npz")[0])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["al.tif", "f.npz"]
+    # nothing left to resume
+    assert cli.main([*argv, "--resume"]) == 2
+    assert "Nothing to resume" in capsys.readouterr().err
+
+
+def test_a_second_blockwise_run_on_the_same_output_is_refused(tiny_tif, tmp_path, capsys):
+    out = tmp_path / "al.tif"
+    lock = tmp_path / ".al.tif.lock"
+    lock.write_text(str(os.getppid()))  # a process that is running: this test's parent
+    argv = ["align", str(tiny_tif), "-o", str(out), "--block-size", "3", "--window", "1",
+            *TINY]
+    assert cli.main(argv) == 2
+    assert "Another napari-ssemnet run" in capsys.readouterr().err
+    assert lock.read_text() == str(os.getppid()) and not out.exists()
+    lock.write_text("999999999")  # left behind by a process that no longer runs
+    assert cli.main(argv) == 0 and out.exists() and not lock.exists()

@@ -237,9 +237,16 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"aligning {source}: {stack.shape[0]} sections of {stack.shape[1]}x"
               f"{stack.shape[2]} px, {stack.dtype}\n")
     out.flush()
+    if args.resume and not (blockwise and params.block_size < stack.shape[0]):
+        raise SsemnetError("--resume continues a block-wise run; give the same --block-size "
+                           "(smaller than the number of sections) as the run that stopped.")
     if blockwise and params.block_size < stack.shape[0]:
         try:
-            return _align_blocks_to_disk(stack, params, args, output, out)
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            with _output_lock(Path(output)):
+                return _align_blocks_to_disk(stack, params, args, output, out)
+        except OSError as exc:
+            raise SsemnetError(f"Could not write next to {output}: {exc}") from None
         finally:
             if hasattr(stack, "close"):
                 stack.close()
@@ -288,15 +295,65 @@ def _reserve(path: Path) -> None:
             raise
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else (or cannot tell: assume it runs)
+    return True
+
+
+@contextmanager
+def _output_lock(out_path: Path) -> Iterator[None]:
+    """Keep a second block-wise run from writing into the same working files at once (a lock
+    file with the process id; one left by a process that no longer runs is taken over)."""
+    lock = _partial(out_path, "lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _pid_alive(pid):
+                raise SsemnetError(f"Another napari-ssemnet run (process {pid}) is writing "
+                                   f"{out_path}; wait for it to end or stop it.") from None
+            lock.unlink(missing_ok=True)
+    else:  # pragma: no cover - lost a race twice
+        raise SsemnetError(f"Could not lock {lock}.")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _run_identity(args: argparse.Namespace, params: AlignParams, shape: tuple[int, ...],
+                  dtype: np.dtype) -> str:
+    """What a resumed run must share with the one that stopped (JSON)."""
+    src: Any = "sample"
+    if not args.sample:
+        st = Path(args.input).stat()
+        src = [str(Path(args.input).resolve()), st.st_size, st.st_mtime_ns]
+    return json.dumps({"params": params.to_dict(), "input": src, "shape": list(shape),
+                       "dtype": str(dtype)}, sort_keys=True)
+
+
 def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namespace,
                           output: str, out: TextIO) -> int:
     """Block-wise run whose sections go straight into memory-mapped files: the aligned TIFF
-    (written under a temporary name, renamed once complete) and the displacement, which the
-    later blocks read back and ``--fields`` packs into its ``.npz``."""
+    (written under a working name, renamed once complete) and the displacement, which the
+    later blocks read back and ``--fields`` packs into its ``.npz``. After each block the
+    run's state is saved beside them, so that a run that stops can go on with ``--resume``."""
     import tifffile
 
     from .core.align import format_summary, run_generator
-    from .core.blocks import iter_align_blocks
+    from .core.blocks import BlockState, block_plan, iter_align_blocks
     from .core.io import _BIGTIFF_BYTES, save_fields
 
     z, h, w = (int(n) for n in stack.shape)
@@ -306,56 +363,92 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
     out_path = Path(output)
     fields_path = Path(args.fields) if args.fields else None
     tmp_tif = _partial(out_path, "partial.tif")
-    tmp_disp = _partial(fields_path or out_path, "displacement.partial.npy")
-    made: list[Path] = []
-    printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
+    tmp_disp = _partial(out_path, "displacement.partial.npy")
+    state_path = _partial(out_path, "blocks.npz")
+    work = [tmp_tif, tmp_disp, state_path]
+    run_id = _run_identity(args, params, (z, h, w), dtype)
+    n_blocks = 1 + len(block_plan(z, params.reference, params.block_size, params.window)[1])
+    state = None
+    if args.resume:
+        if not all(f.is_file() for f in work):
+            raise SsemnetError(f"Nothing to resume for {out_path}: no stopped block-wise run "
+                               "left its working files there. Run without --resume.")
+        state, extra = BlockState.load(state_path)
+        if extra.get("run") != run_id:
+            raise SsemnetError(f"The stopped run for {out_path} had another input, other "
+                               "parameters or another output type; give the same ones, or "
+                               "run without --resume to start over.")
+        out.write(f"resuming at block {state.next_block + 1} of {n_blocks}\n")
+    maps: dict[str, Any] = {}  # the memory maps, dropped (unmapped) before renaming or removing
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_disp.parent.mkdir(parents=True, exist_ok=True)
-        need = {out_path.parent: z * h * w * dtype.itemsize}
-        need[tmp_disp.parent] = need.get(tmp_disp.parent, 0) + z * 2 * h * w * 4 * (
-            2 if fields_path is not None else 1)  # the .npz is written beside its working copy
-        for folder, n in need.items():
-            free = shutil.disk_usage(folder).free
-            if n > free:
+        if state is None:
+            need = z * h * w * (dtype.itemsize + 8 * (2 if fields_path is not None else 1))
+            free = shutil.disk_usage(out_path.parent).free
+            if need > free:
                 raise SsemnetError(
-                    f"Writing the result needs about {n / 2**30:.1f} GB of disk in {folder}, "
-                    f"but only {free / 2**30:.1f} GB is free.")
-        made += [tmp_tif, tmp_disp]
-        aligned = tifffile.memmap(tmp_tif, shape=(z, h, w), dtype=dtype,
-                                  photometric="minisblack",
-                                  bigtiff=z * h * w * dtype.itemsize > _BIGTIFF_BYTES)
-        disp = np.lib.format.open_memmap(tmp_disp, mode="w+", dtype=np.float32,
-                                         shape=(z, 2, h, w))
-        for f in made:  # a full disk under a memory map is a crash (SIGBUS), not an error
-            _reserve(f)
+                    f"Writing the result needs about {need / 2**30:.1f} GB of disk in "
+                    f"{out_path.parent}, but only {free / 2**30:.1f} GB is free.")
+            for f in work:
+                f.unlink(missing_ok=True)
+            maps["aligned"] = tifffile.memmap(
+                tmp_tif, shape=(z, h, w), dtype=dtype, photometric="minisblack",
+                bigtiff=z * h * w * dtype.itemsize > _BIGTIFF_BYTES)
+            maps["disp"] = np.lib.format.open_memmap(tmp_disp, mode="w+", dtype=np.float32,
+                                                     shape=(z, 2, h, w))
+            for f in (tmp_tif, tmp_disp):  # a full disk under a memory map is a crash (SIGBUS)
+                _reserve(f)
+        else:
+            maps["aligned"] = tifffile.memmap(tmp_tif, mode="r+")
+            maps["disp"] = np.load(tmp_disp, mmap_mode="r+")
     except OSError as exc:
-        for f in made:
-            f.unlink(missing_ok=True)
+        if state is None:
+            for f in work:
+                f.unlink(missing_ok=True)
         raise SsemnetError(f"Could not create the output files: {exc}") from None
+
+    def saved(st: BlockState) -> None:
+        for m in maps.values():
+            m.flush()
+        st.save(state_path, run=run_id)
+
+    printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
+    finished = False
     try:
         with ctrl_c_stops() as should_stop:
-            gen = iter_align_blocks(stack, params, displacement=disp, aligned=aligned,
-                                    should_stop=should_stop)
+            gen = iter_align_blocks(stack, params, displacement=maps["disp"],
+                                    aligned=maps["aligned"], should_stop=should_stop,
+                                    state=state, on_block=saved)
             summary = run_generator(gen, None if args.quiet else printer)
+        del gen
         printer.close()
-        aligned.flush()
-        del aligned
-        disp.flush()
+        maps.pop("aligned").flush()
         tmp_tif.replace(out_path)
-        made.remove(tmp_tif)
         out.write(f"aligned stack -> {out_path}\n")
         if fields_path is not None:
-            fpath = save_fields(fields_path, disp, params=params, flags=summary.flags,
+            fpath = save_fields(fields_path, maps["disp"], params=params, flags=summary.flags,
                                 ncc_before=summary.ncc_before, ncc_after=summary.ncc_after)
             out.write(f"displacement fields -> {fpath}\n")
+        finished = True
     except OSError as exc:
         raise SsemnetError(f"Could not write the output: {exc}") from None
     finally:
         printer.close()
-        del disp  # unmap before removing the working files
-        for f in made:
-            f.unlink(missing_ok=True)
+        maps.clear()
+        done_blocks = 0
+        if not finished and all(f.is_file() for f in work):
+            try:
+                done_blocks = BlockState.load(state_path)[0].next_block
+            except SsemnetError:
+                done_blocks = 0
+        if not done_blocks:
+            for f in work:
+                f.unlink(missing_ok=True)
+        else:
+            sys.stderr.write(
+                f"stopped after block {done_blocks} of {n_blocks}; the same command with "
+                f"--resume goes on from there (working files {', '.join(f.name for f in work)}"
+                f" in {out_path.parent}; delete them to start over).\n")
     out.write(f"aligned in {len(summary.blocks)} blocks of at most {params.block_size} "
               "sections\n")
     out.write(format_summary((z, h, w), summary.device, summary.timings, summary.ncc_before,
@@ -510,6 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Data type of the aligned TIFF: that of the input (rounded) or "
                          "float32. (default: input)")
     al.add_argument("-q", "--quiet", action="store_true", help="No progress output.")
+    al.add_argument("--resume", action="store_true",
+                    help="Go on with a block-wise run (--block-size) that stopped (Ctrl-C, an "
+                         "error, a crash): the finished blocks are kept. Needs the same "
+                         "input, options and output as the run that stopped.")
     add_param_options(al)
     al.set_defaults(func=cmd_align)
 

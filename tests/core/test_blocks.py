@@ -193,3 +193,45 @@ def test_blockwise_input_is_not_modified_and_nan_is_reported_by_section(copies):
     bad[6, 3, 3] = np.nan
     with pytest.raises(InputError, match="section\\(s\\) 6"):
         list(iter_align_stack(bad, block_size=4, **FAST))
+
+
+def test_a_stopped_run_resumed_from_its_saved_state_gives_the_uninterrupted_result(
+        copies, tmp_path):
+    from napari_ssemnet.core.align import run_generator
+    from napari_ssemnet.core.blocks import BlockState
+    from napari_ssemnet.core.errors import AlignmentCancelled
+
+    mis, _ = copies
+    params = AlignParams(block_size=4, reference=3, **FAST)
+    whole = align_stack(mis, params)
+
+    disp = np.zeros((8, 2, *mis.shape[1:]), np.float32)
+    aligned = np.zeros(mis.shape, np.float32)
+    path = tmp_path / "state.npz"
+    stop = []
+
+    def saved(st: BlockState) -> None:
+        st.save(path, run="test")
+        stop.append(st.next_block)
+
+    with pytest.raises(AlignmentCancelled):  # stops in the second block
+        run_generator(iter_align_blocks(mis, params, displacement=disp, aligned=aligned,
+                                        should_stop=lambda: bool(stop), on_block=saved), None)
+    state, extra = BlockState.load(path)
+    assert state.next_block == 1 and extra == {"run": "test"}
+    assert state.done.sum() == 4  # the reference block, 2-5
+    summary = run_generator(iter_align_blocks(mis, params, displacement=disp,
+                                              aligned=aligned, state=state), None)
+    np.testing.assert_array_equal(disp, whole.displacement)
+    np.testing.assert_array_equal(aligned, whole.aligned)
+    assert summary.flags == whole.flags and len(summary.blocks) == 3
+    np.testing.assert_allclose(summary.ncc_after, whole.ncc_after)
+    np.testing.assert_allclose(summary.ncc_before, whole.ncc_before)
+
+
+def test_a_broken_state_file_is_an_input_error(tmp_path):
+    from napari_ssemnet.core.blocks import BlockState
+
+    (tmp_path / "s.npz").write_text("no")
+    with pytest.raises(InputError, match="not a readable block-wise run state"):
+        BlockState.load(tmp_path / "s.npz")

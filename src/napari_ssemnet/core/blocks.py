@@ -17,9 +17,11 @@ finished sections go (arrays in memory, or memory-mapped files for the command l
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,6 +66,101 @@ class BlockRunSummary:
     blocks: list[list[int]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
+
+
+@dataclass
+class BlockState:
+    """Where a block-wise run stands after its last finished block; enough to resume it.
+
+    Attributes
+    ----------
+    next_block : int
+        Index of the next block to run (in the order of :func:`block_plan`).
+    flags : list of str, length Z
+    done : ndarray, shape (Z,), bool
+    held_mats : dict of int to ndarray (3, 3)
+        Each finished section's global map (reference frame -> section).
+    held_grids : dict of int to ndarray (2, gh, gw)
+        Each finished section's control grid (pixels).
+    pairs_before, pairs_after : dict of (int, int) to float
+        Adjacent-section NCCs found so far.
+    blocks : list of list of int
+    timings : dict of str to float
+        Seconds per stage so far.
+    """
+
+    next_block: int
+    flags: list[str]
+    done: np.ndarray
+    held_mats: dict[int, np.ndarray] = field(default_factory=dict)
+    held_grids: dict[int, np.ndarray] = field(default_factory=dict)
+    pairs_before: dict[tuple[int, int], float] = field(default_factory=dict)
+    pairs_after: dict[tuple[int, int], float] = field(default_factory=dict)
+    blocks: list[list[int]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, z_count: int) -> BlockState:
+        return cls(0, [FLAG_OK] * z_count, np.zeros(z_count, bool),
+                   timings={"prepare": 0.0, "prealign": 0.0, "fit": 0.0, "render": 0.0})
+
+    def save(self, path: str | Path, **extra: str) -> None:
+        """Write to a ``.npz`` (plain arrays, no pickles), replacing ``path`` only once
+        complete; ``extra`` strings (e.g. what the run was) are stored alongside."""
+        zs = sorted(self.held_mats)
+        gshape = next(iter(self.held_grids.values())).shape if self.held_grids else (2, 0, 0)
+
+        def pairs(d: dict[tuple[int, int], float]) -> np.ndarray:
+            return np.array([(a, b, v) for (a, b), v in sorted(d.items())],
+                            np.float64).reshape(-1, 3)
+
+        arrays = {
+            "next_block": np.array(self.next_block), "flags": np.array(self.flags, dtype=str),
+            "done": self.done, "held_z": np.array(zs, np.int64).reshape(-1),
+            "held_mats": np.array([self.held_mats[z] for z in zs], np.float64).reshape(-1, 3, 3),
+            "held_grids": np.array([self.held_grids[z] for z in zs],
+                                   np.float32).reshape(-1, *gshape),
+            "pairs_before": pairs(self.pairs_before), "pairs_after": pairs(self.pairs_after),
+            "block_members": np.array([z for b in self.blocks for z in b], np.int64),
+            "block_lengths": np.array([len(b) for b in self.blocks], np.int64),
+            "timings": np.array(json.dumps(self.timings)),
+            **{f"extra_{k}": np.array(v) for k, v in extra.items()},
+        }
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple[BlockState, dict[str, str]]:
+        """Read :meth:`save`'s file; returns the state and the ``extra`` strings.
+
+        Raises
+        ------
+        InputError
+            If the file is missing or not such a state.
+        """
+        try:
+            with np.load(Path(path), allow_pickle=False) as f:
+                a = {k: f[k] for k in f.files}
+            zs = [int(z) for z in a["held_z"]]
+            blocks, pos = [], 0
+            for n in a["block_lengths"]:
+                blocks.append([int(z) for z in a["block_members"][pos:pos + int(n)]])
+                pos += int(n)
+            state = cls(
+                next_block=int(a["next_block"]), flags=[str(f) for f in a["flags"]],
+                done=a["done"].astype(bool),
+                held_mats={z: a["held_mats"][i] for i, z in enumerate(zs)},
+                held_grids={z: a["held_grids"][i] for i, z in enumerate(zs)},
+                pairs_before={(int(x), int(y)): float(v) for x, y, v in a["pairs_before"]},
+                pairs_after={(int(x), int(y)): float(v) for x, y, v in a["pairs_after"]},
+                blocks=blocks, timings=json.loads(str(a["timings"])))
+        except (OSError, KeyError, ValueError, EOFError) as exc:
+            raise InputError(f"{str(path)!r} is not a readable block-wise run state "
+                             f"({type(exc).__name__}).") from None
+        extra = {k[len("extra_"):]: str(v) for k, v in a.items() if k.startswith("extra_")}
+        return state, extra
 
 
 def block_plan(z_count: int, reference: int, block_size: int, window: int
@@ -174,6 +271,8 @@ def iter_align_blocks(
     should_stop: Callable[[], bool] | None = None,
     encoder: Any = None,
     extra_bytes: int = 0,
+    state: BlockState | None = None,
+    on_block: Callable[[BlockState], None] | None = None,
 ) -> Generator[Progress | SectionResult, None, BlockRunSummary]:
     """Align ``stack`` in blocks of ``params.block_size`` sections, writing each finished
     section into the output arrays.
@@ -192,6 +291,13 @@ def iter_align_blocks(
     valid : array_like, shape (Z, H, W), bool, writable, optional
     extra_bytes : int
         Memory the caller holds besides one block (for the memory check).
+    state : BlockState, optional
+        Resume a run that stopped: the blocks before ``state.next_block`` are taken as done
+        (their sections must be in ``displacement`` and ``aligned``). Same parameters and
+        stack as the first run give the same result as an uninterrupted one.
+    on_block : callable, optional
+        Called with the :class:`BlockState` after each block's sections are written (e.g.
+        to flush the outputs and save the state).
 
     Yields
     ------
@@ -216,24 +322,23 @@ def iter_align_blocks(
     check_binning(params, h, w)
     stop_check = stopper(should_stop)
     t_start = time.perf_counter()
-    timings = {"prepare": 0.0, "prealign": 0.0, "fit": 0.0, "render": 0.0}
     device = pick_device(params.device)
     memory.check_memory(held_shape(b, (z_count, h, w)), device, binning=params.fit_binning,
                         extra_bytes=extra_bytes, total_sections=z_count)
     torch.manual_seed(params.seed)
     extractor = encoder if encoder is not None else load_feature_extractor(params)
-    flags = [FLAG_OK] * z_count
-    done = np.zeros(z_count, bool)
-    pairs_before: dict[tuple[int, int], float] = {}
-    pairs_after: dict[tuple[int, int], float] = {}
+    st = state if state is not None else BlockState.start(z_count)
+    if len(st.flags) != z_count:
+        raise InputError(f"The run to resume had {len(st.flags)} sections; this stack has "
+                         f"{z_count}.")
+    flags, done, timings = st.flags, st.done, st.timings
+    pairs_before, pairs_after, blocks = st.pairs_before, st.pairs_after, st.blocks
+    held_mats, held_grids = st.held_mats, st.held_grids
+    t_before = sum(timings.get(k, 0.0) for k in ("prepare", "prealign", "fit", "render"))
     (lo, hi), later = block_plan(z_count, params.reference, b, params.window)
     n_blocks = 1 + len(later)
-    blocks: list[list[int]] = []
-    # each finished section's global map (reference frame -> section) and control grid
-    held_mats: dict[int, np.ndarray] = {}
-    held_grids: dict[int, np.ndarray] = {}
 
-    for k in range(n_blocks):
+    for k in range(st.next_block, n_blocks):
         if k == 0:
             fixed_zs, new = [params.reference], [z for z in range(lo, hi) if z != params.reference]
         else:
@@ -356,11 +461,14 @@ def iter_align_blocks(
                 pairs_after[(a, c)] = metrics.ncc(out_img[a], out_img[c],
                                                   out_ok[a] & out_ok[c])
         timings["render"] += time.perf_counter() - t0
+        st.next_block = k + 1
+        if on_block is not None:
+            on_block(st)
 
     usable = np.array([f in USABLE_FLAGS for f in flags])
     ncc_before = metrics.mean_of_pairs(_restrict(pairs_before, usable), usable)
     ncc_after = metrics.mean_of_pairs(pairs_after, usable)
-    timings["total"] = time.perf_counter() - t_start
+    timings = {**timings, "total": t_before + time.perf_counter() - t_start}
     return BlockRunSummary(ncc_before=ncc_before, ncc_after=ncc_after, flags=flags,
                            blocks=blocks, timings=timings, device=str(device))
 
