@@ -367,3 +367,19 @@ def test_a_second_blockwise_run_on_the_same_output_is_refused(tiny_tif, tmp_path
     assert lock.read_text() == str(os.getppid()) and not out.exists()
     lock.write_text("999999999")  # left behind by a process that no longer runs
     assert cli.main(argv) == 0 and out.exists() and not lock.exists()
+
+
+def test_align_a_folder_of_sections_whole_and_blockwise(tiny_tif, tmp_path):
+    stack = read_stack(tiny_tif)
+    folder = tmp_path / "sections"
+    folder.mkdir()
+    for z, sec in enumerate(stack):
+        write_stack(folder / f"sec_{z:03d}.tif", sec)
+    a, b, c = tmp_path / "a.tif", tmp_path / "b.tif", tmp_path / "c.tif"
+    assert cli.main(["align", str(tiny_tif), "-o", str(a), *TINY]) == 0
+    assert cli.main(["align", str(folder), "-o", str(b), *TINY]) == 0
+    np.testing.assert_array_equal(read_stack(b), read_stack(a))
+    opts = ["--block-size", "3", "--window", "1", *TINY]
+    assert cli.main(["align", str(tiny_tif), "-o", str(a), *opts]) == 0
+    assert cli.main(["align", str(folder), "-o", str(c), *opts]) == 0
+    np.testing.assert_array_equal(read_stack(c), read_stack(a))

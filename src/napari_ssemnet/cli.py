@@ -338,8 +338,10 @@ def _run_identity(args: argparse.Namespace, params: AlignParams, shape: tuple[in
     """What a resumed run must share with the one that stopped (JSON)."""
     src: Any = "sample"
     if not args.sample:
-        st = Path(args.input).stat()
-        src = [str(Path(args.input).resolve()), st.st_size, st.st_mtime_ns]
+        path = Path(args.input)
+        files = sorted(path.iterdir()) if path.is_dir() else [path]
+        src = [str(path.resolve())] + [
+            [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
     return json.dumps({"params": params.to_dict(), "input": src, "shape": list(shape),
                        "dtype": str(dtype)}, sort_keys=True)
 
@@ -588,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(Z, 2, H, W), (dy, dx) backward map in pixels).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     al.add_argument("input", nargs="?", metavar="INPUT.tif",
-                    help="Multi-page grayscale TIFF, shape (Z, H, W).")
+                    help="Multi-page grayscale TIFF, shape (Z, H, W), or a folder of "
+                         "single-section TIFFs (natural name order: s2 before s10).")
     al.add_argument("-o", "--output", metavar="ALIGNED.tif",
                     help=f"Aligned stack (TIFF). With --sample defaults to {SAMPLE_OUTPUT}.")
     al.add_argument("--fields", metavar="FIELDS.npz",

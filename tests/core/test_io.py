@@ -11,6 +11,7 @@ import tifffile
 from napari_ssemnet.core.errors import InputError
 from napari_ssemnet.core.io import (
     FieldSections,
+    FolderStack,
     PageStack,
     apply_displacement,
     load_fields,
@@ -101,6 +102,35 @@ def test_open_stack_reads_sections_on_demand(tmp_path, compression, kind):
     finally:
         if hasattr(stack, "close"):
             stack.close()
+
+
+def test_folder_of_sections_in_natural_order(tmp_path):
+    arr = (np.random.default_rng(4).random((11, 40, 48)) * 250).astype(np.uint8)
+    folder = tmp_path / "sections"
+    folder.mkdir()
+    for z in range(11):  # s1 ... s11: plain name order would put s10, s11 before s2
+        tifffile.imwrite(folder / f"s{z + 1}.tif", arr[z])
+    (folder / "notes.txt").write_text("not a section")
+    np.testing.assert_array_equal(read_stack(folder), arr)
+    stack = open_stack(folder)
+    assert isinstance(stack, FolderStack) and stack.shape == (11, 40, 48)
+    np.testing.assert_array_equal(stack[10], arr[10])
+
+
+def test_folder_of_sections_errors_name_the_file(tmp_path):
+    for name, files, words in [
+        ("empty", {}, "holds 0 TIFF file"),
+        ("sizes", {"a1.tif": (40, 48), "a2.tif": (40, 50)}, "a2.tif.*all sections"),
+        ("stack", {"a1.tif": (40, 48), "a2.tif": (2, 40, 48)}, "a2.tif.*one grayscale 2D"),
+    ]:
+        folder = tmp_path / name
+        folder.mkdir()
+        for fname, shape in files.items():
+            tifffile.imwrite(folder / fname, np.zeros(shape, np.uint8),
+                             photometric="minisblack")
+        for reader in (read_stack, open_stack):
+            with pytest.raises(InputError, match=words):
+                reader(folder)
 
 
 def test_open_stack_refuses_what_read_stack_refuses(tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ _BIGTIFF_BYTES = 2**31 - 2**25  # leave headroom for tags/offsets below the 4 GB
 
 
 def read_stack(path: str | os.PathLike, *, min_sections: int = 2) -> np.ndarray:
-    """Read a multi-page grayscale TIFF as a stack.
+    """Read a multi-page grayscale TIFF (or a folder of single-section TIFFs, see
+    :class:`FolderStack`) as a stack.
 
     Parameters
     ----------
@@ -59,7 +61,9 @@ def read_stack(path: str | os.PathLike, *, min_sections: int = 2) -> np.ndarray:
     if not p.exists():
         raise InputError(f"Input file {str(p)!r} does not exist.")
     if p.is_dir():
-        raise InputError(f"{str(p)!r} is a folder; give a multi-page TIFF file.")
+        folder = FolderStack(p, min_sections=min_sections)
+        return check_stack(np.stack([folder[z] for z in range(len(folder))]),
+                           name=f"stack in {p.name}", min_sections=min_sections)
     try:
         with tifffile.TiffFile(p) as tif:
             series = tif.series[0] if tif.series else None
@@ -126,11 +130,87 @@ class PageStack:
         self.close()
 
 
+def _natural_key(name: str) -> list[Any]:
+    """``s2.tif`` before ``s10.tif``: digit runs compare as numbers."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+class FolderStack:
+    """A folder of single-section TIFF files (one per section, in natural name order: ``s2``
+    before ``s10``) as a stack read one file at a time; ``shape``, ``dtype``, ``len`` and
+    ``stack[z]`` as :class:`PageStack`.
+
+    Raises
+    ------
+    InputError
+        No TIFF files, a file that is not one grayscale 2D image, or sections whose size or
+        data type differ (the message names the file).
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, min_sections: int = 2) -> None:
+        import tifffile
+
+        from .align import MIN_SIZE
+
+        folder = Path(folder)
+        files = sorted((f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")
+                        and f.suffix.lower() in (".tif", ".tiff")),
+                       key=lambda f: _natural_key(f.name))
+        if len(files) < min_sections:
+            raise InputError(f"The folder {str(folder)!r} holds {len(files)} TIFF file(s); a "
+                             f"folder of sections needs at least {min_sections} (one 2D image "
+                             "per file).")
+        shape = dtype = None
+        for f in files:
+            try:
+                with tifffile.TiffFile(f) as tif:
+                    series = tif.series[0]
+                    fshape = tuple(int(n) for n in series.shape if n != 1)
+                    fdtype = np.dtype(series.dtype)
+                    rgb = "S" in str(series.axes)
+            except Exception as exc:  # tifffile raises many kinds
+                raise InputError(f"{f.name} in {str(folder)!r} is not a readable TIFF file "
+                                 f"({type(exc).__name__}).") from None
+            if rgb or len(fshape) != 2:
+                raise InputError(f"{f.name} in {str(folder)!r} holds an image of shape "
+                                 f"{tuple(series.shape)}; a folder of sections needs one "
+                                 "grayscale 2D image per file.")
+            if shape is None:
+                shape, dtype = fshape, fdtype
+            elif (fshape, fdtype) != (shape, dtype):
+                raise InputError(f"{f.name} in {str(folder)!r} is {fshape[0]}x{fshape[1]} px "
+                                 f"{fdtype}, but {files[0].name} is {shape[0]}x{shape[1]} px "
+                                 f"{dtype}; all sections must have the same size and type.")
+        if min(shape) < MIN_SIZE:
+            raise InputError(f"Sections of {shape[0]}x{shape[1]} px are too small; at least "
+                             f"{MIN_SIZE}x{MIN_SIZE} px are needed.")
+        if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+            raise InputError(f"The sections in {str(folder)!r} have dtype {dtype}; a "
+                             "real-valued grayscale image is needed.")
+        self.files = files
+        self.shape = (len(files), *shape)
+        self.dtype, self.ndim, self.size = dtype, 3, int(np.prod(self.shape))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        import tifffile
+
+        if not isinstance(z, int | np.integer):
+            raise TypeError("FolderStack supports integer indices only")
+        return np.asarray(tifffile.imread(self.files[int(z)])).reshape(self.shape[1:])
+
+    def close(self) -> None:
+        """Nothing is held open (for the same interface as :class:`PageStack`)."""
+
+
 def open_stack(path: str | os.PathLike, *, min_sections: int = 2) -> Any:
     """Open a multi-page grayscale TIFF for reading section by section.
 
     An uncompressed TIFF is memory-mapped; a compressed one with one page per section is a
-    :class:`PageStack`; anything else is read whole with :func:`read_stack`. The same checks
+    :class:`PageStack`; a folder of single-section TIFFs is a :class:`FolderStack`; anything
+    else is read whole with :func:`read_stack`. The same checks
     as :func:`read_stack` apply (non-finite values are checked section by section).
 
     Returns
@@ -143,6 +223,8 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2) -> Any:
     from .align import MIN_SIZE, check_stack
 
     p = Path(path)
+    if p.is_dir():
+        return FolderStack(p, min_sections=min_sections)
     if not p.is_file():
         return read_stack(p, min_sections=min_sections)  # its errors say what is wrong
     try:
