@@ -160,31 +160,36 @@ def bench_apply(data: Path, n: int, output: str) -> None:
     C.finish(output, out)
 
 
-def seams(data: Path, block_sizes: list[int], seed: int = 0) -> dict:
-    """Consistency per section of joint and block-wise runs on ISBI 30 x 384^2."""
+def seams(data: Path, block_sizes: list[int], seed: int = 0, reference: int = 0) -> dict:
+    """Consistency per section of joint and block-wise runs on ISBI 30 x 384^2, with
+    ``reference`` as the aligners' reference and the section the misalignment leaves."""
     from napari_ssemnet.core.blocks import block_plan
 
     full = C.load_stack(data, C.ISBI)
-    case = C.make_case("seams", full, 384, seed=seed)
+    case = C.make_case("seams", full, 384, seed=seed, reference=reference)
     untouched = C.untouched_case(case)
-    out: dict = {"sections": int(full.shape[0]), "crop": 384, "seed": seed, "variants": {}}
+    out: dict = {"sections": int(full.shape[0]), "crop": 384, "seed": seed,
+                 "reference": reference, "variants": {}}
     print("| variant | consistency median / p95 (px) | at block starts: median of the "
           "per-section medians | elsewhere | adjacent NCC | s |\n|---|---|---|---|---|---|",
           flush=True)
     for b in [0, *block_sizes]:
-        kw = {"block_size": b} if b else {}
+        kw = {"block_size": b, "reference": reference} if b else {"reference": reference}
         c = C.run_ours(untouched.clean.copy(), **kw)
         r = C.run_ours(case.mis.copy(), **kw)
         ev = C.evaluate(case, r["d"], r["valid"], c=c["d"], c_valid=c["valid"])
-        per = ev["consistency_per_section"]  # sections 1..Z-1
+        zs = [z for z in range(full.shape[0]) if z != reference]
+        per = dict(zip(zs, ev["consistency_per_section"], strict=True))
         starts: list[int] = []
         if b:
-            (_, hi), later = block_plan(full.shape[0], 0, b, 2)
-            starts = [s for s, _ in later]
-        at = [per[z - 1] for z in starts]
-        rest = [v for z, v in enumerate(per, start=1) if z not in starts]
+            _, later = block_plan(full.shape[0], reference, b, 2)
+            starts = [s if s > reference else e - 1 for s, e in later]  # next to done ones
+        at = [per[z] for z in starts]
+        rest = [v for z, v in per.items() if z not in starts]
         label = f"block_size={b}" if b else "joint"
-        out["variants"][label] = {"consistency": ev["consistency"], "per_section": per,
+        out["variants"][label] = {"consistency": ev["consistency"],
+                                  "per_section": ev["consistency_per_section"],
+                                  "sections": zs,
                                   "block_starts": starts, "adjacent_ncc": ev["adjacent_ncc"],
                                   "pair_ncc": ev["pair_ncc"], "seconds": r["seconds"]}
         print(f"| {label} | {ev['consistency']['median']:.2f} / "
@@ -202,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", default="blocks_cpu.json", help="JSON under benchmarks/results/")
     p.add_argument("--seams", nargs="+", type=int, metavar="B",
                    help="accuracy along ISBI 30 x 384^2 for these block sizes instead")
+    p.add_argument("--reference", type=int, default=0,
+                   help="with --seams: the reference section (default 0)")
     p.add_argument("--apply", type=int, metavar="N",
                    help="time apply-fields against the API on N x 1024^2 instead")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
@@ -218,8 +225,10 @@ def main(argv: list[str] | None = None) -> None:
                     args.output if args.output != "blocks_cpu.json" else "apply_cpu.json")
         return
     if args.seams:
-        res = seams(args.data, args.seams)
-        C.save_json(args.output if args.output != "blocks_cpu.json" else "blocks_seams_isbi.json",
+        res = seams(args.data, args.seams, reference=args.reference)
+        name = "blocks_seams_isbi.json" if args.reference == 0 else (
+            f"blocks_seams_isbi_ref{args.reference}.json")
+        C.save_json(args.output if args.output != "blocks_cpu.json" else name,
                     {"machine": C.machine_info(), **res})
         return
     if args.one:

@@ -145,6 +145,7 @@ class Case:
     clean: np.ndarray       # (Z, crop, crop) untouched crop
     blank: int | None
     fill_fraction: float    # fraction of crop pixels whose source lies outside the section
+    reference: int = 0      # the section the misalignment leaves in place
 
     @property
     def usable(self) -> np.ndarray:
@@ -155,9 +156,10 @@ class Case:
 
 
 def make_case(name: str, full: np.ndarray, crop: int, *, seed: int, gain_jitter: float = 0.0,
-              noise: float = 0.0, blank: int | None = None) -> Case:
+              noise: float = 0.0, blank: int | None = None, reference: int = 0) -> Case:
     z, h, w = full.shape
-    e_full = random_misalignment(full.shape, seed=seed, **MISALIGNMENT)
+    e_full = random_misalignment(full.shape, seed=seed,
+                                 **{**MISALIGNMENT, "reference": reference})
     mis_full = apply_misalignment(full, e_full, gain_jitter=gain_jitter, noise=noise,
                                   blank=blank, seed=seed)
     oy, ox = (h - crop) // 2, (w - crop) // 2
@@ -168,14 +170,14 @@ def make_case(name: str, full: np.ndarray, crop: int, *, seed: int, gain_jitter:
     sy, sx = yy + ey, xx + ex
     outside = (sy < 0) | (sy > h - 1) | (sx < 0) | (sx > w - 1)
     return Case(name, full, e_full, (oy, ox), crop, np.ascontiguousarray(mis_full[sl]),
-                np.ascontiguousarray(full[sl]), blank, float(outside.mean()))
+                np.ascontiguousarray(full[sl]), blank, float(outside.mean()), reference)
 
 
 def untouched_case(case: Case) -> Case:
     """The same crop, not misaligned (e = 0): used for the consistency reference ``c``."""
     zero = np.zeros_like(case.e_full)
     return Case(case.name + "-untouched", case.full, zero, case.offset, case.crop,
-                case.clean, case.clean, None, 0.0)
+                case.clean, case.clean, None, 0.0, case.reference)
 
 
 # -- truth-based evaluation ---------------------------------------------------------------
@@ -235,8 +237,7 @@ def evaluate(case: Case, d: np.ndarray, valid: np.ndarray, *, c: np.ndarray | No
     usable = case.usable.copy()
     for zz in exclude or []:
         usable[zz] = False
-    ref = MISALIGNMENT["reference"]
-    zs = [zz for zz in range(d.shape[0]) if usable[zz] and zz != ref]
+    zs = [zz for zz in range(d.shape[0]) if usable[zz] and zz != case.reference]
     end = np.hypot(t[:, 0], t[:, 1])
     out = {"endpoint": pooled([end[zz][valid[zz]] for zz in zs]),
            "endpoint_per_section": [float(np.median(end[zz][valid[zz]])) for zz in zs]}
