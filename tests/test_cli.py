@@ -383,3 +383,25 @@ def test_align_a_folder_of_sections_whole_and_blockwise(tiny_tif, tmp_path):
     assert cli.main(["align", str(tiny_tif), "-o", str(a), *opts]) == 0
     assert cli.main(["align", str(folder), "-o", str(c), *opts]) == 0
     np.testing.assert_array_equal(read_stack(c), read_stack(a))
+
+
+def test_output_that_would_replace_the_input_is_refused(tiny_tif, tmp_path, capsys):
+    src = tmp_path / "in.tif"
+    src.write_bytes(tiny_tif.read_bytes())
+    before = src.read_bytes()
+    folder = tmp_path / "sections"
+    folder.mkdir()
+    for z, sec in enumerate(read_stack(tiny_tif)):
+        write_stack(folder / f"s{z}.tif", sec)
+    fields = tmp_path / "f.npz"
+    assert cli.main(["align", str(src), "-o", str(tmp_path / "a.tif"), "--fields",
+                     str(fields), *TINY]) == 0
+    for argv in (["align", str(src), "-o", str(src), *TINY],
+                 ["align", str(src), "-o", str(src), "--block-size", "3", "--window", "1",
+                  *TINY],
+                 ["align", str(folder), "-o", str(folder / "s9.tif"), *TINY],
+                 ["apply-fields", str(fields), str(src), "-o", str(src)]):
+        assert cli.main(argv) == 2
+        assert "would replace the input" in capsys.readouterr().err
+    assert src.read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == [f"s{z}.tif" for z in range(4)]

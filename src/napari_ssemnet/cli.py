@@ -224,6 +224,9 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
     if output is None:
         raise SsemnetError("No output file: add -o ALIGNED.tif.")
     params = params_from_args(args)  # before reading a big stack: fail fast on bad options
+    _refuse_overwriting_input(args.input, output)
+    if args.fields:
+        _refuse_overwriting_input(args.input, args.fields)
     blockwise = params.block_size > 0
     if args.sample:
         from .core.sample import load_sample
@@ -275,6 +278,16 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
         raise SsemnetError(f"Could not write the output: {exc}") from None
     out.write(result.summary() + "\n")
     return EXIT_OK
+
+
+def _refuse_overwriting_input(input_path: str | None, output: str) -> None:
+    """The result must not replace the user's input (or a section file of an input folder)."""
+    if not input_path:
+        return
+    src, out = Path(input_path).resolve(), Path(output).resolve()
+    if out == src or (src.is_dir() and out.parent == src):
+        raise SsemnetError(f"The output {output} would replace the input {input_path}; "
+                           "choose another output file.")
 
 
 def _partial(path: Path, suffix: str) -> Path:
@@ -471,6 +484,8 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
     )
 
     order = 0 if args.labels else 1
+    _refuse_overwriting_input(args.input, args.output)
+    _refuse_overwriting_input(args.fields, args.output)
     stack = open_stack(args.input)
     try:
         with FieldSections(args.fields) as fields:
