@@ -238,6 +238,49 @@ def stopper(should_stop: StopCallback | None) -> Callable[[], None]:
     return stop_check
 
 
+def render_section(source: np.ndarray, residual: Any, matrices: np.ndarray, i: int,
+                   device: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Section ``i`` of a fitted stack at full resolution.
+
+    Parameters
+    ----------
+    source : ndarray, shape (H, W)
+        The raw section (any real dtype).
+    residual : fit.Residual
+    matrices : ndarray, shape (Z, 3, 3)
+        Pre-alignment of the fitted stack.
+
+    Returns
+    -------
+    displacement : ndarray, shape (2, H, W), float32
+    aligned : ndarray, shape (H, W), float32
+    valid : ndarray, shape (H, W), bool
+    """
+    import torch
+
+    from . import fit, warp
+
+    disp = fit.full_displacement(residual, matrices, i, source.shape, device=device)
+    # one section at a time: a float copy of a whole integer stack is 4 bytes per pixel
+    src = torch.from_numpy(np.ascontiguousarray(source, dtype=np.float32)).to(device)
+    img, ok = warp.warp_image(src, disp)
+    return disp.cpu().numpy(), img.cpu().numpy(), ok.cpu().numpy()
+
+
+def section_flag(blank: bool, valid: np.ndarray, confidence: float, prealign: str) -> str:
+    """A finished section's flag: blank, then no overlap (under a quarter of the aligned
+    section comes from inside it), then a doubtful pre-alignment match."""
+    from .prealign import MIN_CONFIDENCE
+
+    if blank:
+        return FLAG_BLANK
+    if float(np.mean(valid)) < 0.25:
+        return FLAG_NO_OVERLAP
+    if prealign != "none" and confidence < MIN_CONFIDENCE:
+        return FLAG_LOW_CONFIDENCE
+    return FLAG_OK
+
+
 def check_binning(params: AlignParams, h: int, w: int) -> None:
     """Raise :class:`InputError` if ``params.fit_binning`` leaves sections too small to fit."""
     b = params.fit_binning
@@ -339,7 +382,7 @@ def _iter_align_stack_blocks(arr: np.ndarray, params: AlignParams, *,
 def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
                       should_stop: StopCallback | None, encoder: Any
                       ) -> Generator[Progress | SectionResult, None, AlignmentResult]:
-    from . import fit, memory, metrics, prealign, warp  # torch is imported lazily
+    from . import fit, memory, metrics, prealign  # torch is imported lazily
     from .device import pick_device
     from .features import load_feature_extractor
 
@@ -363,7 +406,6 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
                          "choose another reference section.")
     if (~blank).sum() < 2:
         raise InputError("Fewer than two sections contain image structure; nothing to align.")
-    flags = [FLAG_BLANK if b else FLAG_OK for b in blank]
     extractor = encoder if encoder is not None else load_feature_extractor(params)
     timings["prepare"] = time.perf_counter() - t0
     stop_check()
@@ -372,9 +414,6 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     matrices, confidence = yield from prealign.prealign_stack(
         norm, blank, reference=params.reference, kind=params.prealign,
         max_rotation=params.max_rotation, device=device, should_stop=stop_check)
-    for zz in range(z_count):
-        if not blank[zz] and confidence[zz] < prealign.MIN_CONFIDENCE and params.prealign != "none":
-            flags[zz] = FLAG_LOW_CONFIDENCE
     timings["prealign"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -386,7 +425,7 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     timings["fit"] = time.perf_counter() - t0
 
     # the normalised stack (4 bytes per pixel) is not held through the render step
-    usable_before = np.array([f in (FLAG_OK, FLAG_LOW_CONFIDENCE) for f in flags])
+    usable_before = ~blank
     ncc_before = metrics.adjacent_ncc(norm, None, usable_before)
     del norm
 
@@ -394,17 +433,12 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     aligned = np.zeros((z_count, h, w), np.float32)
     displacement = np.zeros((z_count, 2, h, w), np.float32)
     valid = np.zeros((z_count, h, w), bool)
+    flags = [FLAG_OK] * z_count
     for zz in range(z_count):
         stop_check()
-        disp = fit.full_displacement(residual, matrices, zz, (h, w), device=device)
-        # one section at a time: a float copy of a whole integer stack is 4 bytes per pixel
-        source = torch.from_numpy(np.ascontiguousarray(arr[zz], dtype=np.float32))
-        img, ok = warp.warp_image(source.to(device), disp)
-        displacement[zz] = disp.cpu().numpy()
-        aligned[zz] = img.cpu().numpy()
-        valid[zz] = ok.cpu().numpy()
-        if not blank[zz] and valid[zz].mean() < 0.25:
-            flags[zz] = FLAG_NO_OVERLAP
+        displacement[zz], aligned[zz], valid[zz] = render_section(
+            arr[zz], residual, matrices, zz, device)
+        flags[zz] = section_flag(blank[zz], valid[zz], confidence[zz], params.prealign)
         yield SectionResult(zz, aligned[zz], displacement[zz], valid[zz], flags[zz])
         yield Progress("render", zz + 1, z_count, f"section {zz + 1}/{z_count}", section=zz)
     timings["render"] = time.perf_counter() - t0
@@ -603,10 +637,7 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
     disp = fit.full_displacement(residual, matrices, local, (h, w), device=device)
     img, ok = warp.warp_image(src, disp)
     ncc_after = mean_adjacent_ncc(*neighbours_state(disp))
-    flag = FLAG_OK
-    if ok.float().mean() < 0.25:
-        flag = FLAG_NO_OVERLAP
-    elif conf < prealign.MIN_CONFIDENCE:
-        flag = FLAG_LOW_CONFIDENCE
-    return SectionResult(z, img.cpu().numpy(), disp.cpu().numpy(), ok.cpu().numpy(), flag,
-                         ncc_before, ncc_after)
+    ok_np = ok.cpu().numpy()
+    return SectionResult(z, img.cpu().numpy(), disp.cpu().numpy(), ok_np,
+                         section_flag(False, ok_np, conf, params.prealign), ncc_before,
+                         ncc_after)

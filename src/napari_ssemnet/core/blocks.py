@@ -29,12 +29,13 @@ import numpy as np
 from .align import (
     FLAG_BLANK,
     FLAG_LOW_CONFIDENCE,
-    FLAG_NO_OVERLAP,
     FLAG_OK,
     Progress,
     SectionResult,
     check_binning,
     check_reference,
+    render_section,
+    section_flag,
     stopper,
 )
 from .errors import InputError
@@ -368,15 +369,9 @@ def iter_align_blocks(
                                         f"({len(new)} new)")
         raw = _read_sections(stack, members)
         norm, blank = metrics.normalise_stack(raw)
-        if k == 0:
-            if blank[anchor]:
-                raise InputError(f"Reference section {params.reference} is blank or has no "
-                                 "structure; choose another reference section.")
-            for i, z in enumerate(members):
-                flags[z] = FLAG_BLANK if blank[i] else FLAG_OK
-        else:
-            for z in new:
-                flags[z] = FLAG_BLANK if blank[local[z]] else FLAG_OK
+        if k == 0 and blank[anchor]:
+            raise InputError(f"Reference section {params.reference} is blank or has no "
+                             "structure; choose another reference section.")
         # raw-stack NCC of the pairs this block is the first to see
         use_b = np.array([not blank[i] for i in range(len(members))])
         ub = np.nonzero(use_b)[0]
@@ -428,21 +423,15 @@ def iter_align_blocks(
         rendered = 0
         for i, z in enumerate(members):
             stop_check()
-            src = torch.from_numpy(np.ascontiguousarray(raw[i], dtype=np.float32)).to(device)
             if fixed[i] and k > 0:
                 if flags[z] in USABLE_FLAGS:  # for the NCC pairs only
+                    src = torch.from_numpy(np.ascontiguousarray(raw[i], dtype=np.float32))
                     d = torch.from_numpy(np.ascontiguousarray(displacement[z], np.float32))
-                    im, ok = warp.warp_image(src, d.to(device))
+                    im, ok = warp.warp_image(src.to(device), d.to(device))
                     out_img[z], out_ok[z] = im.cpu().numpy(), ok.cpu().numpy()
                 continue
-            disp = fit.full_displacement(residual, matrices, i, (h, w), device=device)
-            im, ok = warp.warp_image(src, disp)
-            d_np, im_np, ok_np = disp.cpu().numpy(), im.cpu().numpy(), ok.cpu().numpy()
-            if not blank[i] and ok_np.mean() < 0.25:
-                flags[z] = FLAG_NO_OVERLAP
-            elif (not blank[i] and params.prealign != "none"
-                  and confidence[i] < prealign.MIN_CONFIDENCE):
-                flags[z] = FLAG_LOW_CONFIDENCE
+            d_np, im_np, ok_np = render_section(raw[i], residual, matrices, i, device)
+            flags[z] = section_flag(blank[i], ok_np, confidence[i], params.prealign)
             displacement[z] = d_np
             _store(aligned, z, im_np)
             if valid is not None:

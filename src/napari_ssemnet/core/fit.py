@@ -248,20 +248,24 @@ def fit_stack(
     use_idx = torch.from_numpy(np.nonzero(usable)[0]).to(device)
     all_usable = bool(usable.all())
     pairs = _pair_weights(len(use_idx), params.window, params.neighbour_decay)
+    free_t = torch.from_numpy(np.asarray(free, np.float32)).to(device)
+
+    def held_grids(gshape: tuple[int, int]) -> torch.Tensor:
+        """The grids of the sections that are not free: their ``init_grid``, else zero."""
+        if init_grid is None:
+            return torch.zeros(z_count, 2, *gshape, device=device)
+        return (warp.resize_grid(init_grid.to(device).float(), gshape)
+                * (1 - free_t)[:, None, None, None])
+
     if not pairs:  # one usable section (a block whose new sections are all blank): no data
-        gshape = warp.control_grid_shape(size, params.grid_spacing)
-        held_grid = torch.zeros(z_count, 2, *gshape, device=device)
-        if init_grid is not None:
-            keep = torch.from_numpy(~np.asarray(free, bool)).to(device)
-            held_grid[keep] = warp.resize_grid(init_grid.to(device).float(), gshape)[keep]
         return Residual(mats=torch.eye(3, device=device).repeat(z_count, 1, 1),
-                        grid=held_grid, size=size)
+                        grid=held_grids(warp.control_grid_shape(size, params.grid_spacing)),
+                        size=size)
     b = params.fit_binning
     if prewarped is not None:
         images, valid = _bin(prewarped[0], b), _bin(prewarped[1], b)
     else:
         images, valid = prewarp(norm, matrices, device, b)
-    free_t = torch.from_numpy(np.asarray(free, np.float32)).to(device)
     chain = parents_of(usable, params.reference)
 
     # The pre-alignment owns the global map and the fit only the control grid: refitting the
@@ -301,9 +305,7 @@ def fit_stack(
             grid = warp.resize_grid(grid.detach(), gshape)
         glob = glob.detach().requires_grad_(refine_global)
         grid = grid.detach().requires_grad_(True)
-        held = (None if init_grid is None
-                else warp.resize_grid(init_grid.to(device).float(), gshape)
-                * (1 - free_t)[:, None, None, None])
+        held = held_grids(gshape)
         lr = params.learning_rate * k
         opt = torch.optim.Adam([glob, grid] if refine_global else [grid], lr=lr)
         q = warp.level_points(hf, wf, kf, device=device)
@@ -321,12 +323,10 @@ def fit_stack(
             drop = params.loss_drop * 0.5 ** (li + it / DROP_HALF_LIFE)
             for group in opt.param_groups:
                 group["lr"] = lr * max(0.1, 0.5 ** (it / LR_HALF_LIFE))
-            v_eff = grid * free_t[:, None, None, None]
-            if held is not None:
-                v_eff = v_eff + held
+            v_eff = grid * free_t[:, None, None, None] + held
             # global-only warm-up at the coarsest level: the grid must not absorb large moves
             if refine_global and li == 0 and it < total // 3:
-                v_eff = held if held is not None else v_eff.detach() * 0
+                v_eff = held
             p = residual_points(global_maps(glob), v_eff, q, interp)
             sampled, inside = warp.sample(feats, p, kf, padding_mode="border")
             ok = inside & (sampled[:, nfeat] > 0.99)
@@ -370,10 +370,8 @@ def fit_stack(
                 snapshot = (glob.detach().clone(), grid.detach().clone())
                 if drop <= 0.01 and moved < params.tolerance * k:
                     break
-    final = grid * free_t[:, None, None, None]
-    if held is not None:
-        final = final + held
-    return Residual(mats=global_maps(glob.detach()), grid=final.detach(), size=size)
+    return Residual(mats=global_maps(glob.detach()),
+                    grid=(grid * free_t[:, None, None, None] + held).detach(), size=size)
 
 
 def full_displacement(residual: Residual, matrices: np.ndarray, z: int,
