@@ -213,7 +213,7 @@ def _as_output_dtype(aligned: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
     from .core.align import align_stack
-    from .core.io import open_stack, read_stack, save_fields, write_stack
+    from .core.io import SectionReader, open_stack, read_stack, save_fields, write_stack
 
     if args.sample and args.input:
         raise SsemnetError("Give either an INPUT file or --sample, not both.")
@@ -240,10 +240,11 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"aligning {source}: {stack.shape[0]} sections of {stack.shape[1]}x"
               f"{stack.shape[2]} px, {stack.dtype}\n")
     out.flush()
-    if args.resume and not (blockwise and params.block_size < stack.shape[0]):
+    streamed = blockwise and params.block_size < stack.shape[0]
+    if args.resume and not streamed:
         raise SsemnetError("--resume continues a block-wise run; give the same --block-size "
                            "(smaller than the number of sections) as the run that stopped.")
-    if blockwise and params.block_size < stack.shape[0]:
+    if streamed:
         try:
             Path(output).parent.mkdir(parents=True, exist_ok=True)
             with _output_lock(Path(output)):
@@ -251,9 +252,9 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
         except OSError as exc:
             raise SsemnetError(f"Could not write next to {output}: {exc}") from None
         finally:
-            if hasattr(stack, "close"):
+            if isinstance(stack, SectionReader):
                 stack.close()
-    if hasattr(stack, "close"):  # one block holds it all: the joint run reads it whole
+    if isinstance(stack, SectionReader):  # one block holds it all: the joint run reads it whole
         stack.close()
         stack = read_stack(args.input)
     printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
@@ -479,6 +480,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
     from .core.io import (
         _BIGTIFF_BYTES,
         FieldSections,
+        SectionReader,
         apply_displacement_section,
         open_stack,
     )
@@ -528,7 +530,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
                 printer.close()
                 tmp.unlink(missing_ok=True)
     finally:
-        if hasattr(stack, "close"):
+        if isinstance(stack, SectionReader):
             stack.close()
     out.write(f"resampled stack -> {out_path}\n")
     return EXIT_OK

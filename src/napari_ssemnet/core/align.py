@@ -167,6 +167,23 @@ def run_generator(gen: Generator[Any, None, Any], progress: ProgressCallback | N
             progress(event)
 
 
+def map_events(gen: Generator[Any, None, Any], fn: Callable[[Any], Any]
+               ) -> Generator[Any, None, Any]:
+    """Pass on ``gen``'s events through ``fn`` (returning the event to pass on, or None to
+    drop it); returns ``gen``'s return value. Closing this generator closes ``gen``."""
+    try:
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            event = fn(event)
+            if event is not None:
+                yield event
+    finally:
+        gen.close()
+
+
 def check_stack(stack: Any, *, name: str = "stack", min_sections: int = 2) -> np.ndarray:
     """Validate a (Z, H, W) real-valued stack and return it as an array (never a copy-on-write
     view that could alias user data into an in-place operation).

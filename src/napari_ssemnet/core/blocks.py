@@ -34,6 +34,7 @@ from .align import (
     SectionResult,
     check_binning,
     check_reference,
+    map_events,
     render_section,
     section_flag,
     stopper,
@@ -239,18 +240,17 @@ def _read_sections(stack: Any, zs: Sequence[int]) -> np.ndarray:
 def _relabelled(gen: Generator[Any, None, Any], tag: str, members: list[int]
                 ) -> Generator[Any, None, Any]:
     """Pass on a block's events with stack section numbers and the block named."""
-    while True:
-        try:
-            ev = next(gen)
-        except StopIteration as stop:
-            return stop.value
+
+    def relabel(ev: Any) -> Any:
         if isinstance(ev, Progress):
             if ev.section is not None:
                 ev.section = members[ev.section]
             if ev.stage == "prealign" and ev.section is not None:
                 ev.message = f"pre-aligning section {ev.section}"  # not the block's index
             ev.message = f"{tag}: {ev.message}"
-        yield ev
+        return ev
+
+    return map_events(gen, relabel)
 
 
 def _store(out: Any, z: int, value: np.ndarray) -> None:

@@ -98,36 +98,53 @@ def read_stack(path: str | os.PathLike, *, min_sections: int = 2) -> np.ndarray:
     return check_stack(arr, name=f"stack in {p.name}", min_sections=min_sections)
 
 
-class PageStack:
-    """A multi-page TIFF read one section (page) at a time: ``shape``, ``dtype``, ``ndim``,
-    ``size``, ``len`` and ``stack[z]`` for an integer z, so that a block-wise alignment never
-    holds the whole file. Close it (or use it as a context manager) when done."""
+class SectionReader:
+    """A (Z, H, W) stack read one section at a time: ``shape``, ``dtype``, ``ndim``, ``size``,
+    ``len`` and ``stack[z]`` for an integer z, so that a block-wise alignment never holds the
+    whole input. Subclasses read section z in :meth:`_read`. Close it (or use it as a context
+    manager) when done."""
 
-    def __init__(self, tif: Any, pages: Any, shape: tuple[int, int, int], dtype: np.dtype
-                 ) -> None:
-        self._tif, self._pages = tif, pages
-        self.shape, self.dtype = shape, np.dtype(dtype)
-        self.ndim, self.size = 3, int(np.prod(shape))
+    def __init__(self, shape: tuple[int, int, int], dtype: Any) -> None:
+        self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+        self.ndim, self.size = 3, int(np.prod(self.shape))
+
+    def _read(self, z: int) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, z: int) -> np.ndarray:
         if not isinstance(z, int | np.integer):
-            raise TypeError("PageStack supports integer indices only")
+            raise TypeError(f"{type(self).__name__} supports integer indices only")
         z = int(z)
         if not -self.shape[0] <= z < self.shape[0]:
             raise IndexError(f"section {z} out of range")
-        return np.asarray(self._pages[z % self.shape[0]].asarray()).reshape(self.shape[1:])
+        return np.asarray(self._read(z % self.shape[0])).reshape(self.shape[1:])
 
     def close(self) -> None:
-        self._tif.close()
+        """Release what the reader holds open (nothing by default)."""
 
-    def __enter__(self) -> PageStack:
+    def __enter__(self) -> SectionReader:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class PageStack(SectionReader):
+    """A multi-page TIFF read one page (section) at a time."""
+
+    def __init__(self, tif: Any, pages: Any, shape: tuple[int, int, int], dtype: np.dtype
+                 ) -> None:
+        super().__init__(shape, dtype)
+        self._tif, self._pages = tif, pages
+
+    def _read(self, z: int) -> np.ndarray:
+        return self._pages[z].asarray()
+
+    def close(self) -> None:
+        self._tif.close()
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -135,10 +152,9 @@ def _natural_key(name: str) -> list[Any]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
-class FolderStack:
+class FolderStack(SectionReader):
     """A folder of single-section TIFF files (one per section, in natural name order: ``s2``
-    before ``s10``) as a stack read one file at a time; ``shape``, ``dtype``, ``len`` and
-    ``stack[z]`` as :class:`PageStack`.
+    before ``s10``) read one file at a time.
 
     Raises
     ------
@@ -187,22 +203,13 @@ class FolderStack:
         if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
             raise InputError(f"The sections in {str(folder)!r} have dtype {dtype}; a "
                              "real-valued grayscale image is needed.")
+        super().__init__((len(files), *shape), dtype)
         self.files = files
-        self.shape = (len(files), *shape)
-        self.dtype, self.ndim, self.size = dtype, 3, int(np.prod(self.shape))
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, z: int) -> np.ndarray:
+    def _read(self, z: int) -> np.ndarray:
         import tifffile
 
-        if not isinstance(z, int | np.integer):
-            raise TypeError("FolderStack supports integer indices only")
-        return np.asarray(tifffile.imread(self.files[int(z)])).reshape(self.shape[1:])
-
-    def close(self) -> None:
-        """Nothing is held open (for the same interface as :class:`PageStack`)."""
+        return tifffile.imread(self.files[z])
 
 
 def open_stack(path: str | os.PathLike, *, min_sections: int = 2) -> Any:

@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 
 from .._layers import local_ncc_error
-from ..core.align import AlignmentResult, Progress, ProgressRate, SectionResult, iter_align_stack
+from ..core.align import (
+    AlignmentResult,
+    Progress,
+    ProgressRate,
+    SectionResult,
+    iter_align_stack,
+    map_events,
+)
 from ..core.errors import AlignmentCancelled
 from ..core.params import AlignParams
 
@@ -95,19 +102,10 @@ def throttled(gen: Generator[Any, None, Any], interval: float = PROGRESS_INTERVA
               ) -> Generator[Any, None, Any]:
     """Pass on ``gen``'s events, a :class:`Progress` only when :class:`ProgressRate` finds
     it due; returns ``gen``'s return value. Every other event (e.g. :class:`SectionResult`)
-    is passed on."""
+    is passed on. Closing this job closes the run inside it at once."""
     rate = ProgressRate(interval)
-    try:
-        while True:
-            try:
-                event = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            if isinstance(event, Progress) and not rate.due(event):
-                continue
-            yield event
-    finally:
-        gen.close()  # closing this job closes the run inside it at once
+    return map_events(gen, lambda ev: None if isinstance(ev, Progress) and not rate.due(ev)
+                      else ev)
 
 
 def _failure(exc: BaseException) -> Failure:
