@@ -71,7 +71,7 @@ def read_stack(path: str | os.PathLike, *, min_sections: int = 2) -> np.ndarray:
                 raise InputError(f"{str(p)!r} is a TIFF file without images.")
             arr = series.asarray()
             axes = str(series.axes)
-            photometric = getattr(series.pages[0], "photometric", None) if series.pages else None
+            is_rgb = _is_rgb(series)
     except InputError:
         raise
     except MemoryError:
@@ -79,7 +79,6 @@ def read_stack(path: str | os.PathLike, *, min_sections: int = 2) -> np.ndarray:
     except Exception as exc:  # tifffile raises many kinds (TiffFileError, ValueError, ...)
         raise InputError(f"{str(p)!r} is not a readable TIFF file ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else 'no details'}).") from None
-    is_rgb = "S" in axes or (photometric is not None and int(photometric) == 2)  # 2 = RGB
     if is_rgb:
         raise InputError(f"{str(p)!r} holds RGB(A) images (shape {arr.shape}, axes {axes}); "
                          "a grayscale stack of shape (Z, H, W) is needed. Convert it to "
@@ -222,8 +221,8 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2) -> Any:
 
     Returns
     -------
-    numpy.memmap, PageStack or ndarray, shape (Z, H, W)
-        Read-only; a :class:`PageStack` should be closed after use.
+    numpy.memmap, PageStack, FolderStack or ndarray, shape (Z, H, W)
+        Read-only; a :class:`SectionReader` should be closed after use.
     """
     import tifffile
 
@@ -241,14 +240,10 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2) -> Any:
     try:
         series = tif.series[0] if tif.series else None
         shape = tuple(int(s) for s in series.shape if s != 1) if series is not None else ()
-        axes = str(series.axes) if series is not None else ""
-        page0 = series.pages[0] if series is not None and series.pages else None
-        rgb = "S" in axes or (page0 is not None
-                              and int(getattr(page0, "photometric", 1) or 1) == 2)
         real = series is not None and series.dtype != bool and (
             np.issubdtype(series.dtype, np.integer) or np.issubdtype(series.dtype, np.floating))
-        simple = (real and len(shape) == 3 and not rgb and min(shape[1:]) >= MIN_SIZE
-                  and shape[0] >= min_sections)
+        simple = (real and len(shape) == 3 and not _is_rgb(series)
+                  and min(shape[1:]) >= MIN_SIZE and shape[0] >= min_sections)
         if simple and series.dataoffset is not None:
             tif.close()
             mm = tifffile.memmap(p, series=0, mode="r").reshape(shape)
@@ -266,6 +261,13 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2) -> Any:
         pass
     tif.close()
     return read_stack(p, min_sections=min_sections)
+
+
+def _is_rgb(series: Any) -> bool:
+    """A tifffile series of colour images (a samples axis, or RGB photometric = 2)."""
+    page0 = series.pages[0] if series.pages else None
+    photometric = getattr(page0, "photometric", None)
+    return "S" in str(series.axes) or (photometric is not None and int(photometric) == 2)
 
 
 def write_stack(path: str | os.PathLike, arr: np.ndarray, *, compression: str | None = None

@@ -9,6 +9,7 @@ what to do.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Generator
 from typing import Any
@@ -106,23 +107,21 @@ def release_freed_memory() -> None:
     retained heap grew with the number of blocks (44 x 1024^2 in blocks of 8: 581 -> 794 MB
     at the block starts), where trimming before each block kept it at 363 MB.
     """
-    global _malloc_trim
-    if _malloc_trim is None:
-        _malloc_trim = False
-        try:
-            import ctypes
-            import ctypes.util
-
-            name = ctypes.util.find_library("c")
-            libc = ctypes.CDLL(name) if name else None
-            _malloc_trim = getattr(libc, "malloc_trim", None) or False
-        except (OSError, AttributeError):  # pragma: no cover - not glibc
-            pass
-    if _malloc_trim:
-        _malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_malloc_trim: Any = None
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return None
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
