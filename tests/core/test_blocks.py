@@ -11,6 +11,7 @@ from napari_ssemnet.core import memory, warp
 from napari_ssemnet.core.align import SectionResult, align_stack, iter_align_stack
 from napari_ssemnet.core.blocks import block_plan, iter_align_blocks
 from napari_ssemnet.core.errors import InputError, MemoryLimitError
+from napari_ssemnet.core.metrics import adjacent_ncc, normalise_stack
 from napari_ssemnet.core.params import AlignParams, ParameterError
 from napari_ssemnet.core.synth import apply_misalignment
 
@@ -80,6 +81,9 @@ def test_blank_section_at_a_block_boundary_is_flagged_and_bridged(copies):
     for z in (1, 2, 3, 5, 6, 7):
         assert np.median(err[z][keep[z]]) < 0.5, (z, float(np.median(err[z][keep[z]])))
     assert np.isnan(r.ncc_after[4]) and np.isfinite(np.delete(r.ncc_after, 4)).all()
+    usable = np.array([f == "" for f in r.flags])
+    np.testing.assert_allclose(r.ncc_after, adjacent_ncc(r.aligned, r.valid, usable),
+                               atol=1e-6)
 
 
 def test_blockwise_without_prealignment_continues_a_drift():
@@ -113,7 +117,12 @@ def test_sections_without_overlap_at_a_block_end_do_not_stop_the_run(copies, mon
     monkeypatch.setattr(fit, "full_displacement", pushed_out)
     r = align_stack(mis, block_size=4, reference=0, **FAST)
     assert r.flags == ["", "", "no_overlap", "no_overlap", "", "", "", ""]
-    assert np.isfinite(r.ncc_after[[0, 1, 4, 5, 6, 7]]).all()
+    # pair 1-4 joins the blocks across the two sections, as a joint run would have it
+    usable = np.array([f == "" for f in r.flags])
+    np.testing.assert_allclose(r.ncc_after, adjacent_ncc(r.aligned, r.valid, usable),
+                               atol=1e-6)
+    np.testing.assert_allclose(
+        r.ncc_before, adjacent_ncc(normalise_stack(mis)[0], None, usable), atol=1e-6)
 
 
 def test_a_block_of_only_blank_new_sections_is_flagged_and_passed(copies):

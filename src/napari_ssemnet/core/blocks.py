@@ -52,9 +52,8 @@ class BlockRunSummary:
     Attributes
     ----------
     ncc_before, ncc_after : ndarray, shape (Z,), float64
-        As :class:`~napari_ssemnet.core.align.AlignmentResult`, except that a pair whose
-        sections are only joined across sections flagged ``no_overlap`` at the end of a
-        block is missing (that side is left out of the mean).
+        As :class:`~napari_ssemnet.core.align.AlignmentResult`: pairs of consecutive usable
+        sections, also across sections flagged ``no_overlap``.
     flags : list of str, length Z
     blocks : list of list of int
         The sections of each block, in the order the blocks ran (fixed ones included).
@@ -223,6 +222,29 @@ def _carried(order: Sequence[int], flags: list[str], done: np.ndarray, window: i
     while out and flags[out[-1]] == FLAG_BLANK:  # nothing to hold onto beyond that
         out.pop()
     return sorted(out)
+
+
+def _nearest_usable(order: Sequence[int], flags: list[str], done: np.ndarray) -> int | None:
+    """The first finished section in ``order`` with a usable flag, walking no further than
+    the finished ones."""
+    for z in order:
+        if not done[z]:
+            return None
+        if flags[z] in USABLE_FLAGS:
+            return z
+    return None
+
+
+def _rewarp(section: Any, disp: Any, device: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A finished section resampled again through its field, for the NCC pairs only."""
+    import torch
+
+    from . import warp
+
+    src = torch.from_numpy(np.ascontiguousarray(section, dtype=np.float32))
+    d = torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))
+    im, ok = warp.warp_image(src.to(device), d.to(device))
+    return im.cpu().numpy(), ok.cpu().numpy()
 
 
 def _read_sections(stack: Any, zs: Sequence[int]) -> np.ndarray:
@@ -419,16 +441,14 @@ def iter_align_blocks(
         t0 = time.perf_counter()
         out_img: dict[int, np.ndarray] = {}
         out_ok: dict[int, np.ndarray] = {}
+
         n_new = len(members) - int(fixed.sum()) + (1 if k == 0 else 0)
         rendered = 0
         for i, z in enumerate(members):
             stop_check()
             if fixed[i] and k > 0:
-                if flags[z] in USABLE_FLAGS:  # for the NCC pairs only
-                    src = torch.from_numpy(np.ascontiguousarray(raw[i], dtype=np.float32))
-                    d = torch.from_numpy(np.ascontiguousarray(displacement[z], np.float32))
-                    im, ok = warp.warp_image(src.to(device), d.to(device))
-                    out_img[z], out_ok[z] = im.cpu().numpy(), ok.cpu().numpy()
+                if flags[z] in USABLE_FLAGS:
+                    out_img[z], out_ok[z] = _rewarp(raw[i], displacement[z], device)
                 continue
             d_np, im_np, ok_np = render_section(raw[i], residual, matrices, i, device)
             flags[z] = section_flag(blank[i], ok_np, confidence[i], params.prealign)
@@ -444,11 +464,22 @@ def iter_align_blocks(
             yield Progress("render", rendered, n_new,
                            f"{tag}: section {z} ({int(done.sum())} of {z_count} done)",
                            section=z)
-        use = [z for z in members if z in out_img]
+        if k > 0 and not any(z in out_img for z in fixed_zs):
+            # every fixed section is flagged no_overlap: the new sections' usable neighbour
+            # on the finished side lies beyond them, and its pairs join them as in a joint run
+            near = _nearest_usable(away, flags, done)
+            if near is not None:
+                out_img[near], out_ok[near] = _rewarp(stack[near], displacement[near], device)
+        use = sorted(out_img)
         for a, c in zip(use[:-1], use[1:], strict=False):
-            if not (fixed[local[a]] and fixed[local[c]]):
-                pairs_after[(a, c)] = metrics.ncc(out_img[a], out_img[c],
-                                                  out_ok[a] & out_ok[c])
+            if a in local and c in local and fixed[local[a]] and fixed[local[c]]:
+                continue
+            pairs_after[(a, c)] = metrics.ncc(out_img[a], out_img[c], out_ok[a] & out_ok[c])
+            if (a, c) not in pairs_before:  # the pair skips a section flagged no_overlap
+                raw_pair = [raw[local[x]] if x in local else np.asarray(stack[x])
+                            for x in (a, c)]
+                norm_pair = metrics.normalise_stack(np.stack(raw_pair))[0]
+                pairs_before[(a, c)] = metrics.ncc(norm_pair[0], norm_pair[1])
         timings["render"] += time.perf_counter() - t0
         st.next_block = k + 1
         if on_block is not None:
