@@ -306,7 +306,7 @@ def test_apply_fields_bad_input_is_one_error_line(tiny_tif, tmp_path, capsys):
     wrong = save_fields(tmp_path / "wrong.npz", np.zeros((3, 2, 96, 96), np.float32))
     (tmp_path / "junk.npz").write_text("not a zip")
     for fields, words in [(wrong, "for a stack of 3 sections of 96x96 px"),
-                          (tmp_path / "junk.npz", "not a readable fields file"),
+                          (tmp_path / "junk.npz", "is not a fields file"),
                           (tmp_path / "missing.npz", "does not exist")]:
         code = cli.main(["apply-fields", str(fields), str(tiny_tif), "-o",
                          str(tmp_path / "o.tif")])

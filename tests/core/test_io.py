@@ -197,6 +197,13 @@ def test_load_fields_errors(tmp_path):
     bad.write_bytes(b"PK\x03\x04 definitely not a zip")
     with pytest.raises(InputError, match="not a readable fields file"):
         load_fields(bad)
+    # a stack picked by mistake: numpy alone would say it holds pickled data
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(InputError, match="is not a fields file") as info:
+        load_fields(tmp_path / "stack.tif")
+    assert "pickle" not in str(info.value)
+    with pytest.raises(InputError, match="is not a fields file"):
+        FieldSections(tmp_path / "stack.tif")
     np.savez(tmp_path / "other.npz", image=np.zeros((2, 3)))
     with pytest.raises(InputError, match="no 'displacement'"):
         load_fields(tmp_path / "other.npz")

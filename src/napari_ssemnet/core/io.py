@@ -361,6 +361,22 @@ def save_fields(path: str | os.PathLike, displacement: np.ndarray, params: Any =
     return p
 
 
+def _check_npz_signature(p: Path) -> None:
+    """Refuse a file that is neither a zip (``.npz``) nor an ``.npy`` array before NumPy
+    reads it: for any other file ``np.load`` answers that it holds pickled data, which
+    would send the user the wrong way."""
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(6)
+    except OSError as exc:
+        raise InputError(f"Could not read fields file {str(p)!r} ({exc.strerror or exc}).") \
+            from None
+    if head[:4] != b"PK\x03\x04" and head != b"\x93NUMPY":
+        raise InputError(f"{str(p)!r} is not a fields file: fields are a NumPy .npz archive "
+                         "written by 'napari-ssemnet align --fields', the widget's Save fields "
+                         "or core.io.save_fields.")
+
+
 def load_fields(path: str | os.PathLike, *, with_extra: bool = False
                 ) -> tuple[np.ndarray, dict[str, Any] | None] | tuple[
                     np.ndarray, dict[str, Any] | None, dict[str, np.ndarray]]:
@@ -388,6 +404,7 @@ def load_fields(path: str | os.PathLike, *, with_extra: bool = False
     p = Path(path)
     if not p.is_file():
         raise InputError(f"Fields file {str(p)!r} does not exist.")
+    _check_npz_signature(p)
     extra: dict[str, np.ndarray] = {}
     try:
         with np.load(p, allow_pickle=False) as npz:
@@ -536,6 +553,7 @@ class FieldSections:
         if not p.is_file():
             raise InputError(f"Fields file {str(p)!r} does not exist.")
         self._zip = None
+        _check_npz_signature(p)
         try:
             self._zip = zipfile.ZipFile(p)
             names = self._zip.namelist()
