@@ -12,6 +12,7 @@ Result layer names are derived from the source layer name::
     "<name> aligned"        Image, the aligned stack
     "<name> displacement"   Vectors, the displacement field on a subsampled grid
     "<name> NCC error"      Image, 1 - local NCC with the previous section
+    "<name> fields applied" Image or Labels, saved fields applied ("Apply saved fields")
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ ROLE_ALIGNED = "aligned"
 ROLE_DISPLACEMENT = "displacement"
 ROLE_NCC_ERROR = "ncc_error"
 
+ROLE_APPLIED = "applied"
+ROLES = (ROLE_ALIGNED, ROLE_DISPLACEMENT, ROLE_NCC_ERROR, ROLE_APPLIED)
+
 _SUFFIX = {ROLE_ALIGNED: "aligned", ROLE_DISPLACEMENT: "displacement",
-           ROLE_NCC_ERROR: "NCC error"}
+           ROLE_NCC_ERROR: "NCC error", ROLE_APPLIED: "fields applied"}
 
 DEFAULT_ARROWS_ACROSS = 20
 """Arrows along the longer side of a section in the displacement layer."""
@@ -275,8 +279,11 @@ def stack_vectors(
 
 
 def arrow_scale(magnitude: np.ndarray, spacing: int) -> float:
-    """Drawing scale for arrows: the 95th-percentile arrow spans about 0.8 grid cells.
+    """Drawing scale for arrows: the median arrow spans half a grid cell, unless that would
+    make the 95th-percentile one longer than 1.5 cells.
 
+    (Scaling by the 95th percentile alone drew the typical arrow as a stub shorter than its
+    own width on real stacks, where the sections far from the reference move most.)
     Rounded down to 1, 2 or 5 times a power of ten so the legend reads well. Returns 1.0
     when there is no displacement.
     """
@@ -284,7 +291,8 @@ def arrow_scale(magnitude: np.ndarray, spacing: int) -> float:
     mags = mags[np.isfinite(mags) & (mags > 1e-6)]
     if mags.size == 0:
         return 1.0
-    raw = 0.8 * spacing / float(np.percentile(mags, 95))
+    p50, p95 = np.percentile(mags, [50, 95])
+    raw = min(0.5 * spacing / float(p50), 1.5 * spacing / float(p95))
     exponent = math.floor(math.log10(raw))
     base = raw / 10 ** exponent
     nice = 5.0 if base >= 5 else 2.0 if base >= 2 else 1.0
@@ -335,7 +343,7 @@ def displacement_layer_data(
         "edge_color": "magnitude",
         "edge_colormap": "plasma",
         "edge_contrast_limits": (0.0, max(hi, 1e-3)),
-        "edge_width": max(1.0, spacing / 6),
+        "edge_width": max(1.0, spacing / 10),  # thin enough for the heads to show
         "length": length,
         "vector_style": "arrow",
         "opacity": 0.9,

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import Qt, Signal
+from qtpy.QtCore import QEvent, Qt, Signal
 from qtpy.QtWidgets import (
     QApplication,
     QComboBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
@@ -32,6 +33,7 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -44,6 +46,7 @@ from .core.params import TRAIN_STEPS, AlignParams
 from .gui import _jobs as jobs
 from .gui._ncc_plot import NccPlot
 from .gui._params_form import ParamsForm
+from .gui._progress import overall_fraction
 
 if TYPE_CHECKING:
     import napari
@@ -150,7 +153,18 @@ class AlignWidget(QWidget):
     # -- UI ------------------------------------------------------------------------
 
     def _build_ui(self) -> None:
-        lay = QVBoxLayout(self)
+        # the parameters scroll, so that the panel fits a laptop screen (1366x768) with
+        # Advanced open; the buttons, the progress and the plot below them stay in view
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 6)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        content = QWidget()
+        scroll.setWidget(content)
+        outer.addWidget(scroll, 1)
+        lay = QVBoxLayout(content)
         lay.setContentsMargins(6, 6, 6, 6)
 
         top = QFormLayout()
@@ -178,6 +192,10 @@ class AlignWidget(QWidget):
         train_row.addWidget(self.train_btn, 1)
         train_row.addWidget(self.train_steps)
         lay.addLayout(train_row)
+        lay.addStretch(1)
+        lay = QVBoxLayout()  # the part that does not scroll
+        lay.setContentsMargins(6, 0, 6, 0)
+        outer.addLayout(lay)
 
         buttons = QGridLayout()
         self.align_btn = QPushButton("Align")
@@ -221,7 +239,6 @@ class AlignWidget(QWidget):
         files.addWidget(self.save_btn)
         files.addWidget(self.apply_btn)
         lay.addLayout(files)
-        lay.addStretch(1)
 
         self.align_btn.clicked.connect(self.align)
         self.cancel_btn.clicked.connect(self.cancel)
@@ -234,14 +251,23 @@ class AlignWidget(QWidget):
         self.form.use_current_clicked.connect(self._use_current_slice)
         self.plot.section_clicked.connect(self._jump_to_section)
         self._set_running(False)
+        # scroll vertically only: the panel is as wide as its widest row
+        scroll.setMinimumWidth(content.minimumSizeHint().width()
+                               + scroll.verticalScrollBar().sizeHint().width())
 
     def _connect_viewer(self) -> None:
         ev = self.viewer.layers.events
         ev.inserted.connect(self._on_layers_changed)
         ev.removed.connect(self._on_layers_changed)
+        self._names: dict[str, str] = {}  # layer.unique_id -> name, to follow renames
         for layer in self.viewer.layers:
-            layer.events.name.connect(self._on_layers_changed)
+            self._watch(layer)
         self.viewer.dims.events.current_step.connect(self._on_step)
+
+    def _watch(self, layer: Any) -> None:
+        self._names[str(layer.unique_id)] = layer.name
+        layer.events.name.connect(self._on_layer_renamed)
+        layer.events.data.connect(self._on_layer_data)
 
     @property
     def worker(self) -> Any:
@@ -252,8 +278,36 @@ class AlignWidget(QWidget):
 
     def _on_layers_changed(self, event: Any = None) -> None:
         if event is not None and getattr(event, "type", "") == "inserted":
-            event.value.events.name.connect(self._on_layers_changed)
+            self._watch(event.value)
         self._refresh_layers()
+
+    def _on_layer_renamed(self, event: Any) -> None:
+        layer = event.source
+        uid = str(layer.unique_id)
+        old, new = self._names.get(uid), layer.name
+        self._names[uid] = new
+        if old and old != new and not L.is_result_layer(layer):
+            self._follow_rename(old, new)
+        self._refresh_layers()
+
+    def _follow_rename(self, old: str, new: str) -> None:
+        """Results of a renamed source layer stay its results (and keep matching names)."""
+        if old in self.results:
+            self.results[new] = self.results.pop(old)
+        if self._job is not None and self._job.get("source") == old:
+            self._job["source"] = new
+        for role in L.ROLES:
+            res = L.find_result_layer(self.viewer, old, role)
+            if res is None:
+                continue
+            res.metadata[L.META_KEY]["source"] = new
+            if res.name == L.layer_name(old, role):
+                res.name = L.layer_name(new, role)
+
+    def _on_layer_data(self, event: Any = None) -> None:
+        # a stack replaced in place may have another number of sections
+        if event is not None and event.source.name == self.layer_combo.currentText():
+            self._on_layer_changed(self.layer_combo.currentText())
 
     def _refresh_layers(self) -> None:
         current = self.layer_combo.currentText()
@@ -345,8 +399,8 @@ class AlignWidget(QWidget):
         return self._job is not None
 
     def _set_running(self, running: bool) -> None:
-        for w in (self.align_btn, self.preview_btn, self.train_btn, self.form,
-                  self.layer_combo, self.save_btn, self.train_steps):
+        for w in (self.align_btn, self.preview_btn, self.realign_btn, self.train_btn,
+                  self.form, self.layer_combo, self.save_btn, self.train_steps):
             w.setEnabled(not running)
         self.cancel_btn.setEnabled(running)
         if not running:
@@ -373,7 +427,7 @@ class AlignWidget(QWidget):
             return None
         layer = self.selected_layer()
         if layer is None:
-            show_error(self._no_layer_message())
+            self._refuse(what, self._no_layer_message())
             return None
         try:
             params = self.form.params()
@@ -382,14 +436,20 @@ class AlignWidget(QWidget):
                 raise SsemnetError(f"Reference section {params.reference} is outside the "
                                    f"layer's sections 0-{stack.shape[0] - 1}.")
         except (SsemnetError, ValueError) as exc:
-            show_error(str(exc))
+            self._refuse(what, str(exc))
             return None
         except Exception as exc:  # e.g. a lazy array that fails to load
             log.exception("napari-ssemnet: could not read layer %s", layer.name)
-            show_error(f"{what}: could not read layer '{layer.name}' "
-                       f"({type(exc).__name__}: {exc}).")
+            self._refuse(what, f"could not read layer '{layer.name}' "
+                               f"({type(exc).__name__}: {exc}).")
             return None
         return layer, stack, params
+
+    def _refuse(self, what: str, message: str) -> None:
+        """A job that did not start: notification, and the status line says so too (it
+        must not keep showing the last run's outcome)."""
+        show_error(message)
+        self.status.setText(f"{what} not started: {message}")
 
     def _start(self, kind: str, func: Any, *args: Any, **info: Any) -> None:
         from napari.qt.threading import create_worker
@@ -431,7 +491,8 @@ class AlignWidget(QWidget):
         layer, stack, params = ready
         base = self._result_for(layer)
         if kind == "realign" and base is None:
-            show_error(f"Re-align needs a full alignment of '{layer.name}' first; press Align.")
+            self._refuse("Re-align", f"Re-align needs a full alignment of '{layer.name}' "
+                                     "first; press Align.")
             return
         z = self.current_section(layer)
         self._start(kind, jobs.section_job, stack, z, params, base, source=layer.name,
@@ -462,17 +523,27 @@ class AlignWidget(QWidget):
         if job is None:
             return
         if isinstance(event, Progress):
-            total = max(int(event.total), 1)
-            self.progress.setRange(0, total)
-            self.progress.setValue(min(int(event.step), total))
-            self.progress.setFormat(f"{event.stage} %v/%m")
             elapsed = time.perf_counter() - job["t0"]
+            frac = overall_fraction(event)
+            if frac is None:  # a stage without a known share: its own steps
+                total = max(int(event.total), 1)
+                self.progress.setRange(0, total)
+                self.progress.setValue(min(int(event.step), total))
+                self.progress.setFormat(f"{event.stage} %v/%m")
+            else:  # the whole run on one bar, never going back
+                frac = job["frac"] = max(frac, job.get("frac", 0.0))
+                self.progress.setRange(0, 1000)
+                self.progress.setValue(int(round(frac * 1000)))
+                self.progress.setFormat(f"%p% — {event.stage}")
             text = f"{job['kind'].capitalize()} on {self._device_text()} — {event.stage}"
             if event.message:
                 text += f": {event.message}"
-            text += f" — {elapsed:.1f} s"
-            if job["kind"] == "align" and job["shape"]:
-                text += f" ({elapsed / job['shape'][0]:.2f} s/section so far)"
+            text += f" — {elapsed:.0f} s"
+            # a rough figure (the stage shares are typical, not this run's): not before
+            # a fifth of the run
+            left = elapsed * (1 - frac) / frac if frac else 0.0
+            if frac is not None and frac >= 0.2 and elapsed >= 3 and left >= 1:
+                text += f", about {left:.0f} s left"
             self.status.setText(text)
         elif isinstance(event, SectionResult) and job["kind"] == "align":
             self._stream_section(event)
@@ -687,11 +758,16 @@ class AlignWidget(QWidget):
             extra["note"] = (f"Preview of section {out.z}; other sections are "
                              + ("the last full run." if out.result is not None
                                 else "unaligned."))
+        params = out.params.to_dict()
+        if commit:  # the run's parameters, and those of its re-aligned sections
+            params = out.result.params.to_dict()
+            extra["section_params"] = {str(k): p.to_dict()
+                                       for k, p in sorted(out.result.section_params.items())}
         self._show_layers(
             source, aligned=out.aligned, valid=out.valid, displacement=out.displacement,
             ncc_error=out.ncc_error, vector_sections=sections,
             meta_kw={"ncc_before": out.ncc_before, "ncc_after": out.ncc_after,
-                     "flags": out.flags, "params": out.params.to_dict(), "state": state,
+                     "flags": out.flags, "params": params, "state": state,
                      "complete": out.result is not None, "extra": extra})
         if commit:
             self.results[source] = out.result
@@ -725,7 +801,8 @@ class AlignWidget(QWidget):
             return None
         try:
             return save_fields(path, result.displacement, params=result.params,
-                               flags=result.flags)
+                               flags=result.flags,
+                               section_params=result.section_params_json())
         except (OSError, SsemnetError, ValueError) as exc:
             show_error(f"Could not save fields to {path}: {exc}")
             return None
@@ -753,6 +830,18 @@ class AlignWidget(QWidget):
         self._ctl.abort()
         super().closeEvent(event)
 
+    def event(self, ev: QEvent) -> bool:
+        # napari's "close this panel" button takes the widget out of its dock
+        # (setParent(None)) without closing it: the run must stop with the panel
+        if ev.type() == QEvent.ParentChange and self.parent() is None and self.running:
+            _CLOSING.add(self)  # alive until the run has put the layers back
+            self.job_finished.connect(lambda *_: _CLOSING.discard(self))
+            self.cancel()
+        return super().event(ev)
+
+
+_CLOSING: set[AlignWidget] = set()
+
 
 _ACTIONS = {"align": "Alignment", "preview": "Preview", "realign": "Re-align",
             "train": "Feature training"}
@@ -771,7 +860,8 @@ class ApplyFieldsWidget(QWidget):
     """Warp a layer with displacement fields saved by napari-ssemnet (CLI or widget).
 
     Labels use nearest-neighbour sampling so label values stay intact; images bilinear.
-    The result goes to ``"<name> aligned"`` (a new layer of the same type).
+    The result goes to ``"<name> fields applied"`` (a new layer of the same type; applying
+    again updates it).
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
@@ -810,11 +900,15 @@ class ApplyFieldsWidget(QWidget):
         self._worker: Any | None = None
         self.viewer.layers.events.inserted.connect(self._refresh)
         self.viewer.layers.events.removed.connect(self._refresh)
+        for layer in self.viewer.layers:
+            layer.events.name.connect(self._refresh)
         self._refresh()
 
     def _refresh(self, event: Any = None) -> None:
         from napari.layers import Image, Labels
 
+        if event is not None and getattr(event, "type", "") == "inserted":
+            event.value.events.name.connect(self._refresh)
         current = self.layer_combo.currentText()
         names = [ly.name for ly in self.viewer.layers
                  if isinstance(ly, Image | Labels) and ly.ndim == 3
@@ -841,13 +935,11 @@ class ApplyFieldsWidget(QWidget):
 
         name = self.layer_combo.currentText()
         if not name or name not in self.viewer.layers:
-            show_error("Choose a 3D Image or Labels layer to apply the fields to.")
-            return None
+            return self._refuse("Choose a 3D Image or Labels layer to apply the fields to.")
         layer = self.viewer.layers[name]
         path = self.path_edit.text().strip()
         if not path:
-            show_error("Choose a fields file (.npz) written by napari-ssemnet.")
-            return None
+            return self._refuse("Choose a fields file (.npz) written by napari-ssemnet.")
         is_labels = L.layer_kind(layer) == "labels"
         choice = self.order_combo.currentText()
         order = (0 if is_labels else 1) if choice == "auto" else int(choice == "linear")
@@ -862,26 +954,32 @@ class ApplyFieldsWidget(QWidget):
         worker.start()
         return worker
 
+    def _refuse(self, message: str) -> None:
+        show_error(message)
+        self.status.setText(f"Not applied: {message}")
+
     def _on_applied(self, outcome: Any, layer: Any, path: str, order: int,
                     is_labels: bool) -> None:
         if isinstance(outcome, jobs.Failure):
             notify_failure(outcome, "Applying fields")
-            self.status.setText("")
+            self.status.setText(f"Not applied: {outcome.exc}" if outcome.user_facing
+                                else "Not applied: unexpected error (see the log).")
             return
         name = layer.name
         if name not in self.viewer.layers:
             self.status.setText(f"'{name}' was removed while the fields were applied.")
             return
-        meta = L.result_metadata(L.ROLE_ALIGNED, name, extra={"fields_file": str(path),
+        # its own role: applying fields to an aligned source must not replace Align's result
+        meta = L.result_metadata(L.ROLE_APPLIED, name, extra={"fields_file": str(path),
                                                               "order": order})
-        kwargs: dict[str, Any] = {"name": L.layer_name(name, L.ROLE_ALIGNED), "metadata": meta,
+        kwargs: dict[str, Any] = {"name": L.layer_name(name, L.ROLE_APPLIED), "metadata": meta,
                                   "scale": list(layer.scale),
                                   "translate": list(layer.translate)}
         if not is_labels:
             kwargs["contrast_limits"] = list(layer.contrast_limits)
             kwargs["colormap"] = layer.colormap.name
         out = L.upsert_layer(self.viewer, (outcome, kwargs, "labels" if is_labels else "image"),
-                             role=L.ROLE_ALIGNED, source_name=name)
+                             role=L.ROLE_APPLIED, source_name=name)
         self.status.setText(f"Applied {Path(path).name} to '{name}' "
                             f"({'nearest' if order == 0 else 'linear'}) → '{out.name}'.")
         self.last_result = out

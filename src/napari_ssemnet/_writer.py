@@ -16,7 +16,7 @@ from ._layers import META_KEY, ROLE_DISPLACEMENT
 
 
 def save_fields(path: str | Path, displacement: np.ndarray, params: Any = None,
-                flags: list[str] | None = None) -> str:
+                flags: list[str] | None = None, section_params: str = "") -> str:
     """Write a displacement field (Z, 2, H, W) to an ``.npz`` (key ``displacement``).
 
     Parameters
@@ -26,6 +26,9 @@ def save_fields(path: str | Path, displacement: np.ndarray, params: Any = None,
     params : AlignParams or dict, optional
         Stored as JSON under key ``params``.
     flags : list of str, optional
+    section_params : str
+        JSON of the sections re-aligned with their own parameters
+        (``AlignmentResult.section_params_json()``); stored under that key when not empty.
 
     Returns
     -------
@@ -34,7 +37,8 @@ def save_fields(path: str | Path, displacement: np.ndarray, params: Any = None,
     """
     from .core import io
 
-    return str(io.save_fields(path, displacement, params=params, flags=flags))
+    extra = {"section_params": np.array(section_params)} if section_params else {}
+    return str(io.save_fields(path, displacement, params=params, flags=flags, **extra))
 
 
 def load_fields(path: str | Path) -> tuple[np.ndarray, dict[str, Any] | None]:

@@ -44,7 +44,7 @@ def test_save_fields_then_apply_to_labels(qtbot, make_napari_viewer, stack, tmp_
     qtbot.waitUntil(lambda: apply_w.last_result is not None, timeout=30_000)
     result = apply_w.last_result
     assert L.layer_kind(result) == "labels"
-    assert result.name == "seg aligned" and result.data.dtype == np.uint16
+    assert result.name == "seg fields applied" and result.data.dtype == np.uint16
     assert set(np.unique(result.data)) <= {0, 7, 300}  # nearest neighbour: no mixed labels
     np.testing.assert_array_equal(viewer.layers["seg"].data, labels)  # source untouched
     # the same fields on the image reproduce the aligned layer
@@ -52,6 +52,18 @@ def test_save_fields_then_apply_to_labels(qtbot, make_napari_viewer, stack, tmp_
     ref = widget.results["em"].aligned
     valid = widget.results["em"].valid
     assert np.abs(again.astype(np.float32) - ref)[valid].mean() < 1.0
+
+    # applied to the aligned source itself: a layer of its own, Align's result kept
+    aligned_meta = dict(viewer.layers["em aligned"].metadata[L.META_KEY])
+    apply_w.layer_combo.setCurrentText("em")
+    apply_w.last_result = None
+    apply_w.apply()
+    qtbot.waitUntil(lambda: apply_w.last_result is not None, timeout=30_000)
+    assert apply_w.last_result.name == "em fields applied"
+    np.testing.assert_allclose(apply_w.last_result.data, again, atol=1e-4)
+    assert viewer.layers["em aligned"].metadata[L.META_KEY] == aligned_meta
+    widget._update_plot()
+    assert widget.plot.after.size == stack.shape[0]
 
 
 def test_apply_fields_wrong_shape_is_an_error(qtbot, make_napari_viewer, tmp_path):
@@ -79,6 +91,12 @@ def test_apply_fields_wrong_shape_is_an_error(qtbot, make_napari_viewer, tmp_pat
     qtbot.waitUntil(lambda: len(error_messages(start)) > 0, timeout=30_000)
     assert "missing.npz" in error_messages(start)[0]
     qtbot.waitUntil(lambda: apply_w.apply_btn.isEnabled(), timeout=30_000)
+    assert apply_w.status.text().startswith("Not applied:") and "missing.npz" in \
+        apply_w.status.text()
+    # the layer list follows renames
+    viewer.layers["seg"].name = "segmentation"
+    items = [apply_w.layer_combo.itemText(i) for i in range(apply_w.layer_combo.count())]
+    assert items == ["segmentation"]
 
 
 def test_writers(tmp_path, stack):

@@ -63,6 +63,14 @@ def test_arrow_scale_is_a_round_number(p95, spacing, expected):
     assert L.arrow_scale(np.full(10, p95), spacing) == pytest.approx(expected)
 
 
+def test_arrow_scale_shows_typical_arrows_without_long_ones_overlapping():
+    # most sections move a few px, the far ones much more (as on a real stack)
+    mags = np.concatenate([np.full(80, 4.0), np.linspace(10.0, 14.0, 20)])
+    scale = L.arrow_scale(mags, 19)
+    assert 4.0 * scale >= 0.4 * 19  # the median arrow is well longer than it is wide
+    assert np.percentile(mags, 95) * scale <= 1.5 * 19
+
+
 def test_aligned_and_error_layers():
     aligned = np.random.default_rng(0).random((3, 40, 40)).astype(np.float32)
     data, kw, kind = L.aligned_layer_data(aligned, "em", contrast_limits=(0, 255),

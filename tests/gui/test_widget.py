@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -54,6 +55,9 @@ def test_layer_chooser_lists_only_3d_grayscale(viewer_widget, stack):
     viewer.dims.set_current_step(0, 2)
     widget.form.use_current.click()
     assert widget.form.value("reference") == 2
+    # the stack replaced in place by a shorter one: the range follows
+    viewer.layers["em"].data = stack[:2]
+    assert widget.form.controls["reference"].maximum() == 1
     viewer.layers.remove("em")
     assert widget.layer_combo.count() == 0
 
@@ -141,7 +145,7 @@ def test_user_layer_with_result_name_is_left_alone(qtbot, viewer_widget, stack):
     assert ours is not mine and ours.data.shape == stack.shape
 
 
-def test_preview_then_realign(qtbot, viewer_widget, stack):
+def test_preview_then_realign(qtbot, viewer_widget, stack, tmp_path):
     viewer, widget = viewer_widget
     viewer.add_image(stack, name="em")
     set_fast(widget)
@@ -165,10 +169,16 @@ def test_preview_then_realign(qtbot, viewer_widget, stack):
     assert run_and_wait(qtbot, widget, widget.realign) == "done", error_messages()
     res = widget.results["em"]
     np.testing.assert_array_equal(res.aligned[3], full[3])  # other sections kept
-    assert res.params.grid_spacing == 24
+    # the run's parameters stay the run's; section 1's own are recorded beside them
+    assert res.params.grid_spacing == FAST["grid_spacing"]
+    assert res.section_params[1].grid_spacing == 24
     meta = viewer.layers["em aligned"].metadata[L.META_KEY]
     assert meta["state"] == "aligned" and meta["section"] == 1
+    assert meta["params"]["grid_spacing"] == FAST["grid_spacing"]
+    assert meta["section_params"]["1"]["grid_spacing"] == 24
     assert "Re-aligned section 1" in widget.status.text()
+    saved = np.load(widget.save_fields(tmp_path / "f.npz"))
+    assert json.loads(str(saved["section_params"]))["1"]["grid_spacing"] == 24
 
 
 def test_cancel_stops_quickly_and_restores(qtbot, viewer_widget):
@@ -179,8 +189,11 @@ def test_cancel_stops_quickly_and_restores(qtbot, viewer_widget):
     n_layers = len(viewer.layers)
     widget.align()
     assert widget.running and not widget.align_btn.isEnabled()
+    assert not widget.realign_btn.isEnabled() and not widget.preview_btn.isEnabled()
     qtbot.waitUntil(lambda: widget.progress.maximum() > 0 and "fit" in widget.status.text(),
                     timeout=30000)
+    # one bar for the whole run: past the pre-alignment's share once the fit runs
+    assert widget.progress.maximum() == 1000 and widget.progress.value() >= 200
     t0 = time.perf_counter()
     with qtbot.waitSignal(widget.job_finished, timeout=5000) as blocker:
         widget.cancel_btn.click()
@@ -223,6 +236,9 @@ def test_bad_parameters_show_error(qtbot, viewer_widget, stack):
     errors = error_messages(start)
     assert len(errors) == 1 and "weights" in errors[0]
     assert not widget.running
+    # the status line says why, instead of showing an earlier outcome
+    assert widget.status.text().startswith("Align not started:")
+    assert "weights" in widget.status.text()
 
 
 def test_missing_weights_file_is_a_readable_error(qtbot, viewer_widget, stack, tmp_path):
@@ -262,6 +278,55 @@ def test_close_viewer_while_running(qtbot, make_napari_viewer):
     widget.close()  # what napari does to dock widgets when its window closes
     assert stop.is_set() and worker.abort_requested
     qtbot.waitUntil(lambda: not worker.is_running, timeout=5000)
+
+
+def test_closing_the_panel_stops_the_run(qtbot, make_napari_viewer):
+    viewer = make_napari_viewer()
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-ssemnet", "Align EM stack")
+    viewer.add_image(make_stack(z=6, size=160, seed=2), name="em")
+    set_fast(widget, iterations=5000, tolerance=0.0)
+    widget.align()
+    qtbot.waitUntil(lambda: "fit" in widget.status.text(), timeout=30000)
+    stop = widget._ctl.stop
+    t0 = time.perf_counter()
+    with qtbot.waitSignal(widget.job_finished, timeout=5000) as blocker:
+        dock.title.close_button.click()  # the panel's own "x"; napari does not close it
+    print(f"run stopped {time.perf_counter() - t0:.2f} s after the panel was closed")
+    assert stop.is_set() and blocker.args[0] == "cancelled"
+    assert [ly.name for ly in viewer.layers] == ["em"]  # streamed sections taken back
+
+
+def test_renamed_source_keeps_its_result(qtbot, viewer_widget, stack):
+    viewer, widget = viewer_widget
+    viewer.add_image(stack, name="em")
+    set_fast(widget)
+    assert run_and_wait(qtbot, widget, widget.align) == "done"
+    viewer.layers["em"].name = "em renamed"
+    assert widget.layer_combo.currentText() == "em renamed"
+    assert set(widget.results) == {"em renamed"}
+    names = [ly.name for ly in viewer.layers]
+    assert names == ["em renamed", "em renamed aligned", "em renamed displacement",
+                     "em renamed NCC error"], names
+    assert widget.save_btn.isEnabled() and widget.realign_btn.isEnabled()
+    assert widget.plot.after.size == stack.shape[0]
+    assert L.find_result_layer(viewer, "em renamed", L.ROLE_ALIGNED) is not None
+
+
+def test_panel_scrolls_instead_of_needing_a_tall_screen(make_napari_viewer):
+    from qtpy.QtWidgets import QScrollArea
+
+    viewer = make_napari_viewer()
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-ssemnet", "Align EM stack")
+    widget.form.advanced.expand(animate=False)
+    content = widget.findChild(QScrollArea).widget()
+    # the parameters scroll; the buttons, the progress and the plot stay in view
+    assert content.isAncestorOf(widget.form)
+    assert not content.isAncestorOf(widget.align_btn) and not content.isAncestorOf(widget.plot)
+    # with Advanced open the parameters alone are taller than the panel has to be
+    print("parameters", content.minimumSizeHint().height(), "px; panel at least",
+          widget.minimumSizeHint().height(), "px")
+    assert content.minimumSizeHint().height() > 500
+    assert widget.minimumSizeHint().height() < 450
 
 
 def test_fast_params_are_valid():

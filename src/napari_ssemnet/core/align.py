@@ -10,6 +10,7 @@ Axis convention (used throughout the package):
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -108,9 +109,13 @@ class AlignmentResult:
         ``""`` for a normal section, else ``"blank"``, ``"no_overlap"`` or
         ``"low_confidence"``.
     params : AlignParams
+        Those of the run.
     timings : dict of str to float
         Seconds per stage and ``"total"``.
     device : str
+    section_params : dict of int to AlignParams
+        Sections aligned again on their own afterwards (the widget's Re-align section),
+        with the parameters used there.
     """
 
     aligned: np.ndarray
@@ -122,6 +127,13 @@ class AlignmentResult:
     params: AlignParams
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
+    section_params: dict[int, AlignParams] = field(default_factory=dict)
+
+    def section_params_json(self) -> str:
+        """``section_params`` as a JSON object keyed by section ("" when there are none)."""
+        if not self.section_params:
+            return ""
+        return json.dumps({str(z): p.to_dict() for z, p in sorted(self.section_params.items())})
 
     @property
     def flagged(self) -> list[int]:

@@ -177,9 +177,11 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
         if base is not None:
             # neighbours' NCC changes too when z moves; recompute the whole curve
             ncc_after = _adjacent_ncc(aligned, valid, flags)
+            # the run's parameters stay; this section's own are recorded beside them
             result = dataclasses.replace(base, aligned=aligned, valid=valid,
                                          displacement=displacement, flags=flags,
-                                         ncc_after=ncc_after, params=params)
+                                         ncc_after=ncc_after,
+                                         section_params={**base.section_params, z: params})
         error = local_ncc_error(aligned, valid, flags=flags)
         yield Progress("metrics", 1, 1, "local NCC error map")
         return SectionOutcome(z, section, aligned, valid, displacement, error, ncc_before,

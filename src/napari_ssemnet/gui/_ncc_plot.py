@@ -14,6 +14,8 @@ BEFORE_COLOR = QColor(150, 150, 150)
 AFTER_COLOR = QColor(255, 160, 40)
 CURRENT_COLOR = QColor(90, 170, 255)
 FLAG_COLOR = QColor(230, 60, 60)
+HEADER = 20
+"""Pixels above the plot frame for the current section's readout and the legend."""
 
 
 class NccPlot(QWidget):
@@ -31,9 +33,9 @@ class NccPlot(QWidget):
         self.after = np.zeros(0)
         self.flags: list[str] = []
         self.current: int | None = None
-        self.setMinimumHeight(110)
+        self.setMinimumHeight(120)
         self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
-        self.setFixedHeight(120)
+        self.setFixedHeight(130)
         self.setToolTip("Mean NCC of each section with its neighbours: grey before, orange "
                         "after alignment. Click to jump to a section.")
 
@@ -58,7 +60,8 @@ class NccPlot(QWidget):
     # -- drawing -------------------------------------------------------------------
 
     def _plot_rect(self) -> QRectF:
-        return QRectF(34, 8, max(10, self.width() - 42), max(10, self.height() - 26))
+        # the strip above the frame holds the readout and the legend, clear of the curves
+        return QRectF(34, HEADER, max(10, self.width() - 42), max(10, self.height() - HEADER - 18))
 
     def _x(self, z: float, rect: QRectF) -> float:
         n = self.n_sections()
@@ -147,13 +150,12 @@ class NccPlot(QWidget):
                 if self.current < values.size and np.isfinite(values[self.current]):
                     label += f"  {name} {values[self.current]:.3f}"
             p.setPen(QPen(text, 1))
-            p.drawText(QRectF(rect.left() + 4, rect.top() + 1, rect.width() - 8, 14),
-                       Qt.AlignLeft, label)
+            p.drawText(QRectF(rect.left(), 2, rect.width() - 100, 14), Qt.AlignLeft, label)
         # legend
         p.setPen(QPen(BEFORE_COLOR, 2))
-        p.drawText(QRectF(rect.right() - 100, rect.top() + 1, 48, 14), Qt.AlignRight, "before")
+        p.drawText(QRectF(rect.right() - 100, 2, 48, 14), Qt.AlignRight, "before")
         p.setPen(QPen(AFTER_COLOR, 2))
-        p.drawText(QRectF(rect.right() - 50, rect.top() + 1, 46, 14), Qt.AlignRight, "after")
+        p.drawText(QRectF(rect.right() - 48, 2, 48, 14), Qt.AlignRight, "after")
         p.end()
 
     def mousePressEvent(self, event) -> None:  # noqa: N802 - Qt API
