@@ -474,7 +474,7 @@ class AlignWidget(QWidget):
             return
         layer, stack, params = ready
         self._start("align", jobs.align_job, stack, params, source=layer.name,
-                    shape=stack.shape, params=params)
+                    shape=stack.shape, params=params, dtype=str(stack.dtype))
 
     def preview(self) -> None:
         """Align the current section only, neighbours held fixed (the Preview button)."""
@@ -496,7 +496,7 @@ class AlignWidget(QWidget):
             return
         z = self.current_section(layer)
         self._start(kind, jobs.section_job, stack, z, params, base, source=layer.name,
-                    shape=stack.shape, params=params, z=z)
+                    shape=stack.shape, params=params, z=z, dtype=str(stack.dtype))
 
     def train_features(self) -> None:
         """Train the feature encoder on the selected stack, then use it ('custom')."""
@@ -734,7 +734,8 @@ class AlignWidget(QWidget):
             ncc_error=outcome.ncc_error,
             meta_kw={"ncc_before": res.ncc_before, "ncc_after": res.ncc_after,
                      "flags": res.flags, "params": res.params.to_dict(),
-                     "extra": {"timings": dict(res.timings), "device": res.device}})
+                     "extra": {"timings": dict(res.timings), "device": res.device,
+                               "source_dtype": job["dtype"]}})
         self.results[source] = res
         self._update_plot()
         z = res.aligned.shape[0]
@@ -753,7 +754,7 @@ class AlignWidget(QWidget):
         if job["kind"] == "preview":
             state = "preview"
         sections = None if out.result is not None else [out.z]
-        extra: dict[str, Any] = {"section": out.z}
+        extra: dict[str, Any] = {"section": out.z, "source_dtype": job["dtype"]}
         if state == "preview":
             extra["note"] = (f"Preview of section {out.z}; other sections are "
                              + ("the last full run." if out.result is not None

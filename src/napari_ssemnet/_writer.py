@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._layers import META_KEY, ROLE_DISPLACEMENT
+from ._layers import META_KEY, ROLE_ALIGNED, ROLE_DISPLACEMENT
 
 
 def save_fields(path: str | Path, displacement: np.ndarray, params: Any = None,
@@ -66,10 +66,18 @@ def apply_displacement(stack: np.ndarray, displacement: np.ndarray, *, order: in
 
 
 def write_tiff(path: str, data: Any, meta: dict) -> list[str]:
-    """npe2 single-layer writer: an image layer to a (multipage) TIFF."""
+    """npe2 single-layer writer: an image layer to a (multipage) TIFF.
+
+    An aligned stack made by this plugin is written in its source layer's data type
+    (rounded and clipped, as the command line does by default); other layers as they are.
+    """
     from .core import io
 
-    io.write_stack(path, np.asarray(data))
+    arr = np.asarray(data)
+    entry = (meta.get("metadata") or {}).get(META_KEY) or {}
+    if entry.get("role") == ROLE_ALIGNED and entry.get("source_dtype"):
+        arr = io.as_dtype(arr, entry["source_dtype"])
+    io.write_stack(path, arr)
     return [path]
 
 

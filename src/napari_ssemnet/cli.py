@@ -38,6 +38,7 @@ import numpy as np
 from . import __version__
 from .core.align import ProgressRate
 from .core.errors import AlignmentCancelled, SsemnetError
+from .core.io import as_dtype
 from .core.params import TRAIN_STEPS, AlignParams, ParameterError, knobs
 
 EXIT_OK = 0
@@ -204,13 +205,6 @@ def ctrl_c_stops() -> Iterator[Callable[[], bool]]:
 # -- commands --------------------------------------------------------------------------
 
 
-def _as_output_dtype(aligned: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        return np.clip(np.rint(aligned), info.min, info.max).astype(dtype)
-    return aligned.astype(dtype, copy=False)
-
-
 def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
     from .core.align import align_stack
     from .core.io import SectionReader, open_stack, read_stack, save_fields, write_stack
@@ -266,7 +260,7 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
         printer.close()
     aligned = result.aligned
     if args.output_dtype == "input":
-        aligned = _as_output_dtype(aligned, stack.dtype)
+        aligned = as_dtype(aligned, stack.dtype)
     try:
         path = write_stack(output, aligned)
         out.write(f"aligned stack -> {path}\n")
@@ -519,7 +513,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
                         sec = apply_displacement_section(np.asarray(stack[zz]), disp,
                                                          order=order)
                         if sec.dtype != dtype:  # labels keep theirs (no float round trip)
-                            sec = _as_output_dtype(sec, dtype)
+                            sec = as_dtype(sec, dtype)
                         tif.write(sec, photometric="minisblack", contiguous=True)
                         if not args.quiet:
                             printer(Progress("apply", zz + 1, z, f"section {zz + 1}/{z}"))

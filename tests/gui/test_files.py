@@ -102,6 +102,13 @@ def test_apply_fields_wrong_shape_is_an_error(qtbot, make_napari_viewer, tmp_pat
 def test_writers(tmp_path, stack):
     paths = write_tiff(str(tmp_path / "a.tif"), stack.astype(np.float32), {})
     np.testing.assert_array_equal(tifffile.imread(paths[0]), stack.astype(np.float32))
+    # an aligned stack goes back to its source's type, as from the command line
+    aligned = stack.astype(np.float32) + 0.6
+    aligned[0, 0, :2] = (-3.0, 300.0)
+    meta = L.result_metadata(L.ROLE_ALIGNED, "em", extra={"source_dtype": "uint8"})
+    back = tifffile.imread(write_tiff(str(tmp_path / "b.tif"), aligned, {"metadata": meta})[0])
+    assert back.dtype == np.uint8 and back[0, 0, 0] == 0 and back[0, 0, 1] == 255
+    np.testing.assert_array_equal(back[1], np.clip(np.rint(aligned[1]), 0, 255))
     disp = np.ones((4, 2, 96, 96), np.float32)
     meta = L.result_metadata(L.ROLE_DISPLACEMENT, "em", params={"window": 2},
                              extra={"displacement": disp})

@@ -91,6 +91,7 @@ def test_align_makes_three_layers(qtbot, viewer_widget, stack):
     meta = aligned.metadata[L.META_KEY]
     assert meta["complete"] and meta["state"] == "aligned"
     assert len(meta["ncc_before"]) == z and len(meta["flags"]) == z
+    assert meta["source_dtype"] == "uint8"  # what the TIFF writer saves it as
     assert "arrow_note" in disp.metadata[L.META_KEY]
     assert disp.metadata[L.META_KEY]["displacement"].shape == (z, 2, h, w)
     # the reference section stays put

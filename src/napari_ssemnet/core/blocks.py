@@ -40,6 +40,7 @@ from .align import (
     stopper,
 )
 from .errors import InputError
+from .io import as_dtype
 from .params import AlignParams
 
 USABLE_FLAGS = (FLAG_OK, FLAG_LOW_CONFIDENCE)
@@ -277,11 +278,7 @@ def _relabelled(gen: Generator[Any, None, Any], tag: str, members: list[int]
 
 def _store(out: Any, z: int, value: np.ndarray) -> None:
     """Write one section into an output array, rounding into integer dtypes."""
-    dtype = out.dtype
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        value = np.clip(np.rint(value), info.min, info.max)
-    out[z] = value.astype(dtype, copy=False)
+    out[z] = as_dtype(value, out.dtype)
 
 
 def iter_align_blocks(

@@ -270,6 +270,16 @@ def _is_rgb(series: Any) -> bool:
     return "S" in str(series.axes) or (photometric is not None and int(photometric) == 2)
 
 
+def as_dtype(arr: np.ndarray, dtype: Any) -> np.ndarray:
+    """Aligned intensities in ``dtype``: rounded and clipped to its range for integer types
+    (a plain cast would wrap 255.6 to 0 in uint8), else cast."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(arr), info.min, info.max).astype(dtype)
+    return np.asarray(arr).astype(dtype, copy=False)
+
+
 def write_stack(path: str | os.PathLike, arr: np.ndarray, *, compression: str | None = None
                 ) -> Path:
     """Write a (Z, H, W) stack (or a 2D image) as a multi-page grayscale TIFF.
