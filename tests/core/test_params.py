@@ -32,6 +32,25 @@ def test_knobs_cover_every_field_with_help():
 def test_int_for_float_is_accepted():
     p = AlignParams(smoothness=2)
     assert p.smoothness == 2.0 and isinstance(p.smoothness, float)
+    # and a whole float for an int (JSON written by other tools)
+    p = AlignParams.from_json('{"grid_spacing": 32.0}')
+    assert p.grid_spacing == 32 and isinstance(p.grid_spacing, int)
+
+
+FLOAT_KNOBS = [f.name for f in dataclasses.fields(AlignParams) if isinstance(f.default, float)]
+
+
+@pytest.mark.parametrize("name", FLOAT_KNOBS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_floats_are_refused(name, value):
+    # NaN passed the range checks and then crashed the fit (segfault)
+    with pytest.raises(ParameterError, match=name):
+        AlignParams().replace(**{name: value})
+
+
+def test_nan_in_json_is_refused():
+    with pytest.raises(ParameterError, match="smoothness.*finite"):
+        AlignParams.from_json('{"smoothness": NaN}')
 
 
 @pytest.mark.parametrize("changes, name", [

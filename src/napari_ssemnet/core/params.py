@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,9 +133,16 @@ class AlignParams:
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
                 setattr(self, f.name, value)
+            if expected is int and isinstance(value, float) and value.is_integer():
+                value = int(value)  # 32.0 from a JSON file written elsewhere
+                setattr(self, f.name, value)
             if not isinstance(value, expected) or isinstance(value, bool):
                 raise ParameterError(
                     f"Parameter '{f.name}' must be {expected.__name__}, got {value!r}.")
+            if expected is float and not math.isfinite(value):
+                # NaN passes every range check below and then crashed the fit
+                raise ParameterError(f"Parameter '{f.name}' must be a finite number; "
+                                     f"got {value}.")
             if meta.get("choices") and value not in meta["choices"]:
                 raise ParameterError(
                     f"Parameter '{f.name}' must be one of {', '.join(meta['choices'])}; "
