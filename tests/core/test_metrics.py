@@ -49,6 +49,23 @@ def test_dark_section_is_not_blank():
     assert not blank.any()
 
 
+def test_hot_pixels_do_not_make_a_section_blank():
+    # 12-bit data in uint16 with a few saturated pixels, and one huge float value
+    real = em(slice(0, 2), 128).astype(np.uint16) * 16
+    hot = real.copy()
+    rng = np.random.default_rng(0)
+    hot[1][rng.integers(0, 128, 20), rng.integers(0, 128, 20)] = 65535
+    spike = real.astype(np.float32)
+    spike[0, 5, 5] = 1e30
+    for stack in (hot, spike):
+        _norm, blank = metrics.normalise_stack(stack)
+        assert not blank.any()
+    # a flat noisy section with the same hot pixels is still blank
+    flat = np.full((128, 128), 2000, np.float32) + rng.normal(0, 20, (128, 128))
+    flat[rng.integers(0, 128, 20), rng.integers(0, 128, 20)] = 65535
+    assert metrics.normalise_stack(np.stack([real[0], flat]))[1].tolist() == [False, True]
+
+
 def test_local_ncc_error_shape_and_range():
     s = em(slice(0, 3), 96).astype(np.float32)
     stack = np.stack([s[0], s[0], s[1]])

@@ -45,11 +45,16 @@ def normalise_stack(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         spread = hi - lo
         if spread <= 0:
             spread = float(s.std()) * 4
-        if spread <= 0 or structure_ratio(s) < STRUCTURE_THRESHOLD:
+        if spread <= 0:
             blank[i] = True
             continue
         n = (s - med) / (spread / 4.0)
         np.clip(n, -3.0, 3.0, out=n)
+        # judged after clipping: a few hot pixels dominated the raw variance and made real
+        # sections look structureless
+        if structure_ratio(n) < STRUCTURE_THRESHOLD:
+            blank[i] = True
+            continue
         n -= n.mean()
         n /= max(float(n.std()), 1e-6)
         norm[i] = n
