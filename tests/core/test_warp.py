@@ -26,6 +26,12 @@ def test_identity_displacement_returns_image():
     out, ok = warp.warp_image(torch.from_numpy(img), torch.zeros(2, 40, 50))
     np.testing.assert_allclose(out.numpy(), img, atol=1e-5)
     assert ok.all()
+    # bit for bit on large values too (the reference section of a 16-bit stack)
+    big = (np.random.default_rng(1).integers(0, 65535, (40, 50)) * 100).astype(np.float32)
+    src = torch.from_numpy(big)
+    out, ok = warp.warp_image(src, torch.zeros(2, 40, 50))
+    np.testing.assert_array_equal(out.numpy(), big)
+    assert ok.all() and out.data_ptr() != src.data_ptr()  # a copy, never the input
 
 
 def test_integer_shift_matches_indexing():
