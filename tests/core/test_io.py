@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from napari_ssemnet.core.io import (
     FolderStack,
     PageStack,
     apply_displacement,
+    apply_displacement_section,
     load_fields,
     open_stack,
     read_stack,
@@ -58,6 +60,37 @@ def test_truncated_tiff(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match="not a readable TIFF"):
         read_stack(path)
+    # compressed and cut after its first pages: not "a single 2D image"
+    rng = np.random.default_rng(0)
+    path = write_stack(tmp_path / "z.tif", rng.integers(0, 255, (6, 96, 96), np.uint8),
+                       compression="zlib")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    for reader in (read_stack, open_stack):
+        with pytest.raises(InputError, match="could only be read in part.*is the file complete"):
+            reader(path)
+
+
+def test_a_page_of_another_size_is_named_not_read_as_junk(tmp_path):
+    # tifffile looks at pages 0, 1, 7 and the last only, then reads all with page 0's layout
+    path = tmp_path / "mixed.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for k in range(8):
+            tw.write(np.full((200 if k == 5 else 256, 256), k, np.uint8),
+                     photometric="minisblack", metadata=None)
+    for reader in (read_stack, open_stack):
+        with pytest.raises(InputError, match="page 5 is 200x256 px uint8, but page 0 is 256x256"):
+            reader(path)
+    # the same with tifffile's own metadata: one series per page
+    path = tmp_path / "shaped.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for k in range(4):
+            tw.write(np.full((256, 256), k, np.uint16 if k == 2 else np.uint8),
+                     photometric="minisblack")
+    for reader in (read_stack, open_stack):
+        with pytest.raises(InputError, match="different sizes or types.*page 2 is 256x256 px "
+                                             "uint16"):
+            reader(path)
 
 
 def test_rgb_tiff(tmp_path):
@@ -214,6 +247,18 @@ def test_load_fields_errors(tmp_path):
     np.savez(tmp_path / "obj.npz", displacement=obj)
     with pytest.raises(InputError, match="not a readable fields file"):
         load_fields(tmp_path / "obj.npz")  # never unpickles
+
+
+def test_apply_to_read_only_float_sections_warns_nothing():
+    # apply-fields hands memory-mapped (read-only) float32 sections and fields to torch
+    sec = np.random.default_rng(0).random((40, 50)).astype(np.float32)
+    disp = np.full((2, 40, 50), 0.5, np.float32)
+    sec.setflags(write=False)
+    disp.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = apply_displacement_section(sec, disp)
+    assert out.shape == sec.shape
 
 
 def test_apply_displacement_bilinear_and_input_untouched():

@@ -19,6 +19,7 @@ Nothing is ever unpickled: files are read with ``allow_pickle=False``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import zipfile
@@ -30,6 +31,79 @@ import numpy as np
 from .errors import InputError
 
 _BIGTIFF_BYTES = 2**31 - 2**25  # leave headroom for tags/offsets below the 4 GB/2 GB limits
+
+
+class _TiffWarnings(logging.Handler):
+    """Collects what tifffile logs while a file is opened, instead of printing it: the
+    user gets one error line that quotes it where it explains the failure."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> _TiffWarnings:
+        log = logging.getLogger("tifffile")
+        self._propagate = log.propagate
+        log.addHandler(self)
+        log.propagate = False
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        log = logging.getLogger("tifffile")
+        log.removeHandler(self)
+        log.propagate = self._propagate
+
+    def note(self) -> str:
+        """`` (tifffile: ...)`` with the first warning, or ""."""
+        if not self.messages:
+            return ""
+        first = self.messages[0].splitlines()[0]
+        return f" (tifffile: {first[:200]})"
+
+
+def _page_mismatch(tif: Any, series: Any) -> str | None:
+    """Which page of ``series`` differs from its first in size or type, as a sentence.
+
+    tifffile takes a file whose pages 0, 1, 7 and the last look alike as uniform and reads
+    every page with the first page's layout, so one page of another size came back as
+    junk rows from the bytes after it. Every page's own header is read here (a few KB each).
+    """
+    pages = list(series.pages)
+    if len(pages) < 2 or any(pg is None for pg in pages):
+        return None
+    first = pages[0].aspage() if hasattr(pages[0], "aspage") else pages[0]
+    want = (tuple(first.shape), np.dtype(first.dtype))
+    for k, pg in enumerate(pages[1:], start=1):
+        page = pg.aspage() if hasattr(pg, "aspage") else pg
+        got = (tuple(page.shape), np.dtype(page.dtype))
+        if got != want:
+            return (f"page {k} is {'x'.join(map(str, got[0]))} px {got[1]}, but page 0 is "
+                    f"{'x'.join(map(str, want[0]))} px {want[1]}")
+    return None
+
+
+def _pages_differ(tif: Any) -> str | None:
+    """For a file tifffile splits into several series: the first page that differs from
+    page 0 in size or type, as a sentence (None when all agree or there is one page)."""
+    if len(tif.pages) < 2:
+        return None
+    first = tif.pages.first
+    want = (tuple(first.shape), np.dtype(first.dtype))
+    for k in range(1, len(tif.pages)):
+        page = tif.pages[k]
+        page = page.aspage() if hasattr(page, "aspage") else page
+        got = (tuple(page.shape), np.dtype(page.dtype))
+        if got != want:
+            return (f"page {k} is {'x'.join(map(str, got[0]))} px {got[1]}, but page 0 is "
+                    f"{'x'.join(map(str, want[0]))} px {want[1]}")
+    return None
+
+
+SAME_SIZE = ("every section of a stack must have the same size and data type; crop or pad "
+             "the sections to one size first")
 
 
 def read_stack(path: str | os.PathLike, *, min_sections: int = 2) -> np.ndarray:
@@ -64,21 +138,33 @@ def read_stack(path: str | os.PathLike, *, min_sections: int = 2) -> np.ndarray:
         folder = FolderStack(p, min_sections=min_sections)
         return check_stack(np.stack([folder[z] for z in range(len(folder))]),
                            name=f"stack in {p.name}", min_sections=min_sections)
-    try:
-        with tifffile.TiffFile(p) as tif:
-            series = tif.series[0] if tif.series else None
-            if series is None:
-                raise InputError(f"{str(p)!r} is a TIFF file without images.")
-            arr = series.asarray()
-            axes = str(series.axes)
-            is_rgb = _is_rgb(series)
-    except InputError:
-        raise
-    except MemoryError:
-        raise
-    except Exception as exc:  # tifffile raises many kinds (TiffFileError, ValueError, ...)
-        raise InputError(f"{str(p)!r} is not a readable TIFF file ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else 'no details'}).") from None
+    differ = None
+    with _TiffWarnings() as warned:
+        try:
+            with tifffile.TiffFile(p) as tif:
+                series = tif.series[0] if tif.series else None
+                if series is None:
+                    raise InputError(f"{str(p)!r} is a TIFF file without images.")
+                mismatch = _page_mismatch(tif, series)
+                if mismatch:
+                    raise InputError(f"{str(p)!r}: {mismatch}; {SAME_SIZE}.")
+                arr = series.asarray()
+                axes = str(series.axes)
+                is_rgb = _is_rgb(series)
+                if arr.ndim == 2:
+                    differ = _pages_differ(tif)
+        except InputError:
+            raise
+        except MemoryError:
+            raise
+        except Exception as exc:  # tifffile raises many kinds (TiffFileError, ValueError...)
+            raise InputError(_unreadable(p, exc)) from None
+    if arr.ndim == 2 and differ:
+        raise InputError(f"{str(p)!r} holds pages of different sizes or types ({differ}); "
+                         f"{SAME_SIZE}.")
+    if arr.ndim == 2 and warned.messages:  # e.g. a truncated file: only its first page reads
+        raise InputError(f"{str(p)!r} could only be read in part, as one 2D image of shape "
+                         f"{arr.shape}; is the file complete?{warned.note()}")
     if is_rgb:
         raise InputError(f"{str(p)!r} holds RGB(A) images (shape {arr.shape}, axes {axes}); "
                          "a grayscale stack of shape (Z, H, W) is needed. Convert it to "
@@ -244,6 +330,11 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2) -> Any:
             np.issubdtype(series.dtype, np.integer) or np.issubdtype(series.dtype, np.floating))
         simple = (real and len(shape) == 3 and not _is_rgb(series)
                   and min(shape[1:]) >= MIN_SIZE and shape[0] >= min_sections)
+        if simple:
+            with _TiffWarnings():
+                mismatch = _page_mismatch(tif, series)
+            if mismatch:
+                raise InputError(f"{str(p)!r}: {mismatch}; {SAME_SIZE}.")
         if simple and series.dataoffset is not None:
             tif.close()
             mm = tifffile.memmap(p, series=0, mode="r").reshape(shape)
@@ -252,6 +343,10 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2) -> Any:
         pages = list(series.pages) if simple else []
         if simple and len(pages) == shape[0] and all(
                 pg is not None and tuple(pg.shape) == shape[1:] for pg in pages):
+            try:  # a codec that is not installed fails here, not half-way through a run
+                pages[0].asarray()
+            except Exception as exc:
+                raise InputError(_unreadable(p, exc)) from None
             # non-finite values are checked as the sections are read
             return PageStack(tif, pages, shape, series.dtype)
     except InputError:
@@ -261,6 +356,16 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2) -> Any:
         pass
     tif.close()
     return read_stack(p, min_sections=min_sections)
+
+
+def _unreadable(p: Path, exc: BaseException) -> str:
+    """The error line for a TIFF tifffile could not read."""
+    text = str(exc).splitlines()[0] if str(exc) else "no details"
+    if isinstance(exc, ImportError) or "imagecodecs" in text:
+        return (f"{str(p)!r} is compressed with a codec that needs the 'imagecodecs' package "
+                f"(pip install imagecodecs), or save it uncompressed ({type(exc).__name__}: "
+                f"{text}).")
+    return f"{str(p)!r} is not a readable TIFF file ({type(exc).__name__}: {text})."
 
 
 def _is_rgb(series: Any) -> bool:
@@ -521,11 +626,12 @@ def apply_displacement_section(section: np.ndarray, displacement: np.ndarray, *,
     _check_order_and_dtype(order, src.dtype)
     mode = "bilinear" if order == 1 else "nearest"
     out_dtype = np.float32 if order == 1 else src.dtype
-    d = torch.from_numpy(np.ascontiguousarray(displacement, np.float32))
+    # copies: a read-only memory map handed to torch draws a warning on every section
+    d = torch.from_numpy(np.array(displacement, np.float32))
     # float32 represents integers exactly only up to 2**24; nearest sampling of big label ids
     # therefore goes through an index image instead of the values themselves.
     if order == 1 or src.dtype.itemsize <= 2 or src.dtype == bool:
-        img = torch.from_numpy(np.ascontiguousarray(src, np.float32))
+        img = torch.from_numpy(np.array(src, np.float32))
         warped, ok = warp_image(img, d, mode=mode)
         w = warped.numpy()
         if order == 0:
