@@ -18,6 +18,7 @@ from napari_ssemnet.core.io import (
     apply_displacement_section,
     load_fields,
     open_stack,
+    read_resolution,
     read_stack,
     save_fields,
     write_stack,
@@ -32,6 +33,22 @@ def test_tiff_round_trip(tmp_path, dtype):
     back = read_stack(path)
     assert back.dtype == dtype
     np.testing.assert_array_equal(back, arr)
+
+
+def test_pixel_size_and_spacing_round_trip(tmp_path):
+    src = tmp_path / "ij.tif"
+    tifffile.imwrite(src, np.zeros((4, 40, 40), np.uint16), imagej=True,
+                     resolution=(250.0, 250.0), metadata={"spacing": 0.05, "unit": "um"})
+    res = read_resolution(src)
+    assert res == {"resolution": (250.0, 250.0), "resolutionunit": 1, "spacing": 0.05,
+                   "unit": "um"}
+    out = write_stack(tmp_path / "out.tif", np.ones((4, 40, 40), np.uint16), resolution=res)
+    assert read_resolution(out) == res
+    np.testing.assert_array_equal(read_stack(out), 1)
+    # a type ImageJ cannot hold keeps the pixel size only
+    out = write_stack(tmp_path / "f64.tif", np.ones((4, 40, 40)), resolution=res)
+    assert read_resolution(out) == {"resolution": (250.0, 250.0), "resolutionunit": 1}
+    assert read_resolution(write_stack(tmp_path / "plain.tif", np.ones((4, 40, 40)))) == {}
 
 
 def test_three_section_stack_is_not_written_as_rgb(tmp_path):

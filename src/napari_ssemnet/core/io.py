@@ -385,8 +385,62 @@ def as_dtype(arr: np.ndarray, dtype: Any) -> np.ndarray:
     return np.asarray(arr).astype(dtype, copy=False)
 
 
-def write_stack(path: str | os.PathLike, arr: np.ndarray, *, compression: str | None = None
-                ) -> Path:
+def read_resolution(path: str | os.PathLike) -> dict[str, Any]:
+    """A TIFF's pixel size and section spacing, to be written back with the aligned stack.
+
+    Returns
+    -------
+    dict
+        ``resolution`` ((x, y) pixels per unit) and ``resolutionunit`` (the TIFF code) when
+        the first page has them, ``spacing`` and ``unit`` from ImageJ metadata; empty for a
+        folder, an unreadable file or a file without any (1 pixel per no unit).
+    """
+    import tifffile
+
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    out: dict[str, Any] = {}
+    try:
+        with _TiffWarnings(), tifffile.TiffFile(p) as tif:
+            page = tif.pages.first
+            unit = int(getattr(page, "resolutionunit", 1) or 1)
+            res = tuple(float(v) for v in page.resolution)
+            if unit != 1 or res != (1.0, 1.0):
+                out.update(resolution=res, resolutionunit=unit)
+            ij = tif.imagej_metadata or {}
+            if "spacing" in ij:
+                out["spacing"] = float(ij["spacing"])
+            if "unit" in ij:
+                out["unit"] = str(ij["unit"])
+    except Exception:  # metadata is a courtesy: never a reason to fail
+        return {}
+    return out
+
+
+def tiff_write_kwargs(resolution: dict[str, Any] | None, dtype: Any, nbytes: int
+                      ) -> dict[str, Any]:
+    """``tifffile.imwrite`` arguments for a (Z, H, W) stack with :func:`read_resolution`'s
+    metadata: ImageJ's (spacing, unit) when the data type allows it, else plain TIFF tags."""
+    kw: dict[str, Any] = {"photometric": "minisblack"}
+    if not resolution:
+        return {**kw, "bigtiff": nbytes > _BIGTIFF_BYTES}
+    if "resolution" in resolution:
+        kw.update(resolution=tuple(resolution["resolution"]),
+                  resolutionunit=int(resolution.get("resolutionunit", 1)))
+    imagej_ok = np.dtype(dtype) in (np.dtype(np.uint8), np.dtype(np.uint16),
+                                    np.dtype(np.float32))
+    if ("spacing" in resolution or "unit" in resolution) and imagej_ok:
+        meta = {"axes": "ZYX"}
+        meta.update({k: resolution[k] for k in ("spacing", "unit") if k in resolution})
+        kw.update(imagej=True, metadata=meta)
+        kw.pop("photometric")
+        return kw
+    return {**kw, "bigtiff": nbytes > _BIGTIFF_BYTES}
+
+
+def write_stack(path: str | os.PathLike, arr: np.ndarray, *, compression: str | None = None,
+                resolution: dict[str, Any] | None = None) -> Path:
     """Write a (Z, H, W) stack (or a 2D image) as a multi-page grayscale TIFF.
 
     Parameters
@@ -397,6 +451,8 @@ def write_stack(path: str | os.PathLike, arr: np.ndarray, *, compression: str | 
         Any dtype tifffile supports; written as is (float32 stays float32).
     compression : str, optional
         e.g. ``"zlib"``; None writes uncompressed.
+    resolution : dict, optional
+        Pixel size and section spacing from :func:`read_resolution` (of the input).
 
     Returns
     -------
@@ -410,8 +466,8 @@ def write_stack(path: str | os.PathLike, arr: np.ndarray, *, compression: str | 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     # minisblack: otherwise tifffile stores (3|4, H, W) stacks as one planar RGB(A) image.
-    tifffile.imwrite(p, a, photometric="minisblack", bigtiff=a.nbytes > _BIGTIFF_BYTES,
-                     compression=compression)
+    kw = tiff_write_kwargs(resolution if a.ndim == 3 else None, a.dtype, a.nbytes)
+    tifffile.imwrite(p, a, compression=compression, **kw)
     return p
 
 
