@@ -167,6 +167,7 @@ def test_train_encoder_runs_and_is_deterministic():
     assert isinstance(model, CAE) and not model.training
     assert events and all(isinstance(e, Progress) for e in events)
     assert events[-1].step == events[-1].total == 5
+    assert events[0].step == 0  # something to show before the first steps are done
     assert "train_loss" in model.info
     _, again = _train(0)
     _, other = _train(1)

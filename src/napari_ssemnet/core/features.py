@@ -258,6 +258,7 @@ def train_encoder(
     small = min(min(s.shape[1:]) for s in stacks)
     patch = min(patch, small - small % 4)
     dev = pick_device(device)
+    yield Progress("train", 0, steps, f"cutting training patches on {dev}")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     model = CAE(width) if init is None else init

@@ -210,9 +210,10 @@ def train_job(stack: np.ndarray, *, steps: int | None, seed: int, device: str, o
     Returns :class:`TrainOutcome`, :class:`Cancelled` or :class:`Failure`.
     """
     try:
+        t0 = time.perf_counter()
+        yield Progress("train", 0, steps or 1, "loading PyTorch")  # takes seconds at first
         from ..core.features import save_weights, train_encoder  # imports torch
 
-        t0 = time.perf_counter()
         kwargs: dict[str, Any] = {"seed": seed, "device": device, "should_stop": stop.is_set}
         if steps:
             kwargs["steps"] = steps
