@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 
 from napari_ssemnet import __version__, cli
 from napari_ssemnet.core.features import CAE, load_weights
@@ -174,6 +175,14 @@ def test_train_features_writes_loadable_weights(tiny_tif, tmp_path, capsys):
     code = cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "o.tif"),
                      *TINY[:4], "--features", "custom", "--weights", str(out), "-q"])
     assert code == 0
+    # a folder of sections trains too (its digest covers the section files)
+    folder = tmp_path / "sections"
+    folder.mkdir()
+    for z, sec in enumerate(tifffile.imread(tiny_tif)):
+        tifffile.imwrite(folder / f"s{z}.tif", sec)
+    code = cli.main(["train-features", str(folder), "-o", str(tmp_path / "f.pt"), "--steps",
+                     "2", "--device", "cpu", "-q"])
+    assert code == 0 and "sections sha256:" in load_weights(tmp_path / "f.pt").info["inputs"]
 
 
 def test_subprocess_version_and_align(tiny_tif, tmp_path):
@@ -405,3 +414,311 @@ def test_output_that_would_replace_the_input_is_refused(tiny_tif, tmp_path, caps
         assert "would replace the input" in capsys.readouterr().err
     assert src.read_bytes() == before
     assert sorted(p.name for p in folder.iterdir()) == [f"s{z}.tif" for z in range(4)]
+
+
+# -- output safety: hard links, working names, pre-flight checks, locks, closed stdout ------
+
+
+def _zero_fields(path: Path, z: int = 4, shift: float = 0.0) -> Path:
+    from napari_ssemnet.core.io import save_fields
+
+    return save_fields(path, np.full((z, 2, 96, 96), shift, np.float32))
+
+
+def test_a_hard_link_to_an_input_is_refused_as_an_output(tiny_tif, tmp_path, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    src = d / "input.tif"
+    src.write_bytes(tiny_tif.read_bytes())
+    before = src.read_bytes()
+    os.link(src, d / "hard2.tif")
+    os.link(src, d / "hard3.npz")
+    folder = tmp_path / "sections"
+    folder.mkdir()
+    for z, sec in enumerate(read_stack(tiny_tif)):
+        write_stack(folder / f"s{z}.tif", sec)
+    os.link(folder / "s2.tif", tmp_path / "elsewhere.tif")  # a section, linked outside
+    fields = _zero_fields(tmp_path / "f.npz")
+    os.link(fields, tmp_path / "fields_link.tif")
+    blocks = ["--block-size", "3", "--window", "1"]
+    for argv in (["align", str(src), "-o", str(d / "hard2.tif"), *TINY],
+                 ["align", str(src), "-o", str(d / "hard2.tif"), *blocks, *TINY],
+                 ["align", str(src), "-o", str(tmp_path / "a.tif"), "--fields",
+                  str(d / "hard3.npz"), *TINY],
+                 ["align", str(src), "-o", str(tmp_path / "a.tif"), "--fields",
+                  str(d / "hard3"), *blocks, *TINY],  # .npz is appended: the same file
+                 ["align", str(folder), "-o", str(tmp_path / "elsewhere.tif"), *TINY],
+                 ["apply-fields", str(fields), str(src), "-o", str(d / "hard2.tif")],
+                 ["apply-fields", str(fields), str(src), "-o",
+                  str(tmp_path / "fields_link.tif")]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "would replace the input" in err and len(err.splitlines()) == 1, err
+    assert src.read_bytes() == before and (d / "hard2.tif").read_bytes() == before
+    assert (tmp_path / "elsewhere.tif").read_bytes() == (folder / "s2.tif").read_bytes()
+    assert load_fields(tmp_path / "fields_link.tif")[0].shape == (4, 2, 96, 96)
+    assert not (tmp_path / "a.tif").exists()
+
+
+def test_joint_align_writes_under_a_working_name_and_renames_it(tiny_tif, tmp_path,
+                                                                monkeypatch, capsys):
+    import napari_ssemnet.core.io as core_io
+
+    out = tmp_path / "al.tif"
+    out.write_bytes(b"the user's earlier result")
+    real = core_io.write_stack
+
+    def disk_full(path, arr, **kwargs):
+        Path(path).write_bytes(b"half a TIFF")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(core_io, "write_stack", disk_full)
+    argv = ["align", str(tiny_tif), "-o", str(out), "--fields", str(tmp_path / "f.npz"),
+            *TINY]
+    assert cli.main(argv) == 2
+    assert "No space left" in capsys.readouterr().err
+    assert out.read_bytes() == b"the user's earlier result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["al.tif"]  # no working files
+    # a hard link at -o is replaced, not written through
+    monkeypatch.setattr(core_io, "write_stack", real)
+    os.link(out, tmp_path / "other.tif")
+    assert cli.main(argv) == 0
+    assert (tmp_path / "other.tif").read_bytes() == b"the user's earlier result"
+    assert read_stack(out).shape == (4, 96, 96)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["al.tif", "f.npz", "other.tif"]
+
+
+def test_train_features_refuses_to_overwrite_an_input_stack(tiny_tif, tmp_path, capsys):
+    src = tmp_path / "in.tif"
+    src.write_bytes(tiny_tif.read_bytes())
+    before = src.read_bytes()
+    os.link(src, tmp_path / "link.pt")
+    for target in (src, tmp_path / "link.pt"):
+        code = cli.main(["train-features", str(tiny_tif), str(src), "-o", str(target),
+                         "--steps", "1", "--device", "cpu", "-q"])
+        err = capsys.readouterr().err
+        assert code == 2 and "would replace the input" in err, err
+    assert src.read_bytes() == before == (tmp_path / "link.pt").read_bytes()
+
+
+class _ClosedPipe:
+    """A stdout whose reader went away."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("blocks", [[], ["--block-size", "3", "--window", "1"]])
+def test_a_closed_stdout_costs_no_output_file(tiny_tif, tmp_path, monkeypatch, capsys,
+                                              blocks):
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    out, fields = tmp_path / "al.tif", tmp_path / "f.npz"
+    code = cli.main(["align", str(tiny_tif), "-o", str(out), "--fields", str(fields), "-q",
+                     *blocks, *TINY])
+    assert code == 0, capsys.readouterr().err
+    assert read_stack(out).shape == (4, 96, 96)
+    assert load_fields(fields)[0].shape == (4, 2, 96, 96)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["al.tif", "f.npz"]
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    assert cli.main(["apply-fields", str(fields), str(tiny_tif), "-o",
+                     str(tmp_path / "ap.tif"), "-q"]) == 0
+    assert read_stack(tmp_path / "ap.tif").shape == (4, 96, 96)
+
+
+def test_subprocess_piped_into_head_writes_every_file(tiny_tif, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    out, fields = tmp_path / "al.tif", tmp_path / "f.npz"
+    proc = subprocess.Popen([*_exe(), "align", str(tiny_tif), "-o", str(out), "--fields",
+                             str(fields), "-q", *TINY], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    first = proc.stdout.readline()  # as `| head -1` does
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert first.startswith(b"aligning ")
+    assert err == "", err
+    assert read_stack(out).shape == (4, 96, 96)
+    assert load_fields(fields)[0].shape == (4, 2, 96, 96)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if an alignment, a resampling or a training starts."""
+    import napari_ssemnet.core.align as core_align
+    import napari_ssemnet.core.blocks as core_blocks
+    import napari_ssemnet.core.features as core_features
+    import napari_ssemnet.core.io as core_io
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the work started before the output was checked")
+
+    for mod, name in ((core_align, "align_stack"), (core_blocks, "iter_align_blocks"),
+                      (core_io, "read_stack"), (core_io, "open_stack"),
+                      (core_features, "train_encoder")):
+        monkeypatch.setattr(mod, name, ran)
+
+
+_PROC = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+
+
+@pytest.mark.parametrize("opts, words", [
+    pytest.param(["-o", "/proc/nope/a.tif"], "Cannot write the output file", marks=_PROC),
+    (["-o", "DIR"], "is a folder"),
+    (["-o", "FILE/a.tif"], "is a file, not a folder"),
+    pytest.param(["-o", "OK", "--fields", "/proc/nope/f.npz"], "Cannot write the fields file",
+                 marks=_PROC),
+    pytest.param(["-o", "OK", "--fields", "/proc/nope/f.npz", "--block-size", "3",
+                  "--window", "1"], "Cannot write the fields file", marks=_PROC),
+    (["-o", "OK", "--fields", "DIR.npz"], "is a folder"),
+    (["-o", "OK", "--fields", "FILE/f"], "is a file, not a folder"),
+])
+def test_bad_output_paths_fail_before_the_alignment(tiny_tif, tmp_path, capsys, no_work,
+                                                    opts, words):
+    (tmp_path / "DIR").mkdir()
+    (tmp_path / "DIR.npz").mkdir()
+    (tmp_path / "FILE").write_text("a file")
+    names = {"DIR": "DIR", "DIR.npz": "DIR.npz", "FILE/a.tif": "FILE/a.tif",
+             "FILE/f": "FILE/f", "OK": "ok.tif"}
+    opts = [str(tmp_path / names[o]) if o in names else o for o in opts]
+    code = cli.main(["align", str(tiny_tif), *opts, *TINY])
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert words in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["DIR", "DIR.npz", "FILE"]
+
+
+def test_bad_output_paths_of_apply_fields_and_train_features(tiny_tif, tmp_path, capsys,
+                                                             no_work):
+    fields = _zero_fields(tmp_path / "f.npz")
+    (tmp_path / "FILE").write_text("a file")
+    bad = [str(tmp_path / "FILE" / "x.tif"), str(tmp_path)]
+    if Path("/proc/self").is_dir():
+        bad.append("/proc/nope/t.tif")  # used to be a traceback (mkdir outside the try)
+    for target in bad:
+        for argv in (["apply-fields", str(fields), str(tiny_tif), "-o", target],
+                     ["train-features", str(tiny_tif), "-o", target, "--steps", "1"]):
+            code = cli.main(argv)
+            err = capsys.readouterr().err
+            assert code == 2 and len(err.splitlines()) == 1, err
+            assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_folders_made_for_a_failed_run_are_removed(tiny_tif, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "al.tif"
+    fields = tmp_path / "new2" / "f.npz"
+    code = cli.main(["align", str(tmp_path / "missing.tif"), "-o", str(out), "--fields",
+                     str(fields), *TINY])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_apply_fields_takes_a_boolean_mask(tiny_tif, tmp_path, capsys):
+    import tifffile
+
+    from napari_ssemnet.core.io import apply_displacement
+
+    fields = _zero_fields(tmp_path / "f.npz", shift=2.5)
+    mask = read_stack(tiny_tif) > 120
+    src = tmp_path / "mask.tif"
+    tifffile.imwrite(src, mask, photometric="minisblack")  # one bit per pixel
+    assert tifffile.TiffFile(src).series[0].dtype == bool
+    disp, _ = load_fields(fields)
+    for opt, order in (["--labels"], 0), ([], 1):
+        out = tmp_path / f"m{order}.tif"
+        code = cli.main(["apply-fields", str(fields), str(src), "-o", str(out), "-q", *opt])
+        assert code == 0, capsys.readouterr().err
+        got = read_stack(out)
+        assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 1}
+        want = apply_displacement(mask.astype(np.uint8), disp, order=order)
+        np.testing.assert_array_equal(got, np.rint(want).astype(np.uint8))
+
+
+def test_apply_fields_messages_speak_of_apply_fields(tiny_tif, tmp_path, capsys):
+    import tifffile
+
+    fields = _zero_fields(tmp_path / "f.npz")
+    flat = write_stack(tmp_path / "flat.tif", read_stack(tiny_tif)[0])
+    flat_mask = tmp_path / "flat_mask.tif"
+    tifffile.imwrite(flat_mask, read_stack(tiny_tif)[0] > 100, photometric="minisblack")
+    for src in (flat, flat_mask):
+        code = cli.main(["apply-fields", str(fields), str(src), "-o", str(tmp_path / "o.tif")])
+        err = capsys.readouterr().err
+        assert code == 2 and "apply-fields needs" in err and "alignment" not in err, err
+    sub = cli.build_parser()._subparsers._group_actions[0].choices["apply-fields"]
+    labels = next(a for a in sub._actions if a.dest == "labels")
+    assert "boolean mask" in labels.help and "uint8 0/1" in labels.help
+
+
+@pytest.mark.parametrize("argv, cmd", [
+    (["align", "x.tif", "-o", "y.tif", "--grid-spacing", "abc"], "align"),
+    (["align", "x.tif", "-o", "y.tif", "--prealign", "nope"], "align"),
+    (["align", "x.tif", "-o", "y.tif", "--bogus"], "align"),
+    (["apply-fields", "f.npz", "x.tif"], "apply-fields"),
+    (["train-features", "-o", "w.pt"], "train-features"),
+    (["train-features", "x.tif", "-o", "w.pt", "--steps", "many"], "train-features"),
+    (["bogus"], None),
+])
+def test_usage_errors_are_one_line(capsys, argv, cmd):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    hint = f"napari-ssemnet {cmd} --help" if cmd else "napari-ssemnet --help"
+    assert lines[0].endswith(f"(see '{hint}')")
+
+
+def test_a_second_joint_run_on_the_same_output_is_refused(tiny_tif, tmp_path, capsys,
+                                                          monkeypatch):
+    import napari_ssemnet.core.align as core_align
+
+    out = tmp_path / "al.tif"
+    lock = tmp_path / ".al.tif.lock"
+    lock.write_text(str(os.getppid()))  # a process that is running: this test's parent
+    argv = ["align", str(tiny_tif), "-o", str(out), *TINY]
+    assert cli.main(argv) == 2
+    assert "Another napari-ssemnet run" in capsys.readouterr().err
+    assert lock.read_text() == str(os.getppid()) and not out.exists()
+    lock.unlink()
+    # while a run goes on, its lock is there, rw-r--r--
+    real, seen = core_align.align_stack, []
+
+    def watched(*args, **kwargs):
+        seen.append(lock.stat().st_mode & 0o777)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core_align, "align_stack", watched)
+    old = os.umask(0o022)
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        os.umask(old)
+    assert seen == [0o644] and out.exists() and not lock.exists()
+
+
+def test_outputs_keep_the_pixel_size_and_section_spacing(tiny_tif, tmp_path, capsys):
+    from napari_ssemnet.core.io import read_resolution
+
+    src = tmp_path / "ij.tif"
+    tifffile.imwrite(src, tifffile.imread(tiny_tif), imagej=True, resolution=(250.0, 250.0),
+                     metadata={"spacing": 0.05, "unit": "um"})
+    res = read_resolution(src)
+    assert res["spacing"] == 0.05 and res["resolution"] == (250.0, 250.0)
+    joint, blocks = tmp_path / "joint.tif", tmp_path / "blocks.tif"
+    assert cli.main(["align", str(src), "-o", str(joint), "--fields", str(tmp_path / "f.npz"),
+                     "-q", *TINY]) == 0
+    assert cli.main(["align", str(src), "-o", str(blocks), "--block-size", "3", "--window", "1", "-q",
+                     *TINY]) == 0
+    assert read_resolution(joint) == res and read_resolution(blocks) == res
+    np.testing.assert_array_equal(tifffile.imread(joint).shape, tifffile.imread(src).shape)
+    applied = tmp_path / "applied.tif"
+    assert cli.main(["apply-fields", str(tmp_path / "f.npz"), str(src), "-o", str(applied),
+                     "-q"]) == 0
+    assert read_resolution(applied) == {"resolution": (250.0, 250.0), "resolutionunit": 1}
+    capsys.readouterr()

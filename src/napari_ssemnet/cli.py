@@ -12,8 +12,15 @@ The ``align`` options are generated from :class:`~napari_ssemnet.core.params.Ali
 (one ``--dash-name`` per field, same default, limits, choices and help), so the CLI, the
 Python API and the napari widget share every parameter.
 
-Exit codes: 0 done, 2 bad input or parameters (one ``error: ...`` line on stderr),
-130 cancelled with Ctrl-C. torch is imported only once a command runs.
+Exit codes: 0 done, 2 bad input or parameters (one ``error: ...`` line on stderr, usage
+errors included), 130 cancelled with Ctrl-C. torch is imported only once a command runs.
+
+Output files are checked before any work (not a folder; the folder exists, is made, and
+takes files; folders made for a run that fails are removed again), never replace an input
+(same name or a hard link of it), and are written under a hidden working name, renamed over
+the target once complete. A lock file ``.NAME.lock`` keeps two ``align`` runs from writing the
+same output. Messages go to stdout only after the files are written; a closed stdout
+(``| head``) costs no file.
 """
 
 from __future__ import annotations
@@ -27,18 +34,19 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import numpy as np
 
 from . import __version__
 from .core.align import ProgressRate
 from .core.errors import AlignmentCancelled, SsemnetError
-from .core.io import as_dtype
+from .core.io import SectionReader, as_dtype
 from .core.params import TRAIN_STEPS, AlignParams, ParameterError, knobs
 
 EXIT_OK = 0
@@ -142,6 +150,7 @@ class ProgressPrinter:
         self.stage: str | None = None
         self._shown = 0  # length of the bar on screen, to blank leftovers
         self.sections_done = 0
+        self._gone = False
 
     def __call__(self, event: Any) -> None:
         stage = getattr(event, "stage", None)
@@ -154,23 +163,31 @@ class ProgressPrinter:
             self.stage = stage
             if not self.tty:
                 msg = f": {event.message}" if event.message else ""
-                self.stream.write(f"{stage}{msg}\n")
-                self.stream.flush()
+                self._emit(f"{stage}{msg}\n")
         if not self.tty or not self._rate.due(event):
             return
         frac = min(max(event.step / event.total, 0.0), 1.0) if event.total else 1.0
         n = int(round(frac * self.width))
         text = (f"{stage:<14} [{'#' * n}{'.' * (self.width - n)}] "
                 f"{event.step}/{event.total} {event.message}")[:110]
-        self.stream.write("\r" + text + " " * max(0, self._shown - len(text)))
-        self.stream.flush()
+        self._emit("\r" + text + " " * max(0, self._shown - len(text)))
         self._shown = len(text)
 
     def _end_line(self) -> None:
         if self.tty and self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
+            self._emit("\n")
         self._shown = 0
+
+    def _emit(self, text: str) -> None:
+        """Write and flush; a reader that went away (``2>&1 | head``) silences the progress
+        instead of stopping the run."""
+        if self._gone:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except BrokenPipeError:
+            self._gone = True
 
     def close(self) -> None:
         """Finish the current bar line."""
@@ -202,13 +219,46 @@ def ctrl_c_stops() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, old)
 
 
+class _PipeSafe:
+    """stdout for the commands' messages that outlives its reader (``... | head -1``): after a
+    BrokenPipeError the rest is dropped, and the descriptor is pointed at /dev/null so that
+    the interpreter's last flush does not complain. The files are written all the same."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self.stream.write(text)
+            except BrokenPipeError:
+                self._gone()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._gone()
+
+    def _gone(self) -> None:
+        self.broken = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self.stream.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # not a real file (tests, StringIO)
+            pass
+
+
 # -- commands --------------------------------------------------------------------------
 
 
 def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
-    from .core.align import align_stack
-    from .core.io import SectionReader, open_stack, read_stack, save_fields, write_stack
-
     if args.sample and args.input:
         raise SsemnetError("Give either an INPUT file or --sample, not both.")
     if not args.sample and not args.input:
@@ -218,9 +268,26 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
     if output is None:
         raise SsemnetError("No output file: add -o ALIGNED.tif.")
     params = params_from_args(args)  # before reading a big stack: fail fast on bad options
+    fields = _npz_path(args.fields) if args.fields else None
     _refuse_overwriting_input(args.input, output)
-    if args.fields:
-        _refuse_overwriting_input(args.input, args.fields)
+    if fields is not None:
+        _refuse_overwriting_input(args.input, fields, what="fields file")
+        if Path(output).resolve() == fields.resolve():
+            raise SsemnetError(f"-o {output} and --fields {args.fields} name the same file; "
+                               "give two different files.")
+    targets = [(Path(output), "output file")]
+    if fields is not None:
+        targets.append((fields, "fields file"))
+    # before reading or aligning anything: the outputs can be written (folders are made now)
+    with _prepared_targets(targets), _output_lock(Path(output)):
+        return _align(args, params, output, fields, out)
+
+
+def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: Path | None,
+           out: TextIO) -> int:
+    from .core.align import align_stack
+    from .core.io import open_stack, read_resolution, read_stack, write_stack
+
     blockwise = params.block_size > 0
     if args.sample:
         from .core.sample import load_sample
@@ -236,13 +303,13 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
     out.flush()
     streamed = blockwise and params.block_size < stack.shape[0]
     if args.resume and not streamed:
+        if isinstance(stack, SectionReader):
+            stack.close()
         raise SsemnetError("--resume continues a block-wise run; give the same --block-size "
                            "(smaller than the number of sections) as the run that stopped.")
     if streamed:
         try:
-            Path(output).parent.mkdir(parents=True, exist_ok=True)
-            with _output_lock(Path(output)):
-                return _align_blocks_to_disk(stack, params, args, output, out)
+            return _align_blocks_to_disk(stack, params, args, output, out)
         except OSError as exc:
             raise SsemnetError(f"Could not write next to {output}: {exc}") from None
         finally:
@@ -261,28 +328,132 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
     aligned = result.aligned
     if args.output_dtype == "input":
         aligned = as_dtype(aligned, stack.dtype)
+    out_path = Path(output)
+    # under a working name, renamed over -o once complete: an existing -o survives a failure
+    # and a hard link at -o is replaced, never written through
+    tmp = _partial(out_path, "joint.partial.tif")
     try:
-        path = write_stack(output, aligned)
-        out.write(f"aligned stack -> {path}\n")
-        if args.fields:
-            fpath = save_fields(args.fields, result.displacement, params=result.params,
+        write_stack(tmp, aligned, resolution=read_resolution(args.input) if args.input else None)
+        tmp.replace(out_path)
+        if fields is not None:
+            _save_fields_atomic(fields, result.displacement, params=result.params,
                                 flags=result.flags, ncc_before=result.ncc_before,
                                 ncc_after=result.ncc_after)
-            out.write(f"displacement fields -> {fpath}\n")
     except OSError as exc:
         raise SsemnetError(f"Could not write the output: {exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    # printed only once every file is written: a closed stdout cannot cost a file
+    out.write(f"aligned stack -> {out_path}\n")
+    if fields is not None:
+        out.write(f"displacement fields -> {fields}\n")
     out.write(result.summary() + "\n")
     return EXIT_OK
 
 
-def _refuse_overwriting_input(input_path: str | None, output: str) -> None:
-    """The result must not replace the user's input (or a section file of an input folder)."""
+def _npz_path(path: str | Path) -> Path:
+    """The file ``save_fields`` writes for ``path`` (``.npz`` appended when missing)."""
+    p = Path(path)
+    return p if p.suffix == ".npz" else p.with_name(p.name + ".npz")
+
+
+def _save_fields_atomic(path: Path, displacement: Any, **kwargs: Any) -> Path:
+    """``save_fields`` under a working name, renamed over ``path`` once complete."""
+    from .core.io import save_fields
+
+    tmp = _partial(path, "partial.npz")
+    try:
+        save_fields(tmp, displacement, **kwargs)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _samefile(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _refuse_overwriting_input(input_path: str | Path | None, output: str | Path,
+                              what: str = "output file") -> None:
+    """The result must not replace the user's input (or a section file of an input folder):
+    neither by name (links resolved) nor as another name (hard link) of the same file."""
     if not input_path:
         return
     src, out = Path(input_path).resolve(), Path(output).resolve()
-    if out == src or (src.is_dir() and out.parent == src):
-        raise SsemnetError(f"The output {output} would replace the input {input_path}; "
-                           "choose another output file.")
+    same = out == src or (src.is_dir() and out.parent == src)
+    if not same and out.is_file():
+        if src.is_dir():
+            files = [f for f in src.iterdir() if f.is_file()]
+        else:
+            files = [src] if src.is_file() else []
+        same = any(_samefile(out, f) for f in files)
+    if same:
+        raise SsemnetError(f"The {what} {output} would replace the input "
+                           f"{input_path}; choose another {what}.")
+
+
+def _check_target(path: Path, what: str) -> list[Path]:
+    """Pre-flight check of an output file: not a folder, and its folder exists (made here,
+    returned as the folders made) and takes new files. Raises SsemnetError."""
+    if path.is_dir():
+        raise SsemnetError(f"The {what} {path} is a folder; give a file name.")
+    parent = Path(os.path.abspath(path)).parent
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SsemnetError(f"Cannot write the {what} {path}: {existing} is a file, not a "
+                           "folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SsemnetError(f"Cannot write the {what} {path}: the folder {existing} is not "
+                           "writable.")
+    made: list[Path] = []
+    try:
+        missing = []
+        d = parent
+        while d != existing:
+            missing.append(d)
+            d = d.parent
+        for d in reversed(missing):
+            d.mkdir()
+            made.append(d)
+        # os.access says yes to root everywhere: try it (a read-only mount, /proc, ...)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        _remove_empty(made)
+        raise SsemnetError(f"Cannot write the {what} {path}: {exc.strerror or exc} "
+                           f"({getattr(exc, 'filename', None) or parent}).") from None
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for d in reversed(folders):
+        try:
+            d.rmdir()
+        except OSError:
+            pass  # not empty (a stopped run's working files) or already gone
+
+
+@contextmanager
+def _prepared_targets(targets: Sequence[tuple[Path, str]]) -> Iterator[None]:
+    """Check the output files before any work (see :func:`_check_target`); the folders made
+    for them are removed again if the command fails and leaves them empty."""
+    made: list[Path] = []
+    ok = False
+    try:
+        for path, what in targets:
+            made += _check_target(path, what)
+        yield
+        ok = True
+    finally:
+        if not ok:
+            _remove_empty(made)
 
 
 def _partial(path: Path, suffix: str) -> Path:
@@ -315,14 +486,18 @@ def _pid_alive(pid: int) -> bool:
 
 @contextmanager
 def _output_lock(out_path: Path) -> Iterator[None]:
-    """Keep a second block-wise run from writing into the same working files at once (a lock
-    file with the process id; one left by a process that no longer runs is taken over)."""
+    """Keep a second run (joint or block-wise) from writing the same output (and working
+    files) at once: a lock file ``.NAME.lock`` with the process id, mode 0o644; one left by a
+    process that no longer runs is taken over."""
     lock = _partial(out_path, "lock")
     for _ in range(2):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
-        except FileExistsError:
+        except OSError as exc:
+            if not isinstance(exc, FileExistsError):
+                raise SsemnetError(f"Could not create the lock file {lock}: "
+                                   f"{exc.strerror or exc}") from None
             try:
                 pid = int(lock.read_text().strip() or 0)
             except (OSError, ValueError):
@@ -364,14 +539,14 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
 
     from .core.align import format_summary, run_generator
     from .core.blocks import BlockState, block_plan, iter_align_blocks
-    from .core.io import _BIGTIFF_BYTES, save_fields
+    from .core.io import read_resolution, tiff_write_kwargs
 
     z, h, w = (int(n) for n in stack.shape)
     dtype = np.dtype(stack.dtype) if args.output_dtype == "input" else np.dtype(np.float32)
     if dtype.kind == "b":
         dtype = np.dtype(np.uint8)
     out_path = Path(output)
-    fields_path = Path(args.fields) if args.fields else None
+    fields_path = _npz_path(args.fields) if args.fields else None
     tmp_tif = _partial(out_path, "partial.tif")
     tmp_disp = _partial(out_path, "displacement.partial.npy")
     state_path = _partial(out_path, "blocks.npz")
@@ -402,8 +577,9 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
             for f in work:
                 f.unlink(missing_ok=True)
             maps["aligned"] = tifffile.memmap(
-                tmp_tif, shape=(z, h, w), dtype=dtype, photometric="minisblack",
-                bigtiff=z * h * w * dtype.itemsize > _BIGTIFF_BYTES)
+                tmp_tif, shape=(z, h, w), dtype=dtype,
+                **tiff_write_kwargs(read_resolution(args.input) if args.input else None,
+                                    dtype, z * h * w * dtype.itemsize))
             maps["disp"] = np.lib.format.open_memmap(tmp_disp, mode="w+", dtype=np.float32,
                                                      shape=(z, 2, h, w))
             for f in (tmp_tif, tmp_disp):  # a full disk under a memory map is a crash (SIGBUS)
@@ -434,11 +610,9 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
         printer.close()
         maps.pop("aligned").flush()
         tmp_tif.replace(out_path)
-        out.write(f"aligned stack -> {out_path}\n")
         if fields_path is not None:
-            fpath = save_fields(fields_path, maps["disp"], params=params, flags=summary.flags,
+            _save_fields_atomic(fields_path, maps["disp"], params=params, flags=summary.flags,
                                 ncc_before=summary.ncc_before, ncc_after=summary.ncc_after)
-            out.write(f"displacement fields -> {fpath}\n")
         finished = True
     except OSError as exc:
         raise SsemnetError(f"Could not write the output: {exc}") from None
@@ -459,11 +633,90 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
                 f"stopped after block {done_blocks} of {n_blocks}; the same command with "
                 f"--resume goes on from there (working files {', '.join(f.name for f in work)}"
                 f" in {out_path.parent}; delete them to start over).\n")
+    # printed only once every file is written: a closed stdout cannot cost a file
+    out.write(f"aligned stack -> {out_path}\n")
+    if fields_path is not None:
+        out.write(f"displacement fields -> {fields_path}\n")
     out.write(f"aligned in {len(summary.blocks)} blocks of at most {params.block_size} "
               "sections\n")
     out.write(format_summary((z, h, w), summary.device, summary.timings, summary.ncc_before,
                              summary.ncc_after, summary.flags) + "\n")
     return EXIT_OK
+
+
+class _MaskPages(SectionReader):
+    """A boolean mask TIFF (one bit per pixel, one page per section) read page by page as
+    uint8 0/1, which the alignment's readers refuse (a mask is not an EM image)."""
+
+    def __init__(self, tif: Any, pages: Any, shape: tuple[int, int, int]) -> None:
+        super().__init__(shape, np.uint8)
+        self._tif, self._pages = tif, pages
+
+    def _read(self, z: int) -> np.ndarray:
+        return np.asarray(self._pages[z].asarray()).astype(np.uint8)
+
+    def close(self) -> None:
+        self._tif.close()
+
+
+def _open_mask(path: Path) -> Any:
+    """A boolean TIFF stack as uint8 0/1 (a :class:`_MaskPages` or an array), or None when
+    ``path`` is not a boolean TIFF."""
+    import tifffile
+
+    from .core.align import check_stack
+    from .core.errors import InputError
+
+    if not path.is_file():
+        return None
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception:  # not a TIFF: open_stack says what is wrong
+        return None
+    try:
+        series = tif.series[0] if tif.series else None
+        if series is None or series.dtype != bool:
+            tif.close()
+            return None
+        shape = tuple(int(s) for s in series.shape if s != 1)
+        if len(shape) == 2:
+            raise InputError(f"{str(path)!r} holds a single 2D mask of shape {shape}; "
+                             "apply-fields needs a multi-page TIFF stack of shape (Z, H, W).")
+        pages = list(series.pages)
+        if len(shape) == 3 and len(pages) == shape[0] and all(
+                pg is not None and tuple(pg.shape) == shape[1:] for pg in pages):
+            # size and section checks without reading: a view of zeros of the same shape
+            check_stack(np.broadcast_to(np.zeros((), np.uint8), shape),
+                        name=f"mask in {path.name}")
+            return _MaskPages(tif, pages, shape)  # type: ignore[arg-type]
+        arr = series.asarray()
+    except InputError:
+        tif.close()
+        raise
+    except Exception as exc:  # tifffile raises many kinds
+        tif.close()
+        raise InputError(f"{str(path)!r} is not a readable TIFF file ({type(exc).__name__})."
+                         ) from None
+    tif.close()
+    arr = np.squeeze(arr) if arr.ndim > 3 else arr
+    return check_stack(arr.astype(np.uint8), name=f"mask in {path.name}")
+
+
+def _open_for_apply(path: str) -> Any:
+    """The stack to resample: as the alignment reads it, or a boolean mask as uint8 0/1;
+    the messages speak of apply-fields, not of alignment."""
+    from .core.errors import InputError
+    from .core.io import open_stack
+
+    mask = _open_mask(Path(path))
+    if mask is not None:
+        return mask
+    try:
+        return open_stack(path)
+    except InputError as exc:
+        text = str(exc).replace("alignment needs", "apply-fields needs").replace(
+            "before aligning", "before applying the fields")
+        raise InputError(text) from None
 
 
 def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
@@ -474,75 +727,92 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
     from .core.io import (
         _BIGTIFF_BYTES,
         FieldSections,
-        SectionReader,
         apply_displacement_section,
-        open_stack,
+        read_resolution,
     )
 
     order = 0 if args.labels else 1
     _refuse_overwriting_input(args.input, args.output)
     _refuse_overwriting_input(args.fields, args.output)
-    stack = open_stack(args.input)
-    try:
-        with FieldSections(args.fields) as fields:
-            z, h, w = (int(n) for n in stack.shape)
-            if fields.shape != (z, 2, h, w):
-                raise SsemnetError(
-                    f"The fields in {args.fields} are for a stack of {fields.shape[0]} sections "
-                    f"of {fields.shape[2]}x{fields.shape[3]} px; {args.input} has {z} of "
-                    f"{h}x{w} px.")
-            dtype = np.dtype(stack.dtype)
-            if order == 1 and args.output_dtype == "float32":
-                dtype = np.dtype(np.float32)
-            if dtype.kind == "b":
-                dtype = np.dtype(np.uint8)
-            out_path = Path(args.output)
-            tmp = _partial(out_path, "partial.tif")
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            out.write(f"applying {args.fields} to {args.input} ("
-                      f"{'nearest neighbour, labels' if order == 0 else 'bilinear'}): {z} "
-                      f"sections of {h}x{w} px\n")
-            out.flush()
-            printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
-            try:
-                with ctrl_c_stops() as should_stop, tifffile.TiffWriter(
-                        tmp, bigtiff=z * h * w * dtype.itemsize > _BIGTIFF_BYTES) as tif:
-                    for zz, disp in enumerate(fields):
-                        if should_stop():
-                            raise AlignmentCancelled("Cancelled.")
-                        sec = apply_displacement_section(np.asarray(stack[zz]), disp,
-                                                         order=order)
-                        if sec.dtype != dtype:  # labels keep theirs (no float round trip)
-                            sec = as_dtype(sec, dtype)
-                        tif.write(sec, photometric="minisblack", contiguous=True)
-                        if not args.quiet:
-                            printer(Progress("apply", zz + 1, z, f"section {zz + 1}/{z}"))
-                tmp.replace(out_path)
-            except OSError as exc:
-                raise SsemnetError(f"Could not write {out_path}: {exc}") from None
-            finally:
-                printer.close()
-                tmp.unlink(missing_ok=True)
-    finally:
-        if isinstance(stack, SectionReader):
-            stack.close()
+    out_path = Path(args.output)
+    with _prepared_targets([(out_path, "output file")]):  # before reading anything
+        stack = _open_for_apply(args.input)
+        try:
+            with FieldSections(args.fields) as fields:
+                z, h, w = (int(n) for n in stack.shape)
+                if fields.shape != (z, 2, h, w):
+                    raise SsemnetError(
+                        f"The fields in {args.fields} are for a stack of {fields.shape[0]} "
+                        f"sections of {fields.shape[2]}x{fields.shape[3]} px; {args.input} "
+                        f"has {z} of {h}x{w} px.")
+                dtype = np.dtype(stack.dtype)
+                if order == 1 and args.output_dtype == "float32":
+                    dtype = np.dtype(np.float32)
+                if dtype.kind == "b":
+                    dtype = np.dtype(np.uint8)
+                tmp = _partial(out_path, "partial.tif")
+                # the input's pixel size (page by page: ImageJ's section spacing is not kept)
+                pixel_size = {k: v for k, v in read_resolution(args.input).items()
+                              if k in ("resolution", "resolutionunit")}
+                out.write(f"applying {args.fields} to {args.input} ("
+                          f"{'nearest neighbour, labels' if order == 0 else 'bilinear'}): {z} "
+                          f"sections of {h}x{w} px\n")
+                out.flush()
+                printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
+                try:
+                    with ctrl_c_stops() as should_stop, tifffile.TiffWriter(
+                            tmp, bigtiff=z * h * w * dtype.itemsize > _BIGTIFF_BYTES) as tif:
+                        for zz, disp in enumerate(fields):
+                            if should_stop():
+                                raise AlignmentCancelled("Cancelled.")
+                            sec = apply_displacement_section(np.asarray(stack[zz]), disp,
+                                                             order=order)
+                            if sec.dtype != dtype:  # labels keep theirs (no float round trip)
+                                sec = as_dtype(sec, dtype)
+                            tif.write(sec, photometric="minisblack", contiguous=True,
+                                      **pixel_size)
+                            if not args.quiet:
+                                printer(Progress("apply", zz + 1, z, f"section {zz + 1}/{z}"))
+                    tmp.replace(out_path)
+                except OSError as exc:
+                    raise SsemnetError(f"Could not write {out_path}: {exc}") from None
+                finally:
+                    printer.close()
+                    tmp.unlink(missing_ok=True)
+        finally:
+            if isinstance(stack, SectionReader):
+                stack.close()
     out.write(f"resampled stack -> {out_path}\n")
     return EXIT_OK
 
 
 def _sha256_prefix(path: Path, n: int = 16) -> str:
+    """Digest of a file, or of a folder's TIFF sections in the order they are read."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+    files = [path]
+    if path.is_dir():
+        from .core.io import FolderStack
+
+        files = FolderStack(path, min_sections=1).files
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()[:n]
 
 
 def cmd_train(args: argparse.Namespace, out: TextIO) -> int:
+    paths = [Path(p) for p in args.stacks]
+    for p in paths:
+        _refuse_overwriting_input(p, args.output, what="weights file")
+    with _prepared_targets([(Path(args.output), "weights file")]):  # before training
+        return _train(args, paths, out)
+
+
+def _train(args: argparse.Namespace, paths: list[Path], out: TextIO) -> int:
     from .core.features import load_weights, save_weights, train_encoder
     from .core.io import read_stack
 
-    paths = [Path(p) for p in args.stacks]
     stacks = [read_stack(p, min_sections=1) for p in paths]
     init = load_weights(args.init) if args.init else None
     kwargs: dict[str, Any] = {"seed": args.seed, "device": args.device, "init": init}
@@ -584,8 +854,16 @@ def cmd_train(args: argparse.Namespace, out: TextIO) -> int:
 # -- parser ----------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, as every other error of the CLI."""
+
+    def error(self, message: str) -> NoReturn:
+        text = " ".join(message.split())
+        self.exit(EXIT_ERROR, f"error: {text} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="napari-ssemnet",
         description="Align serial-section EM stacks with learned CAE features and a "
                     "spatial-transformer deformation (ssEMnet).")
@@ -635,7 +913,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Resampled stack (TIFF).")
     ap.add_argument("--labels", action="store_true",
                     help="Nearest-neighbour sampling that keeps label ids and the data type "
-                         "(for segmentations). Default: bilinear.")
+                         "(for segmentations). A boolean mask TIFF is read as 0/1 and written "
+                         "as uint8 0/1. Default: bilinear.")
     ap.add_argument("--output-dtype", choices=["input", "float32"], default="input",
                     help="Data type of a bilinear result: that of the input (rounded) or "
                          "float32. (default: input)")
@@ -664,12 +943,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``napari-ssemnet`` console script; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the subcommand's parser, so that the hint points at its --help
+        choices = parser._subparsers._group_actions[0].choices if parser._subparsers else {}
+        (choices.get(args.command) or parser).error(
+            f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_ERROR
+    out = _PipeSafe(sys.stdout)
     try:
-        return args.func(args, sys.stdout)
+        return args.func(args, out)
     except (AlignmentCancelled, KeyboardInterrupt):
         sys.stderr.write("cancelled\n")
         return EXIT_CANCELLED
@@ -679,6 +963,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = " ".join(str(exc).split()) or type(exc).__name__
         sys.stderr.write(f"error: {text}\n")
         return EXIT_ERROR
+    finally:
+        out.flush()
 
 
 if __name__ == "__main__":  # pragma: no cover
