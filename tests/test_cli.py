@@ -713,8 +713,8 @@ def test_outputs_keep_the_pixel_size_and_section_spacing(tiny_tif, tmp_path, cap
     joint, blocks = tmp_path / "joint.tif", tmp_path / "blocks.tif"
     assert cli.main(["align", str(src), "-o", str(joint), "--fields", str(tmp_path / "f.npz"),
                      "-q", *TINY]) == 0
-    assert cli.main(["align", str(src), "-o", str(blocks), "--block-size", "3", "--window", "1", "-q",
-                     *TINY]) == 0
+    assert cli.main(["align", str(src), "-o", str(blocks), "--block-size", "3", "--window",
+                     "1", "-q", *TINY]) == 0
     assert read_resolution(joint) == res and read_resolution(blocks) == res
     np.testing.assert_array_equal(tifffile.imread(joint).shape, tifffile.imread(src).shape)
     applied = tmp_path / "applied.tif"
