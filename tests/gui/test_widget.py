@@ -267,13 +267,19 @@ def test_screenshot_after_alignment_is_not_blank(qtbot, make_napari_viewer, stac
     assert widget.width() > 200 and widget.plot.height() >= 100
 
 
-def test_close_viewer_while_running(qtbot, make_napari_viewer):
+def _long_run(qtbot, make_napari_viewer):
+    """A docked widget in the middle of a run that would take minutes."""
     viewer = make_napari_viewer()
-    _dock, widget = viewer.window.add_plugin_dock_widget("napari-ssemnet", "Align EM stack")
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-ssemnet", "Align EM stack")
     viewer.add_image(make_stack(z=6, size=160, seed=2), name="em")
     set_fast(widget, iterations=5000, tolerance=0.0)
     widget.align()
     qtbot.waitUntil(lambda: "fit" in widget.status.text(), timeout=30000)
+    return viewer, dock, widget
+
+
+def test_close_viewer_while_running(qtbot, make_napari_viewer):
+    _viewer, _dock, widget = _long_run(qtbot, make_napari_viewer)
     worker = widget.worker
     stop = widget._ctl.stop
     widget.close()  # what napari does to dock widgets when its window closes
@@ -282,12 +288,7 @@ def test_close_viewer_while_running(qtbot, make_napari_viewer):
 
 
 def test_closing_the_panel_stops_the_run(qtbot, make_napari_viewer):
-    viewer = make_napari_viewer()
-    dock, widget = viewer.window.add_plugin_dock_widget("napari-ssemnet", "Align EM stack")
-    viewer.add_image(make_stack(z=6, size=160, seed=2), name="em")
-    set_fast(widget, iterations=5000, tolerance=0.0)
-    widget.align()
-    qtbot.waitUntil(lambda: "fit" in widget.status.text(), timeout=30000)
+    viewer, dock, widget = _long_run(qtbot, make_napari_viewer)
     stop = widget._ctl.stop
     t0 = time.perf_counter()
     with qtbot.waitSignal(widget.job_finished, timeout=5000) as blocker:

@@ -64,42 +64,43 @@ class _TiffWarnings(logging.Handler):
         return f" (tifffile: {first[:200]})"
 
 
+def _first_mismatch(pages: Any) -> str | None:
+    """The first page that differs from the first one in size or type, as a sentence.
+
+    Each page's own header is read (``aspage``: a few KB each), not the layout tifffile
+    took from the first pages.
+    """
+    want = None
+    for k, pg in enumerate(pages):
+        page = pg.aspage() if hasattr(pg, "aspage") else pg
+        got = (tuple(page.shape), np.dtype(page.dtype))
+        if want is None:
+            want = got
+        elif got != want:
+            return (f"page {k} is {'x'.join(map(str, got[0]))} px {got[1]}, but page 0 is "
+                    f"{'x'.join(map(str, want[0]))} px {want[1]}")
+    return None
+
+
 def _page_mismatch(tif: Any, series: Any) -> str | None:
-    """Which page of ``series`` differs from its first in size or type, as a sentence.
+    """Which page of ``series`` differs from its first in size or type.
 
     tifffile takes a file whose pages 0, 1, 7 and the last look alike as uniform and reads
     every page with the first page's layout, so one page of another size came back as
-    junk rows from the bytes after it. Every page's own header is read here (a few KB each).
+    junk rows from the bytes after it.
     """
     pages = list(series.pages)
     if len(pages) < 2 or any(pg is None for pg in pages):
         return None
-    first = pages[0].aspage() if hasattr(pages[0], "aspage") else pages[0]
-    want = (tuple(first.shape), np.dtype(first.dtype))
-    for k, pg in enumerate(pages[1:], start=1):
-        page = pg.aspage() if hasattr(pg, "aspage") else pg
-        got = (tuple(page.shape), np.dtype(page.dtype))
-        if got != want:
-            return (f"page {k} is {'x'.join(map(str, got[0]))} px {got[1]}, but page 0 is "
-                    f"{'x'.join(map(str, want[0]))} px {want[1]}")
-    return None
+    return _first_mismatch(pages)
 
 
 def _pages_differ(tif: Any) -> str | None:
     """For a file tifffile splits into several series: the first page that differs from
-    page 0 in size or type, as a sentence (None when all agree or there is one page)."""
+    page 0 (None when all agree or there is one page)."""
     if len(tif.pages) < 2:
         return None
-    first = tif.pages.first
-    want = (tuple(first.shape), np.dtype(first.dtype))
-    for k in range(1, len(tif.pages)):
-        page = tif.pages[k]
-        page = page.aspage() if hasattr(page, "aspage") else page
-        got = (tuple(page.shape), np.dtype(page.dtype))
-        if got != want:
-            return (f"page {k} is {'x'.join(map(str, got[0]))} px {got[1]}, but page 0 is "
-                    f"{'x'.join(map(str, want[0]))} px {want[1]}")
-    return None
+    return _first_mismatch(tif.pages[k] for k in range(len(tif.pages)))
 
 
 SAME_SIZE = ("every section of a stack must have the same size and data type; crop or pad "
