@@ -34,6 +34,7 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QScrollArea,
+    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -42,6 +43,7 @@ from qtpy.QtWidgets import (
 from . import _layers as L
 from .core.align import AlignmentResult, Progress, SectionResult, check_stack
 from .core.errors import SsemnetError
+from .core.io import as_dtype
 from .core.params import TRAIN_STEPS, AlignParams
 from .gui import _jobs as jobs
 from .gui._ncc_plot import NccPlot
@@ -252,8 +254,9 @@ class AlignWidget(QWidget):
         self.plot.section_clicked.connect(self._jump_to_section)
         self._set_running(False)
         # scroll vertically only: the panel is as wide as its widest row
-        scroll.setMinimumWidth(content.minimumSizeHint().width()
-                               + scroll.verticalScrollBar().sizeHint().width())
+        bar = max(scroll.verticalScrollBar().sizeHint().width(),
+                  scroll.style().pixelMetric(scroll.style().PM_ScrollBarExtent))
+        scroll.setMinimumWidth(content.minimumSizeHint().width() + bar + 8)
 
     def _connect_viewer(self) -> None:
         ev = self.viewer.layers.events
@@ -286,9 +289,11 @@ class AlignWidget(QWidget):
         uid = str(layer.unique_id)
         old, new = self._names.get(uid), layer.name
         self._names[uid] = new
+        chosen = self.layer_combo.currentText()
         if old and old != new and not L.is_result_layer(layer):
             self._follow_rename(old, new)
-        self._refresh_layers()
+        # the chooser stays on the layer it showed, under its new name
+        self._refresh_layers(prefer=new if old and chosen == old else None)
 
     def _follow_rename(self, old: str, new: str) -> None:
         """Results of a renamed source layer stay its results (and keep matching names)."""
@@ -309,8 +314,8 @@ class AlignWidget(QWidget):
         if event is not None and event.source.name == self.layer_combo.currentText():
             self._on_layer_changed(self.layer_combo.currentText())
 
-    def _refresh_layers(self) -> None:
-        current = self.layer_combo.currentText()
+    def _refresh_layers(self, prefer: str | None = None) -> None:
+        current = prefer or self.layer_combo.currentText()
         names = [ly.name for ly in self.viewer.layers if usable_reason(ly) is None]
         self.layer_combo.blockSignals(True)
         self.layer_combo.clear()
@@ -431,6 +436,9 @@ class AlignWidget(QWidget):
             return None
         try:
             params = self.form.params()
+            if params.features == "custom" and not Path(params.weights).is_file():
+                raise SsemnetError(f"The weights file {params.weights!r} does not exist; "
+                                   "choose it again or train features on this stack.")
             stack = check_stack(np.asarray(layer.data), name=f"layer '{layer.name}'")
             if not 0 <= params.reference < stack.shape[0]:
                 raise SsemnetError(f"Reference section {params.reference} is outside the "
@@ -539,10 +547,11 @@ class AlignWidget(QWidget):
             if event.message:
                 text += f": {event.message}"
             text += f" — {elapsed:.0f} s"
-            # a rough figure (the stage shares are typical, not this run's): not before
-            # a fifth of the run
+            # a rough figure (the stage shares are typical, not this run's): only once
+            # the fit is well under way
             left = elapsed * (1 - frac) / frac if frac else 0.0
-            if frac is not None and frac >= 0.2 and elapsed >= 3 and left >= 1:
+            start = 0.1 if event.stage == "train" else 0.4  # training steps are even
+            if frac is not None and frac >= start and elapsed >= 3 and left >= 1:
                 text += f", about {left:.0f} s left"
             self.status.setText(text)
         elif isinstance(event, SectionResult) and job["kind"] == "align":
@@ -656,10 +665,10 @@ class AlignWidget(QWidget):
         if stream is None:
             self._snapshot(job, (L.ROLE_ALIGNED, L.ROLE_DISPLACEMENT))
             stream = job["stream"] = {
-                "aligned": np.zeros((z_count, h, w), np.float32),
+                "aligned": np.zeros((z_count, h, w), job["dtype"]),
                 "vectors": {}, "magnitude": {}, "flags": [""] * z_count,
             }
-        stream["aligned"][sec.z] = sec.aligned
+        stream["aligned"][sec.z] = as_dtype(sec.aligned, job["dtype"])
         vec, mag = L.section_vectors(sec.displacement, sec.z, valid=sec.valid)
         stream["vectors"][sec.z] = vec
         stream["magnitude"][sec.z] = mag
@@ -705,8 +714,12 @@ class AlignWidget(QWidget):
         def meta(role: str, more: dict[str, Any] | None = None) -> dict[str, Any]:
             return L.result_metadata(role, source, extra={**extra, **(more or {})}, **meta_kw)
 
+        # in the source's type (rounded), as the command line writes it: every napari
+        # writer then saves what the CLI would, and a uint8 stack costs 1 byte a pixel
+        dtype = extra.get("source_dtype")
+        shown = as_dtype(aligned, dtype) if dtype else aligned
         L.upsert_layer(self.viewer, L.aligned_layer_data(
-            aligned, source, contrast_limits=tf["contrast_limits"], colormap=tf["colormap"],
+            shown, source, contrast_limits=tf["contrast_limits"], colormap=tf["colormap"],
             scale=tf["scale"], translate=tf["translate"], metadata=meta(L.ROLE_ALIGNED)),
             role=L.ROLE_ALIGNED, source_name=source)
         vectors, mags = L.stack_vectors(displacement, valid=valid, sections=vector_sections)
@@ -762,6 +775,7 @@ class AlignWidget(QWidget):
         params = out.params.to_dict()
         if commit:  # the run's parameters, and those of its re-aligned sections
             params = out.result.params.to_dict()
+            extra.update(timings=dict(out.result.timings), device=out.result.device)
             extra["section_params"] = {str(k): p.to_dict()
                                        for k, p in sorted(out.result.section_params.items())}
         self._show_layers(
@@ -891,11 +905,12 @@ class ApplyFieldsWidget(QWidget):
         form.addRow("Interpolation", self.order_combo)
         self.apply_btn = QPushButton("Apply")
         form.addRow(self.apply_btn)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
-        form.addRow(self.status)
         lay.addWidget(box)
-        lay.addStretch(1)
+        self.status = QLabel("")  # outside the form: a wrapped line keeps its height there
+        self.status.setWordWrap(True)
+        lay.addWidget(self.status)
+        # only the height it needs: the Align panel's parameters share the dock area
+        self.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Maximum)
         self.apply_btn.clicked.connect(self.apply)
         self.last_result: Any | None = None
         self._worker: Any | None = None
@@ -911,6 +926,9 @@ class ApplyFieldsWidget(QWidget):
         if event is not None and getattr(event, "type", "") == "inserted":
             event.value.events.name.connect(self._refresh)
         current = self.layer_combo.currentText()
+        if event is not None and getattr(event, "type", "") == "name" and \
+                getattr(event, "source", None) is not None and current not in self.viewer.layers:
+            current = event.source.name  # the chosen layer was renamed: stay on it
         names = [ly.name for ly in self.viewer.layers
                  if isinstance(ly, Image | Labels) and ly.ndim == 3
                  and not getattr(ly, "rgb", False) and not L.is_result_layer(ly)]

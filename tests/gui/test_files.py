@@ -93,10 +93,14 @@ def test_apply_fields_wrong_shape_is_an_error(qtbot, make_napari_viewer, tmp_pat
     qtbot.waitUntil(lambda: apply_w.apply_btn.isEnabled(), timeout=30_000)
     assert apply_w.status.text().startswith("Not applied:") and "missing.npz" in \
         apply_w.status.text()
-    # the layer list follows renames
+    # the layer list follows renames, and stays on the chosen layer
+    viewer.add_labels(np.zeros((3, 40, 40), np.uint8), name="first")
+    viewer.layers.move(len(viewer.layers) - 1, 0)
+    apply_w.layer_combo.setCurrentText("seg")
     viewer.layers["seg"].name = "segmentation"
     items = [apply_w.layer_combo.itemText(i) for i in range(apply_w.layer_combo.count())]
-    assert items == ["segmentation"]
+    assert sorted(items) == ["first", "segmentation"]
+    assert apply_w.layer_combo.currentText() == "segmentation"
 
 
 def test_writers(tmp_path, stack):

@@ -78,7 +78,7 @@ def test_align_makes_three_layers(qtbot, viewer_widget, stack):
     disp = viewer.layers["em displacement"]
     err = viewer.layers["em NCC error"]
     assert aligned.data.shape == (z, h, w)
-    assert aligned.data.dtype == np.float32
+    assert aligned.data.dtype == np.uint8  # the source's type, as the CLI writes it
     assert err.data.shape == (z, h, w)
     assert err.colormap.name == "magma"
     assert disp.data.ndim == 3 and disp.data.shape[1:] == (2, 3)
@@ -130,7 +130,10 @@ def test_blockwise_align_from_the_widget_matches_the_api(qtbot, viewer_widget):
     assert run_and_wait(qtbot, widget, widget.align) == "done", error_messages()
     r = align_stack(stack, **FAST, block_size=4, reference=3)
     np.testing.assert_array_equal(widget.results["em"].displacement, r.displacement)
-    np.testing.assert_array_equal(viewer.layers["em aligned"].data, r.aligned)
+    np.testing.assert_array_equal(widget.results["em"].aligned, r.aligned)
+    # the layer holds it in the source's type, rounded
+    np.testing.assert_array_equal(viewer.layers["em aligned"].data,
+                                  np.clip(np.rint(r.aligned), 0, 255).astype(np.uint8))
     meta = viewer.layers["em aligned"].metadata[L.META_KEY]
     assert meta["complete"] and meta["params"]["block_size"] == 4
 
@@ -194,7 +197,7 @@ def test_cancel_stops_quickly_and_restores(qtbot, viewer_widget):
     qtbot.waitUntil(lambda: widget.progress.maximum() > 0 and "fit" in widget.status.text(),
                     timeout=30000)
     # one bar for the whole run: past the pre-alignment's share once the fit runs
-    assert widget.progress.maximum() == 1000 and widget.progress.value() >= 200
+    assert widget.progress.maximum() == 1000 and widget.progress.value() >= 300
     t0 = time.perf_counter()
     with qtbot.waitSignal(widget.job_finished, timeout=5000) as blocker:
         widget.cancel_btn.click()
@@ -247,10 +250,21 @@ def test_missing_weights_file_is_a_readable_error(qtbot, viewer_widget, stack, t
     viewer.add_image(stack, name="em")
     set_fast(widget, features="custom", weights=str(tmp_path / "nope.pt"))
     start = n_records()
-    assert run_and_wait(qtbot, widget, widget.align) == "failed"
+    widget.align_btn.click()  # refused before a run starts
+    assert not widget.running
     errors = error_messages(start)
     assert len(errors) == 1 and "nope.pt" in errors[0]
     assert "unexpected" not in errors[0]
+    assert widget.status.text().startswith("Align not started:")
+    assert "em aligned" not in viewer.layers
+    # a file that exists but is not weights still fails in the run, readably
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not weights")
+    widget.form.set_value("weights", str(bad))
+    start = n_records()
+    assert run_and_wait(qtbot, widget, widget.align) == "failed"
+    errors = error_messages(start)
+    assert len(errors) == 1 and "bad.pt" in errors[0] and "unexpected" not in errors[0]
     assert "em aligned" not in viewer.layers
 
 
@@ -303,12 +317,15 @@ def test_renamed_source_keeps_its_result(qtbot, viewer_widget, stack):
     viewer.add_image(stack, name="em")
     set_fast(widget)
     assert run_and_wait(qtbot, widget, widget.align) == "done"
+    viewer.add_image(stack[:3], name="other")
+    viewer.layers.selection.active = viewer.layers["other"]  # another layer is active
+    widget.set_layer("em")
     viewer.layers["em"].name = "em renamed"
     assert widget.layer_combo.currentText() == "em renamed"
     assert set(widget.results) == {"em renamed"}
     names = [ly.name for ly in viewer.layers]
     assert names == ["em renamed", "em renamed aligned", "em renamed displacement",
-                     "em renamed NCC error"], names
+                     "em renamed NCC error", "other"], names
     assert widget.save_btn.isEnabled() and widget.realign_btn.isEnabled()
     assert widget.plot.after.size == stack.shape[0]
     assert L.find_result_layer(viewer, "em renamed", L.ROLE_ALIGNED) is not None

@@ -12,8 +12,9 @@ import re
 from ..core.align import Progress
 
 # Share of a run's time per stage, from the CPU timings of benchmarks/bench_speed.py
-# (5-30 x 256^2-1024^2: pre-alignment 13-30 %, fit 67-90 %, rendering about 2 %).
-SPANS = {"prepare": (0.0, 0.01), "prealign": (0.01, 0.20), "fit": (0.20, 0.97),
+# (5-30 x 256^2-1024^2: pre-alignment 13-30 %, fit 67-90 %, rendering about 2 %) and of
+# the widget on 10 x 320^2 (pre-alignment and feature extraction about 40 %).
+SPANS = {"prepare": (0.0, 0.01), "prealign": (0.01, 0.30), "fit": (0.30, 0.97),
          "render": (0.97, 0.99), "metrics": (0.99, 1.0)}
 
 _LEVEL = re.compile(r"^fit level (\d+)/(\d+)$")
