@@ -279,7 +279,7 @@ def test_blockwise_without_disk_space_is_one_error_line(tiny_tif, tmp_path, monk
     code = cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "o.tif"), "--block-size",
                      "3", "--window", "1", *TINY])
     err = capsys.readouterr().err
-    assert code == 2 and "GB of disk" in err and "0.0 GB is free" in err
+    assert code == 2 and "of disk" in err and "0.0 MB is free" in err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -411,7 +411,9 @@ def test_output_that_would_replace_the_input_is_refused(tiny_tif, tmp_path, caps
                  ["align", str(folder), "-o", str(folder / "s9.tif"), *TINY],
                  ["apply-fields", str(fields), str(src), "-o", str(src)]):
         assert cli.main(argv) == 2
-        assert "would replace the input" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        # a new file in an input folder would become one of its sections
+        assert "would replace the input" in err or "inside the input folder" in err, err
     assert src.read_bytes() == before
     assert sorted(p.name for p in folder.iterdir()) == [f"s{z}.tif" for z in range(4)]
 
@@ -722,3 +724,117 @@ def test_outputs_keep_the_pixel_size_and_section_spacing(tiny_tif, tmp_path, cap
                      "-q"]) == 0
     assert read_resolution(applied) == {"resolution": (250.0, 250.0), "resolutionunit": 1}
     capsys.readouterr()
+
+
+# -- second review: failures while writing, other inputs, locks, closed streams ------------
+
+
+def _failing_save_fields(monkeypatch):
+    import napari_ssemnet.core.io as core_io
+
+    real = core_io.save_fields
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(core_io, "save_fields", full_disk)
+    return real
+
+
+def test_a_failed_fields_write_replaces_neither_output(tiny_tif, tmp_path, monkeypatch,
+                                                       capsys):
+    out, fields = tmp_path / "al.tif", tmp_path / "f.npz"
+    out.write_bytes(b"OLD")
+    fields.write_bytes(b"OLDF")
+    _failing_save_fields(monkeypatch)
+    code = cli.main(["align", str(tiny_tif), "-o", str(out), "--fields", str(fields), *TINY])
+    assert code == 2 and "No space left" in capsys.readouterr().err
+    # the two outputs still belong together: neither was replaced
+    assert out.read_bytes() == b"OLD" and fields.read_bytes() == b"OLDF"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["al.tif", "f.npz"]
+
+
+def test_a_failed_fields_write_after_the_last_block_keeps_the_work(tiny_tif, tmp_path,
+                                                                  monkeypatch, capsys):
+    opts = ["--block-size", "3", "--window", "1", *TINY]
+    full = tmp_path / "full.tif"
+    assert cli.main(["align", str(tiny_tif), "-o", str(full), "--fields",
+                     str(tmp_path / "full.npz"), *opts]) == 0
+    out, fields = tmp_path / "o" / "al.tif", tmp_path / "o" / "f.npz"
+    argv = ["align", str(tiny_tif), "-o", str(out), "--fields", str(fields), *opts]
+    real = _failing_save_fields(monkeypatch)
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "every block is done" in err and "--resume" in err
+    assert not out.exists() and not fields.exists()
+    import napari_ssemnet.core.io as core_io
+
+    monkeypatch.setattr(core_io, "save_fields", real)
+    assert cli.main([*argv, "--resume"]) == 0  # no block runs again; the outputs are written
+    np.testing.assert_array_equal(read_stack(out), read_stack(full))
+    np.testing.assert_array_equal(load_fields(fields)[0], load_fields(tmp_path / "full.npz")[0])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["al.tif", "f.npz"]
+
+
+def test_weights_and_params_files_are_inputs_too(tiny_tif, tmp_path, capsys):
+    weights = tmp_path / "w.pt"
+    assert cli.main(["train-features", str(tiny_tif), "-o", str(weights), "--steps", "2",
+                     "--device", "cpu", "-q"]) == 0
+    params = tmp_path / "p.json"
+    params.write_text(json.dumps({"window": 1}))
+    before = weights.read_bytes(), params.read_text()
+    for argv in (["-o", str(weights), "--features", "custom", "--weights", str(weights)],
+                 ["-o", str(params), "--params", str(params)]):
+        assert cli.main(["align", str(tiny_tif), *argv, *TINY[:4]]) == 2
+        assert "would replace the input" in capsys.readouterr().err
+    assert (weights.read_bytes(), params.read_text()) == before
+
+
+def test_train_features_replaces_a_link_at_its_output(tiny_tif, tmp_path, capsys):
+    keep = tmp_path / "keep.txt"
+    keep.write_text("old")
+    os.link(keep, tmp_path / "out.pt")
+    assert cli.main(["train-features", str(tiny_tif), "-o", str(tmp_path / "out.pt"),
+                     "--steps", "2", "--device", "cpu", "-q"]) == 0
+    assert keep.read_text() == "old"  # the other name of the file kept its content
+    assert isinstance(load_weights(tmp_path / "out.pt"), CAE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "out.pt"]
+    # bad options are refused before the stacks are read
+    for opt, words in ((["--seed", "-1"], "--seed"), (["--steps", "0"], "--steps"),
+                       (["--init", str(tmp_path / "none.pt")], "does not exist")):
+        assert cli.main(["train-features", str(tmp_path / "missing.tif"), "-o",
+                         str(tmp_path / "x.pt"), *opt]) == 2
+        assert words in capsys.readouterr().err
+
+
+def test_apply_fields_is_locked_and_leaves_a_stopped_align_alone(tiny_tif, tmp_path, capsys):
+    fields = tmp_path / "f.npz"
+    assert cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "a.tif"), "--fields",
+                     str(fields), *TINY]) == 0
+    out = tmp_path / "o.tif"
+    # a stopped block-wise align onto the same -o keeps its working TIFF
+    align_work = tmp_path / ".o.tif.partial.tif"
+    align_work.write_bytes(b"block-wise work")
+    assert cli.main(["apply-fields", str(fields), str(tiny_tif), "-o", str(out), "-q"]) == 0
+    assert align_work.read_bytes() == b"block-wise work"
+    # a running process holds the output
+    (tmp_path / ".o.tif.lock").write_text(str(os.getppid()))
+    assert cli.main(["apply-fields", str(fields), str(tiny_tif), "-o", str(out), "-q"]) == 2
+    assert "Another napari-ssemnet run" in capsys.readouterr().err
+
+
+def test_a_closed_stderr_keeps_the_exit_code(tiny_tif, tmp_path, monkeypatch):
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError
+
+        def flush(self):
+            raise BrokenPipeError
+
+    monkeypatch.setattr(sys, "stderr", Gone())
+    assert cli.main(["align", str(tmp_path / "missing.tif"), "-o",
+                     str(tmp_path / "o.tif")]) == 2  # was 1: the error line itself raised
+    monkeypatch.setattr(sys, "stdout", None)  # started with >&-
+    assert cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "o.tif"), *TINY]) == 0
+    assert (tmp_path / "o.tif").is_file()

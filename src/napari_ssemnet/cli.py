@@ -26,6 +26,7 @@ same output. Messages go to stdout only after the files are written; a closed st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -186,7 +187,7 @@ class ProgressPrinter:
         try:
             self.stream.write(text)
             self.stream.flush()
-        except BrokenPipeError:
+        except (OSError, ValueError, AttributeError):  # reader gone, or stderr closed
             self._gone = True
 
     def close(self) -> None:
@@ -210,7 +211,7 @@ def ctrl_c_stops() -> Iterator[Callable[[], bool]]:
         if requested.is_set():
             raise KeyboardInterrupt
         requested.set()
-        sys.stderr.write("\nstopping... (Ctrl-C again to abort at once)\n")
+        _say(sys.stderr, "\nstopping... (Ctrl-C again to abort at once)\n")
 
     old = signal.signal(signal.SIGINT, handler)
     try:
@@ -219,28 +220,38 @@ def ctrl_c_stops() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, old)
 
 
+def _say(stream: TextIO | None, text: str) -> None:
+    """Write a message where a closed or missing stream (``2>&-``, ``2>&1 | head``) costs
+    nothing but the message: the exit code stays the command's own."""
+    try:
+        stream.write(text)  # type: ignore[union-attr]
+        stream.flush()  # type: ignore[union-attr]
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 class _PipeSafe:
     """stdout for the commands' messages that outlives its reader (``... | head -1``): after a
     BrokenPipeError the rest is dropped, and the descriptor is pointed at /dev/null so that
     the interpreter's last flush does not complain. The files are written all the same."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO | None) -> None:
         self.stream = stream
-        self.broken = False
+        self.broken = stream is None  # started with stdout closed (>&-)
 
     def write(self, text: str) -> int:
         if not self.broken:
             try:
-                self.stream.write(text)
-            except BrokenPipeError:
+                self.stream.write(text)  # type: ignore[union-attr]
+            except (OSError, ValueError):  # a broken pipe, /dev/full
                 self._gone()
         return len(text)
 
     def flush(self) -> None:
         if not self.broken:
             try:
-                self.stream.flush()
-            except BrokenPipeError:
+                self.stream.flush()  # type: ignore[union-attr]
+            except (OSError, ValueError):
                 self._gone()
 
     def _gone(self) -> None:
@@ -269,24 +280,31 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
         raise SsemnetError("No output file: add -o ALIGNED.tif.")
     params = params_from_args(args)  # before reading a big stack: fail fast on bad options
     fields = _npz_path(args.fields) if args.fields else None
-    _refuse_overwriting_input(args.input, output)
-    if fields is not None:
-        _refuse_overwriting_input(args.input, fields, what="fields file")
-        if Path(output).resolve() == fields.resolve():
-            raise SsemnetError(f"-o {output} and --fields {args.fields} name the same file; "
-                               "give two different files.")
+    # every file the run reads: the stack, and the weights and parameters files it was given
+    inputs = [args.input, params.weights if params.features == "custom" else None,
+              args.params if args.params and Path(args.params).is_file() else None]
+    for src in inputs:
+        _refuse_overwriting_input(src, output)
+        if fields is not None:
+            _refuse_overwriting_input(src, fields, what="fields file")
+    if fields is not None and Path(output).resolve() == fields.resolve():
+        raise SsemnetError(f"-o {output} and --fields {args.fields} name the same file; "
+                           "give two different files.")
     targets = [(Path(output), "output file")]
     if fields is not None:
         targets.append((fields, "fields file"))
     # before reading or aligning anything: the outputs can be written (folders are made now)
-    with _prepared_targets(targets), _output_lock(Path(output)):
+    with contextlib.ExitStack() as held:
+        held.enter_context(_prepared_targets(targets))
+        for target, _what in targets:  # a second run must not write either file at once
+            held.enter_context(_output_lock(target))
         return _align(args, params, output, fields, out)
 
 
 def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: Path | None,
            out: TextIO) -> int:
     from .core.align import align_stack
-    from .core.io import open_stack, read_resolution, read_stack, write_stack
+    from .core.io import open_stack, read_resolution, read_stack, save_fields, write_stack
 
     blockwise = params.block_size > 0
     if args.sample:
@@ -332,17 +350,21 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
     # under a working name, renamed over -o once complete: an existing -o survives a failure
     # and a hard link at -o is replaced, never written through
     tmp = _partial(out_path, "joint.partial.tif")
+    tmp_fields = _partial(fields, "partial.npz") if fields is not None else None
     try:
         write_stack(tmp, aligned, resolution=read_resolution(args.input) if args.input else None)
-        tmp.replace(out_path)
         if fields is not None:
-            _save_fields_atomic(fields, result.displacement, params=result.params,
-                                flags=result.flags, ncc_before=result.ncc_before,
-                                ncc_after=result.ncc_after)
+            save_fields(tmp_fields, result.displacement, params=result.params,
+                        flags=result.flags, ncc_before=result.ncc_before,
+                        ncc_after=result.ncc_after)
+        # both complete before either replaces an existing file: they always match
+        if tmp_fields is not None:
+            tmp_fields.replace(fields)
+        tmp.replace(out_path)
     except OSError as exc:
         raise SsemnetError(f"Could not write the output: {exc}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        _unlink_quietly(tmp, tmp_fields)
     # printed only once every file is written: a closed stdout cannot cost a file
     out.write(f"aligned stack -> {out_path}\n")
     if fields is not None:
@@ -357,17 +379,19 @@ def _npz_path(path: str | Path) -> Path:
     return p if p.suffix == ".npz" else p.with_name(p.name + ".npz")
 
 
-def _save_fields_atomic(path: Path, displacement: Any, **kwargs: Any) -> Path:
-    """``save_fields`` under a working name, renamed over ``path`` once complete."""
-    from .core.io import save_fields
+def _size(n: int) -> str:
+    """Bytes for a message: GB, or MB under 1 GB (0.0 GB said nothing)."""
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
 
-    tmp = _partial(path, "partial.npz")
-    try:
-        save_fields(tmp, displacement, **kwargs)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+def _unlink_quietly(*paths: Path | None) -> None:
+    """Remove working files, never hiding the error that got us here."""
+    for f in paths:
+        if f is not None:
+            try:
+                f.unlink(missing_ok=True)
+            except OSError:
+                pass
 
 
 def _samefile(a: Path, b: Path) -> bool:
@@ -391,6 +415,9 @@ def _refuse_overwriting_input(input_path: str | Path | None, output: str | Path,
         else:
             files = [src] if src.is_file() else []
         same = any(_samefile(out, f) for f in files)
+    if same and src.is_dir() and out.parent == src and not out.exists():
+        raise SsemnetError(f"The {what} {output} is inside the input folder {input_path}, "
+                           f"whose files are read as sections; choose another place.")
     if same:
         raise SsemnetError(f"The {what} {output} would replace the input "
                            f"{input_path}; choose another {what}.")
@@ -422,7 +449,10 @@ def _check_target(path: Path, what: str) -> list[Path]:
             d.mkdir()
             made.append(d)
         # os.access says yes to root everywhere: try it (a read-only mount, /proc, ...)
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        # as long a name as the longest working file (.NAME.displacement.partial.npy), so
+        # a name too long for the file system fails here, not after the alignment
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".displacement.probe",
+                                     dir=parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
@@ -484,36 +514,65 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _link_or_create(src: Path, dst: Path) -> None:
+    """``dst`` appears complete (a hard link of ``src``), or, where the file system has no
+    hard links (FAT, some network shares), is created exclusively and then filled."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        fd = os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, src.read_bytes())
+        finally:
+            os.close(fd)
+
+
 @contextmanager
 def _output_lock(out_path: Path) -> Iterator[None]:
-    """Keep a second run (joint or block-wise) from writing the same output (and working
-    files) at once: a lock file ``.NAME.lock`` with the process id, mode 0o644; one left by a
-    process that no longer runs is taken over."""
+    """Keep a second run from writing the same output (and working files) at once: a lock
+    file ``.NAME.lock`` holding the process id, mode 0o644; one left by a process that no
+    longer runs is taken over. The id is written before the lock appears (a hard link of a
+    complete file), so no other run can read an empty lock and take it as stale."""
     lock = _partial(out_path, "lock")
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except OSError as exc:
-            if not isinstance(exc, FileExistsError):
-                raise SsemnetError(f"Could not create the lock file {lock}: "
-                                   f"{exc.strerror or exc}") from None
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _pid_alive(pid):
-                raise SsemnetError(f"Another napari-ssemnet run (process {pid}) is writing "
-                                   f"{out_path}; wait for it to end or stop it.") from None
-            lock.unlink(missing_ok=True)
-    else:  # pragma: no cover - lost a race twice
-        raise SsemnetError(f"Could not lock {lock}.")
+    fd, mine = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".lock-new",
+                                dir=lock.parent)
     try:
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
+        os.chmod(mine, 0o644)
+        for _ in range(2):
+            try:
+                _link_or_create(Path(mine), lock)
+                break
+            except FileExistsError:
+                try:
+                    pid = int(lock.read_text().strip() or 0)
+                except (OSError, ValueError):  # garbage, or not a file
+                    pid = 0
+                if lock.is_dir():
+                    raise SsemnetError(f"{lock} is a folder where napari-ssemnet keeps its lock "
+                                       "file; remove it.") from None
+                if pid and pid != os.getpid() and _pid_alive(pid):
+                    raise SsemnetError(
+                        f"Another napari-ssemnet run (process {pid}) is writing {out_path}; "
+                        f"wait for it to end or stop it (or, if it is not napari-ssemnet, "
+                        f"delete {lock}).") from None
+                lock.unlink(missing_ok=True)
+            except OSError as exc:
+                raise SsemnetError(f"Could not create the lock file {lock}: "
+                                   f"{exc.strerror or exc}") from None
+        else:  # pragma: no cover - lost a race twice
+            raise SsemnetError(f"Could not lock {lock}.")
+    finally:
+        _unlink_quietly(Path(mine))
+    try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        _unlink_quietly(lock)
 
 
 def _run_identity(args: argparse.Namespace, params: AlignParams, shape: tuple[int, ...],
@@ -539,7 +598,7 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
 
     from .core.align import format_summary, run_generator
     from .core.blocks import BlockState, block_plan, iter_align_blocks
-    from .core.io import read_resolution, tiff_write_kwargs
+    from .core.io import read_resolution, save_fields, tiff_write_kwargs
 
     z, h, w = (int(n) for n in stack.shape)
     dtype = np.dtype(stack.dtype) if args.output_dtype == "input" else np.dtype(np.float32)
@@ -548,6 +607,7 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
     out_path = Path(output)
     fields_path = _npz_path(args.fields) if args.fields else None
     tmp_tif = _partial(out_path, "partial.tif")
+    tmp_fields = _partial(fields_path, "partial.npz") if fields_path is not None else None
     tmp_disp = _partial(out_path, "displacement.partial.npy")
     state_path = _partial(out_path, "blocks.npz")
     work = [tmp_tif, tmp_disp, state_path]
@@ -572,10 +632,9 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
             free = shutil.disk_usage(out_path.parent).free
             if need > free:
                 raise SsemnetError(
-                    f"Writing the result needs about {need / 2**30:.1f} GB of disk in "
-                    f"{out_path.parent}, but only {free / 2**30:.1f} GB is free.")
-            for f in work:
-                f.unlink(missing_ok=True)
+                    f"Writing the result needs about {_size(need)} of disk in "
+                    f"{out_path.parent}, but only {_size(free)} is free.")
+            _unlink_quietly(*work)
             maps["aligned"] = tifffile.memmap(
                 tmp_tif, shape=(z, h, w), dtype=dtype,
                 **tiff_write_kwargs(read_resolution(args.input) if args.input else None,
@@ -589,8 +648,7 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
             maps["disp"] = np.load(tmp_disp, mmap_mode="r+")
     except OSError as exc:
         if state is None:
-            for f in work:
-                f.unlink(missing_ok=True)
+            _unlink_quietly(*work)
         raise SsemnetError(f"Could not create the output files: {exc}") from None
 
     def saved(st: BlockState) -> None:
@@ -609,10 +667,15 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
         del gen
         printer.close()
         maps.pop("aligned").flush()
-        tmp_tif.replace(out_path)
         if fields_path is not None:
-            _save_fields_atomic(fields_path, maps["disp"], params=params, flags=summary.flags,
-                                ncc_before=summary.ncc_before, ncc_after=summary.ncc_after)
+            try:
+                save_fields(tmp_fields, maps["disp"], params=params, flags=summary.flags,
+                            ncc_before=summary.ncc_before, ncc_after=summary.ncc_after)
+            except OSError:
+                _unlink_quietly(tmp_fields)
+                raise
+            tmp_fields.replace(fields_path)
+        tmp_tif.replace(out_path)
         finished = True
     except OSError as exc:
         raise SsemnetError(f"Could not write the output: {exc}") from None
@@ -626,13 +689,15 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
             except SsemnetError:
                 done_blocks = 0
         if not done_blocks:
-            for f in work:
-                f.unlink(missing_ok=True)
+            _unlink_quietly(*work)
         else:
-            sys.stderr.write(
-                f"stopped after block {done_blocks} of {n_blocks}; the same command with "
-                f"--resume goes on from there (working files {', '.join(f.name for f in work)}"
-                f" in {out_path.parent}; delete them to start over).\n")
+            where = (f"working files {', '.join(f.name for f in work)} in {out_path.parent}; "
+                     "delete them to start over")
+            _say(sys.stderr,
+                 f"every block is done but the outputs could not be written; the same "
+                 f"command with --resume writes them ({where}).\n" if done_blocks == n_blocks
+                 else f"stopped after block {done_blocks} of {n_blocks}; the same command "
+                      f"with --resume goes on from there ({where}).\n")
     # printed only once every file is written: a closed stdout cannot cost a file
     out.write(f"aligned stack -> {out_path}\n")
     if fields_path is not None:
@@ -735,7 +800,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
     _refuse_overwriting_input(args.input, args.output)
     _refuse_overwriting_input(args.fields, args.output)
     out_path = Path(args.output)
-    with _prepared_targets([(out_path, "output file")]):  # before reading anything
+    with _prepared_targets([(out_path, "output file")]), _output_lock(out_path):
         stack = _open_for_apply(args.input)
         try:
             with FieldSections(args.fields) as fields:
@@ -750,7 +815,8 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
                     dtype = np.dtype(np.float32)
                 if dtype.kind == "b":
                     dtype = np.dtype(np.uint8)
-                tmp = _partial(out_path, "partial.tif")
+                # not align's working name: a stopped block-wise run there stays resumable
+                tmp = _partial(out_path, "apply.partial.tif")
                 # the input's pixel size (page by page: ImageJ's section spacing is not kept)
                 pixel_size = {k: v for k, v in read_resolution(args.input).items()
                               if k in ("resolution", "resolutionunit")}
@@ -778,7 +844,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
                     raise SsemnetError(f"Could not write {out_path}: {exc}") from None
                 finally:
                     printer.close()
-                    tmp.unlink(missing_ok=True)
+                    _unlink_quietly(tmp)
         finally:
             if isinstance(stack, SectionReader):
                 stack.close()
@@ -805,7 +871,14 @@ def cmd_train(args: argparse.Namespace, out: TextIO) -> int:
     paths = [Path(p) for p in args.stacks]
     for p in paths:
         _refuse_overwriting_input(p, args.output, what="weights file")
-    with _prepared_targets([(Path(args.output), "weights file")]):  # before training
+    if args.steps is not None and args.steps < 1:  # before reading the stacks
+        raise SsemnetError(f"--steps must be at least 1; got {args.steps}.")
+    if not 0 <= args.seed <= 2**31 - 1:
+        raise SsemnetError(f"--seed must be from 0 to {2**31 - 1}; got {args.seed}.")
+    if args.init and not Path(args.init).is_file():
+        raise SsemnetError(f"The --init weights file {args.init} does not exist.")
+    target = Path(args.output)
+    with _prepared_targets([(target, "weights file")]), _output_lock(target):
         return _train(args, paths, out)
 
 
@@ -817,8 +890,6 @@ def _train(args: argparse.Namespace, paths: list[Path], out: TextIO) -> int:
     init = load_weights(args.init) if args.init else None
     kwargs: dict[str, Any] = {"seed": args.seed, "device": args.device, "init": init}
     if args.steps is not None:
-        if args.steps < 1:
-            raise SsemnetError(f"--steps must be at least 1; got {args.steps}.")
         kwargs["steps"] = args.steps
     total_px = sum(s.size for s in stacks)
     out.write(f"training the encoder on {len(stacks)} stack(s), {total_px / 1e6:.1f} Mpx\n")
@@ -842,10 +913,17 @@ def _train(args: argparse.Namespace, paths: list[Path], out: TextIO) -> int:
     if args.init:
         info["init"] = f"{Path(args.init).name} sha256:{_sha256_prefix(Path(args.init))}"
     info["napari_ssemnet_version"] = __version__
+    # under a working name, renamed when complete: an existing file (even the --init one)
+    # survives a failure, and a link at -o is replaced, not written through
+    path = Path(args.output)
+    tmp = _partial(path, "partial.pt")
     try:
-        path = save_weights(model, args.output, info=info)
+        save_weights(model, tmp, info=info)
+        tmp.replace(path)
     except OSError as exc:
         raise SsemnetError(f"Could not write {args.output}: {exc}") from None
+    finally:
+        _unlink_quietly(tmp)
     out.write(f"encoder weights -> {path} (final loss {info.get('train_loss', '?')})\n"
               f"use them with: napari-ssemnet align ... --features custom --weights {path}\n")
     return EXIT_OK
@@ -955,13 +1033,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args, out)
     except (AlignmentCancelled, KeyboardInterrupt):
-        sys.stderr.write("cancelled\n")
+        _say(sys.stderr, "cancelled\n")
         return EXIT_CANCELLED
     except (SsemnetError, ParameterError, ValueError) as exc:
         if args.debug:
             raise
         text = " ".join(str(exc).split()) or type(exc).__name__
-        sys.stderr.write(f"error: {text}\n")
+        _say(sys.stderr, f"error: {text}\n")
         return EXIT_ERROR
     finally:
         out.flush()

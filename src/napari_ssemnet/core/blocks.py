@@ -130,8 +130,12 @@ class BlockState:
         }
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
+        try:
+            np.savez(tmp, **arrays)
+            tmp.replace(path)
+        except BaseException:  # a full disk: no half-written file left beside the run
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path) -> tuple[BlockState, dict[str, str]]:

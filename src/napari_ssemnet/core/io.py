@@ -321,7 +321,9 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2) -> Any:
     if not p.is_file():
         return read_stack(p, min_sections=min_sections)  # its errors say what is wrong
     try:
-        tif = tifffile.TiffFile(p)
+        with _TiffWarnings():  # read_stack below says what they meant
+            tif = tifffile.TiffFile(p)
+            _ = tif.series
     except Exception:
         return read_stack(p, min_sections=min_sections)
     try:
