@@ -475,7 +475,7 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     usable = np.array([f in (FLAG_OK, FLAG_LOW_CONFIDENCE) for f in flags])
     if not np.array_equal(usable, usable_before):  # a section lost its overlap when rendered
         ncc_before = metrics.adjacent_ncc(metrics.normalise_stack(arr)[0], None, usable)
-    ncc_after = metrics.adjacent_ncc(aligned, valid, usable)
+    ncc_after = metrics.adjacent_ncc(aligned, valid, usable, robust=True)
     timings["total"] = time.perf_counter() - t_start
     return AlignmentResult(aligned=aligned, displacement=displacement, valid=valid,
                            ncc_before=ncc_before, ncc_after=ncc_after, flags=flags,
@@ -588,7 +588,7 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
         return imgs, ok
 
     def mean_adjacent_ncc(imgs: np.ndarray, ok: np.ndarray) -> float:
-        vals = [metrics.ncc(imgs[local], imgs[j], ok[local] & ok[j])
+        vals = [metrics.ncc(imgs[local], imgs[j], ok[local] & ok[j], robust=True)
                 for j in (local - 1, local + 1) if 0 <= j < hi - lo and not blank[j]]
         vals = [v for v in vals if np.isfinite(v)]
         return float(np.mean(vals)) if vals else float("nan")

@@ -475,7 +475,8 @@ def iter_align_blocks(
         for a, c in zip(use[:-1], use[1:], strict=False):
             if a in local and c in local and fixed[local[a]] and fixed[local[c]]:
                 continue
-            pairs_after[(a, c)] = metrics.ncc(out_img[a], out_img[c], out_ok[a] & out_ok[c])
+            pairs_after[(a, c)] = metrics.ncc(out_img[a], out_img[c], out_ok[a] & out_ok[c],
+                                              robust=True)
             if (a, c) not in pairs_before:  # the pair skips a section flagged no_overlap
                 raw_pair = [raw[local[x]] if x in local else np.asarray(stack[x])
                             for x in (a, c)]

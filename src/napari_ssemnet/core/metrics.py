@@ -61,9 +61,20 @@ def normalise_stack(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return norm, blank
 
 
-def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+def _clipped(v: np.ndarray) -> np.ndarray:
+    """Pixel values clipped as :func:`normalise_stack` clips a section (median +- 3
+    quarters of the 1-99 percentile range), so that a few extreme pixels do not rule."""
+    lo, med, hi = np.percentile(v, [1, 50, 99])
+    half = 0.75 * (hi - lo)
+    return np.clip(v, med - half, med + half) if half > 0 else v
+
+
+def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, *,
+        robust: bool = False) -> float:
     """Normalised cross-correlation of two images on an optional boolean mask.
 
+    ``robust`` clips each image's values (on the mask) as the alignment's normalisation
+    does, so that the NCC of aligned sections compares with that of the normalised input.
     Returns NaN when fewer than 16 pixels are usable or either image is flat there.
     """
     a = np.asarray(a, np.float64)
@@ -76,6 +87,8 @@ def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
         b = b.ravel()
     if a.size < 16:
         return float("nan")
+    if robust:
+        a, b = _clipped(a), _clipped(b)
     a = a - a.mean()
     b = b - b.mean()
     den = np.sqrt((a * a).sum() * (b * b).sum())
@@ -85,7 +98,7 @@ def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
 
 
 def adjacent_ncc(stack: np.ndarray, valid: np.ndarray | None,
-                 usable: np.ndarray | None = None) -> np.ndarray:
+                 usable: np.ndarray | None = None, *, robust: bool = False) -> np.ndarray:
     """Mean NCC of each section with its nearest usable neighbours on each side.
 
     Parameters
@@ -94,6 +107,8 @@ def adjacent_ncc(stack: np.ndarray, valid: np.ndarray | None,
     valid : ndarray, shape (Z, H, W), bool, or None (all valid)
     usable : ndarray, shape (Z,), bool, or None
         Sections to include; others (e.g. blank) get NaN and are skipped as neighbours.
+    robust : bool
+        As :func:`ncc` (for aligned sections: values as the input's normalisation sees them).
 
     Returns
     -------
@@ -105,7 +120,7 @@ def adjacent_ncc(stack: np.ndarray, valid: np.ndarray | None,
     pair: dict[tuple[int, int], float] = {}
     for a, b in zip(idx[:-1], idx[1:], strict=False):
         m = None if valid is None else (valid[a] & valid[b])
-        pair[(int(a), int(b))] = ncc(stack[a], stack[b], m)
+        pair[(int(a), int(b))] = ncc(stack[a], stack[b], m, robust=robust)
     return mean_of_pairs(pair, usable)
 
 

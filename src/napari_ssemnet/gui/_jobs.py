@@ -135,7 +135,7 @@ def _adjacent_ncc(aligned: np.ndarray, valid: np.ndarray, flags: list[str]) -> n
     from ..core.metrics import adjacent_ncc
 
     usable = np.array([f in ("", "low_confidence") for f in flags])
-    return adjacent_ncc(aligned, valid, usable)
+    return adjacent_ncc(aligned, valid, usable, robust=True)
 
 
 def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentResult | None,
