@@ -436,7 +436,8 @@ class AlignWidget(QWidget):
             return None
         try:
             params = self.form.params()
-            if params.features == "custom" and not Path(params.weights).is_file():
+            if (what != "Training" and params.features == "custom"
+                    and not Path(params.weights).is_file()):
                 raise SsemnetError(f"The weights file {params.weights!r} does not exist; "
                                    "choose it again or train features on this stack.")
             stack = check_stack(np.asarray(layer.data), name=f"layer '{layer.name}'")
