@@ -660,6 +660,7 @@ def test_apply_fields_messages_speak_of_apply_fields(tiny_tif, tmp_path, capsys)
     (["align", "x.tif", "-o", "y.tif", "--grid-spacing", "abc"], "align"),
     (["align", "x.tif", "-o", "y.tif", "--prealign", "nope"], "align"),
     (["align", "x.tif", "-o", "y.tif", "--bogus"], "align"),
+    (["align", "x.tif", "-o", "y.tif", "--iter", "5"], "align"),  # no abbreviations
     (["apply-fields", "f.npz", "x.tif"], "apply-fields"),
     (["train-features", "-o", "w.pt"], "train-features"),
     (["train-features", "x.tif", "-o", "w.pt", "--steps", "many"], "train-features"),

@@ -933,7 +933,13 @@ def _train(args: argparse.Namespace, paths: list[Path], out: TextIO) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line, as every other error of the CLI."""
+    """argparse, but a usage error is one line, as every other error of the CLI, and an
+    option must be spelled out: the options are generated from the parameters, so an
+    abbreviation that works today (``--iter``) could mean another option tomorrow."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         text = " ".join(message.split())
