@@ -324,14 +324,21 @@ def test_apply_fields_bad_input_is_one_error_line(tiny_tif, tmp_path, capsys):
     assert not (tmp_path / "o.tif").exists()
 
 
-def test_blockwise_run_stopped_then_resumed_matches_an_uninterrupted_one(tiny_tif, tmp_path,
-                                                                        monkeypatch, capsys):
-    import napari_ssemnet.core.blocks as blocks
-
+def _uninterrupted_blockwise(tiny_tif: Path, tmp_path: Path) -> tuple[list[str], Path]:
+    """Block-wise options and the result of a run of them that nothing stopped
+    (``full.tif`` and ``full.npz`` in ``tmp_path``)."""
     opts = ["--block-size", "3", "--window", "1", *TINY]
     full = tmp_path / "full.tif"
     assert cli.main(["align", str(tiny_tif), "-o", str(full), "--fields",
                      str(tmp_path / "full.npz"), *opts]) == 0
+    return opts, full
+
+
+def test_blockwise_run_stopped_then_resumed_matches_an_uninterrupted_one(tiny_tif, tmp_path,
+                                                                        monkeypatch, capsys):
+    import napari_ssemnet.core.blocks as blocks
+
+    opts, full = _uninterrupted_blockwise(tiny_tif, tmp_path)
     real = blocks.iter_align_blocks
 
     def interrupted_after_first_block(*args, on_block=None, **kwargs):
@@ -757,10 +764,7 @@ def test_a_failed_fields_write_replaces_neither_output(tiny_tif, tmp_path, monke
 
 def test_a_failed_fields_write_after_the_last_block_keeps_the_work(tiny_tif, tmp_path,
                                                                   monkeypatch, capsys):
-    opts = ["--block-size", "3", "--window", "1", *TINY]
-    full = tmp_path / "full.tif"
-    assert cli.main(["align", str(tiny_tif), "-o", str(full), "--fields",
-                     str(tmp_path / "full.npz"), *opts]) == 0
+    opts, full = _uninterrupted_blockwise(tiny_tif, tmp_path)
     out, fields = tmp_path / "o" / "al.tif", tmp_path / "o" / "f.npz"
     argv = ["align", str(tiny_tif), "-o", str(out), "--fields", str(fields), *opts]
     real = _failing_save_fields(monkeypatch)
