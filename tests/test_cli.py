@@ -657,7 +657,7 @@ def test_apply_fields_messages_speak_of_apply_fields(tiny_tif, tmp_path, capsys)
     for src in (flat, flat_mask):
         code = cli.main(["apply-fields", str(fields), str(src), "-o", str(tmp_path / "o.tif")])
         err = capsys.readouterr().err
-        assert code == 2 and "apply-fields needs" in err and "alignment" not in err, err
+        assert code == 2 and "(Z, H, W) is needed" in err and "align" not in err, err
     sub = cli.build_parser()._subparsers._group_actions[0].choices["apply-fields"]
     labels = next(a for a in sub._actions if a.dest == "labels")
     assert "boolean mask" in labels.help and "uint8 0/1" in labels.help

@@ -709,81 +709,6 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
     return EXIT_OK
 
 
-class _MaskPages(SectionReader):
-    """A boolean mask TIFF (one bit per pixel, one page per section) read page by page as
-    uint8 0/1, which the alignment's readers refuse (a mask is not an EM image)."""
-
-    def __init__(self, tif: Any, pages: Any, shape: tuple[int, int, int]) -> None:
-        super().__init__(shape, np.uint8)
-        self._tif, self._pages = tif, pages
-
-    def _read(self, z: int) -> np.ndarray:
-        return np.asarray(self._pages[z].asarray()).astype(np.uint8)
-
-    def close(self) -> None:
-        self._tif.close()
-
-
-def _open_mask(path: Path) -> Any:
-    """A boolean TIFF stack as uint8 0/1 (a :class:`_MaskPages` or an array), or None when
-    ``path`` is not a boolean TIFF."""
-    import tifffile
-
-    from .core.align import check_stack
-    from .core.errors import InputError
-
-    if not path.is_file():
-        return None
-    try:
-        tif = tifffile.TiffFile(path)
-    except Exception:  # not a TIFF: open_stack says what is wrong
-        return None
-    try:
-        series = tif.series[0] if tif.series else None
-        if series is None or series.dtype != bool:
-            tif.close()
-            return None
-        shape = tuple(int(s) for s in series.shape if s != 1)
-        if len(shape) == 2:
-            raise InputError(f"{str(path)!r} holds a single 2D mask of shape {shape}; "
-                             "apply-fields needs a multi-page TIFF stack of shape (Z, H, W).")
-        pages = list(series.pages)
-        if len(shape) == 3 and len(pages) == shape[0] and all(
-                pg is not None and tuple(pg.shape) == shape[1:] for pg in pages):
-            # size and section checks without reading: a view of zeros of the same shape
-            check_stack(np.broadcast_to(np.zeros((), np.uint8), shape),
-                        name=f"mask in {path.name}")
-            return _MaskPages(tif, pages, shape)  # type: ignore[arg-type]
-        arr = series.asarray()
-    except InputError:
-        tif.close()
-        raise
-    except Exception as exc:  # tifffile raises many kinds
-        tif.close()
-        raise InputError(f"{str(path)!r} is not a readable TIFF file ({type(exc).__name__})."
-                         ) from None
-    tif.close()
-    arr = np.squeeze(arr) if arr.ndim > 3 else arr
-    return check_stack(arr.astype(np.uint8), name=f"mask in {path.name}")
-
-
-def _open_for_apply(path: str) -> Any:
-    """The stack to resample: as the alignment reads it, or a boolean mask as uint8 0/1;
-    the messages speak of apply-fields, not of alignment."""
-    from .core.errors import InputError
-    from .core.io import open_stack
-
-    mask = _open_mask(Path(path))
-    if mask is not None:
-        return mask
-    try:
-        return open_stack(path)
-    except InputError as exc:
-        text = str(exc).replace("alignment needs", "apply-fields needs").replace(
-            "before aligning", "before applying the fields")
-        raise InputError(text) from None
-
-
 def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
     """Resample a stack through saved fields, one section at a time."""
     import tifffile
@@ -793,6 +718,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
         _BIGTIFF_BYTES,
         FieldSections,
         apply_displacement_section,
+        open_stack,
         read_resolution,
     )
 
@@ -801,7 +727,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
     _refuse_overwriting_input(args.fields, args.output)
     out_path = Path(args.output)
     with _prepared_targets([(out_path, "output file")]), _output_lock(out_path):
-        stack = _open_for_apply(args.input)
+        stack = open_stack(args.input, masks=True)  # a boolean mask is read as uint8 0/1
         try:
             with FieldSections(args.fields) as fields:
                 z, h, w = (int(n) for n in stack.shape)

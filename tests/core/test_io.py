@@ -309,3 +309,18 @@ def test_apply_displacement_shape_mismatch():
         apply_displacement(np.zeros((2, 20, 20)), np.zeros((3, 2, 20, 20), np.float32))
     with pytest.raises(InputError, match="order"):
         apply_displacement(np.zeros((2, 20, 20)), np.zeros((2, 2, 20, 20)), order=3)
+
+
+def test_masks_are_read_as_uint8_only_when_asked(tmp_path):
+    mask = np.zeros((3, 40, 40), bool)
+    mask[:, 10:20, 5:30] = True
+    path = tmp_path / "mask.tif"
+    tifffile.imwrite(path, mask, photometric="minisblack")  # one bit per pixel
+    for reader in (read_stack, open_stack):
+        with pytest.raises(InputError, match="boolean mask"):
+            reader(path)
+        got = reader(path, masks=True)
+        assert got.dtype == np.uint8 and got.shape == mask.shape
+        np.testing.assert_array_equal(np.stack([got[z] for z in range(3)]), mask)
+        if isinstance(got, PageStack):
+            got.close()

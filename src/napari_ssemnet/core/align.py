@@ -196,9 +196,13 @@ def map_events(gen: Generator[Any, None, Any], fn: Callable[[Any], Any]
         gen.close()
 
 
-def check_stack(stack: Any, *, name: str = "stack", min_sections: int = 2) -> np.ndarray:
+def check_stack(stack: Any, *, name: str = "stack", min_sections: int = 2,
+                masks: bool = False) -> np.ndarray:
     """Validate a (Z, H, W) real-valued stack and return it as an array (never a copy-on-write
     view that could alias user data into an in-place operation).
+
+    ``masks=True`` also accepts a boolean stack (e.g. a mask to resample through saved
+    fields) and returns it as uint8 0/1.
 
     Raises
     ------
@@ -209,6 +213,8 @@ def check_stack(stack: Any, *, name: str = "stack", min_sections: int = 2) -> np
         arr = np.asarray(stack)
     except Exception as exc:  # pragma: no cover - exotic array-likes
         raise InputError(f"The {name} could not be read as an array: {exc}") from None
+    if arr.dtype == bool and masks:
+        arr = arr.astype(np.uint8)
     if arr.dtype == bool:
         raise InputError(f"The {name} is a boolean mask, not an image; pass the grayscale EM "
                          "stack.")
@@ -216,8 +222,8 @@ def check_stack(stack: Any, *, name: str = "stack", min_sections: int = 2) -> np
         raise InputError(f"The {name} has dtype {arr.dtype}; a real-valued (integer or float) "
                          "grayscale stack is needed.")
     if arr.ndim == 2:
-        raise InputError(f"The {name} is a single 2D image of shape {arr.shape}; alignment needs "
-                         "a stack of sections with shape (Z, H, W).")
+        raise InputError(f"The {name} is a single 2D image of shape {arr.shape}; a stack of "
+                         "sections with shape (Z, H, W) is needed.")
     if arr.ndim == 4 and arr.shape[-1] in (3, 4):
         raise InputError(f"The {name} looks like an RGB(A) stack with shape {arr.shape}; convert "
                          "it to grayscale (Z, H, W) first.")
@@ -226,7 +232,7 @@ def check_stack(stack: Any, *, name: str = "stack", min_sections: int = 2) -> np
                          "(Z, H, W) is needed. Split channels or time points first.")
     if arr.shape[-1] in (3, 4) and arr.shape[-2] > 16:
         raise InputError(f"The {name} of shape {arr.shape} looks like a single RGB(A) image; "
-                         "alignment needs a grayscale stack (Z, H, W).")
+                         "a grayscale stack (Z, H, W) is needed.")
     z, h, w = arr.shape
     if z < min_sections:
         raise InputError(f"The {name} has {z} section(s); at least {min_sections} are needed.")
@@ -239,7 +245,7 @@ def check_stack(stack: Any, *, name: str = "stack", min_sections: int = 2) -> np
         if zs:
             shown = ", ".join(str(int(s)) for s in zs[:10]) + (" ..." if len(zs) > 10 else "")
             raise InputError(f"The {name} contains NaN or infinite values in section(s) {shown}; "
-                             "replace them (e.g. with 0) before aligning.")
+                             "replace them (e.g. with 0) first.")
     return arr
 
 

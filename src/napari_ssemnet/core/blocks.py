@@ -260,7 +260,7 @@ def _read_sections(stack: Any, zs: Sequence[int]) -> np.ndarray:
         if bad:
             shown = ", ".join(str(z) for z in bad[:10]) + (" ..." if len(bad) > 10 else "")
             raise InputError(f"The stack contains NaN or infinite values in section(s) "
-                             f"{shown}; replace them (e.g. with 0) before aligning.")
+                             f"{shown}; replace them (e.g. with 0) first.")
     return raw
 
 

@@ -18,6 +18,7 @@ Nothing is ever unpickled: files are read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -107,7 +108,8 @@ SAME_SIZE = ("every section of a stack must have the same size and data type; cr
              "the sections to one size first")
 
 
-def read_stack(path: str | os.PathLike, *, min_sections: int = 2) -> np.ndarray:
+def read_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = False
+               ) -> np.ndarray:
     """Read a multi-page grayscale TIFF (or a folder of single-section TIFFs, see
     :class:`FolderStack`) as a stack.
 
@@ -116,6 +118,8 @@ def read_stack(path: str | os.PathLike, *, min_sections: int = 2) -> np.ndarray:
     path : str or PathLike
     min_sections : int
         Fewest sections accepted (alignment needs 2).
+    masks : bool
+        Also accept a boolean stack, returned as uint8 0/1 (see :func:`check_stack`).
 
     Returns
     -------
@@ -171,8 +175,8 @@ def read_stack(path: str | os.PathLike, *, min_sections: int = 2) -> np.ndarray:
                          "a grayscale stack of shape (Z, H, W) is needed. Convert it to "
                          "grayscale first.")
     if arr.ndim == 2:
-        raise InputError(f"{str(p)!r} holds a single 2D image of shape {arr.shape}; alignment "
-                         "needs a multi-page TIFF stack of shape (Z, H, W).")
+        raise InputError(f"{str(p)!r} holds a single 2D image of shape {arr.shape}; a "
+                         "multi-page TIFF stack of shape (Z, H, W) is needed.")
     if arr.ndim > 3:
         squeezed = np.squeeze(arr)
         if squeezed.ndim == 3:  # e.g. singleton channel/time axes from ImageJ hyperstacks
@@ -181,7 +185,7 @@ def read_stack(path: str | os.PathLike, *, min_sections: int = 2) -> np.ndarray:
             raise InputError(f"{str(p)!r} holds an array of shape {arr.shape} (axes {axes}); "
                              "a grayscale stack of shape (Z, H, W) is needed. Split channels "
                              "or time points first.")
-    return check_stack(arr, name=f"stack in {p.name}", min_sections=min_sections)
+    return check_stack(arr, name=f"stack in {p.name}", min_sections=min_sections, masks=masks)
 
 
 class SectionReader:
@@ -219,7 +223,8 @@ class SectionReader:
 
 
 class PageStack(SectionReader):
-    """A multi-page TIFF read one page (section) at a time."""
+    """A multi-page TIFF read one page (section) at a time, cast to ``dtype`` (a boolean
+    mask is read as uint8 0/1)."""
 
     def __init__(self, tif: Any, pages: Any, shape: tuple[int, int, int], dtype: np.dtype
                  ) -> None:
@@ -227,7 +232,7 @@ class PageStack(SectionReader):
         self._tif, self._pages = tif, pages
 
     def _read(self, z: int) -> np.ndarray:
-        return self._pages[z].asarray()
+        return self._pages[z].asarray().astype(self.dtype, copy=False)
 
     def close(self) -> None:
         self._tif.close()
@@ -298,13 +303,15 @@ class FolderStack(SectionReader):
         return tifffile.imread(self.files[z])
 
 
-def open_stack(path: str | os.PathLike, *, min_sections: int = 2) -> Any:
+def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = False
+               ) -> Any:
     """Open a multi-page grayscale TIFF for reading section by section.
 
-    An uncompressed TIFF is memory-mapped; a compressed one with one page per section is a
-    :class:`PageStack`; a folder of single-section TIFFs is a :class:`FolderStack`; anything
-    else is read whole with :func:`read_stack`. The same checks
-    as :func:`read_stack` apply (non-finite values are checked section by section).
+    An uncompressed TIFF is memory-mapped; a compressed one (or a one-bit mask) with one page
+    per section is a :class:`PageStack`; a folder of single-section TIFFs is a
+    :class:`FolderStack`; anything else is read whole with :func:`read_stack`. The same checks
+    as :func:`read_stack` apply (non-finite values are checked section by section); with
+    ``masks=True`` a boolean stack is accepted and read as uint8 0/1.
 
     Returns
     -------
@@ -316,21 +323,23 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2) -> Any:
     from .align import MIN_SIZE, check_stack
 
     p = Path(path)
+    whole = functools.partial(read_stack, p, min_sections=min_sections, masks=masks)
     if p.is_dir():
         return FolderStack(p, min_sections=min_sections)
     if not p.is_file():
-        return read_stack(p, min_sections=min_sections)  # its errors say what is wrong
+        return whole()  # its errors say what is wrong
     try:
         with _TiffWarnings():  # read_stack below says what they meant
             tif = tifffile.TiffFile(p)
             _ = tif.series
     except Exception:
-        return read_stack(p, min_sections=min_sections)
+        return whole()
     try:
         series = tif.series[0] if tif.series else None
         shape = tuple(int(s) for s in series.shape if s != 1) if series is not None else ()
-        real = series is not None and series.dtype != bool and (
-            np.issubdtype(series.dtype, np.integer) or np.issubdtype(series.dtype, np.floating))
+        mask = series is not None and series.dtype == bool and masks
+        real = series is not None and (mask or series.dtype != bool and (
+            np.issubdtype(series.dtype, np.integer) or np.issubdtype(series.dtype, np.floating)))
         simple = (real and len(shape) == 3 and not _is_rgb(series)
                   and min(shape[1:]) >= MIN_SIZE and shape[0] >= min_sections)
         if simple:
@@ -338,7 +347,7 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2) -> Any:
                 mismatch = _page_mismatch(tif, series)
             if mismatch:
                 raise InputError(f"{str(p)!r}: {mismatch}; {SAME_SIZE}.")
-        if simple and series.dataoffset is not None:
+        if simple and series.dataoffset is not None and not mask:  # masks are bit-packed
             tif.close()
             mm = tifffile.memmap(p, series=0, mode="r").reshape(shape)
             check_stack(mm, name=f"stack in {p.name}", min_sections=min_sections)
@@ -351,14 +360,14 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2) -> Any:
             except Exception as exc:
                 raise InputError(_unreadable(p, exc)) from None
             # non-finite values are checked as the sections are read
-            return PageStack(tif, pages, shape, series.dtype)
+            return PageStack(tif, pages, shape, np.uint8 if mask else series.dtype)
     except InputError:
         tif.close()
         raise
     except Exception:  # anything unusual: read_stack gives the precise error or the array
         pass
     tif.close()
-    return read_stack(p, min_sections=min_sections)
+    return whole()
 
 
 def _unreadable(p: Path, exc: BaseException) -> str:
