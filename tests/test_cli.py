@@ -636,10 +636,14 @@ def test_apply_fields_takes_a_boolean_mask(tiny_tif, tmp_path, capsys):
     src = tmp_path / "mask.tif"
     tifffile.imwrite(src, mask, photometric="minisblack")  # one bit per pixel
     assert tifffile.TiffFile(src).series[0].dtype == bool
+    folder = tmp_path / "mask_sections"  # the same mask as a folder of one-bit files
+    folder.mkdir()
+    for z, sec in enumerate(mask):
+        tifffile.imwrite(folder / f"s{z}.tif", sec, photometric="minisblack")
     disp, _ = load_fields(fields)
-    for opt, order in (["--labels"], 0), ([], 1):
-        out = tmp_path / f"m{order}.tif"
-        code = cli.main(["apply-fields", str(fields), str(src), "-o", str(out), "-q", *opt])
+    for opt, order, given in (["--labels"], 0, src), ([], 1, src), (["--labels"], 0, folder):
+        out = tmp_path / f"m{order}_{given.name}.tif"
+        code = cli.main(["apply-fields", str(fields), str(given), "-o", str(out), "-q", *opt])
         assert code == 0, capsys.readouterr().err
         got = read_stack(out)
         assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 1}
@@ -730,7 +734,11 @@ def test_outputs_keep_the_pixel_size_and_section_spacing(tiny_tif, tmp_path, cap
     applied = tmp_path / "applied.tif"
     assert cli.main(["apply-fields", str(tmp_path / "f.npz"), str(src), "-o", str(applied),
                      "-q"]) == 0
-    assert read_resolution(applied) == {"resolution": (250.0, 250.0), "resolutionunit": 1}
+    assert read_resolution(applied) == res
+    with tifffile.TiffFile(applied) as tif:  # one ZYX series, not pages ImageJ calls channels
+        assert tif.series[0].axes == "ZYX" and len(tif.series) == 1
+        want = tifffile.imread(joint).shape
+        assert tif.series[0].shape == want and tif.imagej_metadata["slices"] == want[0]
     capsys.readouterr()
 
 

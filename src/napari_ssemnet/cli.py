@@ -715,11 +715,11 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
 
     from .core.align import Progress
     from .core.io import (
-        _BIGTIFF_BYTES,
         FieldSections,
         apply_displacement_section,
         open_stack,
         read_resolution,
+        tiff_write_kwargs,
     )
 
     order = 0 if args.labels else 1
@@ -743,28 +743,32 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
                     dtype = np.dtype(np.uint8)
                 # not align's working name: a stopped block-wise run there stays resumable
                 tmp = _partial(out_path, "apply.partial.tif")
-                # the input's pixel size (page by page: ImageJ's section spacing is not kept)
-                pixel_size = {k: v for k, v in read_resolution(args.input).items()
-                              if k in ("resolution", "resolutionunit")}
+                # one series written as the sections come, so that ImageJ's section
+                # spacing is kept as well as the pixel size
+                write_kw = tiff_write_kwargs(read_resolution(args.input), dtype,
+                                             z * h * w * dtype.itemsize)
                 out.write(f"applying {args.fields} to {args.input} ("
                           f"{'nearest neighbour, labels' if order == 0 else 'bilinear'}): {z} "
                           f"sections of {h}x{w} px\n")
                 out.flush()
                 printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
+
+                def sections(should_stop: Callable[[], bool]) -> Iterator[np.ndarray]:
+                    for zz, disp in enumerate(fields):
+                        if should_stop():
+                            raise AlignmentCancelled("Cancelled.")
+                        sec = apply_displacement_section(np.asarray(stack[zz]), disp,
+                                                         order=order)
+                        if sec.dtype != dtype:  # labels keep theirs (no float round trip)
+                            sec = as_dtype(sec, dtype)
+                        yield sec
+                        if not args.quiet:
+                            printer(Progress("apply", zz + 1, z, f"section {zz + 1}/{z}"))
+
                 try:
-                    with ctrl_c_stops() as should_stop, tifffile.TiffWriter(
-                            tmp, bigtiff=z * h * w * dtype.itemsize > _BIGTIFF_BYTES) as tif:
-                        for zz, disp in enumerate(fields):
-                            if should_stop():
-                                raise AlignmentCancelled("Cancelled.")
-                            sec = apply_displacement_section(np.asarray(stack[zz]), disp,
-                                                             order=order)
-                            if sec.dtype != dtype:  # labels keep theirs (no float round trip)
-                                sec = as_dtype(sec, dtype)
-                            tif.write(sec, photometric="minisblack", contiguous=True,
-                                      **pixel_size)
-                            if not args.quiet:
-                                printer(Progress("apply", zz + 1, z, f"section {zz + 1}/{z}"))
+                    with ctrl_c_stops() as should_stop:
+                        tifffile.imwrite(tmp, sections(should_stop), shape=(z, h, w),
+                                         dtype=dtype, **write_kw)
                     tmp.replace(out_path)
                 except OSError as exc:
                     raise SsemnetError(f"Could not write {out_path}: {exc}") from None

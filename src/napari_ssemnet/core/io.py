@@ -140,9 +140,9 @@ def read_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
     if not p.exists():
         raise InputError(f"Input file {str(p)!r} does not exist.")
     if p.is_dir():
-        folder = FolderStack(p, min_sections=min_sections)
+        folder = FolderStack(p, min_sections=min_sections, masks=masks)
         return check_stack(np.stack([folder[z] for z in range(len(folder))]),
-                           name=f"stack in {p.name}", min_sections=min_sections)
+                           name=f"stack in {p.name}", min_sections=min_sections, masks=masks)
     differ = None
     with _TiffWarnings() as warned:
         try:
@@ -245,7 +245,8 @@ def _natural_key(name: str) -> list[Any]:
 
 class FolderStack(SectionReader):
     """A folder of single-section TIFF files (one per section, in natural name order: ``s2``
-    before ``s10``) read one file at a time.
+    before ``s10``) read one file at a time. With ``masks=True`` boolean sections are
+    accepted and read as uint8 0/1 (``dtype`` is then uint8).
 
     Raises
     ------
@@ -254,7 +255,8 @@ class FolderStack(SectionReader):
         data type differ (the message names the file).
     """
 
-    def __init__(self, folder: str | os.PathLike, *, min_sections: int = 2) -> None:
+    def __init__(self, folder: str | os.PathLike, *, min_sections: int = 2,
+                 masks: bool = False) -> None:
         import tifffile
 
         from .align import MIN_SIZE
@@ -291,16 +293,20 @@ class FolderStack(SectionReader):
         if min(shape) < MIN_SIZE:
             raise InputError(f"Sections of {shape[0]}x{shape[1]} px are too small; at least "
                              f"{MIN_SIZE}x{MIN_SIZE} px are needed.")
-        if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        mask = masks and dtype == bool
+        if dtype == bool and not mask:
+            raise InputError(f"The sections in {str(folder)!r} are boolean masks, not images; "
+                             "a grayscale image is needed.")
+        if not (mask or np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
             raise InputError(f"The sections in {str(folder)!r} have dtype {dtype}; a "
                              "real-valued grayscale image is needed.")
-        super().__init__((len(files), *shape), dtype)
+        super().__init__((len(files), *shape), np.uint8 if mask else dtype)
         self.files = files
 
     def _read(self, z: int) -> np.ndarray:
         import tifffile
 
-        return tifffile.imread(self.files[z])
+        return tifffile.imread(self.files[z]).astype(self.dtype, copy=False)
 
 
 def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = False
@@ -325,7 +331,7 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
     p = Path(path)
     whole = functools.partial(read_stack, p, min_sections=min_sections, masks=masks)
     if p.is_dir():
-        return FolderStack(p, min_sections=min_sections)
+        return FolderStack(p, min_sections=min_sections, masks=masks)
     if not p.is_file():
         return whole()  # its errors say what is wrong
     try:
