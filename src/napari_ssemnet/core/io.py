@@ -293,8 +293,8 @@ class FolderStack(SectionReader):
         if min(shape) < MIN_SIZE:
             raise InputError(f"Sections of {shape[0]}x{shape[1]} px are too small; at least "
                              f"{MIN_SIZE}x{MIN_SIZE} px are needed.")
-        mask = masks and dtype == bool
-        if dtype == bool and not mask:
+        mask = masks and dtype.kind == "b"
+        if dtype.kind == "b" and not mask:
             raise InputError(f"The sections in {str(folder)!r} are boolean masks, not images; "
                              "a grayscale image is needed.")
         if not (mask or np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
