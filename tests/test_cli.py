@@ -851,3 +851,25 @@ def test_a_closed_stderr_keeps_the_exit_code(tiny_tif, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stdout", None)  # started with >&-
     assert cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "o.tif"), *TINY]) == 0
     assert (tmp_path / "o.tif").is_file()
+
+
+def test_replaced_outputs_keep_their_permissions(tiny_tif, tmp_path, capsys):
+    out, fields, applied = tmp_path / "al.tif", tmp_path / "f.npz", tmp_path / "ap.tif"
+    for f in (out, fields, applied):
+        f.write_bytes(b"old")
+        f.chmod(0o664)  # a group-writable file in a shared folder
+    old = os.umask(0o022)
+    try:
+        assert cli.main(["align", str(tiny_tif), "-o", str(out), "--fields", str(fields),
+                         "-q", *TINY]) == 0
+        assert cli.main(["apply-fields", str(fields), str(tiny_tif), "-o", str(applied),
+                         "-q"]) == 0
+        new = tmp_path / "new.tif"  # a new file: the umask decides
+        assert cli.main(["apply-fields", str(fields), str(tiny_tif), "-o", str(new),
+                         "-q"]) == 0
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+    assert [f.stat().st_mode & 0o777 for f in (out, fields, applied)] == [0o664] * 3
+    assert new.stat().st_mode & 0o777 == 0o644
+    assert read_stack(out).shape == read_stack(tiny_tif).shape

@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -359,8 +360,8 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
                         ncc_after=result.ncc_after)
         # both complete before either replaces an existing file: they always match
         if tmp_fields is not None:
-            tmp_fields.replace(fields)
-        tmp.replace(out_path)
+            _install(tmp_fields, fields)
+        _install(tmp, out_path)
     except OSError as exc:
         raise SsemnetError(f"Could not write the output: {exc}") from None
     finally:
@@ -489,6 +490,16 @@ def _prepared_targets(targets: Sequence[tuple[Path, str]]) -> Iterator[None]:
 def _partial(path: Path, suffix: str) -> Path:
     """A working file next to ``path`` that replaces nothing of the user's."""
     return path.with_name(f".{path.name}.{suffix}")
+
+
+def _install(tmp: Path, target: Path) -> None:
+    """Rename a finished working file over ``target``; a file it replaces passes on its
+    permissions (a group-writable result in a shared folder stays group-writable)."""
+    try:
+        os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+    except FileNotFoundError:
+        pass  # a new file: the umask decides, as for any other new file
+    tmp.replace(target)
 
 
 def _reserve(path: Path) -> None:
@@ -674,8 +685,8 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
             except OSError:
                 _unlink_quietly(tmp_fields)
                 raise
-            tmp_fields.replace(fields_path)
-        tmp_tif.replace(out_path)
+            _install(tmp_fields, fields_path)
+        _install(tmp_tif, out_path)
         finished = True
     except OSError as exc:
         raise SsemnetError(f"Could not write the output: {exc}") from None
@@ -769,7 +780,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
                     with ctrl_c_stops() as should_stop:
                         tifffile.imwrite(tmp, sections(should_stop), shape=(z, h, w),
                                          dtype=dtype, **write_kw)
-                    tmp.replace(out_path)
+                    _install(tmp, out_path)
                 except OSError as exc:
                     raise SsemnetError(f"Could not write {out_path}: {exc}") from None
                 finally:
@@ -849,7 +860,7 @@ def _train(args: argparse.Namespace, paths: list[Path], out: TextIO) -> int:
     tmp = _partial(path, "partial.pt")
     try:
         save_weights(model, tmp, info=info)
-        tmp.replace(path)
+        _install(tmp, path)
     except OSError as exc:
         raise SsemnetError(f"Could not write {args.output}: {exc}") from None
     finally:
