@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -873,3 +874,59 @@ def test_replaced_outputs_keep_their_permissions(tiny_tif, tmp_path, capsys):
     assert [f.stat().st_mode & 0o777 for f in (out, fields, applied)] == [0o664] * 3
     assert new.stat().st_mode & 0o777 == 0o644
     assert read_stack(out).shape == read_stack(tiny_tif).shape
+
+
+def _hold_lock_briefly(out_path, barrier, results):
+    barrier.wait()
+    try:
+        with cli._output_lock(out_path):
+            results.put("won")
+            time.sleep(0.5)  # still held while the other one tries
+    except cli.SsemnetError:
+        results.put("refused")
+
+
+def test_a_stale_lock_is_taken_by_one_of_two_runs_starting_together(tmp_path):
+    import multiprocessing
+
+    out = tmp_path / "al.tif"
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(5):
+        (tmp_path / ".al.tif.lock").write_text("999999999")  # left by a crashed run
+        barrier, results = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_hold_lock_briefly, args=(out, barrier, results))
+                 for _ in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(20)
+        assert sorted(results.get(timeout=5) for _ in procs) == ["refused", "won"], attempt
+        assert not (tmp_path / ".al.tif.lock").exists()
+
+
+def test_a_kernel_lock_refuses_whatever_the_lock_file_says(tmp_path):
+    import fcntl
+
+    out, lock = tmp_path / "al.tif", tmp_path / ".al.tif.lock"
+    lock.write_text("999999999")  # a dead process id, but the file is locked
+    with open(lock, "rb+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(cli.SsemnetError, match="Another napari-ssemnet run"):
+            with cli._output_lock(out):
+                pass
+    with cli._output_lock(out):  # the holder is gone: taken without a fuss
+        assert lock.read_text() == str(os.getpid())
+    assert not lock.exists()
+
+
+def test_without_kernel_locks_the_lock_file_alone_decides(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "_flock", lambda out_path, lock: None)
+    out, lock = tmp_path / "al.tif", tmp_path / ".al.tif.lock"
+    lock.write_text(str(os.getppid()))  # a running process
+    with pytest.raises(cli.SsemnetError, match=f"process {os.getppid()}"):
+        with cli._output_lock(out):
+            pass
+    lock.write_text("999999999")  # a process that no longer runs
+    with cli._output_lock(out):
+        assert lock.read_text() == str(os.getpid()) and lock.stat().st_mode & 0o777 == 0o644
+    assert not lock.exists()

@@ -542,13 +542,99 @@ def _link_or_create(src: Path, dst: Path) -> None:
             os.close(fd)
 
 
+def _lock_refusal(out_path: Path, lock: Path, pid: int) -> SsemnetError:
+    who = f" (process {pid})" if pid else ""
+    return SsemnetError(f"Another napari-ssemnet run{who} is writing {out_path}; wait for it "
+                        f"to end or stop it (or, if it is not napari-ssemnet, delete {lock}).")
+
+
+def _lock_pid(text: str) -> int:
+    try:
+        return int(text.strip() or 0)
+    except ValueError:  # garbage
+        return 0
+
+
+def _flock(out_path: Path, lock: Path) -> int | None:
+    """Take ``lock`` with a kernel lock (``flock``), which ends with its process however that
+    ends, so that no stale lock can be taken over by two runs at once. Returns the open
+    descriptor, or None where the file system (or the platform) has no such locks."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    for _ in range(5):
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:
+            return None  # someone else's lock file: the link scheme can replace a stale one
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            try:
+                pid = _lock_pid(lock.read_text())
+            except OSError:
+                pid = 0
+            raise _lock_refusal(out_path, lock, pid) from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return None
+            raise SsemnetError(f"Could not lock {lock}: {exc.strerror or exc}") from None
+        try:  # still the lock file, not one that a run which just ended removed
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue
+        try:
+            pid = _lock_pid(os.pread(fd, 64, 0).decode(errors="replace"))
+            # a live process that holds no kernel lock: a run on the link scheme
+            if pid and pid != os.getpid() and _pid_alive(pid):
+                raise _lock_refusal(out_path, lock, pid)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            try:
+                os.fchmod(fd, 0o644)
+            except OSError:
+                pass  # not ours to change; readable enough for its owner
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    raise SsemnetError(f"Could not lock {lock}: it keeps being replaced.")
+
+
 @contextmanager
 def _output_lock(out_path: Path) -> Iterator[None]:
     """Keep a second run from writing the same output (and working files) at once: a lock
-    file ``.NAME.lock`` holding the process id, mode 0o644; one left by a process that no
-    longer runs is taken over. The id is written before the lock appears (a hard link of a
-    complete file), so no other run can read an empty lock and take it as stale."""
+    file ``.NAME.lock`` holding the process id, mode 0o644, held with a kernel lock where the
+    file system has them (a lock file left by a crash is then simply taken). Elsewhere the
+    file alone is the lock (:func:`_link_lock`)."""
     lock = _partial(out_path, "lock")
+    if lock.is_dir():
+        raise SsemnetError(f"{lock} is a folder where napari-ssemnet keeps its lock file; "
+                           "remove it.")
+    fd = _flock(out_path, lock)
+    if fd is None:
+        with _link_lock(out_path, lock):
+            yield
+        return
+    try:
+        yield
+    finally:
+        _unlink_quietly(lock)  # before the kernel lock ends: see the check in _flock
+        os.close(fd)
+
+
+@contextmanager
+def _link_lock(out_path: Path, lock: Path) -> Iterator[None]:
+    """The lock file alone as the lock, for file systems without kernel locks: the id is
+    written before the lock appears (a hard link of a complete file), so no other run can
+    read an empty lock and take it as stale; one left by a process that no longer runs is
+    taken over (two runs that do so at the same instant can both win)."""
     fd, mine = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".lock-new",
                                 dir=lock.parent)
     try:
@@ -561,17 +647,11 @@ def _output_lock(out_path: Path) -> Iterator[None]:
                 break
             except FileExistsError:
                 try:
-                    pid = int(lock.read_text().strip() or 0)
-                except (OSError, ValueError):  # garbage, or not a file
+                    pid = _lock_pid(lock.read_text())
+                except OSError:  # not a file
                     pid = 0
-                if lock.is_dir():
-                    raise SsemnetError(f"{lock} is a folder where napari-ssemnet keeps its lock "
-                                       "file; remove it.") from None
                 if pid and pid != os.getpid() and _pid_alive(pid):
-                    raise SsemnetError(
-                        f"Another napari-ssemnet run (process {pid}) is writing {out_path}; "
-                        f"wait for it to end or stop it (or, if it is not napari-ssemnet, "
-                        f"delete {lock}).") from None
+                    raise _lock_refusal(out_path, lock, pid) from None
                 lock.unlink(missing_ok=True)
             except OSError as exc:
                 raise SsemnetError(f"Could not create the lock file {lock}: "
