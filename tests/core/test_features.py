@@ -77,6 +77,37 @@ def test_encoding_without_a_declared_reach_is_never_tiled():
     assert probe.seen == [(1, 1, 64, 80)] * 3
 
 
+def test_encoding_polls_should_stop_between_chunks_and_tiles():
+    from napari_ssemnet.core.errors import AlignmentCancelled
+
+    class Probe(torch.nn.Module):
+        reach = 4
+
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def encode(self, x):
+            self.calls += 1
+            return x[..., ::2, ::2]
+
+    def stop_after(n):
+        seen = {"n": 0}
+
+        def should_stop():
+            seen["n"] += 1
+            if seen["n"] > n:
+                raise AlignmentCancelled("stop")
+        return should_stop
+
+    x = torch.randn(3, 1, 64, 80)
+    for budget in (64 * 80, 1000):  # one section per chunk; tiles of one section
+        probe = Probe()
+        with pytest.raises(AlignmentCancelled):
+            encode_tiled(probe, x, budget_px=budget, should_stop=stop_after(1))
+        assert probe.calls == 1  # the second chunk or tile was never encoded
+
+
 def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     torch.manual_seed(0)
     model = CAE().eval()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from emtools import em, rigid_fields
 
 from napari_ssemnet.core import metrics, prealign
 from napari_ssemnet.core.align import run_generator
+from napari_ssemnet.core.errors import AlignmentCancelled
 from napari_ssemnet.core.synth import apply_misalignment
 
 
@@ -58,6 +60,26 @@ def test_coarse_search_lists_distinct_hypotheses_best_first():
     thetas = np.degrees([t for t, _ in hyps])
     gaps = np.abs(thetas[:, None] - thetas[None, :])[np.triu_indices(4, 1)]
     assert gaps.min() >= 1.99, thetas
+
+
+def test_a_pair_with_several_hypotheses_polls_between_them(monkeypatch):
+    low, k = _known_pair()
+    refined = []
+    real = prealign._refine_on_patches
+
+    def counted(*args, **kwargs):
+        refined.append(1)
+        return real(*args, **kwargs)
+
+    def should_stop():
+        if refined:  # stop as soon as one hypothesis has been refined
+            raise AlignmentCancelled("stop")
+
+    monkeypatch.setattr(prealign, "_refine_on_patches", counted)
+    with pytest.raises(AlignmentCancelled):
+        prealign.estimate_pair(low[0], low[1], kind="rigid", k=k, max_rotation=12.0,
+                               full_size=(320, 320), hypotheses=4, should_stop=should_stop)
+    assert len(refined) == 1
 
 
 def test_patch_support_picks_the_right_hypothesis(monkeypatch):

@@ -83,28 +83,38 @@ whatever the section size."""
 
 
 def encode_tiled(extractor: nn.Module, imgs: torch.Tensor,
-                 budget_px: int = ENCODE_BUDGET_PX) -> torch.Tensor:
+                 budget_px: int = ENCODE_BUDGET_PX,
+                 should_stop: Callable[[], None] | None = None) -> torch.Tensor:
     """Encode (B, 1, H, W) sections a few at a time, or in overlapping tiles when one section
     exceeds ``budget_px``; returns what ``extractor.encode(imgs)`` returns.
 
     Tiling needs the extractor to declare its ``reach`` (input pixels on each side that
     influence an output pixel) and a half-resolution output; each tile carries a halo wider
     than that reach, so the stitched result equals the untiled one (up to float rounding).
-    Extractors without ``reach`` are run one whole section at a time.
+    Extractors without ``reach`` are run one whole section at a time. ``should_stop`` (it
+    raises to stop) is called between chunks and tiles.
     """
+    def poll() -> None:
+        if should_stop is not None:
+            should_stop()
+
     b, _, h, w = imgs.shape
     with torch.no_grad():
         reach = getattr(extractor, "reach", None)
         if h * w <= budget_px or reach is None:
             chunk = max(1, budget_px // (h * w))
-            return torch.cat([extractor.encode(imgs[i:i + chunk])
-                              for i in range(0, b, chunk)])
+            parts = []
+            for i in range(0, b, chunk):
+                poll()
+                parts.append(extractor.encode(imgs[i:i + chunk]))
+            return torch.cat(parts)
         halo = 2 * ((int(reach) + 8) // 2)  # even, so tile origins stay on the stride-2 grid
         side = max(64, int(budget_px ** 0.5) - 2 * halo) // 2 * 2
         out = None
         for i in range(b):
             for ys, yk in _tile_spans(h, side, halo):
                 for xs, xk in _tile_spans(w, side, halo):
+                    poll()
                     f = extractor.encode(imgs[i:i + 1, :, ys, xs])
                     if out is None:
                         out = imgs.new_empty(b, f.shape[1], (h + 1) // 2, (w + 1) // 2)

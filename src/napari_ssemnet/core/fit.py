@@ -116,7 +116,8 @@ def _pair_weights(n_usable: int, window: int, decay: float) -> list[tuple[int, f
 
 
 def level_features(extractor, images: torch.Tensor, valid: torch.Tensor, usable: np.ndarray,
-                   keep: int = MAX_CHANNELS) -> tuple[torch.Tensor, int, float]:
+                   keep: int = MAX_CHANNELS, should_stop: Callable[[], None] | None = None
+                   ) -> tuple[torch.Tensor, int, float]:
     """Features of one pyramid level, ready to be sampled by the fit.
 
     The encoder's channels are standardised over the valid pixels of the usable sections,
@@ -133,6 +134,9 @@ def level_features(extractor, images: torch.Tensor, valid: torch.Tensor, usable:
     images, valid : Tensor, shape (Z, 1, H, W)
         Pre-aligned sections of this level and their validity (float, 1 inside).
     usable : ndarray, shape (Z,), bool
+    should_stop : callable, optional
+        Called between sections (it raises to stop): a fine level of a large stack takes
+        seconds to encode.
 
     Returns
     -------
@@ -143,7 +147,7 @@ def level_features(extractor, images: torch.Tensor, valid: torch.Tensor, usable:
     kf : float
         Input pixels of this level per feature pixel.
     """
-    feats = encode_tiled(extractor, images)
+    feats = encode_tiled(extractor, images, should_stop=should_stop)
     z_count, c, hf, wf = feats.shape
     kf = images.shape[-1] / wf
     val_f = (F.adaptive_avg_pool2d(valid, (hf, wf)) > 0.999).float()
@@ -154,6 +158,8 @@ def level_features(extractor, images: torch.Tensor, valid: torch.Tensor, usable:
               for i in use) / wsum
     std = var.sqrt().clamp(min=1e-6)
     for i in range(z_count):
+        if should_stop is not None:
+            should_stop()
         # a slight blur removes the bilinear sampler's pull towards whole-pixel shifts
         # (measured: 0.1 px bias without it, 0.01 px with sigma = 1 feature pixel)
         feats[i:i + 1] = gaussian_blur(
@@ -266,6 +272,8 @@ def fit_stack(
         images, valid = _bin(prewarped[0], b), _bin(prewarped[1], b)
     else:
         images, valid = prewarp(norm, matrices, device, b)
+    if should_stop is not None:
+        should_stop()
     chain = parents_of(usable, params.reference)
 
     # The pre-alignment owns the global map and the fit only the control grid: refitting the
@@ -291,7 +299,8 @@ def fit_stack(
     for li, lev in enumerate(range(levels - 1, -1, -1)):
         k = b * 2 ** lev
         imgs_l, val_l = _bin(images, 2 ** lev), _bin(valid, 2 ** lev)
-        feats, n_orig, kf_l = level_features(extractor, imgs_l, val_l, usable)
+        feats, n_orig, kf_l = level_features(extractor, imgs_l, val_l, usable,
+                                             should_stop=should_stop)
         kf = k * kf_l
         hf, wf = feats.shape[-2:]
         nfeat = feats.shape[1] - 1
@@ -359,6 +368,8 @@ def fit_stack(
                     + SMOOTHNESS_UNIT * params.smoothness * reg_grad)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if should_stop is not None:  # an iteration at full size can take a second or more
+                should_stop()
             opt.step()
             yield Progress(f"fit level {li + 1}/{levels}", it + 1, total,
                            f"level {li + 1}/{levels}, iteration {it + 1}, "

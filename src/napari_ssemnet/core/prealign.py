@@ -382,7 +382,8 @@ def _block_match(fixed: torch.Tensor, moving: torch.Tensor, m0: np.ndarray, k: f
 
 
 def estimate_pair(fixed: torch.Tensor, moving: torch.Tensor, *, kind: str, k: float,
-                  max_rotation: float, full_size: tuple[int, int], hypotheses: int = 1
+                  max_rotation: float, full_size: tuple[int, int], hypotheses: int = 1,
+                  should_stop: Callable[[], None] | None = None
                   ) -> tuple[np.ndarray, float]:
     """Estimate the map of ``moving`` onto ``fixed``.
 
@@ -398,6 +399,9 @@ def estimate_pair(fixed: torch.Tensor, moving: torch.Tensor, *, kind: str, k: fl
     hypotheses : int
         How many rough maps of the rotation search are refined; the one whose patches agree
         best (largest summed peak-to-sidelobe ratio of the inlier patches) wins.
+    should_stop : callable, optional
+        Called between the refinements (it raises to stop): a pair across a gap takes
+        several seconds on large sections.
 
     Returns
     -------
@@ -409,6 +413,8 @@ def estimate_pair(fixed: torch.Tensor, moving: torch.Tensor, *, kind: str, k: fl
     best: tuple[float, np.ndarray, float] | None = None
     for theta, shift in _coarse_rigid(fixed, moving, kind=kind, k=k,
                                       max_rotation=max_rotation, extra=hypotheses - 1):
+        if should_stop is not None:
+            should_stop()
         m, conf, support = _refine_on_patches(fixed, moving, _rigid_matrix(theta, shift,
                                                                            full_size),
                                               kind=kind, k=k, full_size=full_size)
@@ -507,6 +513,8 @@ def prealign_stack(
                 continue
             best = None
             for cand in placed[-1:-3:-1]:
+                if should_stop is not None:
+                    should_stop()
                 band, pair_kind, hypotheses = pair_settings(kind, zz - cand)
                 with torch.no_grad():
                     if band != MEMBRANE_BAND and low_gap is None:
@@ -514,7 +522,7 @@ def prealign_stack(
                     src = low if band == MEMBRANE_BAND else low_gap
                     m, c = estimate_pair(src[cand], src[zz], kind=pair_kind, k=k,
                                          max_rotation=max_rotation, full_size=(h, w),
-                                         hypotheses=hypotheses)
+                                         hypotheses=hypotheses, should_stop=should_stop)
                 # sections two apart share little structure: only a fallback, and only when
                 # clearly better than a doubtful nearest match
                 score = c if cand == placed[-1] else 0.8 * c
