@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
+from napari_ssemnet.core import SsemnetError
 from napari_ssemnet.core.params import AlignParams, ParameterError, knobs
 
 
@@ -72,11 +74,31 @@ def test_bad_values_name_the_field(changes, name):
 
 
 def test_unknown_key_in_replace_and_from_json():
-    with pytest.raises(ParameterError, match="gridspacing"):
+    with pytest.raises(ParameterError, match=r"gridspacing \(did you mean grid_spacing\?\)"):
         AlignParams().replace(gridspacing=32)
     with pytest.raises(ParameterError, match="bogus"):
         AlignParams.from_json('{"bogus": 1}')
 
 
-def test_parameter_error_is_a_value_error():
-    assert issubclass(ParameterError, ValueError)
+def test_parameter_error_is_a_value_error_and_one_of_ours():
+    assert issubclass(ParameterError, ValueError) and issubclass(ParameterError, SsemnetError)
+
+
+def test_numpy_scalars_are_taken_as_plain_numbers():
+    # e.g. reference=np.argmax(result.ncc_after)
+    p = AlignParams(reference=np.int64(2), smoothness=np.float32(0.5), iterations=np.uint16(40),
+                    grid_spacing=np.float64(32.0))
+    assert (p.reference, p.smoothness, p.iterations, p.grid_spacing) == (2, 0.5, 40, 32)
+    assert all(type(getattr(p, n)) in (int, float) for n in ("reference", "smoothness",
+                                                              "iterations", "grid_spacing"))
+    assert AlignParams.from_json(p.to_json()) == p  # plain types serialise
+    for bad in ({"grid_spacing": np.float64(32.5)}, {"reference": np.bool_(True)},
+                {"smoothness": 10**400}):
+        with pytest.raises(ParameterError, match=next(iter(bad))):
+            AlignParams(**bad)
+
+
+@pytest.mark.parametrize("text", ["[1]", "null", "{bad", "3"])
+def test_json_that_is_not_an_object_of_parameters_is_refused(text):
+    with pytest.raises(ParameterError, match="JSON|mapping"):
+        AlignParams.from_json(text)

@@ -8,10 +8,14 @@ names, defaults, limits and help texts.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
+
+from .errors import SsemnetError
 
 PREALIGN_KINDS = ("none", "translation", "rigid", "affine")
 FEATURE_KINDS = ("shipped", "pixels", "custom")
@@ -27,7 +31,7 @@ def _knob(default: Any, help: str, *, minimum=None, maximum=None, choices=None, 
     return field(default=default, metadata=meta)
 
 
-class ParameterError(ValueError):
+class ParameterError(SsemnetError, ValueError):
     """A parameter value is out of range or of the wrong kind."""
 
 
@@ -71,7 +75,8 @@ class AlignParams:
         label="neighbour decay")
     iterations: int = _knob(
         150, "Most Adam iterations at the coarsest pyramid level; each finer level gets half "
-             "as many. A level stops earlier once the fit has settled (see tolerance).",
+             "as many, and every level at least 10. A level can stop earlier once the fit has "
+             "settled (see tolerance).",
         minimum=1, maximum=10000, label="iterations")
     levels: int = _knob(
         4, "Pyramid levels (coarse to fine). Each level halves the resolution of the one "
@@ -113,13 +118,19 @@ class AlignParams:
         advanced=True)
     tolerance: float = _knob(
         0.02, "Early stop: a pyramid level ends once the parameters moved on average less than "
-              "this many pixels (of that level) over the last 10 iterations.", minimum=0.0,
+              "this many pixels (of that level) over the last 10 iterations. It is checked only "
+              "once the loss drop has faded below 1 %: with the default loss drop of 0.5 after "
+              "about 90 iterations of the first level, so the finer levels run their full "
+              "share (with loss drop 0, from the 10th iteration on).", minimum=0.0,
         maximum=10.0, step=0.01, advanced=True)
     device: str = _knob(
         "auto", "Where to compute: auto picks CUDA when available, else the CPU.",
         choices=DEVICES)
-    seed: int = _knob(0, "Random seed; the same seed on the same device gives the same result.",
-                      minimum=0, maximum=2**31 - 1, advanced=True)
+    seed: int = _knob(
+        0, "Random seed. No step of the alignment draws random numbers at present, so the "
+           "result does not depend on it: the same input and parameters on the same device "
+           "give the same result. Recorded with the parameters.",
+        minimum=0, maximum=2**31 - 1, advanced=True)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -130,11 +141,8 @@ class AlignParams:
             value = getattr(self, f.name)
             meta = f.metadata
             expected = type(f.default)
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-                setattr(self, f.name, value)
-            if expected is int and isinstance(value, float) and value.is_integer():
-                value = int(value)  # 32.0 from a JSON file written elsewhere
+            value = _plain(value, expected)
+            if value is not getattr(self, f.name):
                 setattr(self, f.name, value)
             if not isinstance(value, expected) or isinstance(value, bool):
                 raise ParameterError(
@@ -162,9 +170,12 @@ class AlignParams:
 
     def replace(self, **changes: Any) -> AlignParams:
         """Return a copy with some fields changed (unknown names raise ParameterError)."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(names))
         if unknown:
-            raise ParameterError(f"Unknown parameter(s): {', '.join(sorted(unknown))}.")
+            hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(
+                u, names, n=1)) else u for u in unknown]
+            raise ParameterError(f"Unknown parameter(s): {', '.join(hints)}.")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,11 +186,52 @@ class AlignParams:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AlignParams:
+        """Parameters from a mapping of names to values (missing ones keep their default).
+
+        Raises
+        ------
+        ParameterError
+            Not a mapping, an unknown name, or a bad value.
+        """
+        if not isinstance(data, dict):
+            raise ParameterError(f"Parameters must be a mapping of names to values; got "
+                                 f"{type(data).__name__}.")
         return cls().replace(**data)
 
     @classmethod
     def from_json(cls, text: str) -> AlignParams:
-        return cls.from_dict(json.loads(text))
+        """Parameters from :meth:`to_json`'s text (a JSON object).
+
+        Raises
+        ------
+        ParameterError
+            Not JSON, not a JSON object, an unknown name, or a bad value.
+        """
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise ParameterError(f"The parameters are not valid JSON ({exc}).") from None
+        return cls.from_dict(data)
+
+
+def _plain(value: Any, expected: type) -> Any:
+    """``value`` as the plain Python type of its field where that loses nothing: numpy
+    scalars (``np.int64(1)``, ``np.float32(0.5)``), ints for floats and whole floats for ints
+    (``32.0`` from a JSON file written elsewhere). Anything else is returned unchanged."""
+    if isinstance(value, bool | str) or not isinstance(value, numbers.Real):
+        return value
+    if expected is float:
+        try:
+            return float(value)
+        except OverflowError:  # 10**400: the range check reports it
+            return math.inf if value > 0 else -math.inf
+    if expected is int:
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        f = float(value)
+        if f.is_integer():
+            return int(f)
+    return value
 
 
 def knobs() -> list[dataclasses.Field]:
