@@ -19,7 +19,7 @@ from napari_ssemnet.core.align import (
     iter_align_stack,
 )
 from napari_ssemnet.core.errors import AlignmentCancelled, InputError
-from napari_ssemnet.core.params import AlignParams
+from napari_ssemnet.core.params import AlignParams, ParameterError
 from napari_ssemnet.core.synth import apply_misalignment, random_misalignment
 
 
@@ -309,3 +309,43 @@ def test_section_without_overlap_is_flagged_and_left_out_of_the_before_ncc(small
     expected = adjacent_ncc(norm, None, np.array([True, True, False, True]))
     np.testing.assert_allclose(r.ncc_before, expected, equal_nan=True)
     assert np.isnan(r.ncc_after[2]) and np.isfinite(r.ncc_after[[0, 1, 3]]).all()
+
+
+def test_params_are_checked_again_and_may_be_a_dict(small):
+    p = AlignParams(**FAST)
+    p.levels = 0  # set after construction: used to crash deep in the fit
+    with pytest.raises(ParameterError, match="levels"):
+        align_stack(small, p)
+    assert p.levels == 0  # the caller's object is not changed
+    with pytest.raises(ParameterError, match="AlignParams"):
+        align_stack(small, "grid_spacing=32")
+    r = align_stack(small, {**FAST, "grid_spacing": 48})
+    assert isinstance(r.params, AlignParams) and r.params.grid_spacing == 48
+
+
+def test_the_run_leaves_torch_random_state_alone_and_ignores_the_seed(small):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = align_stack(small, **FAST, seed=3)
+    assert torch.equal(torch.rand(3), expected)  # the user's random stream is untouched
+    b = align_stack(small, **FAST, seed=4)
+    np.testing.assert_array_equal(a.displacement, b.displacement)  # nothing random to seed
+
+
+def test_read_only_float32_input_is_used_without_warnings(small):
+    import warnings
+
+    a = small.astype(np.float32)
+    before = a.copy()
+    a.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warned about the non-writable array
+        r = align_stack(a, **FAST)
+    np.testing.assert_array_equal(a, before)
+    assert r.aligned.shape == a.shape
+
+
+def test_warp_image_on_numpy_arrays_points_to_the_numpy_function():
+    with pytest.raises(TypeError, match="apply_displacement_section"):
+        warp.warp_image(np.zeros((8, 8), np.float32), np.zeros((2, 8, 8), np.float32))

@@ -242,13 +242,10 @@ def _nearest_usable(order: Sequence[int], flags: list[str], done: np.ndarray) ->
 
 def _rewarp(section: Any, disp: Any, device: Any) -> tuple[np.ndarray, np.ndarray]:
     """A finished section resampled again through its field, for the NCC pairs only."""
-    import torch
 
     from . import warp
 
-    src = torch.from_numpy(np.ascontiguousarray(section, dtype=np.float32))
-    d = torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))
-    im, ok = warp.warp_image(src.to(device), d.to(device))
+    im, ok = warp.warp_image(warp.float_tensor(section, device), warp.float_tensor(disp, device))
     return im.cpu().numpy(), ok.cpu().numpy()
 
 
@@ -349,7 +346,6 @@ def iter_align_blocks(
     device = pick_device(params.device)
     memory.check_memory(held_shape(b, (z_count, h, w)), device, binning=params.fit_binning,
                         extra_bytes=extra_bytes, total_sections=z_count)
-    torch.manual_seed(params.seed)
     extractor = encoder if encoder is not None else load_feature_extractor(params)
     st = state if state is not None else BlockState.start(z_count)
     if len(st.flags) != z_count:

@@ -24,6 +24,12 @@ import torch.nn.functional as F
 _EPS = 1e-3
 
 
+def float_tensor(a: np.ndarray, device=None) -> torch.Tensor:
+    """A float32 tensor holding a copy of ``a``: never a view of the caller's array, so a
+    read-only or memory-mapped input is left alone (and torch does not warn about it)."""
+    return torch.from_numpy(np.array(a, dtype=np.float32, order="C", copy=True)).to(device)
+
+
 def _check(t: torch.Tensor, ndim: int, name: str, last: int | None = None) -> None:
     if t.ndim != ndim or (last is not None and t.shape[-1] != last):
         want = f"{ndim}D" + (f" with last axis {last}" if last is not None else "")
@@ -236,6 +242,9 @@ def warp_image(image: torch.Tensor, disp: torch.Tensor, *, mode: str = "bilinear
     warped : Tensor, shape (H, W), 0 outside the section
     valid : Tensor, shape (H, W), bool
     """
+    if not (isinstance(image, torch.Tensor) and isinstance(disp, torch.Tensor)):
+        raise TypeError("warp_image works on torch tensors; for numpy arrays use "
+                        "napari_ssemnet.core.io.apply_displacement_section.")
     _check(image, 2, "image")
     _check(disp, 3, "displacement")
     if disp.shape[0] != 2 or disp.shape[1:] != image.shape:
