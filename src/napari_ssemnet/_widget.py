@@ -829,7 +829,7 @@ class AlignWidget(QWidget):
         path, _ = QFileDialog.getSaveFileName(self, "Save displacement fields", default,
                                               "NumPy fields (*.npz)")
         if path:
-            if not path.endswith(".npz"):
+            if not path.lower().endswith(".npz"):
                 path += ".npz"
             if self.save_fields(path):
                 self.status.setText(f"Fields saved to {path}.")

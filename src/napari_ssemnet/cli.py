@@ -106,7 +106,7 @@ def load_params_file(path: str | Path) -> AlignParams:
     p = Path(path)
     if not p.is_file():
         raise SsemnetError(f"Parameter file {str(p)!r} does not exist.")
-    if p.suffix == ".npz":
+    if p.suffix.lower() == ".npz":
         from .core.io import load_fields
 
         _disp, data = load_fields(p)
@@ -377,7 +377,7 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
 def _npz_path(path: str | Path) -> Path:
     """The file ``save_fields`` writes for ``path`` (``.npz`` appended when missing)."""
     p = Path(path)
-    return p if p.suffix == ".npz" else p.with_name(p.name + ".npz")
+    return p if p.suffix.lower() == ".npz" else p.with_name(p.name + ".npz")
 
 
 def _size(n: int) -> str:

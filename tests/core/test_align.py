@@ -144,6 +144,16 @@ def test_same_seed_same_result_on_cpu(small):
 # -- events and cancelling ---------------------------------------------------------------
 
 
+def iter_events(stack, **changes):
+    gen = iter_align_stack(stack, **{**FAST, **changes})
+    events = []
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration:
+            return events
+
+
 def test_progress_and_one_section_result_per_section(small):
     events = []
     r = align_stack(small, progress=events.append, **FAST)
@@ -152,6 +162,17 @@ def test_progress_and_one_section_result_per_section(small):
     assert len(progress) >= 4
     assert {"prepare", "prealign", "render"} <= {p.stage for p in progress}
     assert all(0 <= p.step <= p.total for p in progress)
+    # every stage ends full, a level that settles early included (so bars reach the end)
+    early = [e for e in iter_events(small, loss_drop=0.0, tolerance=10.0, iterations=100)
+             if isinstance(e, Progress)]
+    for events_ in (progress, early):
+        last = {}
+        for e in events_:
+            last[e.stage] = e
+        assert all(e.step == e.total for e in last.values()), last
+    fit_events = [e for e in early if e.stage.startswith("fit")]
+    assert "settled after 10 iterations" in fit_events[-1].message
+    assert len(fit_events) == 11  # ten iterations, then the end of the level
     assert [s.z for s in sections] == list(range(small.shape[0]))
     for s in sections:
         np.testing.assert_array_equal(s.displacement, r.displacement[s.z])

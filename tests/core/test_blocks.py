@@ -244,3 +244,22 @@ def test_a_broken_state_file_is_an_input_error(tmp_path):
     (tmp_path / "s.npz").write_text("no")
     with pytest.raises(InputError, match="not a readable block-wise run state"):
         BlockState.load(tmp_path / "s.npz")
+
+
+def test_output_arrays_of_the_wrong_shape_are_refused_before_any_work(copies):
+    stack = copies[0]
+    z, h, w = stack.shape
+    p = AlignParams(block_size=4, **FAST)
+    encoded = []
+
+    class Encoder(torch.nn.Module):  # would be called by the first block's fit
+        def encode(self, x):
+            encoded.append(1)
+            return x
+
+    for disp, al in ((np.zeros((z, 2, h, w - 1), np.float32), np.zeros((z, h, w), np.float32)),
+                     (np.zeros((z, 2, h, w), np.float32), np.zeros((z + 1, h, w), np.uint8))):
+        gen = iter_align_blocks(stack, p, displacement=disp, aligned=al, encoder=Encoder())
+        with pytest.raises(InputError, match="output has shape"):
+            next(gen)
+    assert not encoded

@@ -238,6 +238,13 @@ def test_fields_round_trip_with_params_flags_and_extras(tmp_path):
     assert p3 == {"window": 1}
     _, p4 = load_fields(save_fields(tmp_path / "h.npz", disp))
     assert p4 is None
+    # the name is kept whatever the case of its suffix; .npz added when there is none
+    assert save_fields(tmp_path / "UP.NPZ", disp) == tmp_path / "UP.NPZ"
+    assert save_fields(tmp_path / "bare", disp) == tmp_path / "bare.npz"
+    assert sorted(f.name for f in tmp_path.iterdir() if f.is_file()) == [
+        "UP.NPZ", "bare.npz", "g.npz", "h.npz"]
+    with pytest.raises(InputError, match="not valid JSON"):
+        save_fields(tmp_path / "j.npz", disp, params="{bad")
 
 
 def test_load_fields_errors(tmp_path):

@@ -474,6 +474,8 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     extractor = encoder if encoder is not None else load_feature_extractor(params)
     timings["prepare"] = time.perf_counter() - t0
     stop_check()
+    yield Progress("prepare", 1, 1, f"{int((~blank).sum())} of {z_count} sections with "
+                                    "structure")
 
     t0 = time.perf_counter()
     matrices, confidence = yield from prealign.prealign_stack(

@@ -341,6 +341,13 @@ def iter_align_blocks(
                          f"block-wise run; got {b}.")
     check_reference(params.reference, z_count)
     check_binning(params, h, w)
+    # before any work: a wrong output array failed only when the first block was written
+    for name, arr, want in (("displacement", displacement, (z_count, 2, h, w)),
+                            ("aligned", aligned, (z_count, h, w)),
+                            ("valid", valid, (z_count, h, w))):
+        if arr is not None and tuple(int(n) for n in arr.shape) != want:
+            raise InputError(f"The {name} output has shape {tuple(arr.shape)}; a stack of "
+                             f"shape {(z_count, h, w)} needs {want}.")
     stop_check = stopper(should_stop)
     t_start = time.perf_counter()
     device = pick_device(params.device)

@@ -380,6 +380,10 @@ def fit_stack(
                             float((grid.detach() - snapshot[1]).abs().mean()))
                 snapshot = (glob.detach().clone(), grid.detach().clone())
                 if drop <= 0.01 and moved < params.tolerance * k:
+                    # a bar following the steps ends full, not at it / total
+                    yield Progress(f"fit level {li + 1}/{levels}", total, total,
+                                   f"level {li + 1}/{levels} settled after {it + 1} "
+                                   "iterations")
                     break
     return Residual(mats=global_maps(glob.detach()),
                     grid=(grid * free_t[:, None, None, None] + held).detach(), size=size)

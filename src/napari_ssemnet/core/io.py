@@ -493,7 +493,11 @@ def _params_json(params: Any) -> str:
     if params is None:
         return "{}"
     if isinstance(params, str):
-        json.loads(params)  # must be valid JSON
+        try:
+            json.loads(params)
+        except ValueError as exc:
+            raise InputError(f"The parameters given to save with the fields are not valid "
+                             f"JSON ({exc}).") from None
         return params
     if hasattr(params, "to_dict"):
         params = params.to_dict()
@@ -507,8 +511,8 @@ def save_fields(path: str | os.PathLike, displacement: np.ndarray, params: Any =
     Parameters
     ----------
     path : str or PathLike
-        Parent folders are created. ``numpy`` appends ``.npz`` if missing; the returned
-        path is the one actually written.
+        Parent folders are created. ``.npz`` is appended if the name has no such suffix
+        (in any case: ``x.NPZ`` is written as is); the returned path is the one written.
     displacement : ndarray, shape (Z, 2, H, W)
         (dy, dx) backward map in pixels; stored as float32.
     params : AlignParams, dict or JSON str, optional
@@ -543,10 +547,11 @@ def save_fields(path: str | os.PathLike, displacement: np.ndarray, params: Any =
                              "stored (no pickles)")
         arrays[key] = a
     p = Path(path)
-    if p.suffix != ".npz":
+    if p.suffix.lower() != ".npz":
         p = p.with_name(p.name + ".npz")
     p.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(p, **arrays)
+    with open(p, "wb") as fh:  # a file object: numpy would add .npz to "x.NPZ"
+        np.savez_compressed(fh, **arrays)
     return p
 
 
