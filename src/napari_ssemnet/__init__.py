@@ -2,6 +2,21 @@
 
 __version__ = "0.1.0"
 
-from .core.align import AlignmentResult, AlignParams, align_stack  # noqa: E402
+from .core import (  # noqa: E402
+    AlignmentCancelled,
+    AlignmentResult,
+    AlignParams,
+    InputError,
+    MemoryLimitError,
+    ParameterError,
+    Progress,
+    SectionResult,
+    SsemnetError,
+    WeightsError,
+    align_stack,
+    iter_align_stack,
+)
 
-__all__ = ["AlignParams", "AlignmentResult", "align_stack", "__version__"]
+__all__ = ["AlignParams", "AlignmentCancelled", "AlignmentResult", "InputError",
+           "MemoryLimitError", "ParameterError", "Progress", "SectionResult", "SsemnetError",
+           "WeightsError", "__version__", "align_stack", "iter_align_stack"]

@@ -97,7 +97,8 @@ def add_param_options(parser: argparse.ArgumentParser) -> None:
             if f.metadata.get("choices"):
                 kwargs["choices"] = list(f.metadata["choices"])
             else:
-                kwargs["metavar"] = {int: "N", float: "X", str: "TEXT"}.get(kind, "VALUE")
+                kwargs["metavar"] = ("PATH" if f.name == "weights" else
+                                     {int: "N", float: "X", str: "TEXT"}.get(kind, "VALUE"))
         group.add_argument(option_name(f.name), **kwargs)
 
 
@@ -1035,7 +1036,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Weights file to write.")
     tr.add_argument("--steps", type=int, default=None, metavar="N",
                     help=f"Adam steps (default {TRAIN_STEPS}).")
-    tr.add_argument("--seed", type=int, default=0, help="Random seed. (default: 0)")
+    tr.add_argument("--seed", type=int, default=0, metavar="N",
+                    help="Random seed of the training patches and noise. (default: 0)")
     tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="Where to train. (default: auto)")
     tr.add_argument("--init", metavar="WEIGHTS.pt",
