@@ -318,11 +318,18 @@ def test_apply_displacement_shape_mismatch():
         apply_displacement(np.zeros((2, 20, 20)), np.zeros((2, 2, 20, 20)), order=3)
 
 
-def test_masks_are_read_as_uint8_only_when_asked(tmp_path):
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_masks_are_read_as_uint8_only_when_asked(tmp_path, as_folder):
     mask = np.zeros((3, 40, 40), bool)
     mask[:, 10:20, 5:30] = True
-    path = tmp_path / "mask.tif"
-    tifffile.imwrite(path, mask, photometric="minisblack")  # one bit per pixel
+    mask[1, :5] = True
+    if as_folder:  # one single-section file per section
+        path = tmp_path
+        for z in range(3):
+            tifffile.imwrite(path / f"m{z}.tif", mask[z], photometric="minisblack")
+    else:
+        path = tmp_path / "mask.tif"
+        tifffile.imwrite(path, mask, photometric="minisblack")  # one bit per pixel
     for reader in (read_stack, open_stack):
         with pytest.raises(InputError, match="boolean mask"):
             reader(path)
@@ -331,17 +338,3 @@ def test_masks_are_read_as_uint8_only_when_asked(tmp_path):
         np.testing.assert_array_equal(np.stack([got[z] for z in range(3)]), mask)
         if isinstance(got, PageStack):
             got.close()
-
-
-def test_a_folder_of_masks_is_read_as_uint8_only_when_asked(tmp_path):
-    mask = np.zeros((3, 40, 40), bool)
-    mask[:, 10:20, 5:30] = True
-    mask[1, :5] = True
-    for z in range(3):
-        tifffile.imwrite(tmp_path / f"m{z}.tif", mask[z], photometric="minisblack")
-    for reader in (read_stack, open_stack):
-        with pytest.raises(InputError, match="boolean mask"):
-            reader(tmp_path)
-        got = reader(tmp_path, masks=True)
-        assert got.dtype == np.uint8 and got.shape == mask.shape
-        np.testing.assert_array_equal(np.stack([got[z] for z in range(3)]), mask)
