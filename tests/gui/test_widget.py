@@ -461,3 +461,34 @@ def test_removing_result_layers_does_not_crash_a_shown_viewer(tmp_path, mode, ex
     assert res.returncode == 0, res.stderr[-2000:]
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("OUTCOME")][-1]
     assert line == expected, line  # outcome, result layers created, layers left
+
+
+def _menu_action(menu, text):
+    menu.aboutToShow.emit()  # napari fills plugin submenus when they are shown
+    for action in menu.actions():
+        if action.menu() is not None:
+            found = _menu_action(action.menu(), text)
+            if found is not None:
+                return found
+        elif action.text().replace("&", "") == text:
+            return action
+    return None
+
+
+def test_the_apply_button_reuses_an_apply_panel_opened_from_the_menu(make_napari_viewer,
+                                                                    qtbot):
+    # with a display name other than the package name, the menu's panel and the button's
+    # panel had two titles, and the button opened a second Apply panel
+    viewer = make_napari_viewer()
+    bar = viewer.window._qt_window.menuBar()
+    plugins = next(a.menu() for a in bar.actions() if "Plugins" in a.text())
+    for text in ("Apply saved fields", "Align EM stack"):
+        action = _menu_action(plugins, text)
+        assert action is not None, text
+        action.trigger()
+    align = next(d.widget() for name, d in viewer.window._dock_widgets.items()
+                 if name.startswith("Align EM stack"))
+    align._open_apply_widget()
+    names = list(viewer.window._dock_widgets)
+    assert sorted(names) == ["Align EM stack (napari-ssemnet)",
+                             "Apply saved fields (napari-ssemnet)"], names
