@@ -466,6 +466,8 @@ class AlignWidget(QWidget):
         self._ctl.stop = threading.Event()
         self._job = {"kind": kind, "t0": time.perf_counter(), "outcome": None,
                      "stream": None, "snapshots": [], **info}
+        if "source" in info:  # placed as the source is now, even if it is deleted meanwhile
+            self._job["transform"] = self._source_transform(info["source"])
         worker = create_worker(func, *args, stop=self._ctl.stop, _start_thread=False)
         worker.yielded.connect(self._on_yielded)
         worker.returned.connect(self._on_returned)
@@ -483,7 +485,7 @@ class AlignWidget(QWidget):
             return
         layer, stack, params = ready
         self._start("align", jobs.align_job, stack, params, source=layer.name,
-                    shape=stack.shape, params=params, dtype=str(stack.dtype))
+                    shape=stack.shape, params=params, dtype=str(stack.dtype), stack=stack)
 
     def preview(self) -> None:
         """Align the current section only, neighbours held fixed (the Preview button)."""
@@ -632,7 +634,9 @@ class AlignWidget(QWidget):
             layer = L.find_result_layer(self.viewer, job["source"], role)
             state = None
             if layer is not None:
-                state = {"data": layer.data, "metadata": layer.metadata}
+                # a copy: napari's metadata setter empties the dict it is given back, and
+                # streaming updates the nested entry in place
+                state = {"data": layer.data, "metadata": _copy_dicts(layer.metadata)}
                 if L.layer_kind(layer) == "vectors":
                     state.update(features=layer.features.copy(), length=layer.length)
             job["snapshots"].append((role, layer, state))
@@ -660,13 +664,15 @@ class AlignWidget(QWidget):
         job = self._job
         assert job is not None
         source = job["source"]
-        tf = self._source_transform(source)
+        tf = job.get("transform") or self._source_transform(source)
         z_count, h, w = job["shape"]
         stream = job["stream"]
         if stream is None:
             self._snapshot(job, (L.ROLE_ALIGNED, L.ROLE_DISPLACEMENT))
+            # sections not aligned yet show the input, not black (an opaque layer of zeros
+            # on top hid the whole canvas until the section in view was done)
             stream = job["stream"] = {
-                "aligned": np.zeros((z_count, h, w), job["dtype"]),
+                "aligned": np.array(job["stack"], dtype=job["dtype"]),
                 "vectors": {}, "magnitude": {}, "flags": [""] * z_count,
             }
         stream["aligned"][sec.z] = as_dtype(sec.aligned, job["dtype"])
@@ -704,12 +710,15 @@ class AlignWidget(QWidget):
             translate=tf["translate"],
             metadata=L.result_metadata(L.ROLE_DISPLACEMENT, source, **meta_kw))
         L.upsert_layer(self.viewer, data, role=L.ROLE_DISPLACEMENT, source_name=source)
+        self._select(source)  # a new layer takes the selection, and the chooser would follow
 
     def _show_layers(self, source: str, *, aligned: np.ndarray, valid: np.ndarray,
                      displacement: np.ndarray, ncc_error: np.ndarray, meta_kw: dict[str, Any],
-                     vector_sections: list[int] | None = None) -> None:
-        """Add or update the three result layers for ``source``."""
-        tf = self._source_transform(source)
+                     vector_sections: list[int] | None = None,
+                     transform: dict[str, Any] | None = None) -> None:
+        """Add or update the three result layers for ``source`` (placed by ``transform``,
+        the source's when the run started; else the source's now)."""
+        tf = transform or self._source_transform(source)
         extra = dict(meta_kw.pop("extra", {}) or {})
 
         def meta(role: str, more: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -744,7 +753,8 @@ class AlignWidget(QWidget):
         res = outcome.result
         source = job["source"]
         self._show_layers(
-            source, aligned=res.aligned, valid=res.valid, displacement=res.displacement,
+            source, transform=job.get("transform"), aligned=res.aligned, valid=res.valid,
+            displacement=res.displacement,
             ncc_error=outcome.ncc_error,
             meta_kw={"ncc_before": res.ncc_before, "ncc_after": res.ncc_after,
                      "flags": res.flags, "params": res.params.to_dict(),
@@ -780,7 +790,8 @@ class AlignWidget(QWidget):
             extra["section_params"] = {str(k): p.to_dict()
                                        for k, p in sorted(out.result.section_params.items())}
         self._show_layers(
-            source, aligned=out.aligned, valid=out.valid, displacement=out.displacement,
+            source, transform=job.get("transform"), aligned=out.aligned, valid=out.valid,
+            displacement=out.displacement,
             ncc_error=out.ncc_error, vector_sections=sections,
             meta_kw={"ncc_before": out.ncc_before, "ncc_after": out.ncc_after,
                      "flags": out.flags, "params": params, "state": state,
@@ -859,6 +870,15 @@ class AlignWidget(QWidget):
 _CLOSING: set[AlignWidget] = set()
 
 
+def _copy_dicts(d: Any) -> Any:
+    """``d`` with every nested dict and list copied (arrays and other values shared)."""
+    if isinstance(d, dict):
+        return {k: _copy_dicts(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_copy_dicts(v) for v in d]
+    return d
+
+
 _ACTIONS = {"align": "Alignment", "preview": "Preview", "realign": "Re-align",
             "train": "Feature training"}
 
@@ -932,7 +952,8 @@ class ApplyFieldsWidget(QWidget):
             current = event.source.name  # the chosen layer was renamed: stay on it
         names = [ly.name for ly in self.viewer.layers
                  if isinstance(ly, Image | Labels) and ly.ndim == 3
-                 and not getattr(ly, "rgb", False) and not L.is_result_layer(ly)]
+                 and not getattr(ly, "rgb", False) and not getattr(ly, "multiscale", False)
+                 and not L.is_result_layer(ly)]
         self.layer_combo.clear()
         self.layer_combo.addItems(names)
         if current in names:
@@ -963,6 +984,10 @@ class ApplyFieldsWidget(QWidget):
         is_labels = L.layer_kind(layer) == "labels"
         choice = self.order_combo.currentText()
         order = (0 if is_labels else 1) if choice == "auto" else int(choice == "linear")
+        if is_labels and order == 1:
+            return self._refuse(f"'{name}' is a Labels layer: linear interpolation would blend "
+                                "label ids into values that are no labels. Choose 'auto' or "
+                                "'nearest'.")
         self.last_result = None
         self.apply_btn.setEnabled(False)
         self.status.setText(f"Applying {Path(path).name} to '{name}'…")
@@ -998,8 +1023,16 @@ class ApplyFieldsWidget(QWidget):
         if not is_labels:
             kwargs["contrast_limits"] = list(layer.contrast_limits)
             kwargs["colormap"] = layer.colormap.name
-        out = L.upsert_layer(self.viewer, (outcome, kwargs, "labels" if is_labels else "image"),
-                             role=L.ROLE_APPLIED, source_name=name)
+        try:
+            out = L.upsert_layer(self.viewer,
+                                 (outcome, kwargs, "labels" if is_labels else "image"),
+                                 role=L.ROLE_APPLIED, source_name=name)
+        except Exception as exc:  # an error in a Qt slot would abort napari
+            log.exception("napari-ssemnet: could not show the applied fields")
+            show_error(f"Could not show the result ({type(exc).__name__}: {exc}). This is a "
+                       "bug in napari-ssemnet; the traceback is in the log.")
+            self.status.setText("Not applied: the result could not be shown (see the log).")
+            return
         self.status.setText(f"Applied {Path(path).name} to '{name}' "
                             f"({'nearest' if order == 0 else 'linear'}) → '{out.name}'.")
         self.last_result = out
@@ -1017,7 +1050,9 @@ def _apply_job(layer_data: Any, path: str, name: str, order: int) -> Any:
             raise SsemnetError(f"The fields in {Path(path).name} are for a stack of shape "
                                f"{(disp.shape[0], *disp.shape[2:])}, but '{name}' has "
                                f"shape {data.shape}.")
-        return apply_displacement(data, disp, order=order)
+        out = apply_displacement(data, disp, order=order)
+        # an image keeps its type, as with Align and the command line (rounded, clipped)
+        return as_dtype(out, data.dtype) if out.dtype != data.dtype else out
     except OSError as exc:  # unreadable file: the message is for the user
         return jobs.Failure(exc, "", True)
     except Exception as exc:

@@ -8,6 +8,7 @@ from conftest import error_messages, n_records, run_and_wait, set_fast
 
 from napari_ssemnet import _layers as L
 from napari_ssemnet._writer import apply_displacement, load_fields, write_fields, write_tiff
+from napari_ssemnet.core.io import as_dtype
 
 
 def test_tiff_opens_with_builtin_reader_and_aligns(qtbot, viewer_widget, stack, tmp_path):
@@ -60,7 +61,9 @@ def test_save_fields_then_apply_to_labels(qtbot, make_napari_viewer, stack, tmp_
     apply_w.apply()
     qtbot.waitUntil(lambda: apply_w.last_result is not None, timeout=30_000)
     assert apply_w.last_result.name == "em fields applied"
-    np.testing.assert_allclose(apply_w.last_result.data, again, atol=1e-4)
+    # in the image's own type, rounded, as Align and the command line write it
+    assert apply_w.last_result.data.dtype == stack.dtype
+    np.testing.assert_array_equal(apply_w.last_result.data, as_dtype(again, stack.dtype))
     assert viewer.layers["em aligned"].metadata[L.META_KEY] == aligned_meta
     widget._update_plot()
     assert widget.plot.after.size == stack.shape[0]
@@ -122,3 +125,26 @@ def test_writers(tmp_path, stack):
     np.testing.assert_array_equal(back, disp)
     # vectors layers this plugin did not make are refused
     assert write_fields(str(tmp_path / "g.npz"), np.zeros((1, 2, 3)), {"metadata": {}}) == []
+
+
+def test_apply_refuses_linear_on_labels_and_skips_multiscale(qtbot, make_napari_viewer, tmp_path):
+    # linear on a Labels layer gave float data to a Labels layer: napari raised in a Qt slot
+    # and the whole application aborted
+    from napari_ssemnet._writer import save_fields
+
+    viewer = make_napari_viewer()
+    _, apply_w = viewer.window.add_plugin_dock_widget("napari-ssemnet", "Apply saved fields")
+    viewer.add_labels(np.zeros((3, 40, 40), np.uint16), name="seg")
+    base = np.zeros((3, 64, 64), np.uint8)
+    viewer.add_image([base, base[:, ::2, ::2]], multiscale=True, name="pyramid")
+    items = [apply_w.layer_combo.itemText(i) for i in range(apply_w.layer_combo.count())]
+    assert items == ["seg"]  # a multiscale layer would be read at its lowest level
+    path = save_fields(tmp_path / "f.npz", np.zeros((3, 2, 40, 40), np.float32))
+    apply_w.layer_combo.setCurrentText("seg")
+    apply_w.path_edit.setText(str(path))
+    apply_w.order_combo.setCurrentText("linear")
+    start = n_records()
+    assert apply_w.apply() is None  # refused at once, no worker
+    assert "nearest" in error_messages(start)[0] and "Labels" in error_messages(start)[0]
+    assert apply_w.status.text().startswith("Not applied:")
+    assert [ly.name for ly in viewer.layers] == ["seg", "pyramid"]

@@ -492,3 +492,88 @@ def test_the_apply_button_reuses_an_apply_panel_opened_from_the_menu(make_napari
     names = list(viewer.window._dock_widgets)
     assert sorted(names) == ["Align EM stack (napari-ssemnet)",
                              "Apply saved fields (napari-ssemnet)"], names
+
+
+def _hold_after_sections(monkeypatch, n: int):
+    """Make the Align job pause after ``n`` streamed sections until ``release`` is set (or
+    the run is cancelled), as a slow render would; returns ``(held, release)`` events."""
+    import threading
+
+    from napari_ssemnet.core.align import SectionResult
+    from napari_ssemnet.gui import _jobs as jobs
+
+    real, held, release = jobs.align_job, threading.Event(), threading.Event()
+
+    def paused(stack, params, stop):
+        gen, seen = real(stack, params, stop=stop), 0
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as done:
+                return done.value
+            yield event
+            if isinstance(event, SectionResult):
+                seen += 1
+                if seen == n:
+                    held.set()
+                    while not (release.is_set() or stop.is_set()):
+                        time.sleep(0.01)
+
+    monkeypatch.setattr(jobs, "align_job", paused)
+    return held, release
+
+
+def test_a_cancelled_rerun_gives_back_the_result_layers_with_their_metadata(
+        qtbot, viewer_widget, monkeypatch):
+    # the rollback assigned napari's own metadata dict back to the layer, which empties it:
+    # the next run no longer recognised its layers and made "em aligned [1]"
+    viewer, widget = viewer_widget
+    stack = make_stack(z=5, size=96)
+    viewer.add_image(stack, name="em")
+    set_fast(widget)
+    assert run_and_wait(qtbot, widget, widget.align) == "done"
+    before = {n: viewer.layers[n].metadata[L.META_KEY].copy()
+              for n in ("em aligned", "em displacement")}
+    data_before = viewer.layers["em aligned"].data.copy()
+    held, _release = _hold_after_sections(monkeypatch, 2)
+    widget.form.set_value("grid_spacing", 48)
+    with qtbot.waitSignal(widget.job_finished, timeout=60000) as blocker:
+        widget.align()
+        qtbot.waitUntil(held.is_set, timeout=60000)
+        qtbot.wait(100)  # the streamed sections reach the layers
+        widget.cancel()
+    assert blocker.args[0] == "cancelled"
+    for name, meta in before.items():
+        now = viewer.layers[name].metadata[L.META_KEY]
+        assert now.keys() == meta.keys() and now["params"] == meta["params"], name
+        assert now["complete"] and now["params"]["grid_spacing"] == 32
+    np.testing.assert_array_equal(viewer.layers["em aligned"].data, data_before)
+    monkeypatch.undo()
+    n_layers = len(viewer.layers)
+    assert run_and_wait(qtbot, widget, widget.align) == "done"
+    assert len(viewer.layers) == n_layers  # the same layers updated, no "[1]" copies
+
+
+def test_results_keep_the_sources_placement_when_it_is_deleted_during_the_run(
+        qtbot, viewer_widget, monkeypatch):
+    viewer, widget = viewer_widget
+    stack = make_stack(z=5, size=96)
+    viewer.add_image(stack, name="em", scale=(50, 4, 4), translate=(100, 20, 30))
+    set_fast(widget)
+    held, release = _hold_after_sections(monkeypatch, 2)
+    with qtbot.waitSignal(widget.job_finished, timeout=60000) as blocker:
+        widget.align()
+        qtbot.waitUntil(held.is_set, timeout=60000)
+        qtbot.wait(100)
+        aligned = viewer.layers["em aligned"]
+        # sections not aligned yet show the input, not an opaque black slab
+        shown = widget._job["stream"]["vectors"]  # the two sections streamed so far
+        todo = [z for z in range(5) if z not in shown]
+        assert len(shown) == 2 and aligned.metadata[L.META_KEY]["sections_done"] >= 1
+        np.testing.assert_array_equal(aligned.data[todo], stack[todo])
+        viewer.layers.remove("em")
+        release.set()
+    assert blocker.args[0] == "done"
+    for name in ("em aligned", "em displacement", "em NCC error"):
+        layer = viewer.layers[name]
+        assert list(layer.scale) == [50, 4, 4] and list(layer.translate) == [100, 20, 30], name
