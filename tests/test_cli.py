@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +23,18 @@ from napari_ssemnet.core.sample import load_sample
 
 TINY = ["--iterations", "5", "--levels", "1", "--features", "pixels", "--prealign",
         "translation", "--grid-spacing", "32", "--device", "cpu"]
+
+
+@contextlib.contextmanager
+def _held_lock(lock: Path, pid: int):
+    """``lock`` held as a running napari-ssemnet run holds it: a kernel lock, and its id."""
+    import fcntl
+
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fh.write(str(pid))
+        fh.flush()
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -360,8 +373,13 @@ def test_blockwise_run_stopped_then_resumed_matches_an_uninterrupted_one(tiny_ti
     # other options do not resume it
     assert cli.main([*argv[:-len(opts)], "--block-size", "3", "--window", "1", *TINY[:-2],
                      "--device", "cpu", "--smoothness", "2", "--resume"]) == 2
-    assert "other parameters" in capsys.readouterr().err
+    assert "other parameters (smoothness)" in capsys.readouterr().err
     monkeypatch.setattr(blocks, "iter_align_blocks", real)
+    # the same command without --resume would throw the finished block away: refused
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "1 of 2 blocks done" in err and "add --resume" in err
+    assert len(list(out.parent.iterdir())) == 3  # the work is still there
     assert cli.main([*argv, "--resume"]) == 0
     assert "resuming at block 2 of 2" in capsys.readouterr().out
     np.testing.assert_array_equal(read_stack(out), read_stack(full))
@@ -376,11 +394,11 @@ def test_blockwise_run_stopped_then_resumed_matches_an_uninterrupted_one(tiny_ti
 def test_a_second_blockwise_run_on_the_same_output_is_refused(tiny_tif, tmp_path, capsys):
     out = tmp_path / "al.tif"
     lock = tmp_path / ".al.tif.lock"
-    lock.write_text(str(os.getppid()))  # a process that is running: this test's parent
     argv = ["align", str(tiny_tif), "-o", str(out), "--block-size", "3", "--window", "1",
             *TINY]
-    assert cli.main(argv) == 2
-    assert "Another napari-ssemnet run" in capsys.readouterr().err
+    with _held_lock(lock, os.getppid()):  # another run holds it
+        assert cli.main(argv) == 2
+    assert f"Another napari-ssemnet run (process {os.getppid()})" in capsys.readouterr().err
     assert lock.read_text() == str(os.getppid()) and not out.exists()
     lock.write_text("999999999")  # left behind by a process that no longer runs
     assert cli.main(argv) == 0 and out.exists() and not lock.exists()
@@ -695,9 +713,9 @@ def test_a_second_joint_run_on_the_same_output_is_refused(tiny_tif, tmp_path, ca
 
     out = tmp_path / "al.tif"
     lock = tmp_path / ".al.tif.lock"
-    lock.write_text(str(os.getppid()))  # a process that is running: this test's parent
     argv = ["align", str(tiny_tif), "-o", str(out), *TINY]
-    assert cli.main(argv) == 2
+    with _held_lock(lock, os.getppid()):
+        assert cli.main(argv) == 2
     assert "Another napari-ssemnet run" in capsys.readouterr().err
     assert lock.read_text() == str(os.getppid()) and not out.exists()
     lock.unlink()
@@ -833,8 +851,9 @@ def test_apply_fields_is_locked_and_leaves_a_stopped_align_alone(tiny_tif, tmp_p
     assert cli.main(["apply-fields", str(fields), str(tiny_tif), "-o", str(out), "-q"]) == 0
     assert align_work.read_bytes() == b"block-wise work"
     # a running process holds the output
-    (tmp_path / ".o.tif.lock").write_text(str(os.getppid()))
-    assert cli.main(["apply-fields", str(fields), str(tiny_tif), "-o", str(out), "-q"]) == 2
+    with _held_lock(tmp_path / ".o.tif.lock", os.getppid()):
+        assert cli.main(["apply-fields", str(fields), str(tiny_tif), "-o", str(out),
+                         "-q"]) == 2
     assert "Another napari-ssemnet run" in capsys.readouterr().err
 
 
@@ -904,6 +923,15 @@ def test_a_stale_lock_is_taken_by_one_of_two_runs_starting_together(tmp_path):
         assert not (tmp_path / ".al.tif.lock").exists()
 
 
+def test_a_lock_file_without_a_kernel_lock_is_taken_whatever_id_it_holds(tmp_path):
+    # a crashed run's id may belong to another live process by now (ids are reused)
+    out, lock = tmp_path / "al.tif", tmp_path / ".al.tif.lock"
+    lock.write_text(str(os.getppid()))  # alive, but holds no lock
+    with cli._output_lock(out):
+        assert lock.read_text() == str(os.getpid())
+    assert not lock.exists()
+
+
 def test_a_kernel_lock_refuses_whatever_the_lock_file_says(tmp_path):
     import fcntl
 
@@ -930,3 +958,120 @@ def test_without_kernel_locks_the_lock_file_alone_decides(tmp_path, monkeypatch)
     with cli._output_lock(out):
         assert lock.read_text() == str(os.getpid()) and lock.stat().st_mode & 0o777 == 0o644
     assert not lock.exists()
+
+
+
+def test_a_disk_too_full_for_the_result_is_refused_before_the_alignment(tiny_tif, tmp_path,
+                                                                       capsys, monkeypatch):
+    import napari_ssemnet.core.align as core_align
+
+    ran = []
+    monkeypatch.setattr(core_align, "align_stack", lambda *a, **k: ran.append(1))
+    real = shutil.disk_usage
+    fields_disk = tmp_path / "other"
+    fields_disk.mkdir()
+
+    def usage(path):
+        u = real(path)  # this folder pretends to have 10 kB free
+        return u._replace(free=10_000) if Path(path) == tmp_path else u
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    out = tmp_path / "al.tif"
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"disk in {tmp_path}" in err and "only 9.8 kB" not in err and not ran
+    fields = _zero_fields(fields_disk / "f.npz")
+    assert cli.main(["apply-fields", str(fields), str(tiny_tif), "-o", str(out), "-q"]) == 2
+    assert "needs about" in capsys.readouterr().err and not out.exists()
+
+
+def test_free_space_is_counted_per_file_system(tmp_path, monkeypatch):
+    import types
+
+    small, big = tmp_path / "small", tmp_path / "big"
+    small.mkdir()
+    big.mkdir()
+    free = {str(small): 1_000_000, str(big): 100_000_000}
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: real_usage(p)._replace(free=free[str(p)]))
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: types.SimpleNamespace(
+        st_dev=1 if str(p) == str(small) else 2))
+    # the TIFF on the small disk, the fields on the big one: each disk takes its own share
+    cli._check_space([(small / "al.tif", 600_000), (big / "f.npz", 60_000_000)])
+    with pytest.raises(cli.SsemnetError, match=f"1.1 MB of disk in {small}, but only"):
+        cli._check_space([(small / "al.tif", 600_000), (small / "f.npz", 600_000)])
+
+
+def test_a_full_disk_while_writing_is_one_line_and_keeps_the_old_output(tiny_tif, tmp_path,
+                                                                       capsys, monkeypatch):
+    import errno as errno_
+
+    out = tmp_path / "al.tif"
+    out.write_bytes(b"old result")
+
+    def full(*args, **kwargs):
+        raise OSError(errno_.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli, "_install", full)  # the disk fills at the very end
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), "-q", *TINY]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    monkeypatch.undo()
+    import napari_ssemnet.core.io as core_io
+
+    def partial_write(path, *args, **kwargs):
+        Path(path).write_bytes(b"x")
+        raise OSError("442368 requested and 188160 written")  # tifffile's words
+
+    monkeypatch.setattr(core_io, "write_stack", partial_write)
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), "-q", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and err.count("\n") == 1, err
+    assert out.read_bytes() == b"old result"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["al.tif"]
+
+
+def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_lock(tiny_tif, tmp_path, capsys,
+                                                               monkeypatch):
+    import errno as errno_
+
+    def no_space(*args):
+        raise OSError(errno_.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", no_space)
+    out = tmp_path / "al.tif"
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Could not write the lock file") and "No space" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+
+def test_an_output_given_as_a_symlink_is_written_where_it_points(tiny_tif, tmp_path, capsys):
+    far = tmp_path / "big_disk"
+    far.mkdir()
+    (far / "al.tif").write_bytes(b"old")
+    link = tmp_path / "al.tif"
+    link.symlink_to(far / "al.tif")
+    fields_link = tmp_path / "f.npz"
+    fields_link.symlink_to(far / "f.npz")  # dangling until written
+    assert cli.main(["align", str(tiny_tif), "-o", str(link), "--fields", str(fields_link),
+                     "-q", *TINY]) == 0
+    assert link.is_symlink() and fields_link.is_symlink()
+    assert read_stack(far / "al.tif").shape == read_stack(tiny_tif).shape
+    assert load_fields(far / "f.npz")[0].shape[1] == 2
+    assert sorted(f.name for f in far.iterdir()) == ["al.tif", "f.npz"]
+    capsys.readouterr()
+
+
+def test_apply_fields_notes_that_wide_integers_are_usually_labels(tiny_tif, tmp_path, capsys):
+    fields = _zero_fields(tmp_path / "f.npz")
+    ids = tmp_path / "ids.tif"
+    tifffile.imwrite(ids, read_stack(tiny_tif).astype(np.uint32) * 1000,
+                     photometric="minisblack")
+    assert cli.main(["apply-fields", str(fields), str(ids), "-o", str(tmp_path / "o.tif"),
+                     "-q"]) == 0
+    assert "add --labels" in capsys.readouterr().err
+    assert cli.main(["apply-fields", str(fields), str(ids), "-o", str(tmp_path / "o.tif"),
+                     "-q", "--labels"]) == 0
+    assert "--labels" not in capsys.readouterr().err

@@ -280,8 +280,9 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
     output = args.output or (SAMPLE_OUTPUT if args.sample else None)
     if output is None:
         raise SsemnetError("No output file: add -o ALIGNED.tif.")
+    output = str(_follow(Path(output)))
     params = params_from_args(args)  # before reading a big stack: fail fast on bad options
-    fields = _npz_path(args.fields) if args.fields else None
+    fields = _follow(_npz_path(args.fields)) if args.fields else None
     # every file the run reads: the stack, and the weights and parameters files it was given
     inputs = [args.input, params.weights if params.features == "custom" else None,
               args.params if args.params and Path(args.params).is_file() else None]
@@ -338,6 +339,11 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
     if isinstance(stack, SectionReader):  # one block holds it all: the joint run reads it whole
         stack.close()
         stack = read_stack(args.input)
+    z, h, w = stack.shape
+    out_bytes = 4 if args.output_dtype == "float32" else max(1, np.dtype(stack.dtype).itemsize)
+    # before the work, not after it: a full disk would cost the whole alignment
+    _check_space([(Path(output), z * h * w * out_bytes)]
+                 + ([(fields, z * 2 * h * w * 4)] if fields is not None else []))
     printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
     callback = None if args.quiet else printer
     try:
@@ -354,17 +360,26 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
     tmp = _partial(out_path, "joint.partial.tif")
     tmp_fields = _partial(fields, "partial.npz") if fields is not None else None
     try:
-        write_stack(tmp, aligned, resolution=read_resolution(args.input) if args.input else None)
+        try:
+            write_stack(tmp, aligned,
+                        resolution=read_resolution(args.input) if args.input else None)
+        except (OSError, ValueError) as exc:
+            raise _write_failure(f"the aligned stack {out_path}", tmp, exc) from None
         if fields is not None:
-            save_fields(tmp_fields, result.displacement, params=result.params,
-                        flags=result.flags, ncc_before=result.ncc_before,
-                        ncc_after=result.ncc_after)
-        # both complete before either replaces an existing file: they always match
-        if tmp_fields is not None:
-            _install(tmp_fields, fields)
-        _install(tmp, out_path)
-    except OSError as exc:
-        raise SsemnetError(f"Could not write the output: {exc}") from None
+            try:
+                save_fields(tmp_fields, result.displacement, params=result.params,
+                            flags=result.flags, ncc_before=result.ncc_before,
+                            ncc_after=result.ncc_after)
+            except (OSError, ValueError) as exc:
+                raise _write_failure(f"the fields {fields}", tmp_fields, exc) from None
+        # both complete before either replaces an existing file, then renamed one right after
+        # the other (only a crash between the two renames could part them)
+        try:
+            if tmp_fields is not None:
+                _install(tmp_fields, fields)
+            _install(tmp, out_path)
+        except OSError as exc:
+            raise SsemnetError(f"Could not write the output: {exc}") from None
     finally:
         _unlink_quietly(tmp, tmp_fields)
     # printed only once every file is written: a closed stdout cannot cost a file
@@ -373,6 +388,12 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
         out.write(f"displacement fields -> {fields}\n")
     out.write(result.summary() + "\n")
     return EXIT_OK
+
+
+def _follow(path: Path) -> Path:
+    """An output given as a symlink is written where the link points (the link stays), as
+    a shell redirection would; otherwise the path as given."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def _npz_path(path: str | Path) -> Path:
@@ -384,6 +405,41 @@ def _npz_path(path: str | Path) -> Path:
 def _size(n: int) -> str:
     """Bytes for a message: GB, or MB under 1 GB (0.0 GB said nothing)."""
     return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+
+
+def _check_space(needs: Sequence[tuple[Path, int]]) -> None:
+    """Refuse before the work when a disk cannot take what will be written there: ``needs``
+    pairs an output file with the bytes it (and its working copies) will take; files on the
+    same file system add up. Raises SsemnetError naming the folder."""
+    by_dev: dict[int, list[Any]] = {}
+    for path, n in needs:
+        folder = Path(os.path.abspath(path)).parent
+        try:
+            dev = os.stat(folder).st_dev
+        except OSError:
+            continue  # made by _check_target; a folder that vanished fails at the write
+        entry = by_dev.setdefault(dev, [folder, 0])
+        entry[1] += n
+    for folder, n in by_dev.values():
+        free = shutil.disk_usage(folder).free
+        if n > free:
+            raise SsemnetError(f"Writing the result needs about {_size(n)} of disk in "
+                               f"{folder}, but only {_size(free)} is free.")
+
+
+def _write_failure(what: str, path: Path, exc: BaseException) -> SsemnetError:
+    """One error line for a failed write; a full disk is said in words (tifffile reports
+    it as 'N requested and M written')."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    try:
+        free = shutil.disk_usage(Path(os.path.abspath(path)).parent).free
+    except OSError:
+        free = None
+    full = getattr(exc, "errno", None) == errno.ENOSPC or "requested and" in text or (
+        free is not None and free < 2**20)
+    if full:
+        text = f"the disk is full ({_size(free or 0)} free in {Path(path).parent}; {text})"
+    return SsemnetError(f"Could not write {what}: {text}")
 
 
 def _unlink_quietly(*paths: Path | None) -> None:
@@ -569,6 +625,9 @@ def _flock(out_path: Path, lock: Path) -> int | None:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except PermissionError:
             return None  # someone else's lock file: the link scheme can replace a stale one
+        except OSError as exc:
+            raise SsemnetError(f"Could not create the lock file {lock}: "
+                               f"{exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -590,20 +649,20 @@ def _flock(out_path: Path, lock: Path) -> int | None:
         if not same:
             os.close(fd)
             continue
+        # the kernel lock decides: an id left in the file by a crashed run may belong to
+        # another process by now (ids are reused), so it is only read for messages
         try:
-            pid = _lock_pid(os.pread(fd, 64, 0).decode(errors="replace"))
-            # a live process that holds no kernel lock: a run on the link scheme
-            if pid and pid != os.getpid() and _pid_alive(pid):
-                raise _lock_refusal(out_path, lock, pid)
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
-            try:
-                os.fchmod(fd, 0o644)
-            except OSError:
-                pass  # not ours to change; readable enough for its owner
-        except BaseException:
+        except OSError as exc:  # e.g. a full disk
+            _unlink_quietly(lock)  # while still locked: nobody else can be using it
             os.close(fd)
-            raise
+            raise SsemnetError(f"Could not write the lock file {lock}: "
+                               f"{exc.strerror or exc}") from None
+        try:
+            os.fchmod(fd, 0o644)
+        except OSError:
+            pass  # not ours to change; readable enough for its owner
         return fd
     raise SsemnetError(f"Could not lock {lock}: it keeps being replaced.")
 
@@ -636,11 +695,20 @@ def _link_lock(out_path: Path, lock: Path) -> Iterator[None]:
     written before the lock appears (a hard link of a complete file), so no other run can
     read an empty lock and take it as stale; one left by a process that no longer runs is
     taken over (two runs that do so at the same instant can both win)."""
-    fd, mine = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".lock-new",
-                                dir=lock.parent)
     try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
+        fd, mine = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".lock-new",
+                                    dir=lock.parent)
+    except OSError as exc:
+        raise SsemnetError(f"Could not create the lock file {lock}: "
+                           f"{exc.strerror or exc}") from None
+    try:
+        try:
+            os.write(fd, str(os.getpid()).encode())
+        except OSError as exc:  # a full disk
+            raise SsemnetError(f"Could not write the lock file {lock}: "
+                               f"{exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
         os.chmod(mine, 0o644)
         for _ in range(2):
             try:
@@ -680,6 +748,26 @@ def _run_identity(args: argparse.Namespace, params: AlignParams, shape: tuple[in
                        "dtype": str(dtype)}, sort_keys=True)
 
 
+def _what_changed(old: str | None, new: str) -> str:
+    """Which part of :func:`_run_identity` differs, in words."""
+    try:
+        a, b = json.loads(old or "{}"), json.loads(new)
+    except ValueError:
+        return "another input or other options"
+    parts = []
+    if a.get("params") != b.get("params"):
+        changed = sorted(k for k in set(a.get("params", {})) | set(b["params"])
+                         if a.get("params", {}).get(k) != b["params"].get(k))
+        parts.append(f"other parameters ({', '.join(changed)})" if changed else
+                     "other parameters")
+    if a.get("input") != b.get("input"):
+        parts.append("another input, or an input that changed since (size or modification "
+                     "time)")
+    if a.get("dtype") != b.get("dtype") or a.get("shape") != b.get("shape"):
+        parts.append("another output type or shape")
+    return " and ".join(parts) or "another input or other options"
+
+
 def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namespace,
                           output: str, out: TextIO) -> int:
     """Block-wise run whose sections go straight into memory-mapped files: the aligned TIFF
@@ -697,7 +785,7 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
     if dtype.kind == "b":
         dtype = np.dtype(np.uint8)
     out_path = Path(output)
-    fields_path = _npz_path(args.fields) if args.fields else None
+    fields_path = _follow(_npz_path(args.fields)) if args.fields else None
     tmp_tif = _partial(out_path, "partial.tif")
     tmp_fields = _partial(fields_path, "partial.npz") if fields_path is not None else None
     tmp_disp = _partial(out_path, "displacement.partial.npy")
@@ -706,27 +794,46 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
     run_id = _run_identity(args, params, (z, h, w), dtype)
     n_blocks = 1 + len(block_plan(z, params.reference, params.block_size, params.window)[1])
     state = None
+    left = [f for f in work if f.exists()]
+    stopped, stopped_id = None, None
+    if len(left) == len(work):
+        try:
+            stopped, extra = BlockState.load(state_path)
+            stopped_id = extra.get("run")
+        except SsemnetError:
+            stopped = None
+    names = ", ".join(f.name for f in left)
     if args.resume:
-        if not all(f.is_file() for f in work):
-            raise SsemnetError(f"Nothing to resume for {out_path}: no stopped block-wise run "
-                               "left its working files there. Run without --resume.")
-        state, extra = BlockState.load(state_path)
-        if extra.get("run") != run_id:
-            raise SsemnetError(f"The stopped run for {out_path} had another input, other "
-                               "parameters or another output type; give the same ones, or "
+        if stopped is None:
+            raise SsemnetError(
+                f"Nothing to resume for {out_path}: no stopped block-wise run left a finished "
+                "block there" + (f" (its working files {names} are removed by a run without "
+                                 "--resume)" if left else "") + ". Run without --resume.")
+        if stopped_id != run_id:
+            raise SsemnetError(f"The stopped run for {out_path} had "
+                               f"{_what_changed(stopped_id, run_id)}; give the same ones, or "
                                "run without --resume to start over.")
-        out.write(f"resuming at block {state.next_block + 1} of {n_blocks}\n")
+        state = stopped
+        out.write("every block was done; writing the outputs\n" if state.next_block >= n_blocks
+                  else f"resuming at block {state.next_block + 1} of {n_blocks}\n")
+    elif stopped is not None and stopped_id == run_id and stopped.next_block > 0:
+        # the same command again after a crash: starting over would throw the blocks away
+        raise SsemnetError(
+            f"A stopped run of this command has {min(stopped.next_block, n_blocks)} of "
+            f"{n_blocks} blocks done for {out_path}; add --resume to go on from there, or "
+            f"delete its working files ({names} in {out_path.parent}) to start over.")
+    elif left:
+        _say(sys.stderr, f"removing the working files of an earlier stopped run ({names}); "
+                         "it had other options or input, so it cannot be resumed.\n")
     maps: dict[str, Any] = {}  # the memory maps, dropped (unmapped) before renaming or removing
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         if state is None:
-            need = z * h * w * (dtype.itemsize + 8 * (2 if fields_path is not None else 1))
-            free = shutil.disk_usage(out_path.parent).free
-            if need > free:
-                raise SsemnetError(
-                    f"Writing the result needs about {_size(need)} of disk in "
-                    f"{out_path.parent}, but only {_size(free)} is free.")
-            _unlink_quietly(*work)
+            _unlink_quietly(*work)  # before the space check: they are being replaced
+            # the TIFF and a working copy of the displacement (8 bytes a pixel) beside -o,
+            # the fields' .npz (as much again, uncompressed) where --fields goes
+            _check_space([(out_path, z * h * w * (dtype.itemsize + 8))]
+                         + ([(fields_path, z * h * w * 8)] if fields_path is not None else []))
             maps["aligned"] = tifffile.memmap(
                 tmp_tif, shape=(z, h, w), dtype=dtype,
                 **tiff_write_kwargs(read_resolution(args.input) if args.input else None,
@@ -817,7 +924,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
     order = 0 if args.labels else 1
     _refuse_overwriting_input(args.input, args.output)
     _refuse_overwriting_input(args.fields, args.output)
-    out_path = Path(args.output)
+    out_path = _follow(Path(args.output))
     with _prepared_targets([(out_path, "output file")]), _output_lock(out_path):
         stack = open_stack(args.input, masks=True)  # a boolean mask is read as uint8 0/1
         try:
@@ -829,10 +936,15 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
                         f"sections of {fields.shape[2]}x{fields.shape[3]} px; {args.input} "
                         f"has {z} of {h}x{w} px.")
                 dtype = np.dtype(stack.dtype)
+                if order == 1 and dtype.kind in "iu" and dtype.itemsize >= 4:
+                    _say(sys.stderr, f"note: {args.input} is {dtype}, the type of label ids; "
+                                     "without --labels they are interpolated into ids that "
+                                     "do not exist (add --labels to keep them).\n")
                 if order == 1 and args.output_dtype == "float32":
                     dtype = np.dtype(np.float32)
                 if dtype.kind == "b":
                     dtype = np.dtype(np.uint8)
+                _check_space([(out_path, z * h * w * dtype.itemsize)])
                 # not align's working name: a stopped block-wise run there stays resumable
                 tmp = _partial(out_path, "apply.partial.tif")
                 # one series written as the sections come, so that ImageJ's section
@@ -862,8 +974,10 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
                         tifffile.imwrite(tmp, sections(should_stop), shape=(z, h, w),
                                          dtype=dtype, **write_kw)
                     _install(tmp, out_path)
-                except OSError as exc:
-                    raise SsemnetError(f"Could not write {out_path}: {exc}") from None
+                except SsemnetError:  # a bad section, a cancel: not a failed write
+                    raise
+                except (OSError, ValueError) as exc:
+                    raise _write_failure(str(out_path), tmp, exc) from None
                 finally:
                     printer.close()
                     _unlink_quietly(tmp)
@@ -899,7 +1013,8 @@ def cmd_train(args: argparse.Namespace, out: TextIO) -> int:
         raise SsemnetError(f"--seed must be from 0 to {2**31 - 1}; got {args.seed}.")
     if args.init and not Path(args.init).is_file():
         raise SsemnetError(f"The --init weights file {args.init} does not exist.")
-    target = Path(args.output)
+    target = _follow(Path(args.output))
+    args.output = str(target)
     with _prepared_targets([(target, "weights file")]), _output_lock(target):
         return _train(args, paths, out)
 
@@ -942,8 +1057,8 @@ def _train(args: argparse.Namespace, paths: list[Path], out: TextIO) -> int:
     try:
         save_weights(model, tmp, info=info)
         _install(tmp, path)
-    except OSError as exc:
-        raise SsemnetError(f"Could not write {args.output}: {exc}") from None
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError
+        raise _write_failure(f"the weights {args.output}", tmp, exc) from None
     finally:
         _unlink_quietly(tmp)
     out.write(f"encoder weights -> {path} (final loss {info.get('train_loss', '?')})\n"

@@ -338,3 +338,13 @@ def test_masks_are_read_as_uint8_only_when_asked(tmp_path, as_folder):
         np.testing.assert_array_equal(np.stack([got[z] for z in range(3)]), mask)
         if isinstance(got, PageStack):
             got.close()
+
+
+def test_a_folder_of_sections_gives_its_first_sections_pixel_size(tmp_path):
+    from napari_ssemnet.core.io import read_resolution
+
+    for z in range(3):
+        tifffile.imwrite(tmp_path / f"s{z}.tif", np.zeros((40, 40), np.uint8),
+                         resolution=(250.0, 250.0), resolutionunit=3)
+    assert read_resolution(tmp_path) == {"resolution": (250.0, 250.0), "resolutionunit": 3}
+    assert read_resolution(tmp_path / "missing") == {}

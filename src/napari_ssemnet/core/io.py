@@ -410,12 +410,20 @@ def read_resolution(path: str | os.PathLike) -> dict[str, Any]:
     -------
     dict
         ``resolution`` ((x, y) pixels per unit) and ``resolutionunit`` (the TIFF code) when
-        the first page has them, ``spacing`` and ``unit`` from ImageJ metadata; empty for a
-        folder, an unreadable file or a file without any (1 pixel per no unit).
+        the first page has them, ``spacing`` and ``unit`` from ImageJ metadata; for a folder
+        of sections the first file's pixel size; empty for an unreadable file or a file
+        without any (1 pixel per no unit).
     """
     import tifffile
 
     p = Path(path)
+    if p.is_dir():  # a folder of sections: the first section's pixel size
+        try:
+            first = FolderStack(p, min_sections=1).files[0]
+        except InputError:
+            return {}
+        return {k: v for k, v in read_resolution(first).items()
+                if k in ("resolution", "resolutionunit")}
     if not p.is_file():
         return {}
     out: dict[str, Any] = {}
