@@ -170,6 +170,8 @@ def test_progress_and_one_section_result_per_section(small):
         for e in events_:
             last[e.stage] = e
         assert all(e.step == e.total for e in last.values()), last
+    pre = [e for e in progress if e.stage == "prealign"]  # steps count finished sections
+    assert pre[0].step == 0 and [e.step for e in pre] == list(range(len(pre)))
     fit_events = [e for e in early if e.stage.startswith("fit")]
     assert "settled after 10 iterations" in fit_events[-1].message
     assert len(fit_events) == 11  # ten iterations, then the end of the level

@@ -250,6 +250,9 @@ def test_fields_round_trip_with_params_flags_and_extras(tmp_path):
 def test_load_fields_errors(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         load_fields(tmp_path / "nope.npz")
+    for reader in (load_fields, FieldSections):
+        with pytest.raises(InputError, match="is a folder"):
+            reader(tmp_path)
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"PK\x03\x04 definitely not a zip")
     with pytest.raises(InputError, match="not a readable fields file"):

@@ -463,7 +463,7 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     memory.check_memory(arr.shape, device, binning=params.fit_binning)
 
 
-    yield Progress("prepare", 0, 1, f"normalising {z_count} sections on {device}")
+    yield Progress("prepare", 0, 1, f"normalising {z_count} sections")
     t0 = time.perf_counter()
     norm, blank = metrics.normalise_stack(arr)
     if blank[params.reference]:

@@ -372,8 +372,7 @@ def fit_stack(
                 should_stop()
             opt.step()
             yield Progress(f"fit level {li + 1}/{levels}", it + 1, total,
-                           f"level {li + 1}/{levels}, iteration {it + 1}, "
-                           f"loss {float(data.detach()):.4f}")
+                           f"iteration {it + 1}, loss {float(data.detach()):.4f}")
             if it % 10 == 9:
                 # mean movement: nodes over featureless areas drift slowly and barely matter
                 moved = max(float((glob.detach() - snapshot[0]).abs().mean()),
@@ -382,8 +381,7 @@ def fit_stack(
                 if drop <= 0.01 and moved < params.tolerance * k:
                     # a bar following the steps ends full, not at it / total
                     yield Progress(f"fit level {li + 1}/{levels}", total, total,
-                                   f"level {li + 1}/{levels} settled after {it + 1} "
-                                   "iterations")
+                                   f"settled after {it + 1} iterations")
                     break
     return Residual(mats=global_maps(glob.detach()),
                     grid=(grid * free_t[:, None, None, None] + held).detach(), size=size)

@@ -563,6 +563,16 @@ def save_fields(path: str | os.PathLike, displacement: np.ndarray, params: Any =
     return p
 
 
+def _check_fields_path(p: Path) -> None:
+    """A fields path that is missing, a folder or not an .npz gets its own message."""
+    if p.is_dir():
+        raise InputError(f"Fields file {str(p)!r} is a folder; give the .npz file written by "
+                         "napari-ssemnet (align --fields, or Save fields in napari).")
+    if not p.is_file():
+        raise InputError(f"Fields file {str(p)!r} does not exist.")
+    _check_npz_signature(p)
+
+
 def _check_npz_signature(p: Path) -> None:
     """Refuse a file that is neither a zip (``.npz``) nor an ``.npy`` array before NumPy
     reads it: for any other file ``np.load`` answers that it holds pickled data, which
@@ -604,9 +614,7 @@ def load_fields(path: str | os.PathLike, *, with_extra: bool = False
         Missing or corrupt file, no ``displacement`` key, wrong shape, bad params JSON.
     """
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"Fields file {str(p)!r} does not exist.")
-    _check_npz_signature(p)
+    _check_fields_path(p)
     extra: dict[str, np.ndarray] = {}
     try:
         with np.load(p, allow_pickle=False) as npz:
@@ -753,10 +761,8 @@ class FieldSections:
 
     def __init__(self, path: str | os.PathLike) -> None:
         p = Path(path)
-        if not p.is_file():
-            raise InputError(f"Fields file {str(p)!r} does not exist.")
         self._zip = None
-        _check_npz_signature(p)
+        _check_fields_path(p)
         try:
             self._zip = zipfile.ZipFile(p)
             names = self._zip.namelist()

@@ -506,8 +506,9 @@ def prealign_stack(
                 if not blank[zz]:
                     placed.append(zz)
                 continue
-            done += 1
+            # the step counts sections finished, so a bar does not run one section ahead
             yield Progress("prealign", done, total, f"pre-aligning section {zz}", section=zz)
+            done += 1
             if blank[zz]:
                 mats[zz] = mats[placed[-1]]
                 continue
@@ -532,4 +533,5 @@ def prealign_stack(
                     break
             _, mats[zz], conf[zz] = best
             placed.append(zz)
+    yield Progress("prealign", total, total, "pre-alignment done")
     return mats, conf
