@@ -41,7 +41,7 @@ from qtpy.QtWidgets import (
 )
 
 from . import _layers as L
-from .core.align import AlignmentResult, Progress, SectionResult, check_stack
+from .core.align import AlignmentResult, Progress, SectionResult, check_layout, check_stack
 from .core.errors import SsemnetError
 from .core.io import as_dtype
 from .core.params import TRAIN_STEPS, AlignParams
@@ -440,7 +440,12 @@ class AlignWidget(QWidget):
                     and not Path(params.weights).is_file()):
                 raise SsemnetError(f"The weights file {params.weights!r} does not exist; "
                                    "choose it again or train features on this stack.")
-            stack = check_stack(np.asarray(layer.data), name=f"layer '{layer.name}'")
+            data = layer.data
+            if isinstance(data, np.ndarray):
+                stack = check_stack(data, name=f"layer '{layer.name}'")
+            else:  # lazy (dask, zarr): only its shape here, read in the worker
+                check_layout(data.shape, data.dtype, name=f"layer '{layer.name}'")
+                stack = data
             if not 0 <= params.reference < stack.shape[0]:
                 raise SsemnetError(f"Reference section {params.reference} is outside the "
                                    f"layer's sections 0-{stack.shape[0] - 1}.")
@@ -484,8 +489,9 @@ class AlignWidget(QWidget):
         if ready is None:
             return
         layer, stack, params = ready
-        self._start("align", jobs.align_job, stack, params, source=layer.name,
-                    shape=stack.shape, params=params, dtype=str(stack.dtype), stack=stack)
+        self._start("align", _align_entry, stack, params, layer.name, source=layer.name,
+                    shape=tuple(stack.shape), params=params, dtype=str(stack.dtype),
+                    stack=stack)
 
     def preview(self) -> None:
         """Align the current section only, neighbours held fixed (the Preview button)."""
@@ -506,8 +512,9 @@ class AlignWidget(QWidget):
                                      "first; press Align.")
             return
         z = self.current_section(layer)
-        self._start(kind, jobs.section_job, stack, z, params, base, source=layer.name,
-                    shape=stack.shape, params=params, z=z, dtype=str(stack.dtype))
+        self._start(kind, _section_entry, stack, z, params, base, layer.name,
+                    source=layer.name, shape=tuple(stack.shape), params=params, z=z,
+                    dtype=str(stack.dtype))
 
     def train_features(self) -> None:
         """Train the feature encoder on the selected stack, then use it ('custom')."""
@@ -518,7 +525,8 @@ class AlignWidget(QWidget):
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in layer.name)
         out = jobs.weights_dir() / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}.pt"
         self._start("train", _train_entry, stack, int(self.train_steps.value()), params.seed,
-                    params.device, str(out), source=layer.name, shape=stack.shape)
+                    params.device, str(out), layer.name, source=layer.name,
+                    shape=tuple(stack.shape))
 
     def cancel(self) -> None:
         """Stop the running job at its next progress event (the Cancel button)."""
@@ -532,6 +540,9 @@ class AlignWidget(QWidget):
     def _on_yielded(self, event: Any) -> None:
         job = self._job
         if job is None:
+            return
+        if isinstance(event, _Read):  # the layer's data, read in the worker
+            job["stack"] = event.stack
             return
         if isinstance(event, Progress):
             elapsed = time.perf_counter() - job["t0"]
@@ -883,8 +894,49 @@ _ACTIONS = {"align": "Alignment", "preview": "Preview", "realign": "Re-align",
             "train": "Feature training"}
 
 
-def _train_entry(stack: np.ndarray, steps: int, seed: int, device: str, out: str, *,
+class _Read:
+    """Yielded by a job entry once it has read the layer's data (a lazy layer in the
+    worker, never on the GUI thread)."""
+
+    def __init__(self, stack: np.ndarray) -> None:
+        self.stack = stack
+
+
+def _read(data: Any, name: str):
+    """The layer's data as a checked array, read here (in the worker); yields a
+    :class:`_Read` and a progress event, returns the array (a :class:`jobs.Failure` if it
+    cannot be read or used)."""
+    if isinstance(data, np.ndarray):
+        return data  # checked on the GUI thread already, and free to use
+    yield Progress("prepare", 0, 1, f"reading layer '{name}'")
+    try:
+        stack = check_stack(np.asarray(data), name=f"layer '{name}'")
+    except Exception as exc:  # a lazy array that fails to load, NaNs: reach the user
+        return jobs._failure(exc)
+    yield _Read(stack)
+    return stack
+
+
+def _align_entry(data: Any, params: AlignParams, name: str, *, stop: threading.Event):
+    stack = yield from _read(data, name)
+    if isinstance(stack, jobs.Failure):
+        return stack
+    return (yield from jobs.align_job(stack, params, stop=stop))
+
+
+def _section_entry(data: Any, z: int, params: AlignParams, base: Any, name: str, *,
+                   stop: threading.Event):
+    stack = yield from _read(data, name)
+    if isinstance(stack, jobs.Failure):
+        return stack
+    return (yield from jobs.section_job(stack, z, params, base, stop=stop))
+
+
+def _train_entry(data: Any, steps: int, seed: int, device: str, out: str, name: str, *,
                  stop: threading.Event):
+    stack = yield from _read(data, name)
+    if isinstance(stack, jobs.Failure):
+        return stack
     return (yield from jobs.train_job(stack, steps=steps, seed=seed, device=device,
                                       out_path=out, stop=stop))
 

@@ -577,3 +577,48 @@ def test_results_keep_the_sources_placement_when_it_is_deleted_during_the_run(
     for name in ("em aligned", "em displacement", "em NCC error"):
         layer = viewer.layers[name]
         assert list(layer.scale) == [50, 4, 4] and list(layer.translate) == [100, 20, 30], name
+
+
+def test_a_lazy_layer_is_read_in_the_worker_not_on_the_gui_thread(qtbot, viewer_widget):
+    # a dask or zarr stack read by the Align click froze napari for the whole read
+    import threading
+
+    import dask
+    import dask.array as da
+
+    viewer, widget = viewer_widget
+    stack = make_stack(z=5, size=96)
+    on_gui = []
+
+    def load(block, block_info=None):
+        if threading.current_thread() is threading.main_thread():
+            on_gui.append(block_info[0]["chunk-location"][0])
+        return block
+
+    lazy = da.from_array(stack, chunks=(1, 96, 96)).map_blocks(load, dtype=stack.dtype)
+    with dask.config.set(scheduler="synchronous"):  # reads run in the thread that asks
+        viewer.add_image(lazy, name="em")
+        set_fast(widget)
+        qtbot.wait(50)
+        before = len(on_gui)
+        with qtbot.waitSignal(widget.job_finished, timeout=60000) as blocker:
+            widget.align()
+            assert on_gui[before:] == []  # the click itself read nothing
+        assert blocker.args[0] == "done", error_messages()
+    r = widget.results["em"]
+    assert r.aligned.shape == stack.shape
+    assert viewer.layers["em aligned"].data.dtype == stack.dtype
+
+
+def test_a_lazy_layer_with_nan_is_refused_with_the_usual_message(qtbot, viewer_widget):
+    import dask.array as da
+
+    viewer, widget = viewer_widget
+    stack = make_stack(z=4, size=96).astype(np.float32)
+    stack[2, 10, 10] = np.nan
+    viewer.add_image(da.from_array(stack, chunks=(1, 96, 96)), name="em")
+    set_fast(widget)
+    start = n_records()
+    assert run_and_wait(qtbot, widget, widget.align) == "failed"
+    assert any("NaN" in m and "section(s) 2" in m for m in error_messages(start))
+    assert "em aligned" not in viewer.layers

@@ -196,6 +196,42 @@ def map_events(gen: Generator[Any, None, Any], fn: Callable[[Any], Any]
         gen.close()
 
 
+def check_layout(shape: tuple[int, ...], dtype: Any, *, name: str = "stack",
+                 min_sections: int = 2) -> None:
+    """The checks of :func:`check_stack` that need only the shape and data type (for a lazy
+    array, before its data is read).
+
+    Raises
+    ------
+    InputError
+    """
+    shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+    if dtype.kind == "b":
+        raise InputError(f"The {name} is a boolean mask, not an image; pass the grayscale EM "
+                         "stack.")
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise InputError(f"The {name} has dtype {dtype}; a real-valued (integer or float) "
+                         "grayscale stack is needed.")
+    if len(shape) == 2:
+        raise InputError(f"The {name} is a single 2D image of shape {shape}; a stack of "
+                         "sections with shape (Z, H, W) is needed.")
+    if len(shape) == 4 and shape[-1] in (3, 4):
+        raise InputError(f"The {name} looks like an RGB(A) stack with shape {shape}; convert "
+                         "it to grayscale (Z, H, W) first.")
+    if len(shape) != 3:
+        raise InputError(f"The {name} has shape {shape}; a grayscale stack of shape "
+                         "(Z, H, W) is needed. Split channels or time points first.")
+    if shape[-1] in (3, 4) and shape[-2] > 16:
+        raise InputError(f"The {name} of shape {shape} looks like a single RGB(A) image; "
+                         "a grayscale stack (Z, H, W) is needed.")
+    z, h, w = shape
+    if z < min_sections:
+        raise InputError(f"The {name} has {z} section(s); at least {min_sections} are needed.")
+    if h < MIN_SIZE or w < MIN_SIZE:
+        raise InputError(f"Sections of {h}x{w} px are too small; at least {MIN_SIZE}x{MIN_SIZE} "
+                         "px are needed.")
+
+
 def check_stack(stack: Any, *, name: str = "stack", min_sections: int = 2,
                 masks: bool = False) -> np.ndarray:
     """Validate a (Z, H, W) real-valued stack and return it as an array (never a copy-on-write
@@ -215,30 +251,8 @@ def check_stack(stack: Any, *, name: str = "stack", min_sections: int = 2,
         raise InputError(f"The {name} could not be read as an array: {exc}") from None
     if arr.dtype == bool and masks:
         arr = arr.astype(np.uint8)
-    if arr.dtype == bool:
-        raise InputError(f"The {name} is a boolean mask, not an image; pass the grayscale EM "
-                         "stack.")
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise InputError(f"The {name} has dtype {arr.dtype}; a real-valued (integer or float) "
-                         "grayscale stack is needed.")
-    if arr.ndim == 2:
-        raise InputError(f"The {name} is a single 2D image of shape {arr.shape}; a stack of "
-                         "sections with shape (Z, H, W) is needed.")
-    if arr.ndim == 4 and arr.shape[-1] in (3, 4):
-        raise InputError(f"The {name} looks like an RGB(A) stack with shape {arr.shape}; convert "
-                         "it to grayscale (Z, H, W) first.")
-    if arr.ndim != 3:
-        raise InputError(f"The {name} has shape {arr.shape}; a grayscale stack of shape "
-                         "(Z, H, W) is needed. Split channels or time points first.")
-    if arr.shape[-1] in (3, 4) and arr.shape[-2] > 16:
-        raise InputError(f"The {name} of shape {arr.shape} looks like a single RGB(A) image; "
-                         "a grayscale stack (Z, H, W) is needed.")
-    z, h, w = arr.shape
-    if z < min_sections:
-        raise InputError(f"The {name} has {z} section(s); at least {min_sections} are needed.")
-    if h < MIN_SIZE or w < MIN_SIZE:
-        raise InputError(f"Sections of {h}x{w} px are too small; at least {MIN_SIZE}x{MIN_SIZE} "
-                         "px are needed.")
+    check_layout(arr.shape, arr.dtype, name=name, min_sections=min_sections)
+    z = arr.shape[0]
     if np.issubdtype(arr.dtype, np.floating):
         # one section at a time: a whole-stack mask would be 1 byte per pixel of a big stack
         zs = [i for i in range(z) if not np.isfinite(arr[i]).all()]
