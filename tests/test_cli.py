@@ -900,7 +900,7 @@ def _hold_lock_briefly(out_path, barrier, results):
     try:
         with cli._output_lock(out_path):
             results.put("won")
-            time.sleep(0.5)  # still held while the other one tries
+            time.sleep(0.2)  # still held while the other one tries
     except cli.SsemnetError:
         results.put("refused")
 
@@ -910,7 +910,7 @@ def test_a_stale_lock_is_taken_by_one_of_two_runs_starting_together(tmp_path):
 
     out = tmp_path / "al.tif"
     ctx = multiprocessing.get_context("fork")
-    for attempt in range(5):
+    for attempt in range(15):  # the link scheme lost about 1 race in 10
         (tmp_path / ".al.tif.lock").write_text("999999999")  # left by a crashed run
         barrier, results = ctx.Barrier(2), ctx.Queue()
         procs = [ctx.Process(target=_hold_lock_briefly, args=(out, barrier, results))
@@ -1075,3 +1075,30 @@ def test_apply_fields_notes_that_wide_integers_are_usually_labels(tiny_tif, tmp_
     assert cli.main(["apply-fields", str(fields), str(ids), "-o", str(tmp_path / "o.tif"),
                      "-q", "--labels"]) == 0
     assert "--labels" not in capsys.readouterr().err
+
+
+def _as_other_users_lock(monkeypatch, lock: Path):
+    """Opening ``lock`` for writing is refused, as for a lock file of another user."""
+    real_open = os.open
+
+    def guarded(path, flags, *args, **kwargs):
+        if Path(path) == lock and lock.exists() and flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded)
+
+
+def test_another_users_lock_is_tested_with_the_kernel_lock_too(tmp_path, monkeypatch):
+    # such a lock sent the run to the link scheme, which ignores kernel locks: a run on the
+    # link scheme and one holding the kernel lock could then both write the output
+    out, lock = tmp_path / "al.tif", tmp_path / ".al.tif.lock"
+    with _held_lock(lock, 4242):  # still held by its run
+        _as_other_users_lock(monkeypatch, lock)
+        with pytest.raises(cli.SsemnetError, match="process 4242"):
+            with cli._output_lock(out):
+                pass
+    # its run has ended: the file is removed and our own kernel lock taken
+    with cli._output_lock(out):
+        assert lock.read_text() == str(os.getpid())
+    assert not lock.exists()

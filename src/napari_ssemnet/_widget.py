@@ -704,6 +704,8 @@ class AlignWidget(QWidget):
                    "complete": False, "state": "running",
                    "extra": {"sections_done": len(done)}}
         layer = L.find_result_layer(self.viewer, source, L.ROLE_ALIGNED)
+        new = layer is None or L.find_result_layer(self.viewer, source,
+                                                    L.ROLE_DISPLACEMENT) is None
         if layer is None or not stream.get("aligned_layer"):
             data = L.aligned_layer_data(
                 stream["aligned"], source, contrast_limits=tf["contrast_limits"],
@@ -721,7 +723,8 @@ class AlignWidget(QWidget):
             translate=tf["translate"],
             metadata=L.result_metadata(L.ROLE_DISPLACEMENT, source, **meta_kw))
         L.upsert_layer(self.viewer, data, role=L.ROLE_DISPLACEMENT, source_name=source)
-        self._select(source)  # a new layer takes the selection, and the chooser would follow
+        if new:  # a new layer takes the selection, and the chooser would follow it
+            self._select(source)
 
     def _show_layers(self, source: str, *, aligned: np.ndarray, valid: np.ndarray,
                      displacement: np.ndarray, ncc_error: np.ndarray, meta_kw: dict[str, Any],
@@ -1103,8 +1106,11 @@ def _apply_job(layer_data: Any, path: str, name: str, order: int) -> Any:
                                f"{(disp.shape[0], *disp.shape[2:])}, but '{name}' has "
                                f"shape {data.shape}.")
         out = apply_displacement(data, disp, order=order)
-        # an image keeps its type, as with Align and the command line (rounded, clipped)
-        return as_dtype(out, data.dtype) if out.dtype != data.dtype else out
+        # an image keeps its type, as with Align and the command line (rounded, clipped); a
+        # boolean image becomes 0/1 as the command line writes it (a cast to bool would
+        # make every blended edge pixel True)
+        want = np.dtype(np.uint8) if data.dtype == bool else data.dtype
+        return as_dtype(out, want) if out.dtype != want else out
     except OSError as exc:  # unreadable file: the message is for the user
         return jobs.Failure(exc, "", True)
     except Exception as exc:

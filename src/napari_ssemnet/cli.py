@@ -551,11 +551,12 @@ def _partial(path: Path, suffix: str) -> Path:
 
 def _install(tmp: Path, target: Path) -> None:
     """Rename a finished working file over ``target``; a file it replaces passes on its
-    permissions (a group-writable result in a shared folder stays group-writable)."""
+    permissions where it can (a group-writable result in a shared folder stays so)."""
     try:
         os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
-    except FileNotFoundError:
-        pass  # a new file: the umask decides, as for any other new file
+    except OSError:
+        pass  # a new file (the umask decides), or a file system without chmod: no reason
+        # to fail between the renames of the TIFF and its fields
     tmp.replace(target)
 
 
@@ -624,7 +625,9 @@ def _flock(out_path: Path, lock: Path) -> int | None:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except PermissionError:
-            return None  # someone else's lock file: the link scheme can replace a stale one
+            # another user's lock file: a kernel lock needs only read access to test it
+            _take_foreign_lock(out_path, lock, fcntl)
+            continue
         except OSError as exc:
             raise SsemnetError(f"Could not create the lock file {lock}: "
                                f"{exc.strerror or exc}") from None
@@ -665,6 +668,34 @@ def _flock(out_path: Path, lock: Path) -> int | None:
             pass  # not ours to change; readable enough for its owner
         return fd
     raise SsemnetError(f"Could not lock {lock}: it keeps being replaced.")
+
+
+def _take_foreign_lock(out_path: Path, lock: Path, fcntl: Any) -> None:
+    """A lock file we may not write (another user's): refuse if its run still holds it,
+    else remove it, so that the caller can create its own."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:  # there is none: the folder refused to make it
+        raise SsemnetError(f"Could not create the lock file {lock}: permission denied "
+                           f"in {lock.parent}.") from None
+    except OSError as exc:
+        raise SsemnetError(f"Could not read the lock file {lock}: "
+                           f"{exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _lock_refusal(out_path, lock, _lock_pid(
+                os.pread(fd, 64, 0).decode(errors="replace"))) from None
+        try:  # stale: its run has ended; removing it needs write access to the folder only
+            lock.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise SsemnetError(f"{lock} is left by a run that has ended, but cannot be "
+                               f"removed ({exc.strerror or exc}); delete it.") from None
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -823,8 +854,10 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
             f"{n_blocks} blocks done for {out_path}; add --resume to go on from there, or "
             f"delete its working files ({names} in {out_path.parent}) to start over.")
     elif left:
-        _say(sys.stderr, f"removing the working files of an earlier stopped run ({names}); "
-                         "it had other options or input, so it cannot be resumed.\n")
+        why = ("it had other options or input, so it cannot be resumed" if stopped is not None
+               else "it had not finished a block, or its state file could not be read")
+        _say(sys.stderr, f"removing the working files of an earlier stopped run ({names}): "
+                         f"{why}.\n")
     maps: dict[str, Any] = {}  # the memory maps, dropped (unmapped) before renaming or removing
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -351,3 +351,12 @@ def test_a_folder_of_sections_gives_its_first_sections_pixel_size(tmp_path):
                          resolution=(250.0, 250.0), resolutionunit=3)
     assert read_resolution(tmp_path) == {"resolution": (250.0, 250.0), "resolutionunit": 3}
     assert read_resolution(tmp_path / "missing") == {}
+
+
+def test_a_folder_of_mask_sections_gives_its_pixel_size_too(tmp_path):
+    from napari_ssemnet.core.io import read_resolution
+
+    for z in range(2):
+        tifffile.imwrite(tmp_path / f"m{z}.tif", np.zeros((40, 40), bool),
+                         resolution=(2.0, 2.0), resolutionunit=3, photometric="minisblack")
+    assert read_resolution(tmp_path) == {"resolution": (2.0, 2.0), "resolutionunit": 3}

@@ -148,3 +148,24 @@ def test_apply_refuses_linear_on_labels_and_skips_multiscale(qtbot, make_napari_
     assert "nearest" in error_messages(start)[0] and "Labels" in error_messages(start)[0]
     assert apply_w.status.text().startswith("Not applied:")
     assert [ly.name for ly in viewer.layers] == ["seg", "pyramid"]
+
+
+def test_apply_on_a_boolean_image_gives_0_1_not_a_dilated_mask(qtbot, make_napari_viewer,
+                                                               tmp_path):
+    from napari_ssemnet._writer import save_fields
+
+    viewer = make_napari_viewer()
+    _, apply_w = viewer.window.add_plugin_dock_widget("napari-ssemnet", "Apply saved fields")
+    mask = np.zeros((3, 40, 40), bool)
+    mask[:, 10:26, 10:26] = True
+    viewer.add_image(mask, name="mask")
+    disp = np.zeros((3, 2, 40, 40), np.float32)
+    disp[:, 1] = 0.5  # half a pixel: every edge pixel is blended
+    apply_w.layer_combo.setCurrentText("mask")
+    apply_w.path_edit.setText(str(save_fields(tmp_path / "f.npz", disp)))
+    apply_w.apply()
+    qtbot.waitUntil(lambda: apply_w.last_result is not None, timeout=30_000)
+    out = apply_w.last_result.data
+    assert out.dtype == np.uint8 and set(np.unique(out)) <= {0, 1}
+    want = as_dtype(apply_displacement(mask.astype(np.uint8), disp, order=1), np.uint8)
+    np.testing.assert_array_equal(out, want)

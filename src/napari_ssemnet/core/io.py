@@ -243,6 +243,13 @@ def _natural_key(name: str) -> list[Any]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
+def _section_files(folder: Path) -> list[Path]:
+    """The TIFF files of a folder of sections, in natural name order (hidden ones left out)."""
+    return sorted((f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")
+                   and f.suffix.lower() in (".tif", ".tiff")),
+                  key=lambda f: _natural_key(f.name))
+
+
 class FolderStack(SectionReader):
     """A folder of single-section TIFF files (one per section, in natural name order: ``s2``
     before ``s10``) read one file at a time. With ``masks=True`` boolean sections are
@@ -262,9 +269,7 @@ class FolderStack(SectionReader):
         from .align import MIN_SIZE
 
         folder = Path(folder)
-        files = sorted((f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")
-                        and f.suffix.lower() in (".tif", ".tiff")),
-                       key=lambda f: _natural_key(f.name))
+        files = _section_files(folder)
         if len(files) < min_sections:
             raise InputError(f"The folder {str(folder)!r} holds {len(files)} TIFF file(s); a "
                              f"folder of sections needs at least {min_sections} (one 2D image "
@@ -417,13 +422,13 @@ def read_resolution(path: str | os.PathLike) -> dict[str, Any]:
     import tifffile
 
     p = Path(path)
-    if p.is_dir():  # a folder of sections: the first section's pixel size
+    if p.is_dir():  # a folder of sections (images or masks): the first section's pixel size
         try:
-            first = FolderStack(p, min_sections=1).files[0]
-        except InputError:
+            files = _section_files(p)
+        except OSError:
             return {}
-        return {k: v for k, v in read_resolution(first).items()
-                if k in ("resolution", "resolutionunit")}
+        return {k: v for k, v in read_resolution(files[0]).items()
+                if k in ("resolution", "resolutionunit")} if files else {}
     if not p.is_file():
         return {}
     out: dict[str, Any] = {}
