@@ -622,3 +622,27 @@ def test_a_lazy_layer_with_nan_is_refused_with_the_usual_message(qtbot, viewer_w
     assert run_and_wait(qtbot, widget, widget.align) == "failed"
     assert any("NaN" in m and "section(s) 2" in m for m in error_messages(start))
     assert "em aligned" not in viewer.layers
+
+
+def test_both_panels_fit_a_small_window_without_overlapping(make_napari_viewer, qtbot):
+    # with the Apply panel open at about 1089 x 655 the plot (fixed at 130 px) was drawn
+    # over the Save / Apply buttons
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1089, 655)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-ssemnet", "Align EM stack")
+    viewer.window.add_plugin_dock_widget("napari-ssemnet", "Apply saved fields")
+    widget.plot.set_data([0.1, 0.2, 0.15], [0.3, 0.35, 0.3])
+    widget.status.setText("Aligned 8 sections on cpu in 2.9 s (0.36 s/section). Mean NCC "
+                          "0.120 → 0.345.")
+    qtbot.wait(300)
+
+    def box(w):
+        top = w.mapTo(widget, w.rect().topLeft()).y()
+        return top, top + w.height()
+
+    plot_top, plot_bottom = box(widget.plot)
+    save_top, _ = box(widget.save_btn)
+    _, status_bottom = box(widget.status)
+    assert widget.plot.height() >= widget.plot.minimumHeight() >= 90
+    assert status_bottom <= plot_top and plot_bottom <= save_top, (status_bottom, plot_top,
+                                                                   plot_bottom, save_top)

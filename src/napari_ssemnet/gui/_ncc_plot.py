@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from qtpy.QtCore import QPointF, QRectF, Qt, Signal
+from qtpy.QtCore import QPointF, QRectF, QSize, Qt, Signal
 from qtpy.QtGui import QColor, QFont, QPainter, QPainterPath, QPen
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
@@ -33,11 +33,15 @@ class NccPlot(QWidget):
         self.after = np.zeros(0)
         self.flags: list[str] = []
         self.current: int | None = None
-        self.setMinimumHeight(120)
-        self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
-        self.setFixedHeight(130)
+        # 130 px when there is room, down to 90 when the dock area is short (the Apply
+        # panel open on a small screen): a fixed height made the panel overlap itself
+        self.setMinimumHeight(90)
+        self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Maximum)
         self.setToolTip("Mean NCC of each section with its neighbours: grey before, orange "
                         "after alignment. Click to jump to a section.")
+
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt API
+        return QSize(super().sizeHint().width(), 130)
 
     def set_data(self, before: Sequence[float | None] | None,
                  after: Sequence[float | None] | None, flags: Sequence[str] | None = None
