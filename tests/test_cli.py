@@ -1083,6 +1083,8 @@ def _as_other_users_lock(monkeypatch, lock: Path):
 
     def guarded(path, flags, *args, **kwargs):
         if Path(path) == lock and lock.exists() and flags & (os.O_RDWR | os.O_WRONLY):
+            if flags & os.O_EXCL:  # the kernel says "exists" before it checks permissions
+                raise FileExistsError(17, "File exists")
             raise PermissionError(13, "Permission denied")
         return real_open(path, flags, *args, **kwargs)
 
@@ -1100,5 +1102,43 @@ def test_another_users_lock_is_tested_with_the_kernel_lock_too(tmp_path, monkeyp
                 pass
     # its run has ended: the file is removed and our own kernel lock taken
     with cli._output_lock(out):
+        assert lock.read_text() == str(os.getpid())
+    assert not lock.exists()
+
+
+
+def test_a_foreign_lock_removed_and_replaced_meanwhile_is_not_deleted(tmp_path, monkeypatch):
+    # the stale file another user's run left is removed by that run, and a new run makes
+    # and locks its own before our test of the old one ends: the new one must survive
+    import fcntl
+
+    out, lock = tmp_path / "al.tif", tmp_path / ".al.tif.lock"
+    lock.write_text("4242")
+    real_flock, swapped = fcntl.flock, []
+
+    def flock(fd, op):
+        real_flock(fd, op)
+        if not swapped and op & fcntl.LOCK_NB:
+            swapped.append(1)  # between our open and our lock: the file is replaced
+            lock.unlink()
+            lock.write_text("5151")
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    assert cli._take_foreign_lock(out, lock, fcntl) is True
+    assert lock.read_text() == "5151"  # the new run's file is left alone
+
+
+def test_without_kernel_locks_no_empty_lock_file_is_left_for_the_link_scheme(tmp_path,
+                                                                          monkeypatch):
+    import errno as errno_
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno_.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out, lock = tmp_path / "al.tif", tmp_path / ".al.tif.lock"
+    assert cli._flock(out, lock) is None and not lock.exists()
+    with cli._output_lock(out):  # the link scheme then does the locking
         assert lock.read_text() == str(os.getpid())
     assert not lock.exists()

@@ -226,6 +226,9 @@ class AlignWidget(QWidget):
         self.status = QLabel("Ready.")
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        # room for the two lines it usually wraps to: a wrapped label's minimum counts one,
+        # and a short dock area then squeezed the plot below it onto the buttons
+        self.status.setMinimumHeight(2 * self.status.fontMetrics().lineSpacing() + 4)
         lay.addWidget(self.status)
 
         self.plot = NccPlot()
@@ -914,8 +917,15 @@ def _read(data: Any, name: str):
     yield Progress("prepare", 0, 1, f"reading layer '{name}'")
     try:
         stack = check_stack(np.asarray(data), name=f"layer '{name}'")
-    except Exception as exc:  # a lazy array that fails to load, NaNs: reach the user
+    except (SsemnetError, ValueError) as exc:  # NaNs, a wrong shape: said for the user
         return jobs._failure(exc)
+    except Exception as exc:  # a lazy array that fails to load (a missing zarr chunk...)
+        import traceback
+
+        log.exception("napari-ssemnet: could not read layer %s", name)
+        return jobs.Failure(SsemnetError(f"Could not read layer '{name}' "
+                                         f"({type(exc).__name__}: {exc})."),
+                            traceback.format_exc(), True)
     yield _Read(stack)
     return stack
 

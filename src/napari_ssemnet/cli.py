@@ -613,6 +613,10 @@ def _lock_pid(text: str) -> int:
         return 0
 
 
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+"""What ``flock`` answers on a file system without kernel locks."""
+
+
 def _flock(out_path: Path, lock: Path) -> int | None:
     """Take ``lock`` with a kernel lock (``flock``), which ends with its process however that
     ends, so that no stale lock can be taken over by two runs at once. Returns the open
@@ -622,12 +626,23 @@ def _flock(out_path: Path, lock: Path) -> int | None:
     except ImportError:  # pragma: no cover - Windows
         return None
     for _ in range(5):
+        created = False
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except PermissionError:
-            # another user's lock file: a kernel lock needs only read access to test it
-            _take_foreign_lock(out_path, lock, fcntl)
-            continue
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            created = True
+        except FileExistsError:
+            try:
+                fd = os.open(lock, os.O_RDWR)
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            except PermissionError:
+                # another user's lock file: a kernel lock needs only read access to test it
+                if not _take_foreign_lock(out_path, lock, fcntl):
+                    return None
+                continue
+            except OSError as exc:
+                raise SsemnetError(f"Could not open the lock file {lock}: "
+                                   f"{exc.strerror or exc}") from None
         except OSError as exc:
             raise SsemnetError(f"Could not create the lock file {lock}: "
                                f"{exc.strerror or exc}") from None
@@ -642,12 +657,14 @@ def _flock(out_path: Path, lock: Path) -> int | None:
             raise _lock_refusal(out_path, lock, pid) from None
         except OSError as exc:
             os.close(fd)
-            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            if exc.errno in _NO_LOCKS:
+                if created:  # the link scheme must not find an empty lock file
+                    _unlink_quietly(lock)
                 return None
             raise SsemnetError(f"Could not lock {lock}: {exc.strerror or exc}") from None
         try:  # still the lock file, not one that a run which just ended removed
             same = os.path.samestat(os.fstat(fd), os.stat(lock))
-        except FileNotFoundError:
+        except OSError:
             same = False
         if not same:
             os.close(fd)
@@ -670,30 +687,57 @@ def _flock(out_path: Path, lock: Path) -> int | None:
     raise SsemnetError(f"Could not lock {lock}: it keeps being replaced.")
 
 
-def _take_foreign_lock(out_path: Path, lock: Path, fcntl: Any) -> None:
+def _take_foreign_lock(out_path: Path, lock: Path, fcntl: Any) -> bool:
     """A lock file we may not write (another user's): refuse if its run still holds it,
-    else remove it, so that the caller can create its own."""
+    else remove it, so that the caller can make its own. False where the file system has
+    no kernel locks."""
     try:
         fd = os.open(lock, os.O_RDONLY)
-    except FileNotFoundError:  # there is none: the folder refused to make it
-        raise SsemnetError(f"Could not create the lock file {lock}: permission denied "
-                           f"in {lock.parent}.") from None
+    except FileNotFoundError:
+        return True  # removed meanwhile: try again
     except OSError as exc:
         raise SsemnetError(f"Could not read the lock file {lock}: "
                            f"{exc.strerror or exc}") from None
+
+    def refuse() -> SsemnetError:
+        return _lock_refusal(out_path, lock, _lock_pid(
+            os.pread(fd, 64, 0).decode(errors="replace")))
+
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise _lock_refusal(out_path, lock, _lock_pid(
-                os.pread(fd, 64, 0).decode(errors="replace"))) from None
-        try:  # stale: its run has ended; removing it needs write access to the folder only
-            lock.unlink()
-        except FileNotFoundError:
-            pass
+            raise refuse() from None
         except OSError as exc:
-            raise SsemnetError(f"{lock} is left by a run that has ended, but cannot be "
-                               f"removed ({exc.strerror or exc}); delete it.") from None
+            if exc.errno in _NO_LOCKS:
+                return False
+            if exc.errno != errno.EBADF:
+                raise SsemnetError(f"Could not lock {lock}: {exc.strerror or exc}") from None
+            # NFS: an exclusive lock needs write access; a shared one still conflicts with
+            # the holder's exclusive lock
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise refuse() from None
+            except OSError as exc2:
+                if exc2.errno in _NO_LOCKS:
+                    return False
+                raise SsemnetError(f"Could not lock {lock}: {exc2.strerror or exc2}") from None
+        # ours now; remove it only if it is still the file at the lock's path (its run may
+        # have removed it, and a new run made and locked another one since)
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except OSError:
+            same = False
+        if same:
+            try:  # needs write access to the folder only
+                lock.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise SsemnetError(f"{lock} is left by a run that has ended, but cannot be "
+                                   f"removed ({exc.strerror or exc}); delete it.") from None
+        return True
     finally:
         os.close(fd)
 

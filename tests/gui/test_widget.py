@@ -635,6 +635,13 @@ def test_both_panels_fit_a_small_window_without_overlapping(make_napari_viewer, 
     widget.status.setText("Aligned 8 sections on cpu in 2.9 s (0.36 s/section). Mean NCC "
                           "0.120 → 0.345.")
     qtbot.wait(300)
+    _check_no_overlap(widget)
+    viewer.window._qt_window.resize(1089, 560)  # napari holds it at its own minimum
+    qtbot.wait(300)
+    _check_no_overlap(widget)
+
+
+def _check_no_overlap(widget):
 
     def box(w):
         top = w.mapTo(widget, w.rect().topLeft()).y()
@@ -646,3 +653,26 @@ def test_both_panels_fit_a_small_window_without_overlapping(make_napari_viewer, 
     assert widget.plot.height() >= widget.plot.minimumHeight() >= 90
     assert status_bottom <= plot_top and plot_bottom <= save_top, (status_bottom, plot_top,
                                                                    plot_bottom, save_top)
+
+
+def test_a_lazy_layer_that_fails_to_load_is_a_readable_error(qtbot, viewer_widget):
+    import dask.array as da
+
+    viewer, widget = viewer_widget
+    stack = make_stack(z=4, size=96)
+
+    def missing_chunk(block, block_info=None):
+        if block_info[0]["chunk-location"][0] == 2:
+            raise OSError("chunk 2 is missing on the server")
+        return block
+
+    lazy = da.from_array(stack, chunks=(1, 96, 96)).map_blocks(missing_chunk,
+                                                               dtype=stack.dtype)
+    viewer.add_image(lazy, name="em")
+    set_fast(widget)
+    start = n_records()
+    assert run_and_wait(qtbot, widget, widget.align) == "failed"
+    messages = error_messages(start)
+    assert any("Could not read layer 'em'" in m and "chunk 2 is missing" in m
+               for m in messages), messages
+    assert not any("bug in napari-ssemnet" in m for m in messages)
