@@ -1142,3 +1142,21 @@ def test_without_kernel_locks_no_empty_lock_file_is_left_for_the_link_scheme(tmp
     with cli._output_lock(out):  # the link scheme then does the locking
         assert lock.read_text() == str(os.getpid())
     assert not lock.exists()
+
+
+def test_a_state_file_that_cannot_be_saved_is_named_as_such(tiny_tif, tmp_path, capsys,
+                                                          monkeypatch):
+    import errno as errno_
+
+    import napari_ssemnet.core.blocks as blocks
+
+    def full(self, path, **extra):
+        raise OSError(errno_.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(blocks.BlockState, "save", full)
+    out = tmp_path / "o.tif"
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), "--block-size", "3", "--window",
+                     "1", "-q", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "the state of the run after block 1" in err and "the disk is full" in err, err
+    assert not out.exists()

@@ -928,9 +928,13 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
         raise SsemnetError(f"Could not create the output files: {exc}") from None
 
     def saved(st: BlockState) -> None:
-        for m in maps.values():
-            m.flush()
-        st.save(state_path, run=run_id)
+        try:
+            for m in maps.values():
+                m.flush()
+            st.save(state_path, run=run_id)
+        except OSError as exc:  # said as what it is, not as the output
+            raise _write_failure(f"the state of the run after block {st.next_block} "
+                                 f"({state_path.name})", state_path, exc) from None
 
     printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
     finished = False

@@ -676,3 +676,49 @@ def test_a_lazy_layer_that_fails_to_load_is_a_readable_error(qtbot, viewer_widge
     assert any("Could not read layer 'em'" in m and "chunk 2 is missing" in m
                for m in messages), messages
     assert not any("bug in napari-ssemnet" in m for m in messages)
+
+
+def test_a_layer_selected_during_the_run_stays_selected(qtbot, viewer_widget, monkeypatch):
+    # every redraw of the streamed layers took the selection back to the source (the user
+    # could not adjust the aligned layer's contrast while the run went on)
+    import threading
+
+    from napari_ssemnet.core.align import SectionResult
+    from napari_ssemnet.gui import _jobs as jobs
+
+    real = jobs.align_job
+    holds = {1: (threading.Event(), threading.Event()), 3: (threading.Event(),
+                                                             threading.Event())}
+
+    def paused(stack, params, stop):
+        gen, seen = real(stack, params, stop=stop), 0
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as done:
+                return done.value
+            yield event
+            if isinstance(event, SectionResult):
+                seen += 1
+                if seen in holds:
+                    held, release = holds[seen]
+                    held.set()
+                    while not (release.is_set() or stop.is_set()):
+                        time.sleep(0.01)
+
+    monkeypatch.setattr(jobs, "align_job", paused)
+    viewer, widget = viewer_widget
+    viewer.add_image(make_stack(z=5, size=96), name="em")
+    set_fast(widget)
+    with qtbot.waitSignal(widget.job_finished, timeout=60000):
+        widget.align()
+        qtbot.waitUntil(holds[1][0].is_set, timeout=60000)
+        qtbot.waitUntil(lambda: "em aligned" in viewer.layers, timeout=10000)
+        viewer.layers.selection.active = viewer.layers["em aligned"]  # the user picks it
+        qtbot.wait(700)  # longer than the redraw interval: the next section is drawn
+        holds[1][1].set()
+        qtbot.waitUntil(holds[3][0].is_set, timeout=60000)
+        qtbot.wait(100)
+        assert viewer.layers.selection.active.name == "em aligned"
+        assert widget.layer_combo.currentText() == "em"
+        holds[3][1].set()
