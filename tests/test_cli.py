@@ -1160,3 +1160,25 @@ def test_a_state_file_that_cannot_be_saved_is_named_as_such(tiny_tif, tmp_path, 
     err = capsys.readouterr().err
     assert "the state of the run after block 1" in err and "the disk is full" in err, err
     assert not out.exists()
+
+
+def test_on_nfs_a_foreign_lock_is_tested_with_a_shared_lock(tmp_path, monkeypatch):
+    # NFS answers EBADF to an exclusive lock on a read-only descriptor
+    import errno as errno_
+    import fcntl
+
+    out, lock = tmp_path / "al.tif", tmp_path / ".al.tif.lock"
+    real_flock = fcntl.flock
+
+    def nfs_flock(fd, op):
+        fd = fd if isinstance(fd, int) else fd.fileno()
+        read_only = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        if op & fcntl.LOCK_EX and read_only:
+            raise OSError(errno_.EBADF, "Bad file descriptor")
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", nfs_flock)
+    with _held_lock(lock, 4242):
+        with pytest.raises(cli.SsemnetError, match="process 4242"):
+            cli._take_foreign_lock(out, lock, fcntl)
+    assert cli._take_foreign_lock(out, lock, fcntl) is True and not lock.exists()

@@ -704,25 +704,20 @@ def _take_foreign_lock(out_path: Path, lock: Path, fcntl: Any) -> bool:
             os.pread(fd, 64, 0).decode(errors="replace")))
 
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise refuse() from None
-        except OSError as exc:
-            if exc.errno in _NO_LOCKS:
-                return False
-            if exc.errno != errno.EBADF:
-                raise SsemnetError(f"Could not lock {lock}: {exc.strerror or exc}") from None
-            # NFS: an exclusive lock needs write access; a shared one still conflicts with
-            # the holder's exclusive lock
+        # NFS refuses an exclusive lock without write access (EBADF); a shared one still
+        # conflicts with the holder's exclusive lock
+        for mode in (fcntl.LOCK_EX, fcntl.LOCK_SH):
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                break
             except BlockingIOError:
                 raise refuse() from None
-            except OSError as exc2:
-                if exc2.errno in _NO_LOCKS:
+            except OSError as exc:
+                if exc.errno in _NO_LOCKS:
                     return False
-                raise SsemnetError(f"Could not lock {lock}: {exc2.strerror or exc2}") from None
+                if exc.errno != errno.EBADF or mode == fcntl.LOCK_SH:
+                    raise SsemnetError(f"Could not lock {lock}: "
+                                       f"{exc.strerror or exc}") from None
         # ours now; remove it only if it is still the file at the lock's path (its run may
         # have removed it, and a new run made and locked another one since)
         try:

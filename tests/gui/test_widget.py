@@ -494,15 +494,17 @@ def test_the_apply_button_reuses_an_apply_panel_opened_from_the_menu(make_napari
                              "Apply saved fields (napari-ssemnet)"], names
 
 
-def _hold_after_sections(monkeypatch, n: int):
-    """Make the Align job pause after ``n`` streamed sections until ``release`` is set (or
-    the run is cancelled), as a slow render would; returns ``(held, release)`` events."""
+def _hold_after_sections(monkeypatch, *counts: int):
+    """Make the Align job pause after each of ``counts`` streamed sections until that hold's
+    ``release`` is set (or the run is cancelled), as a slow render would; returns
+    ``{count: (held, release)}`` events."""
     import threading
 
     from napari_ssemnet.core.align import SectionResult
     from napari_ssemnet.gui import _jobs as jobs
 
-    real, held, release = jobs.align_job, threading.Event(), threading.Event()
+    real = jobs.align_job
+    holds = {n: (threading.Event(), threading.Event()) for n in counts}
 
     def paused(stack, params, stop):
         gen, seen = real(stack, params, stop=stop), 0
@@ -514,13 +516,14 @@ def _hold_after_sections(monkeypatch, n: int):
             yield event
             if isinstance(event, SectionResult):
                 seen += 1
-                if seen == n:
+                if seen in holds:
+                    held, release = holds[seen]
                     held.set()
                     while not (release.is_set() or stop.is_set()):
                         time.sleep(0.01)
 
     monkeypatch.setattr(jobs, "align_job", paused)
-    return held, release
+    return holds
 
 
 def test_a_cancelled_rerun_gives_back_the_result_layers_with_their_metadata(
@@ -535,7 +538,7 @@ def test_a_cancelled_rerun_gives_back_the_result_layers_with_their_metadata(
     before = {n: viewer.layers[n].metadata[L.META_KEY].copy()
               for n in ("em aligned", "em displacement")}
     data_before = viewer.layers["em aligned"].data.copy()
-    held, _release = _hold_after_sections(monkeypatch, 2)
+    held, _release = _hold_after_sections(monkeypatch, 2)[2]
     widget.form.set_value("grid_spacing", 48)
     with qtbot.waitSignal(widget.job_finished, timeout=60000) as blocker:
         widget.align()
@@ -560,7 +563,7 @@ def test_results_keep_the_sources_placement_when_it_is_deleted_during_the_run(
     stack = make_stack(z=5, size=96)
     viewer.add_image(stack, name="em", scale=(50, 4, 4), translate=(100, 20, 30))
     set_fast(widget)
-    held, release = _hold_after_sections(monkeypatch, 2)
+    held, release = _hold_after_sections(monkeypatch, 2)[2]
     with qtbot.waitSignal(widget.job_finished, timeout=60000) as blocker:
         widget.align()
         qtbot.waitUntil(held.is_set, timeout=60000)
@@ -681,32 +684,7 @@ def test_a_lazy_layer_that_fails_to_load_is_a_readable_error(qtbot, viewer_widge
 def test_a_layer_selected_during_the_run_stays_selected(qtbot, viewer_widget, monkeypatch):
     # every redraw of the streamed layers took the selection back to the source (the user
     # could not adjust the aligned layer's contrast while the run went on)
-    import threading
-
-    from napari_ssemnet.core.align import SectionResult
-    from napari_ssemnet.gui import _jobs as jobs
-
-    real = jobs.align_job
-    holds = {1: (threading.Event(), threading.Event()), 3: (threading.Event(),
-                                                             threading.Event())}
-
-    def paused(stack, params, stop):
-        gen, seen = real(stack, params, stop=stop), 0
-        while True:
-            try:
-                event = next(gen)
-            except StopIteration as done:
-                return done.value
-            yield event
-            if isinstance(event, SectionResult):
-                seen += 1
-                if seen in holds:
-                    held, release = holds[seen]
-                    held.set()
-                    while not (release.is_set() or stop.is_set()):
-                        time.sleep(0.01)
-
-    monkeypatch.setattr(jobs, "align_job", paused)
+    holds = _hold_after_sections(monkeypatch, 1, 3)
     viewer, widget = viewer_widget
     viewer.add_image(make_stack(z=5, size=96), name="em")
     set_fast(widget)
