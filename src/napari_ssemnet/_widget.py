@@ -492,9 +492,9 @@ class AlignWidget(QWidget):
         if ready is None:
             return
         layer, stack, params = ready
-        self._start("align", _align_entry, stack, params, layer.name, source=layer.name,
-                    shape=tuple(stack.shape), params=params, dtype=str(stack.dtype),
-                    stack=stack)
+        self._start("align", _read_then, jobs.align_job, stack, layer.name, params,
+                    source=layer.name, shape=tuple(stack.shape), params=params,
+                    dtype=str(stack.dtype), stack=stack)
 
     def preview(self) -> None:
         """Align the current section only, neighbours held fixed (the Preview button)."""
@@ -515,7 +515,7 @@ class AlignWidget(QWidget):
                                      "first; press Align.")
             return
         z = self.current_section(layer)
-        self._start(kind, _section_entry, stack, z, params, base, layer.name,
+        self._start(kind, _read_then, jobs.section_job, stack, layer.name, z, params, base,
                     source=layer.name, shape=tuple(stack.shape), params=params, z=z,
                     dtype=str(stack.dtype))
 
@@ -527,8 +527,9 @@ class AlignWidget(QWidget):
         layer, stack, params = ready
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in layer.name)
         out = jobs.weights_dir() / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}.pt"
-        self._start("train", _train_entry, stack, int(self.train_steps.value()), params.seed,
-                    params.device, str(out), layer.name, source=layer.name,
+        self._start("train", _read_then, _train, stack, layer.name,
+                    int(self.train_steps.value()), params.seed, params.device, str(out),
+                    source=layer.name,
                     shape=tuple(stack.shape))
 
     def cancel(self) -> None:
@@ -857,10 +858,9 @@ class AlignWidget(QWidget):
         path, _ = QFileDialog.getSaveFileName(self, "Save displacement fields", default,
                                               "NumPy fields (*.npz)")
         if path:
-            if not path.lower().endswith(".npz"):
-                path += ".npz"
-            if self.save_fields(path):
-                self.status.setText(f"Fields saved to {path}.")
+            written = self.save_fields(path)  # the name it was written under (.npz added)
+            if written:
+                self.status.setText(f"Fields saved to {written}.")
 
     def _open_apply_widget(self) -> None:
         try:
@@ -930,26 +930,17 @@ def _read(data: Any, name: str):
     return stack
 
 
-def _align_entry(data: Any, params: AlignParams, name: str, *, stop: threading.Event):
+def _read_then(job: Any, data: Any, name: str, *args: Any, stop: threading.Event):
+    """Worker entry: read the layer's data (see :func:`_read`), then run
+    ``job(stack, *args, stop=stop)``."""
     stack = yield from _read(data, name)
     if isinstance(stack, jobs.Failure):
         return stack
-    return (yield from jobs.align_job(stack, params, stop=stop))
+    return (yield from job(stack, *args, stop=stop))
 
 
-def _section_entry(data: Any, z: int, params: AlignParams, base: Any, name: str, *,
-                   stop: threading.Event):
-    stack = yield from _read(data, name)
-    if isinstance(stack, jobs.Failure):
-        return stack
-    return (yield from jobs.section_job(stack, z, params, base, stop=stop))
-
-
-def _train_entry(data: Any, steps: int, seed: int, device: str, out: str, name: str, *,
-                 stop: threading.Event):
-    stack = yield from _read(data, name)
-    if isinstance(stack, jobs.Failure):
-        return stack
+def _train(stack: np.ndarray, steps: int, seed: int, device: str, out: str, *,
+           stop: threading.Event):
     return (yield from jobs.train_job(stack, steps=steps, seed=seed, device=device,
                                       out_path=out, stop=stop))
 

@@ -92,7 +92,6 @@ def write_fields(path: str, data: Any, meta: dict) -> list[str]:
     disp = entry.get("displacement")
     if entry.get("role") != ROLE_DISPLACEMENT or disp is None:
         return []
-    if not str(path).lower().endswith(".npz"):
-        path = f"{path}.npz"
-    save_fields(path, disp, params=entry.get("params") or None, flags=entry.get("flags"))
+    path = save_fields(path, disp, params=entry.get("params") or None,
+                       flags=entry.get("flags"))
     return [path]

@@ -18,9 +18,9 @@ errors included), 130 cancelled with Ctrl-C. torch is imported only once a comma
 Output files are checked before any work (not a folder; the folder exists, is made, and
 takes files; folders made for a run that fails are removed again), never replace an input
 (same name or a hard link of it), and are written under a hidden working name, renamed over
-the target once complete. A lock file ``.NAME.lock`` keeps two ``align`` runs from writing the
-same output. Messages go to stdout only after the files are written; a closed stdout
-(``| head``) costs no file.
+the target once complete. A lock file ``.NAME.lock`` (a kernel lock where the file system has
+them) keeps two runs of any command from writing the same output. Messages go to stdout
+only after the files are written; a closed stdout (``| head``) costs no file.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import numpy as np
 from . import __version__
 from .core.align import ProgressRate
 from .core.errors import AlignmentCancelled, SsemnetError
-from .core.io import SectionReader, as_dtype
+from .core.io import SectionReader, as_dtype, fields_file_name
 from .core.params import TRAIN_STEPS, AlignParams, ParameterError, knobs
 
 EXIT_OK = 0
@@ -282,7 +282,7 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
         raise SsemnetError("No output file: add -o ALIGNED.tif.")
     output = str(_follow(Path(output)))
     params = params_from_args(args)  # before reading a big stack: fail fast on bad options
-    fields = _follow(_npz_path(args.fields)) if args.fields else None
+    fields = _follow(fields_file_name(args.fields)) if args.fields else None
     # every file the run reads: the stack, and the weights and parameters files it was given
     inputs = [args.input, params.weights if params.features == "custom" else None,
               args.params if args.params and Path(args.params).is_file() else None]
@@ -330,7 +330,7 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
                            "(smaller than the number of sections) as the run that stopped.")
     if streamed:
         try:
-            return _align_blocks_to_disk(stack, params, args, output, out)
+            return _align_blocks_to_disk(stack, params, args, output, fields, out)
         except OSError as exc:
             raise SsemnetError(f"Could not write next to {output}: {exc}") from None
         finally:
@@ -365,21 +365,9 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
                         resolution=read_resolution(args.input) if args.input else None)
         except (OSError, ValueError) as exc:
             raise _write_failure(f"the aligned stack {out_path}", tmp, exc) from None
-        if fields is not None:
-            try:
-                save_fields(tmp_fields, result.displacement, params=result.params,
-                            flags=result.flags, ncc_before=result.ncc_before,
-                            ncc_after=result.ncc_after)
-            except (OSError, ValueError) as exc:
-                raise _write_failure(f"the fields {fields}", tmp_fields, exc) from None
-        # both complete before either replaces an existing file, then renamed one right after
-        # the other (only a crash between the two renames could part them)
-        try:
-            if tmp_fields is not None:
-                _install(tmp_fields, fields)
-            _install(tmp, out_path)
-        except OSError as exc:
-            raise SsemnetError(f"Could not write the output: {exc}") from None
+        _finish_outputs(tmp, out_path, tmp_fields, fields, lambda path: save_fields(
+            path, result.displacement, params=result.params, flags=result.flags,
+            ncc_before=result.ncc_before, ncc_after=result.ncc_after))
     finally:
         _unlink_quietly(tmp, tmp_fields)
     # printed only once every file is written: a closed stdout cannot cost a file
@@ -394,12 +382,6 @@ def _follow(path: Path) -> Path:
     """An output given as a symlink is written where the link points (the link stays), as
     a shell redirection would; otherwise the path as given."""
     return Path(os.path.realpath(path)) if path.is_symlink() else path
-
-
-def _npz_path(path: str | Path) -> Path:
-    """The file ``save_fields`` writes for ``path`` (``.npz`` appended when missing)."""
-    p = Path(path)
-    return p if p.suffix.lower() == ".npz" else p.with_name(p.name + ".npz")
 
 
 def _size(n: int) -> str:
@@ -558,6 +540,25 @@ def _install(tmp: Path, target: Path) -> None:
         pass  # a new file (the umask decides), or a file system without chmod: no reason
         # to fail between the renames of the TIFF and its fields
     tmp.replace(target)
+
+
+def _finish_outputs(tif_tmp: Path, out_path: Path, fields_tmp: Path | None,
+                    fields_path: Path | None, write_fields: Callable[[Path], Any]) -> None:
+    """Write the fields under their working name (``write_fields(path)``), then rename the
+    fields and the finished TIFF over their targets, one right after the other: neither
+    replaces an existing file before both are complete."""
+    if fields_path is not None:
+        try:
+            write_fields(fields_tmp)
+        except (OSError, ValueError) as exc:
+            _unlink_quietly(fields_tmp)
+            raise _write_failure(f"the fields {fields_path}", fields_tmp, exc) from None
+    try:
+        if fields_path is not None:
+            _install(fields_tmp, fields_path)
+        _install(tif_tmp, out_path)
+    except OSError as exc:
+        raise SsemnetError(f"Could not write the output: {exc}") from None
 
 
 def _reserve(path: Path) -> None:
@@ -839,7 +840,7 @@ def _what_changed(old: str | None, new: str) -> str:
 
 
 def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namespace,
-                          output: str, out: TextIO) -> int:
+                          output: str, fields_path: Path | None, out: TextIO) -> int:
     """Block-wise run whose sections go straight into memory-mapped files: the aligned TIFF
     (written under a working name, renamed once complete) and the displacement, which the
     later blocks read back and ``--fields`` packs into its ``.npz``. After each block the
@@ -855,7 +856,6 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
     if dtype.kind == "b":
         dtype = np.dtype(np.uint8)
     out_path = Path(output)
-    fields_path = _follow(_npz_path(args.fields)) if args.fields else None
     tmp_tif = _partial(out_path, "partial.tif")
     tmp_fields = _partial(fields_path, "partial.npz") if fields_path is not None else None
     tmp_disp = _partial(out_path, "displacement.partial.npy")
@@ -942,15 +942,9 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
         del gen
         printer.close()
         maps.pop("aligned").flush()
-        if fields_path is not None:
-            try:
-                save_fields(tmp_fields, maps["disp"], params=params, flags=summary.flags,
-                            ncc_before=summary.ncc_before, ncc_after=summary.ncc_after)
-            except OSError:
-                _unlink_quietly(tmp_fields)
-                raise
-            _install(tmp_fields, fields_path)
-        _install(tmp_tif, out_path)
+        _finish_outputs(tmp_tif, out_path, tmp_fields, fields_path, lambda path: save_fields(
+            path, maps["disp"], params=params, flags=summary.flags,
+            ncc_before=summary.ncc_before, ncc_after=summary.ncc_after))
         finished = True
     except OSError as exc:
         raise SsemnetError(f"Could not write the output: {exc}") from None
@@ -986,82 +980,81 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
 
 def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
     """Resample a stack through saved fields, one section at a time."""
-    import tifffile
+    from .core.io import FieldSections, open_stack
 
-    from .core.align import Progress
-    from .core.io import (
-        FieldSections,
-        apply_displacement_section,
-        open_stack,
-        read_resolution,
-        tiff_write_kwargs,
-    )
-
-    order = 0 if args.labels else 1
     _refuse_overwriting_input(args.input, args.output)
     _refuse_overwriting_input(args.fields, args.output)
     out_path = _follow(Path(args.output))
-    with _prepared_targets([(out_path, "output file")]), _output_lock(out_path):
+    with contextlib.ExitStack() as held:
+        held.enter_context(_prepared_targets([(out_path, "output file")]))
+        held.enter_context(_output_lock(out_path))
         stack = open_stack(args.input, masks=True)  # a boolean mask is read as uint8 0/1
-        try:
-            with FieldSections(args.fields) as fields:
-                z, h, w = (int(n) for n in stack.shape)
-                if fields.shape != (z, 2, h, w):
-                    raise SsemnetError(
-                        f"The fields in {args.fields} are for a stack of {fields.shape[0]} "
-                        f"sections of {fields.shape[2]}x{fields.shape[3]} px; {args.input} "
-                        f"has {z} of {h}x{w} px.")
-                dtype = np.dtype(stack.dtype)
-                if order == 1 and dtype.kind in "iu" and dtype.itemsize >= 4:
-                    _say(sys.stderr, f"note: {args.input} is {dtype}, the type of label ids; "
-                                     "without --labels they are interpolated into ids that "
-                                     "do not exist (add --labels to keep them).\n")
-                if order == 1 and args.output_dtype == "float32":
-                    dtype = np.dtype(np.float32)
-                if dtype.kind == "b":
-                    dtype = np.dtype(np.uint8)
-                _check_space([(out_path, z * h * w * dtype.itemsize)])
-                # not align's working name: a stopped block-wise run there stays resumable
-                tmp = _partial(out_path, "apply.partial.tif")
-                # one series written as the sections come, so that ImageJ's section
-                # spacing is kept as well as the pixel size
-                write_kw = tiff_write_kwargs(read_resolution(args.input), dtype,
-                                             z * h * w * dtype.itemsize)
-                out.write(f"applying {args.fields} to {args.input} ("
-                          f"{'nearest neighbour, labels' if order == 0 else 'bilinear'}): {z} "
-                          f"sections of {h}x{w} px\n")
-                out.flush()
-                printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
-
-                def sections(should_stop: Callable[[], bool]) -> Iterator[np.ndarray]:
-                    for zz, disp in enumerate(fields):
-                        if should_stop():
-                            raise AlignmentCancelled("Cancelled.")
-                        sec = apply_displacement_section(np.asarray(stack[zz]), disp,
-                                                         order=order)
-                        if sec.dtype != dtype:  # labels keep theirs (no float round trip)
-                            sec = as_dtype(sec, dtype)
-                        yield sec
-                        if not args.quiet:
-                            printer(Progress("apply", zz + 1, z, f"section {zz + 1}/{z}"))
-
-                try:
-                    with ctrl_c_stops() as should_stop:
-                        tifffile.imwrite(tmp, sections(should_stop), shape=(z, h, w),
-                                         dtype=dtype, **write_kw)
-                    _install(tmp, out_path)
-                except SsemnetError:  # a bad section, a cancel: not a failed write
-                    raise
-                except (OSError, ValueError) as exc:
-                    raise _write_failure(str(out_path), tmp, exc) from None
-                finally:
-                    printer.close()
-                    _unlink_quietly(tmp)
-        finally:
-            if isinstance(stack, SectionReader):
-                stack.close()
+        if isinstance(stack, SectionReader):
+            held.callback(stack.close)
+        fields = held.enter_context(FieldSections(args.fields))
+        _apply(args, stack, fields, out_path, out)
     out.write(f"resampled stack -> {out_path}\n")
     return EXIT_OK
+
+
+def _apply(args: argparse.Namespace, stack: Any, fields: Any, out_path: Path,
+           out: TextIO) -> None:
+    """Resample ``stack`` through ``fields`` (a :class:`FieldSections`) into ``out_path``."""
+    import tifffile
+
+    from .core.align import Progress
+    from .core.io import apply_displacement_section, read_resolution, tiff_write_kwargs
+
+    order = 0 if args.labels else 1
+    z, h, w = (int(n) for n in stack.shape)
+    if fields.shape != (z, 2, h, w):
+        raise SsemnetError(
+            f"The fields in {args.fields} are for a stack of {fields.shape[0]} sections of "
+            f"{fields.shape[2]}x{fields.shape[3]} px; {args.input} has {z} of {h}x{w} px.")
+    dtype = np.dtype(stack.dtype)
+    if order == 1 and dtype.kind in "iu" and dtype.itemsize >= 4:
+        _say(sys.stderr, f"note: {args.input} is {dtype}, the type of label ids; without "
+                         "--labels they are interpolated into ids that do not exist (add "
+                         "--labels to keep them).\n")
+    if order == 1 and args.output_dtype == "float32":
+        dtype = np.dtype(np.float32)
+    if dtype.kind == "b":
+        dtype = np.dtype(np.uint8)
+    _check_space([(out_path, z * h * w * dtype.itemsize)])
+    # not align's working name: a stopped block-wise run there stays resumable
+    tmp = _partial(out_path, "apply.partial.tif")
+    # one series written as the sections come, so that ImageJ's section spacing is kept as
+    # well as the pixel size
+    write_kw = tiff_write_kwargs(read_resolution(args.input), dtype, z * h * w * dtype.itemsize)
+    out.write(f"applying {args.fields} to {args.input} ("
+              f"{'nearest neighbour, labels' if order == 0 else 'bilinear'}): {z} sections "
+              f"of {h}x{w} px\n")
+    out.flush()
+    printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
+
+    def sections(should_stop: Callable[[], bool]) -> Iterator[np.ndarray]:
+        for zz, disp in enumerate(fields):
+            if should_stop():
+                raise AlignmentCancelled("Cancelled.")
+            sec = apply_displacement_section(np.asarray(stack[zz]), disp, order=order)
+            if sec.dtype != dtype:  # labels keep theirs (no float round trip)
+                sec = as_dtype(sec, dtype)
+            yield sec
+            if not args.quiet:
+                printer(Progress("apply", zz + 1, z, f"section {zz + 1}/{z}"))
+
+    try:
+        with ctrl_c_stops() as should_stop:
+            tifffile.imwrite(tmp, sections(should_stop), shape=(z, h, w), dtype=dtype,
+                             **write_kw)
+        _install(tmp, out_path)
+    except SsemnetError:  # a bad section, a cancel: not a failed write
+        raise
+    except (OSError, ValueError) as exc:
+        raise _write_failure(str(out_path), tmp, exc) from None
+    finally:
+        printer.close()
+        _unlink_quietly(tmp)
 
 
 def _sha256_prefix(path: Path, n: int = 16) -> str:
@@ -1069,9 +1062,9 @@ def _sha256_prefix(path: Path, n: int = 16) -> str:
     h = hashlib.sha256()
     files = [path]
     if path.is_dir():
-        from .core.io import FolderStack
+        from .core.io import section_files
 
-        files = FolderStack(path, min_sections=1).files
+        files = section_files(path)
     for f in files:
         with open(f, "rb") as fh:
             for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
@@ -1090,12 +1083,11 @@ def cmd_train(args: argparse.Namespace, out: TextIO) -> int:
     if args.init and not Path(args.init).is_file():
         raise SsemnetError(f"The --init weights file {args.init} does not exist.")
     target = _follow(Path(args.output))
-    args.output = str(target)
     with _prepared_targets([(target, "weights file")]), _output_lock(target):
-        return _train(args, paths, out)
+        return _train(args, paths, target, out)
 
 
-def _train(args: argparse.Namespace, paths: list[Path], out: TextIO) -> int:
+def _train(args: argparse.Namespace, paths: list[Path], path: Path, out: TextIO) -> int:
     from .core.features import load_weights, save_weights, train_encoder
     from .core.io import read_stack
 
@@ -1127,14 +1119,13 @@ def _train(args: argparse.Namespace, paths: list[Path], out: TextIO) -> int:
         info["init"] = f"{Path(args.init).name} sha256:{_sha256_prefix(Path(args.init))}"
     info["napari_ssemnet_version"] = __version__
     # under a working name, renamed when complete: an existing file (even the --init one)
-    # survives a failure, and a link at -o is replaced, not written through
-    path = Path(args.output)
+    # survives a failure
     tmp = _partial(path, "partial.pt")
     try:
         save_weights(model, tmp, info=info)
         _install(tmp, path)
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError
-        raise _write_failure(f"the weights {args.output}", tmp, exc) from None
+        raise _write_failure(f"the weights {path}", tmp, exc) from None
     finally:
         _unlink_quietly(tmp)
     out.write(f"encoder weights -> {path} (final loss {info.get('train_loss', '?')})\n"

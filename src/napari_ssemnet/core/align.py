@@ -320,7 +320,6 @@ def render_section(source: np.ndarray, residual: Any, matrices: np.ndarray, i: i
     aligned : ndarray, shape (H, W), float32
     valid : ndarray, shape (H, W), bool
     """
-
     from . import fit, warp
 
     disp = fit.full_displacement(residual, matrices, i, source.shape, device=device)
@@ -475,7 +474,6 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     timings: dict[str, float] = {}
     device = pick_device(params.device)
     memory.check_memory(arr.shape, device, binning=params.fit_binning)
-
 
     yield Progress("prepare", 0, 1, f"normalising {z_count} sections")
     t0 = time.perf_counter()

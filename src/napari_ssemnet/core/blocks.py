@@ -242,7 +242,6 @@ def _nearest_usable(order: Sequence[int], flags: list[str], done: np.ndarray) ->
 
 def _rewarp(section: Any, disp: Any, device: Any) -> tuple[np.ndarray, np.ndarray]:
     """A finished section resampled again through its field, for the NCC pairs only."""
-
     from . import warp
 
     im, ok = warp.warp_image(warp.float_tensor(section, device), warp.float_tensor(disp, device))
@@ -445,7 +444,6 @@ def iter_align_blocks(
         t0 = time.perf_counter()
         out_img: dict[int, np.ndarray] = {}
         out_ok: dict[int, np.ndarray] = {}
-
         n_new = len(members) - int(fixed.sum()) + (1 if k == 0 else 0)
         rendered = 0
         for i, z in enumerate(members):

@@ -83,7 +83,7 @@ def _first_mismatch(pages: Any) -> str | None:
     return None
 
 
-def _page_mismatch(tif: Any, series: Any) -> str | None:
+def _page_mismatch(series: Any) -> str | None:
     """Which page of ``series`` differs from its first in size or type.
 
     tifffile takes a file whose pages 0, 1, 7 and the last look alike as uniform and reads
@@ -150,7 +150,7 @@ def read_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
                 series = tif.series[0] if tif.series else None
                 if series is None:
                     raise InputError(f"{str(p)!r} is a TIFF file without images.")
-                mismatch = _page_mismatch(tif, series)
+                mismatch = _page_mismatch(series)
                 if mismatch:
                     raise InputError(f"{str(p)!r}: {mismatch}; {SAME_SIZE}.")
                 arr = series.asarray()
@@ -243,7 +243,7 @@ def _natural_key(name: str) -> list[Any]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
-def _section_files(folder: Path) -> list[Path]:
+def section_files(folder: Path) -> list[Path]:
     """The TIFF files of a folder of sections, in natural name order (hidden ones left out)."""
     return sorted((f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")
                    and f.suffix.lower() in (".tif", ".tiff")),
@@ -269,7 +269,7 @@ class FolderStack(SectionReader):
         from .align import MIN_SIZE
 
         folder = Path(folder)
-        files = _section_files(folder)
+        files = section_files(folder)
         if len(files) < min_sections:
             raise InputError(f"The folder {str(folder)!r} holds {len(files)} TIFF file(s); a "
                              f"folder of sections needs at least {min_sections} (one 2D image "
@@ -355,7 +355,7 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
                   and min(shape[1:]) >= MIN_SIZE and shape[0] >= min_sections)
         if simple:
             with _TiffWarnings():
-                mismatch = _page_mismatch(tif, series)
+                mismatch = _page_mismatch(series)
             if mismatch:
                 raise InputError(f"{str(p)!r}: {mismatch}; {SAME_SIZE}.")
         if simple and series.dataoffset is not None and not mask:  # masks are bit-packed
@@ -424,7 +424,7 @@ def read_resolution(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():  # a folder of sections (images or masks): the first section's pixel size
         try:
-            files = _section_files(p)
+            files = section_files(p)
         except OSError:
             return {}
         return {k: v for k, v in read_resolution(files[0]).items()
@@ -517,6 +517,13 @@ def _params_json(params: Any) -> str:
     return json.dumps(dict(params), sort_keys=True)
 
 
+def fields_file_name(path: str | os.PathLike) -> Path:
+    """The file :func:`save_fields` writes for ``path``: ``.npz`` appended unless the name
+    has that suffix (in any case: ``x.NPZ`` stays as it is)."""
+    p = Path(path)
+    return p if p.suffix.lower() == ".npz" else p.with_name(p.name + ".npz")
+
+
 def save_fields(path: str | os.PathLike, displacement: np.ndarray, params: Any = None,
                 flags: list[str] | None = None, **extra: np.ndarray) -> Path:
     """Write displacement fields to a compressed ``.npz``.
@@ -559,9 +566,7 @@ def save_fields(path: str | os.PathLike, displacement: np.ndarray, params: Any =
             raise ValueError(f"extra array {key!r} has dtype object; only plain arrays are "
                              "stored (no pickles)")
         arrays[key] = a
-    p = Path(path)
-    if p.suffix.lower() != ".npz":
-        p = p.with_name(p.name + ".npz")
+    p = fields_file_name(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     with open(p, "wb") as fh:  # a file object: numpy would add .npz to "x.NPZ"
         np.savez_compressed(fh, **arrays)
