@@ -166,7 +166,16 @@ def test_progress_printer_tty_and_pipe():
         p(Progress("fit level 1/1", i + 1, 50, "loss"))
     p(Progress("render", 1, 2))
     p.close()
-    assert pipe.getvalue().splitlines() == ["fit level 1/1: loss", "render"]
+    assert pipe.getvalue().splitlines() == ["[0:00:00] fit level 1/1: loss",
+                                            "[0:00:00] render"]
+    # a batch job's log gets a line every log_interval seconds with the stage's progress
+    log = io.StringIO()
+    p = cli.ProgressPrinter(log, tty=False, log_interval=0.0)
+    for i in range(3):
+        p(Progress("prealign", i + 1, 4, f"section {i + 2}"))
+    assert log.getvalue().splitlines() == [
+        "[0:00:00] prealign: section 2", "[0:00:00] prealign 2/4 (50%): section 3",
+        "[0:00:00] prealign 3/4 (75%): section 4"]
     term = io.StringIO()
     t = cli.ProgressPrinter(term, tty=True)
     for i in range(1000):  # fast events are throttled to ~10 redraws a second
@@ -217,6 +226,66 @@ def test_subprocess_version_and_align(tiny_tif, tmp_path):
                          capture_output=True, text=True, timeout=60, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().startswith("error:") and json.dumps(bad.stderr).count("\\n") == 1
+
+
+def test_working_files_of_a_killed_run_are_removed(tiny_tif, tmp_path, capsys):
+    # (a block-wise run's files are kept for --resume: test_sigterm_stops_cleanly_...)
+    out, fields = tmp_path / "al.tif", tmp_path / "f.npz"
+    stale = [tmp_path / ".al.tif.joint.partial.tif", tmp_path / ".f.npz.partial.npz"]
+    for f in stale:
+        f.write_bytes(b"\0" * 3000)  # what a run killed while writing leaves
+    kept = tmp_path / ".other.tif.joint.partial.tif"  # another output's: not this run's
+    kept.write_bytes(b"x")
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), "--fields", str(fields),
+                     *TINY]) == 0
+    err = capsys.readouterr().err
+    assert not any(f.exists() for f in stale) and kept.exists()
+    assert "removed .al.tif.joint.partial.tif (0.0 MB)" in err and "interrupted run" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".other.tif.joint.partial.tif", "al.tif", "f.npz"])
+
+
+def _terminate_during_fit(argv: list[str], env: dict, when: str = "fit level"
+                          ) -> subprocess.CompletedProcess:
+    """Run the CLI, send SIGTERM once a log line contains ``when``, and collect what it
+    said."""
+    import signal
+
+    proc = subprocess.Popen([*_exe(), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    lines = []
+    for line in proc.stderr:  # one line per stage start: the log of a batch job
+        lines.append(line)
+        if when in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, "".join(lines) + err)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_stops_cleanly_and_a_blockwise_run_resumes(tiny_tif, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    long_fit = [*TINY, "--iterations", "2000", "--tolerance", "0"]  # seconds, not ms
+    out = tmp_path / "al.tif"
+    out.write_bytes(b"the user's earlier result")
+    res = _terminate_during_fit(["align", str(tiny_tif), "-o", str(out), "--fields",
+                                 str(tmp_path / "f.npz"), *long_fit], env)
+    assert res.returncode == 143, res.stderr
+    assert "stopping (SIGTERM)" in res.stderr and "stopped by SIGTERM" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert out.read_bytes() == b"the user's earlier result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["al.tif"]  # no working files
+    # block-wise: the finished block is kept, and the same command with --resume finishes
+    out.unlink()
+    block = ["align", str(tiny_tif), "-o", str(out), "--block-size", "3", "--window", "1"]
+    res = _terminate_during_fit([*block, *long_fit], env, when="fit level 1/1: block 2/2")
+    assert res.returncode == 143, res.stderr
+    assert "stopped after block 1 of 2; the same command with --resume" in res.stderr
+    done = subprocess.run([*_exe(), *block, *long_fit, "--resume"], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert read_stack(out).shape == (4, 96, 96)
 
 
 @pytest.mark.parametrize("compression", [None, "zlib"])

@@ -13,7 +13,8 @@ The ``align`` options are generated from :class:`~napari_ssemnet.core.params.Ali
 Python API and the napari widget share every parameter.
 
 Exit codes: 0 done, 2 bad input or parameters (one ``error: ...`` line on stderr, usage
-errors included), 130 cancelled with Ctrl-C. torch is imported only once a command runs.
+errors included), 130 cancelled with Ctrl-C, 143 stopped by SIGTERM (a batch scheduler's time
+limit; the run stops as cleanly as with Ctrl-C). torch is imported only once a command runs.
 
 Output files are checked before any work (not a folder; the folder exists, is made, and
 takes files; folders made for a run that fails are removed again), never replace an input
@@ -38,6 +39,7 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +56,7 @@ from .core.params import TRAIN_STEPS, AlignParams, ParameterError, knobs
 EXIT_OK = 0
 EXIT_ERROR = 2
 EXIT_CANCELLED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a terminated job
 SAMPLE_OUTPUT = "sample_aligned.tif"
 
 
@@ -138,11 +141,13 @@ class ProgressPrinter:
     """Text progress for :class:`~napari_ssemnet.core.align.Progress` events.
 
     On a terminal: one ``\\r``-redrawn bar per stage, redrawn at most ``rate`` times a second.
-    Otherwise (logs, pipes): one line when a stage starts.
+    Otherwise (logs, pipes, batch jobs): a line when a stage starts and then one every
+    ``log_interval`` seconds, each stamped with the time since the start, so that a job's
+    log says how far a long run got.
     """
 
     def __init__(self, stream: TextIO | None = None, *, rate: float = 10.0, width: int = 30,
-                 tty: bool | None = None) -> None:
+                 tty: bool | None = None, log_interval: float = 30.0) -> None:
         self.stream = stream if stream is not None else sys.stderr
         if tty is None:
             isatty = getattr(self.stream, "isatty", None)
@@ -150,10 +155,13 @@ class ProgressPrinter:
         self.tty = tty
         self._rate = ProgressRate(1.0 / rate)
         self.width = width
+        self.log_interval = log_interval
         self.stage: str | None = None
         self._shown = 0  # length of the bar on screen, to blank leftovers
         self.sections_done = 0
         self._gone = False
+        self._t0 = time.monotonic()
+        self._last_line = -float("inf")
 
     def __call__(self, event: Any) -> None:
         stage = getattr(event, "stage", None)
@@ -164,10 +172,10 @@ class ProgressPrinter:
         if new_stage:
             self._end_line()
             self.stage = stage
-            if not self.tty:
-                msg = f": {event.message}" if event.message else ""
-                self._emit(f"{stage}{msg}\n")
-        if not self.tty or not self._rate.due(event):
+        if not self.tty:
+            self._log_line(event, new_stage)
+            return
+        if not self._rate.due(event):
             return
         frac = min(max(event.step / event.total, 0.0), 1.0) if event.total else 1.0
         n = int(round(frac * self.width))
@@ -175,6 +183,20 @@ class ProgressPrinter:
                 f"{event.step}/{event.total} {event.message}")[:110]
         self._emit("\r" + text + " " * max(0, self._shown - len(text)))
         self._shown = len(text)
+
+    def _log_line(self, event: Any, new_stage: bool) -> None:
+        now = time.monotonic()
+        if not new_stage and now - self._last_line < self.log_interval:
+            return
+        self._last_line = now
+        seconds = int(now - self._t0)
+        stamp = f"[{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}]"
+        msg = f": {event.message}" if event.message else ""
+        if new_stage:
+            self._emit(f"{stamp} {event.stage}{msg}\n")
+        else:
+            pct = f" ({100 * event.step // event.total}%)" if event.total else ""
+            self._emit(f"{stamp} {event.stage} {event.step}/{event.total}{pct}{msg}\n")
 
     def _end_line(self) -> None:
         if self.tty and self._shown:
@@ -197,12 +219,20 @@ class ProgressPrinter:
         self._end_line()
 
 
+_STOP_SIGNALS = ("SIGINT", "SIGTERM")
+_stopped_by: list[int] = []  # the signal that asked the current command to stop
+
+
 @contextmanager
 def ctrl_c_stops() -> Iterator[Callable[[], bool]]:
-    """Turn the first Ctrl-C into a polite stop request; a second one interrupts at once.
+    """Turn the first Ctrl-C or SIGTERM into a polite stop request; a second one
+    interrupts at once.
 
-    Yields the ``should_stop`` callable to pass to the core. Outside the main thread (where
-    signal handlers cannot be set) it yields a callable that never stops.
+    SIGTERM is what batch schedulers (SLURM, PBS) send at a job's time limit, shortly before
+    SIGKILL: the run stops at its next check (within about a second), removes its working
+    files, and a block-wise run keeps its finished blocks for ``--resume``. Yields the
+    ``should_stop`` callable to pass to the core. Outside the main thread (where signal
+    handlers cannot be set) it yields a callable that never stops.
     """
     requested = threading.Event()
     if threading.current_thread() is not threading.main_thread():
@@ -213,13 +243,38 @@ def ctrl_c_stops() -> Iterator[Callable[[], bool]]:
         if requested.is_set():
             raise KeyboardInterrupt
         requested.set()
-        _say(sys.stderr, "\nstopping... (Ctrl-C again to abort at once)\n")
+        _stopped_by[:] = [signum]
+        again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
+        _say(sys.stderr, f"\nstopping ({signal.Signals(signum).name})... "
+                         f"({again} again to abort at once)\n")
 
-    old = signal.signal(signal.SIGINT, handler)
+    sigs = [getattr(signal, name) for name in _STOP_SIGNALS if hasattr(signal, name)]
+    old = {sig: signal.signal(sig, handler) for sig in sigs}
     try:
         yield requested.is_set
     finally:
-        signal.signal(signal.SIGINT, old)
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Outside the stages that poll for a stop (reading, writing), SIGTERM interrupts like
+    Ctrl-C, so that working files are removed; by default it would end the process on the
+    spot and leave them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        _stopped_by[:] = [signum]
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _say(stream: TextIO | None, text: str) -> None:
@@ -751,13 +806,38 @@ def _output_lock(out_path: Path) -> Iterator[None]:
     fd = _flock(out_path, lock)
     if fd is None:
         with _link_lock(out_path, lock):
+            _remove_stale_work(out_path)
             yield
         return
     try:
+        _remove_stale_work(out_path)
         yield
     finally:
         _unlink_quietly(lock)  # before the kernel lock ends: see the check in _flock
         os.close(fd)
+
+
+# working files that only a run which was killed (SIGKILL, power loss) leaves behind; the
+# block-wise ones (.NAME.partial.tif, .NAME.displacement.partial.npy, .NAME.blocks.npz) are
+# kept for --resume
+_STALE_SUFFIXES = ("joint.partial.tif", "apply.partial.tif", "partial.npz", "partial.pt")
+
+
+def _remove_stale_work(out_path: Path) -> None:
+    """With the output's lock held, no other run is writing its working files: one that
+    exists was left by a killed run. It is removed before the disk space is checked (a
+    killed run on a big stack can leave gigabytes), and said so."""
+    for suffix in _STALE_SUFFIXES:
+        f = _partial(out_path, suffix)
+        try:
+            size = f.stat().st_size if f.is_file() and not f.is_symlink() else None
+            if size is None:
+                continue
+            f.unlink()
+        except OSError:
+            continue  # it stays; the run then writes over it
+        _say(sys.stderr, f"removed {f.name} ({_size(size)}), left in {f.parent} by an "
+                         "interrupted run\n")
 
 
 @contextmanager
@@ -1241,9 +1321,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_ERROR
     out = _PipeSafe(sys.stdout)
+    _stopped_by.clear()
     try:
-        return args.func(args, out)
+        with _sigterm_interrupts():
+            return args.func(args, out)
     except (AlignmentCancelled, KeyboardInterrupt):
+        if _stopped_by and _stopped_by[0] == signal.SIGTERM:
+            _say(sys.stderr, "stopped by SIGTERM\n")
+            return EXIT_TERMINATED
         _say(sys.stderr, "cancelled\n")
         return EXIT_CANCELLED
     except (SsemnetError, ParameterError, ValueError) as exc:
