@@ -443,12 +443,9 @@ class AlignWidget(QWidget):
                     and not Path(params.weights).is_file()):
                 raise SsemnetError(f"The weights file {params.weights!r} does not exist; "
                                    "choose it again or train features on this stack.")
-            data = layer.data
-            if isinstance(data, np.ndarray):
-                stack = check_stack(data, name=f"layer '{layer.name}'")
-            else:  # lazy (dask, zarr): only its shape here, read in the worker
-                check_layout(data.shape, data.dtype, name=f"layer '{layer.name}'")
-                stack = data
+            # only the shape here; values (a lazy read, NaNs) are checked in the worker
+            stack = layer.data
+            check_layout(stack.shape, stack.dtype, name=f"layer '{layer.name}'")
             if not 0 <= params.reference < stack.shape[0]:
                 raise SsemnetError(f"Reference section {params.reference} is outside the "
                                    f"layer's sections 0-{stack.shape[0] - 1}.")
@@ -908,15 +905,30 @@ class _Read:
         self.stack = stack
 
 
-def _read(data: Any, name: str):
-    """The layer's data as a checked array, read here (in the worker); yields a
-    :class:`_Read` and a progress event, returns the array (a :class:`jobs.Failure` if it
-    cannot be read or used)."""
-    if isinstance(data, np.ndarray):
-        return data  # checked on the GUI thread already, and free to use
-    yield Progress("prepare", 0, 1, f"reading layer '{name}'")
+READ_CHUNK_BYTES = 64 * 2**20
+"""A lazy layer is read in pieces of about this size, so that Cancel is seen between them."""
+
+
+def _read(data: Any, name: str, stop: threading.Event):
+    """The layer's data as a checked array, read and checked here (in the worker: a lazy
+    layer's read, and the NaN scan of a big float stack, would freeze napari on the GUI
+    thread). Yields a :class:`_Read` and progress events, returns the array, a
+    :class:`jobs.Failure` if it cannot be read or used, or :class:`jobs.Cancelled`."""
+    label = f"layer '{name}'"
     try:
-        stack = check_stack(np.asarray(data), name=f"layer '{name}'")
+        if isinstance(data, np.ndarray):
+            return check_stack(data, name=label)  # no copy: the layer's own array
+        z = data.shape[0]
+        per = max(1, int(READ_CHUNK_BYTES // max(1, data.dtype.itemsize * data.shape[1]
+                                                 * data.shape[2])))
+        stack = np.empty(tuple(data.shape), data.dtype)
+        for z0 in range(0, z, per):  # a bar of its own: a slow read is seen as such
+            yield Progress("read", z0, z, f"reading layer '{name}'")
+            if stop.is_set():
+                return jobs.Cancelled()
+            stack[z0:z0 + per] = np.asarray(data[z0:z0 + per])
+        yield Progress("read", z, z, f"reading layer '{name}'")
+        stack = check_stack(stack, name=label)
     except (SsemnetError, ValueError) as exc:  # NaNs, a wrong shape: said for the user
         return jobs._failure(exc)
     except Exception as exc:  # a lazy array that fails to load (a missing zarr chunk...)
@@ -933,8 +945,8 @@ def _read(data: Any, name: str):
 def _read_then(job: Any, data: Any, name: str, *args: Any, stop: threading.Event):
     """Worker entry: read the layer's data (see :func:`_read`), then run
     ``job(stack, *args, stop=stop)``."""
-    stack = yield from _read(data, name)
-    if isinstance(stack, jobs.Failure):
+    stack = yield from _read(data, name, stop)
+    if isinstance(stack, jobs.Failure | jobs.Cancelled):
         return stack
     return (yield from job(stack, *args, stop=stop))
 
