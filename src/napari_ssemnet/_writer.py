@@ -77,8 +77,31 @@ def write_tiff(path: str, data: Any, meta: dict) -> list[str]:
     entry = (meta.get("metadata") or {}).get(META_KEY) or {}
     if entry.get("role") == ROLE_ALIGNED and entry.get("source_dtype"):
         arr = io.as_dtype(arr, entry["source_dtype"])
-    io.write_stack(path, arr)
+    io.write_stack(path, arr, resolution=layer_resolution(meta) if arr.ndim == 3 else None)
     return [path]
+
+
+# pint's names (napari layer units) as ImageJ writes them
+_IMAGEJ_UNITS = {"nanometer": "nm", "micrometer": "micron", "millimeter": "mm",
+                 "centimeter": "cm", "meter": "m", "angstrom": "A"}
+
+
+def layer_resolution(meta: dict) -> dict[str, Any]:
+    """The layer's (Z, Y, X) ``scale`` (and ``units``) as :func:`core.io.read_resolution`'s
+    pixel size and section spacing, so that a saved stack keeps them; empty for scale 1."""
+    scale = meta.get("scale")
+    if scale is None or len(scale) != 3:
+        return {}
+    sz, sy, sx = (float(v) for v in scale)
+    if (sz, sy, sx) == (1.0, 1.0, 1.0) or min(sz, sy, sx) <= 0:
+        return {}
+    out: dict[str, Any] = {"resolution": (1.0 / sx, 1.0 / sy), "resolutionunit": 1,
+                           "spacing": sz}
+    units = meta.get("units") or ()
+    unit = str(units[-1]) if len(units) == 3 else ""
+    if unit and unit != "pixel":
+        out["unit"] = _IMAGEJ_UNITS.get(unit, unit)
+    return out
 
 
 def write_fields(path: str, data: Any, meta: dict) -> list[str]:

@@ -209,6 +209,10 @@ def test_field_sections_stream_what_load_fields_reads(tmp_path):
         assert fields.shape == (3, 2, 40, 50)
         got = np.stack(list(fields))
     np.testing.assert_array_equal(got, load_fields(path)[0])
+    # a Fortran-ordered array (written by another tool) is read whole, as load_fields does
+    np.savez(tmp_path / "fortran.npz", displacement=np.asfortranarray(disp.astype(np.float64)))
+    with FieldSections(tmp_path / "fortran.npz") as fields:
+        np.testing.assert_array_equal(np.stack(list(fields)), disp)
     np.savez(tmp_path / "ints.npz", displacement=np.zeros((3, 2, 8, 8), np.int32))
     np.savez(tmp_path / "other.npz", something=np.zeros(3))
     for name, words in [("ints.npz", "expected float"), ("other.npz", "no 'displacement'")]:

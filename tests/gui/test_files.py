@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tifffile
 from conftest import error_messages, n_records, run_and_wait, set_fast
 
 from napari_ssemnet import _layers as L
 from napari_ssemnet._writer import apply_displacement, load_fields, write_fields, write_tiff
-from napari_ssemnet.core.io import as_dtype
+from napari_ssemnet.core.io import as_dtype, read_resolution
 
 
 def test_tiff_opens_with_builtin_reader_and_aligns(qtbot, viewer_widget, stack, tmp_path):
@@ -116,6 +117,14 @@ def test_writers(tmp_path, stack):
     back = tifffile.imread(write_tiff(str(tmp_path / "b.tif"), aligned, {"metadata": meta})[0])
     assert back.dtype == np.uint8 and back[0, 0, 0] == 0 and back[0, 0, 1] == 255
     np.testing.assert_array_equal(back[1], np.clip(np.rint(aligned[1]), 0, 255))
+    # the layer's scale and units become the file's pixel size and section spacing
+    for dtype in (np.uint8, np.int16):  # ImageJ metadata, and plain TIFF tags only
+        path = write_tiff(str(tmp_path / f"s_{dtype.__name__}.tif"), stack.astype(dtype),
+                          {"scale": [50.0, 4.0, 5.0], "units": ("nanometer",) * 3})[0]
+        res = read_resolution(path)
+        assert res["resolution"] == pytest.approx((0.2, 0.25))
+        if dtype is np.uint8:
+            assert res["spacing"] == 50.0 and res["unit"] == "nm"
     disp = np.ones((4, 2, 96, 96), np.float32)
     meta = L.result_metadata(L.ROLE_DISPLACEMENT, "em", params={"window": 2},
                              extra={"displacement": disp})

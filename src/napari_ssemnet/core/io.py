@@ -793,14 +793,22 @@ class FieldSections:
             why = str(exc).splitlines()[0] if str(exc) else "no details"
             raise InputError(f"{str(p)!r} is not a readable fields file ({type(exc).__name__}: "
                              f"{why}).") from None
-        if len(shape) != 4 or shape[1] != 2 or fortran or dtype.hasobject or not np.issubdtype(
+        if len(shape) != 4 or shape[1] != 2 or dtype.hasobject or not np.issubdtype(
                 dtype, np.floating):
             self.close()
             raise InputError(f"{str(p)!r}: displacement has shape {shape} and dtype {dtype}; "
                              "expected float (Z, 2, H, W).")
         self.shape, self.dtype, self._path = tuple(int(s) for s in shape), dtype, p
+        self._fortran = fortran  # sections are not contiguous in the file: read it whole
 
     def __iter__(self):
+        if self._fortran:  # not written by napari-ssemnet, but a valid fields file
+            self._fh.close()
+            with self._zip.open("displacement.npy") as fh:
+                whole = np.lib.format.read_array(fh)
+            for section in whole:
+                yield section.astype(np.float32)
+            return
         n = int(np.prod(self.shape[1:])) * self.dtype.itemsize
         for _ in range(self.shape[0]):
             buf = self._fh.read(n)
