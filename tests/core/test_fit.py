@@ -50,3 +50,15 @@ def test_level_features_match_the_batched_computation():
         a, b = feats[:, k], ref[:, k]
         sign = float(torch.sign((a * b).sum()))
         assert float((a - sign * b).abs().max()) < 1e-3 * float(b.abs().max())
+
+
+def test_an_encoder_is_copied_to_the_device_of_the_sections_not_moved():
+    # the shipped weights load on the CPU; on a GPU the first convolution failed
+    from napari_ssemnet.core.features import CAE
+    from napari_ssemnet.core.fit import on_device
+
+    model = CAE()
+    assert on_device(model, "cpu") is model
+    moved = on_device(model, "meta")
+    assert moved is not model and next(moved.parameters()).device.type == "meta"
+    assert next(model.parameters()).device.type == "cpu"

@@ -98,3 +98,29 @@ def test_field_stats_of_constant_field():
     disp[:, 0], disp[:, 1] = 3.0, 4.0
     stats = metrics.field_stats(disp)
     assert stats["median"] == 5.0 and stats["max"] == 5.0
+
+
+def test_padding_and_a_missing_piece_are_fill_a_saturated_spot_is_not():
+    sec = em(0, 128).copy()  # uint8 EM
+    assert metrics.fill_mask(sec) is None
+    padded = sec.copy()
+    padded[:, :40] = 0  # padding on the left
+    padded[100:, 100:] = 255  # a missing corner, bright
+    padded[60:66, 80:86] = 255  # a saturated spot inside the tissue: kept
+    fill = metrics.fill_mask(padded)
+    assert fill[:, :40].all() and fill[100:, 100:].all()
+    assert not fill[:, 40 + metrics.FILL_MARGIN + 1:100 - metrics.FILL_MARGIN - 1].any()
+    # normalised on the tissue only: fill is the tissue's mean (0), the tissue as before
+    norm, blank, masks = metrics.normalise_stack(np.stack([padded, sec]), fill=True)
+    assert not blank.any() and (masks[0] == fill).all() and not masks[1].any()
+    assert (norm[0][fill] == 0).all()
+    t = norm[0][~fill]
+    assert abs(t.mean()) < 1e-4 and abs(t.std() - 1) < 1e-3
+    # a stack without fill: no masks, and the same normalisation with or without fill=True
+    plain, _, none = metrics.normalise_stack(np.stack([sec, sec]), fill=True)
+    assert none is None
+    np.testing.assert_array_equal(plain, metrics.normalise_stack(np.stack([sec, sec]))[0])
+    # a section that is nearly all padding is blank
+    mostly = np.zeros_like(sec)
+    mostly[60:64, 60:64] = sec[60:64, 60:64]
+    assert metrics.normalise_stack(np.stack([mostly, sec]))[1].tolist() == [True, False]

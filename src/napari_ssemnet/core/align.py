@@ -328,6 +328,22 @@ def render_section(source: np.ndarray, residual: Any, matrices: np.ndarray, i: i
     return disp.cpu().numpy(), img.cpu().numpy(), ok.cpu().numpy()
 
 
+def tissue_after(tissue: np.ndarray, displacement: np.ndarray, device: Any) -> np.ndarray:
+    """(H, W) bool: which aligned pixels come from tissue, for a section's (H, W) tissue
+    mask and its (2, H, W) displacement."""
+    from . import warp
+
+    t = torch_from(tissue.astype(np.float32), device)
+    out, _ = warp.warp_image(t, torch_from(displacement, device))
+    return out.cpu().numpy() > 0.999
+
+
+def torch_from(a: np.ndarray, device: Any):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+
 def section_flag(blank: bool, valid: np.ndarray, confidence: float, prealign: str) -> str:
     """A finished section's flag: blank, then no overlap (under a quarter of the aligned
     section comes from inside it), then a doubtful pre-alignment match."""
@@ -477,7 +493,7 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
 
     yield Progress("prepare", 0, 1, f"normalising {z_count} sections")
     t0 = time.perf_counter()
-    norm, blank = metrics.normalise_stack(arr)
+    norm, blank, fill = metrics.normalise_stack(arr, fill=True)
     if blank[params.reference]:
         raise InputError(f"Reference section {params.reference} is blank or has no structure; "
                          "choose another reference section.")
@@ -500,12 +516,13 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     free[params.reference] = False
     residual = yield from fit.fit_stack(
         norm, matrices, blank=blank, free=free, params=params, extractor=extractor,
-        device=device, should_stop=stop_check)
+        device=device, should_stop=stop_check, fill=fill)
     timings["fit"] = time.perf_counter() - t0
 
     # the normalised stack (4 bytes per pixel) is not held through the render step
     usable_before = ~blank
-    ncc_before = metrics.adjacent_ncc(norm, None, usable_before)
+    tissue = None if fill is None else ~fill
+    ncc_before = metrics.adjacent_ncc(norm, tissue, usable_before)
     del norm
 
     t0 = time.perf_counter()
@@ -517,6 +534,8 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
         stop_check()
         displacement[zz], aligned[zz], valid[zz] = render_section(
             arr[zz], residual, matrices, zz, device)
+        if tissue is not None:  # NCC on tissue only: matched padding is not a good result
+            tissue[zz] = valid[zz] & tissue_after(tissue[zz], displacement[zz], device)
         flags[zz] = section_flag(blank[zz], valid[zz], confidence[zz], params.prealign)
         yield SectionResult(zz, aligned[zz], displacement[zz], valid[zz], flags[zz])
         yield Progress("render", zz + 1, z_count, f"section {zz + 1}/{z_count}", section=zz)
@@ -524,8 +543,12 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
 
     usable = np.array([f in (FLAG_OK, FLAG_LOW_CONFIDENCE) for f in flags])
     if not np.array_equal(usable, usable_before):  # a section lost its overlap when rendered
-        ncc_before = metrics.adjacent_ncc(metrics.normalise_stack(arr)[0], None, usable)
-    ncc_after = metrics.adjacent_ncc(aligned, valid, usable, robust=True)
+        norm, _, before_fill = metrics.normalise_stack(arr, fill=True)
+        ncc_before = metrics.adjacent_ncc(norm, None if before_fill is None else ~before_fill,
+                                          usable)
+        del norm
+    ncc_after = metrics.adjacent_ncc(aligned, valid if tissue is None else tissue, usable,
+                                     robust=True)
     timings["total"] = time.perf_counter() - t_start
     return AlignmentResult(aligned=aligned, displacement=displacement, valid=valid,
                            ncc_before=ncc_before, ncc_after=ncc_after, flags=flags,

@@ -393,7 +393,7 @@ def iter_align_blocks(
         yield Progress("prepare", 0, 1, f"{tag}: sections {members[0]}-{members[-1]} "
                                         f"({len(new)} new)")
         raw = _read_sections(stack, members)
-        norm, blank = metrics.normalise_stack(raw)
+        norm, blank, fill = metrics.normalise_stack(raw, fill=True)
         if k == 0 and blank[anchor]:
             raise InputError(f"Reference section {params.reference} is blank or has no "
                              "structure; choose another reference section.")
@@ -428,9 +428,9 @@ def iter_align_blocks(
         t0 = time.perf_counter()
         residual = yield from _relabelled(fit.fit_stack(
             norm, matrices, blank=blank, free=~fixed, params=params.replace(reference=anchor),
-            extractor=extractor, device=device, should_stop=stop_check, init_grid=init_grid),
-            tag, members)
-        del norm
+            extractor=extractor, device=device, should_stop=stop_check, init_grid=init_grid,
+            fill=fill), tag, members)
+        del norm, fill
         res_mats, res_grid = residual.mats.cpu().numpy(), residual.grid.cpu().numpy()
         for i in np.nonzero(~fixed)[0]:
             # M (A q + v) = (M A)(q + v) for the translations A that the fit may add

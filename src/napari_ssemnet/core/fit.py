@@ -188,14 +188,17 @@ def level_features(extractor, images: torch.Tensor, valid: torch.Tensor, usable:
     return out, c, kf
 
 
-def prewarp(norm: np.ndarray, matrices: np.ndarray, device, binning: int = 1
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def prewarp(norm: np.ndarray, matrices: np.ndarray, device, binning: int = 1,
+            fill: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Resample normalised sections through their pre-alignment, then bin them.
+
+    ``fill`` ((Z, H, W) bool, optional) marks pixels without tissue: they count as outside
+    the section, so the fit never matches padding or a missing piece.
 
     Returns
     -------
     images : Tensor, shape (Z, 1, H // binning, W // binning)
-    valid : Tensor, same shape, float (fraction of the bin inside the section)
+    valid : Tensor, same shape, float (fraction of the bin inside the section, on tissue)
     """
     z, h, w = norm.shape
     q = warp.level_points(h, w, device=device)
@@ -207,12 +210,31 @@ def prewarp(norm: np.ndarray, matrices: np.ndarray, device, binning: int = 1
         for i in range(z):
             p = warp.apply_matrix(mats[i:i + 1], q)
             out, ok = warp.sample(src[i][None, None], p)
-            imgs[i], valid[i] = _bin(out, binning)[0], _bin(ok.float(), binning)[0]
+            ok = ok.float()
+            if fill is not None and fill[i].any():
+                tissue = torch.from_numpy(~fill[i]).to(device).float()[None, None]
+                ok = ok * (warp.sample(tissue, p)[0][:, 0] > 0.999).float()
+            imgs[i], valid[i] = _bin(out, binning)[0], _bin(ok, binning)[0]
     return imgs, valid
 
 
 def _bin(x: torch.Tensor, binning: int) -> torch.Tensor:
     return F.avg_pool2d(x, binning) if binning > 1 else x
+
+
+def on_device(model: torch.nn.Module, device) -> torch.nn.Module:
+    """``model`` with its weights on ``device``: a copy when they are elsewhere, so that a
+    caller's encoder is not moved (the weights load on the CPU; the sections may be on a
+    GPU, where a CPU weight makes the first convolution fail)."""
+    target = torch.device(device)
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device == target for t in tensors) or (
+            target.type == "cuda" and target.index is None
+            and all(t.device.type == "cuda" for t in tensors)):
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(target)
 
 
 def fit_stack(
@@ -227,6 +249,7 @@ def fit_stack(
     should_stop: Callable[[], None] | None = None,
     prewarped: tuple[torch.Tensor, torch.Tensor] | None = None,
     init_grid: torch.Tensor | None = None,
+    fill: np.ndarray | None = None,
 ) -> Generator[object, None, Residual]:
     """Fit residual maps for the ``free`` sections; see the module docstring.
 
@@ -241,6 +264,8 @@ def fit_stack(
     init_grid : Tensor, shape (Z, 2, gh, gw), optional
         Starting control grid (pixels), resampled to each level's node count. Sections that
         are not ``free`` keep theirs throughout (e.g. sections aligned by an earlier block).
+    fill : ndarray, shape (Z, H, W), bool, optional
+        Pixels without tissue (see :func:`prewarp`); not used with ``prewarped``.
 
     Yields
     ------
@@ -250,6 +275,7 @@ def fit_stack(
 
     z_count, h, w = norm.shape
     size = (h, w)
+    extractor = on_device(extractor, device)
     usable = ~np.asarray(blank, bool)
     use_idx = torch.from_numpy(np.nonzero(usable)[0]).to(device)
     all_usable = bool(usable.all())
@@ -271,7 +297,7 @@ def fit_stack(
     if prewarped is not None:
         images, valid = _bin(prewarped[0], b), _bin(prewarped[1], b)
     else:
-        images, valid = prewarp(norm, matrices, device, b)
+        images, valid = prewarp(norm, matrices, device, b, fill=fill)
     if should_stop is not None:
         should_stop()
     chain = parents_of(usable, params.reference)
@@ -371,12 +397,14 @@ def fit_stack(
             if should_stop is not None:  # an iteration at full size can take a second or more
                 should_stop()
             opt.step()
+            if it % 10 == 0:  # reading the loss waits for a GPU: not every iteration
+                shown_loss = float(data.detach())
             yield Progress(f"fit level {li + 1}/{levels}", it + 1, total,
-                           f"iteration {it + 1}, loss {float(data.detach()):.4f}")
+                           f"iteration {it + 1}, loss {shown_loss:.4f}")
             if it % 10 == 9:
                 # mean movement: nodes over featureless areas drift slowly and barely matter
-                moved = max(float((glob.detach() - snapshot[0]).abs().mean()),
-                            float((grid.detach() - snapshot[1]).abs().mean()))
+                moved = float(torch.stack([(glob.detach() - snapshot[0]).abs().mean(),
+                                           (grid.detach() - snapshot[1]).abs().mean()]).max())
                 snapshot = (glob.detach().clone(), grid.detach().clone())
                 if drop <= 0.01 and moved < params.tolerance * k:
                     # a bar following the steps ends full, not at it / total
