@@ -455,9 +455,14 @@ def test_blockwise_run_stopped_then_resumed_matches_an_uninterrupted_one(tiny_ti
     np.testing.assert_array_equal(load_fields(fields)[0],
                                   load_fields(tmp_path / "full.npz")[0])
     assert sorted(p.name for p in out.parent.iterdir()) == ["al.tif", "f.npz"]
-    # nothing left to resume
-    assert cli.main([*argv, "--resume"]) == 2
-    assert "Nothing to resume" in capsys.readouterr().err
+    # nothing left to resume: a requeued job that always says --resume simply runs
+    out.unlink()
+    assert cli.main([*argv, "--resume"]) == 0
+    assert "nothing to resume" in capsys.readouterr().err
+    np.testing.assert_array_equal(read_stack(out), read_stack(full))
+    # and so does a stack aligned in one piece
+    assert cli.main([*argv[:-len(opts)], *TINY, "--resume"]) == 0
+    assert "aligned in one piece" in capsys.readouterr().err
 
 
 def test_a_second_blockwise_run_on_the_same_output_is_refused(tiny_tif, tmp_path, capsys):

@@ -592,6 +592,9 @@ class AlignWidget(QWidget):
     def _on_finished(self) -> None:
         job, self._job = self._job, None
         self._ctl.worker = None
+        from .core.memory import release_gpu_cache
+
+        release_gpu_cache()  # napari lives on: a finished run's GPU memory goes back
         if job is None:
             return
         outcome = job.get("outcome")

@@ -378,11 +378,9 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
               f"{stack.shape[2]} px, {stack.dtype}\n")
     out.flush()
     streamed = blockwise and params.block_size < stack.shape[0]
-    if args.resume and not streamed:
-        if isinstance(stack, SectionReader):
-            stack.close()
-        raise SsemnetError("--resume continues a block-wise run; give the same --block-size "
-                           "(smaller than the number of sections) as the run that stopped.")
+    if args.resume and not streamed:  # e.g. a job array over stacks of several lengths
+        _say(sys.stderr, "nothing to resume: the stack is aligned in one piece (no "
+                         "--block-size smaller than its number of sections)\n")
     if streamed:
         try:
             return _align_blocks_to_disk(stack, params, args, output, fields, out)
@@ -953,12 +951,12 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
         except SsemnetError:
             stopped = None
     names = ", ".join(f.name for f in left)
-    if args.resume:
-        if stopped is None:
-            raise SsemnetError(
-                f"Nothing to resume for {out_path}: no stopped block-wise run left a finished "
-                "block there" + (f" (its working files {names} are removed by a run without "
-                                 "--resume)" if left else "") + ". Run without --resume.")
+    if args.resume and stopped is None:
+        # a job script that always says --resume (requeued after preemption) must also
+        # work for the first run, and after a kill before the first block was finished
+        _say(sys.stderr, f"nothing to resume for {out_path} (no stopped run finished a "
+                         "block there): starting from the first block\n")
+    if args.resume and stopped is not None:
         if stopped_id != run_id:
             raise SsemnetError(f"The stopped run for {out_path} had "
                                f"{_what_changed(stopped_id, run_id)}; give the same ones, or "
@@ -1266,7 +1264,8 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--resume", action="store_true",
                     help="Go on with a block-wise run (--block-size) that stopped (Ctrl-C, an "
                          "error, a crash): the finished blocks are kept. Needs the same "
-                         "input, options and output as the run that stopped.")
+                         "input, options and output as the run that stopped; with nothing to "
+                         "resume the run starts from the beginning (for requeued batch jobs).")
     add_param_options(al)
     al.set_defaults(func=cmd_align)
 

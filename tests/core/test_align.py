@@ -376,3 +376,16 @@ def test_read_only_float32_input_is_used_without_warnings(small):
 def test_warp_image_on_numpy_arrays_points_to_the_numpy_function():
     with pytest.raises(TypeError, match="apply_displacement_section"):
         warp.warp_image(np.zeros((8, 8), np.float32), np.zeros((2, 8, 8), np.float32))
+
+
+def test_a_gpu_that_cannot_run_torch_is_not_picked(monkeypatch):
+    # a GPU that torch sees but cannot use failed as a raw RuntimeError minutes into a run
+    import torch
+
+    from napari_ssemnet.core import device as dev
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dev, "_cuda_problem", lambda: "no kernel image is available")
+    assert dev.pick_device("auto").type == "cpu"
+    with pytest.raises(InputError, match="no kernel image is available"):
+        dev.pick_device("cuda")

@@ -36,6 +36,36 @@ def test_fit_binning_lowers_the_estimate_down_to_the_full_resolution_part():
         assert measured * 2**20 < est < 1.3 * measured * 2**20
 
 
+def test_on_a_gpu_the_part_held_in_the_computers_memory_is_checked(monkeypatch):
+    # the check returned early for any GPU: a big stack could still exhaust the host
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2**30)
+    memory.check_memory((8, 1024, 1024), cuda)  # 0.16 GB on the host: fine
+    with pytest.raises(MemoryLimitError, match="needs about 2.5 GB"):
+        memory.check_memory((128, 1024, 1024), cuda)  # 20 bytes a pixel stay on the host
+    with pytest.raises(MemoryLimitError):
+        memory.check_memory((8, 1024, 1024), torch.device("cpu"))  # the whole fit on the CPU
+
+
+def test_a_cgroup_limit_counts_as_the_free_memory(tmp_path):
+    # a batch job given --mem on a big node passed the check and was killed by the kernel
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/slurm/job_1\n")
+    job = tmp_path / "slurm" / "job_1"
+    job.mkdir(parents=True)
+    (job / "memory.max").write_text(f"{4 * 2**30}\n")
+    (job / "memory.current").write_text(f"{2**30}\n")
+    assert memory.cgroup_free_bytes(str(tmp_path), str(proc)) == 3 * 2**30
+    (job / "memory.max").write_text("max\n")  # no limit
+    assert memory.cgroup_free_bytes(str(tmp_path), str(proc)) is None
+    v1 = tmp_path / "memory" / "job"
+    v1.mkdir(parents=True)
+    proc.write_text("4:memory:/job\n0::/\n")
+    (v1 / "memory.limit_in_bytes").write_text(f"{2**31}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{2**30}\n")
+    assert memory.cgroup_free_bytes(str(tmp_path), str(proc)) == 2**30
+
+
 def test_available_memory_is_known_here():
     free = memory.available_bytes()
     assert free is not None and free > 2**20
@@ -65,6 +95,7 @@ def test_plenty_of_memory_passes_the_check(small, monkeypatch):
     torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
     RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory"),
     MemoryError(),
+    RuntimeError("cuFFT error: CUFFT_ALLOC_FAILED"),  # the CUDA libraries' own wording
 ])
 def test_out_of_memory_during_the_run_is_a_clear_error(small, monkeypatch, exc):
     def boom(*args, **kwargs):
@@ -76,8 +107,10 @@ def test_out_of_memory_during_the_run_is_a_clear_error(small, monkeypatch, exc):
         align_stack(small, **FAST)
     assert isinstance(info.value, SsemnetError)
     text = str(info.value)
-    where = "the GPU" if "CUDA" in str(exc) else "this machine"
+    where = "the GPU" if "CU" in str(exc) else "this machine"
     assert text.startswith(f"Ran out of memory on {where} while aligning")
+    assert ("estimated" in text) == (where == "this machine")  # a CPU estimate, for the CPU
+    assert info.value.__context__ is None or info.value.__context__.__traceback__ is None
     assert "3 sections of 96x96 px" in text
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from .errors import InputError
 
 
@@ -14,13 +16,35 @@ def pick_device(name: str = "auto"):
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() and not _cuda_problem()
+                            else "cpu")
     if name == "cuda":
         if not torch.cuda.is_available():
             raise InputError("device='cuda' was requested but no CUDA GPU is available to "
                              "PyTorch; use device='auto' or 'cpu', or install a CUDA build of "
                              "PyTorch.")
+        problem = _cuda_problem()
+        if problem:
+            raise InputError(f"The CUDA GPU cannot run PyTorch's code ({problem}); the "
+                             "installed PyTorch build may not support this GPU, or the GPU is "
+                             "busy. Use device='cpu', or install the PyTorch build for your "
+                             "GPU and driver.")
         return torch.device("cuda")
     if name == "cpu":
         return torch.device("cpu")
     raise InputError(f"Unknown device {name!r}; use auto, cpu or cuda.")
+
+
+@functools.cache
+def _cuda_problem() -> str:
+    """Why a tiny CUDA operation fails ('' when it works): a GPU that PyTorch sees but
+    cannot use (no kernel image for its architecture, a busy exclusive-mode GPU) would
+    otherwise fail minutes into a run."""
+    import torch
+
+    try:
+        (torch.ones(4, device="cuda") * 2).sum().item()
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use it
+        text = str(exc).strip().splitlines()
+        return text[0] if text else type(exc).__name__
+    return ""

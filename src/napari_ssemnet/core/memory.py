@@ -48,18 +48,62 @@ def estimate_peak_bytes(shape: tuple[int, int, int], binning: int = 1) -> int:
 
 
 def available_bytes() -> int | None:
-    """Memory the system can give this process without swapping, or None if unknown."""
+    """Memory the system can give this process without swapping, or None if unknown: the
+    machine's available memory, or what is left under the process's cgroup limit (a batch
+    job's ``--mem``, a container's limit) when that is less."""
+    free = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    try:  # other Unix systems: free pages only (an underestimate)
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
+    if free is None:
+        try:  # other Unix systems: free pages only (an underestimate)
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            pass
+    limited = cgroup_free_bytes()
+    if limited is not None and (free is None or limited < free):
+        return limited
+    return free
+
+
+def cgroup_free_bytes(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup"
+                      ) -> int | None:
+    """Bytes left under this process's cgroup memory limit (v2 ``memory.max`` or v1
+    ``memory.limit_in_bytes``), or None without a limit. Past it the kernel kills the job
+    without a word, however much memory the machine has."""
+    paths = {"": "", "memory": ""}
+    try:
+        with open(self_cgroup) as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                if controllers == "":
+                    paths[""] = path
+                elif "memory" in controllers.split(","):
+                    paths["memory"] = path
+    except (OSError, ValueError):
+        pass
+    v2 = [(f"{root}{sub}/memory.max", f"{root}{sub}/memory.current")
+          for sub in {paths[""], ""}]
+    v1 = [(f"{root}/memory{sub}/memory.limit_in_bytes", f"{root}/memory{sub}/memory.usage_in_bytes")
+          for sub in {paths["memory"], ""}]
+    best = None
+    for limit_file, usage_file in v2 + v1:
+        try:
+            with open(limit_file) as f:
+                text = f.read().strip()
+            if text == "max" or int(text) >= 2**60:  # no limit
+                continue
+            with open(usage_file) as f:
+                left = max(0, int(text) - int(f.read().strip()))
+        except (OSError, ValueError):
+            continue
+        best = left if best is None else min(best, left)
+    return best
 
 
 def _gb(n: float) -> str:
@@ -82,16 +126,20 @@ def check_memory(shape: tuple[int, int, int], device: Any, binning: int = 1, *,
     block-wise run, whose fit only sees one block of ``shape``; ``total_sections`` is then the
     stack's length, for the message).
 
-    Only the CPU path is checked: on a GPU the run fails with a catchable out-of-memory error
-    (turned into the same error by :func:`guard`), and the GPU figure has not been measured.
+    On a GPU only what stays in the computer's memory is checked (the normalised stack and
+    the result, ``RENDER_BYTES`` per pixel): the GPU itself fails with a catchable
+    out-of-memory error (turned into the same error by :func:`guard`), and its figure has
+    not been measured.
     """
-    if getattr(device, "type", str(device)) != "cpu" or os.environ.get(SKIP_ENV) == "1":
+    if os.environ.get(SKIP_ENV) == "1":
         return
+    on_cpu = getattr(device, "type", str(device)) == "cpu"
     free = available_bytes()
-    need = estimate_peak_bytes(shape, binning) + int(extra_bytes)
+    z, h, w = (int(v) for v in shape)
+    need = (estimate_peak_bytes(shape, binning) if on_cpu
+            else RENDER_BYTES * z * h * w) + int(extra_bytes)
     if free is None or need <= free:
         return
-    z, h, w = shape
     z_all = total_sections or z
     how = "" if z_all == z else f" a block at a time (about {z} sections held)"
     raise MemoryLimitError(
@@ -135,9 +183,11 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     except (ImportError, AttributeError):  # pragma: no cover - torch is a dependency
         pass
     text = str(exc).lower()
+    # cuFFT, cuBLAS and cuDNN say it their own way (CUFFT_ALLOC_FAILED, ...)
     return isinstance(exc, RuntimeError) and ("out of memory" in text
                                               or "can't allocate memory" in text
-                                              or "not enough memory" in text)
+                                              or "not enough memory" in text
+                                              or "alloc_failed" in text)
 
 
 def guard(gen: Generator[Any, None, Any], shape: tuple[int, int, int], binning: int = 1
@@ -150,9 +200,29 @@ def guard(gen: Generator[Any, None, Any], shape: tuple[int, int, int], binning: 
         if not _is_out_of_memory(exc):
             raise
         z, h, w = shape
-        where = "the GPU" if "cuda" in str(exc).lower() else "this machine"
-        raise MemoryLimitError(
-            f"Ran out of memory on {where} while aligning {z} sections of {h}x{w} px (an "
-            f"estimated {_gb(estimate_peak_bytes(shape, binning))} on the CPU). "
-            f"{_advice(shape)} On a "
-            "GPU, device='cpu' may fit where the GPU does not.") from None
+        text = str(exc).lower()
+        on_gpu = any(w_ in text for w_ in ("cuda", "cufft", "cublas", "cudnn"))
+        where = "the GPU" if on_gpu else "this machine"
+        estimate = ("" if on_gpu else
+                    f" (an estimated {_gb(estimate_peak_bytes(shape, binning))})")
+        error = MemoryLimitError(
+            f"Ran out of memory on {where} while aligning {z} sections of {h}x{w} px"
+            f"{estimate}. {_advice(shape)} On a GPU, device='cpu' may fit where the GPU "
+            "does not.")
+        # the original error's traceback holds the run's tensors: GPU memory would stay
+        # taken in a long-lived process (napari) for as long as the error is kept
+        exc.__traceback__ = None
+        del exc
+        release_gpu_cache()
+        raise error from None
+
+
+def release_gpu_cache() -> None:
+    """Hand memory cached by torch's CUDA allocator back to the GPU (a no-op without one)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover - a courtesy, never a reason to fail
+        pass
