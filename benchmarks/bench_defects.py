@@ -60,6 +60,17 @@ def wedge(shape: tuple[int, int, int], z: int, area: float = 0.4) -> np.ndarray:
     return fill
 
 
+def pie(shape: tuple[int, int, int], z: int, a0: float = 110, a1: float = 140) -> np.ndarray:
+    """Fill over a pie slice of section ``z`` from its top-right corner (angles ``a0``-``a1``
+    degrees), as a tear that runs into the section (29 % of a square section)."""
+    _, h, w = shape
+    yy, xx = np.mgrid[:h, :w].astype(float)
+    ang = np.degrees(np.arctan2(yy, xx - w))
+    fill = np.zeros(shape, bool)
+    fill[z] = (ang > a0) & (ang < a1)
+    return fill
+
+
 def aligned_fill(fill: np.ndarray, d: np.ndarray) -> np.ndarray:
     """Where the aligned sections take their pixels from fill (nearest sample)."""
     z, h, w = fill.shape
@@ -114,6 +125,7 @@ def main() -> None:
             "black padding, section 3 only": (padding(shape, rng, set(range(shape[0])) - {3}),
                                               0),
             "black missing wedge (40 %), section 3": (wedge(shape, 3), 0),
+            "black tear from a corner (29 %), section 3": (pie(shape, 3), 0),
         }
         no_fill = np.zeros(shape, bool)
         for name, (fill, value) in defects.items():
