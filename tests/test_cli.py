@@ -129,7 +129,7 @@ def test_stack_too_big_for_free_memory_is_one_error_line(tiny_tif, tmp_path, cap
     code = cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "o.tif"), *TINY])
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1, err
+    assert code == cli.EXIT_RESOURCE and len(lines) == 1, err
     assert lines[0].startswith("error: Aligning 4 sections of 96x96 px needs about")
     assert not (tmp_path / "o.tif").exists()
 
@@ -362,7 +362,7 @@ def test_blockwise_without_disk_space_is_one_error_line(tiny_tif, tmp_path, monk
     code = cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "o.tif"), "--block-size",
                      "3", "--window", "1", *TINY])
     err = capsys.readouterr().err
-    assert code == 2 and "of disk" in err and "0.0 MB is free" in err
+    assert code == cli.EXIT_RESOURCE and "of disk" in err and "0.0 MB is free" in err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -471,7 +471,7 @@ def test_a_second_blockwise_run_on_the_same_output_is_refused(tiny_tif, tmp_path
     argv = ["align", str(tiny_tif), "-o", str(out), "--block-size", "3", "--window", "1",
             *TINY]
     with _held_lock(lock, os.getppid()):  # another run holds it
-        assert cli.main(argv) == 2
+        assert cli.main(argv) == cli.EXIT_BUSY
     assert f"Another napari-ssemnet run (process {os.getppid()})" in capsys.readouterr().err
     assert lock.read_text() == str(os.getppid()) and not out.exists()
     lock.write_text("999999999")  # left behind by a process that no longer runs
@@ -577,7 +577,7 @@ def test_joint_align_writes_under_a_working_name_and_renames_it(tiny_tif, tmp_pa
     monkeypatch.setattr(core_io, "write_stack", disk_full)
     argv = ["align", str(tiny_tif), "-o", str(out), "--fields", str(tmp_path / "f.npz"),
             *TINY]
-    assert cli.main(argv) == 2
+    assert cli.main(argv) == cli.EXIT_RESOURCE
     assert "No space left" in capsys.readouterr().err
     assert out.read_bytes() == b"the user's earlier result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["al.tif"]  # no working files
@@ -789,7 +789,7 @@ def test_a_second_joint_run_on_the_same_output_is_refused(tiny_tif, tmp_path, ca
     lock = tmp_path / ".al.tif.lock"
     argv = ["align", str(tiny_tif), "-o", str(out), *TINY]
     with _held_lock(lock, os.getppid()):
-        assert cli.main(argv) == 2
+        assert cli.main(argv) == cli.EXIT_BUSY
     assert "Another napari-ssemnet run" in capsys.readouterr().err
     assert lock.read_text() == str(os.getppid()) and not out.exists()
     lock.unlink()
@@ -857,7 +857,7 @@ def test_a_failed_fields_write_replaces_neither_output(tiny_tif, tmp_path, monke
     fields.write_bytes(b"OLDF")
     _failing_save_fields(monkeypatch)
     code = cli.main(["align", str(tiny_tif), "-o", str(out), "--fields", str(fields), *TINY])
-    assert code == 2 and "No space left" in capsys.readouterr().err
+    assert code == cli.EXIT_RESOURCE and "No space left" in capsys.readouterr().err
     # the two outputs still belong together: neither was replaced
     assert out.read_bytes() == b"OLD" and fields.read_bytes() == b"OLDF"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["al.tif", "f.npz"]
@@ -870,7 +870,7 @@ def test_a_failed_fields_write_after_the_last_block_keeps_the_work(tiny_tif, tmp
     argv = ["align", str(tiny_tif), "-o", str(out), "--fields", str(fields), *opts]
     real = _failing_save_fields(monkeypatch)
     capsys.readouterr()
-    assert cli.main(argv) == 2
+    assert cli.main(argv) == cli.EXIT_RESOURCE
     err = capsys.readouterr().err
     assert "every block is done" in err and "--resume" in err
     assert not out.exists() and not fields.exists()
@@ -927,7 +927,7 @@ def test_apply_fields_is_locked_and_leaves_a_stopped_align_alone(tiny_tif, tmp_p
     # a running process holds the output
     with _held_lock(tmp_path / ".o.tif.lock", os.getppid()):
         assert cli.main(["apply-fields", str(fields), str(tiny_tif), "-o", str(out),
-                         "-q"]) == 2
+                         "-q"]) == cli.EXIT_BUSY
     assert "Another napari-ssemnet run" in capsys.readouterr().err
 
 
@@ -1051,11 +1051,12 @@ def test_a_disk_too_full_for_the_result_is_refused_before_the_alignment(tiny_tif
 
     monkeypatch.setattr(shutil, "disk_usage", usage)
     out = tmp_path / "al.tif"
-    assert cli.main(["align", str(tiny_tif), "-o", str(out), *TINY]) == 2
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), *TINY]) == cli.EXIT_RESOURCE
     err = capsys.readouterr().err
     assert f"disk in {tmp_path}" in err and "only 9.8 kB" not in err and not ran
     fields = _zero_fields(fields_disk / "f.npz")
-    assert cli.main(["apply-fields", str(fields), str(tiny_tif), "-o", str(out), "-q"]) == 2
+    code = cli.main(["apply-fields", str(fields), str(tiny_tif), "-o", str(out), "-q"])
+    assert code == cli.EXIT_RESOURCE
     assert "needs about" in capsys.readouterr().err and not out.exists()
 
 
@@ -1088,7 +1089,7 @@ def test_a_full_disk_while_writing_is_one_line_and_keeps_the_old_output(tiny_tif
         raise OSError(errno_.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(cli, "_install", full)  # the disk fills at the very end
-    assert cli.main(["align", str(tiny_tif), "-o", str(out), "-q", *TINY]) == 2
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), "-q", *TINY]) == cli.EXIT_RESOURCE
     assert capsys.readouterr().err.count("\n") == 1
     monkeypatch.undo()
     import napari_ssemnet.core.io as core_io
@@ -1098,7 +1099,7 @@ def test_a_full_disk_while_writing_is_one_line_and_keeps_the_old_output(tiny_tif
         raise OSError("442368 requested and 188160 written")  # tifffile's words
 
     monkeypatch.setattr(core_io, "write_stack", partial_write)
-    assert cli.main(["align", str(tiny_tif), "-o", str(out), "-q", *TINY]) == 2
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), "-q", *TINY]) == cli.EXIT_RESOURCE
     err = capsys.readouterr().err
     assert "the disk is full" in err and err.count("\n") == 1, err
     assert out.read_bytes() == b"old result"
@@ -1230,7 +1231,7 @@ def test_a_state_file_that_cannot_be_saved_is_named_as_such(tiny_tif, tmp_path, 
     monkeypatch.setattr(blocks.BlockState, "save", full)
     out = tmp_path / "o.tif"
     assert cli.main(["align", str(tiny_tif), "-o", str(out), "--block-size", "3", "--window",
-                     "1", "-q", *TINY]) == 2
+                     "1", "-q", *TINY]) == cli.EXIT_RESOURCE
     err = capsys.readouterr().err
     assert "the state of the run after block 1" in err and "the disk is full" in err, err
     assert not out.exists()

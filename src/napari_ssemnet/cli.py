@@ -13,8 +13,10 @@ The ``align`` options are generated from :class:`~napari_ssemnet.core.params.Ali
 Python API and the napari widget share every parameter.
 
 Exit codes: 0 done, 2 bad input or parameters (one ``error: ...`` line on stderr, usage
-errors included), 130 cancelled with Ctrl-C, 143 stopped by SIGTERM (a batch scheduler's time
-limit; the run stops as cleanly as with Ctrl-C). torch is imported only once a command runs.
+errors included), 3 out of memory or disk or a failed write, 75 the output is being written by
+another run (retry later), 130 cancelled with Ctrl-C, 143 stopped by SIGTERM (a batch
+scheduler's time limit; the run stops as cleanly as with Ctrl-C). torch is imported only
+once a command runs.
 
 Output files are checked before any work (not a folder; the folder exists, is made, and
 takes files; folders made for a run that fails are removed again), never replace an input
@@ -49,12 +51,14 @@ import numpy as np
 
 from . import __version__
 from .core.align import ProgressRate
-from .core.errors import AlignmentCancelled, SsemnetError
+from .core.errors import AlignmentCancelled, MemoryLimitError, SsemnetError
 from .core.io import SectionReader, as_dtype, fields_file_name
 from .core.params import TRAIN_STEPS, AlignParams, ParameterError, knobs
 
 EXIT_OK = 0
 EXIT_ERROR = 2
+EXIT_RESOURCE = 3  # out of memory or disk, or a write failed: the same command may work later
+EXIT_BUSY = 75  # another run is writing the output (EX_TEMPFAIL): retry once it is done
 EXIT_CANCELLED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a terminated job
 SAMPLE_OUTPUT = "sample_aligned.tif"
@@ -385,7 +389,7 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
         try:
             return _align_blocks_to_disk(stack, params, args, output, fields, out)
         except OSError as exc:
-            raise SsemnetError(f"Could not write next to {output}: {exc}") from None
+            raise ResourceError(f"Could not write next to {output}: {exc}") from None
         finally:
             if isinstance(stack, SectionReader):
                 stack.close()
@@ -458,8 +462,16 @@ def _check_space(needs: Sequence[tuple[Path, int]]) -> None:
     for folder, n in by_dev.values():
         free = shutil.disk_usage(folder).free
         if n > free:
-            raise SsemnetError(f"Writing the result needs about {_size(n)} of disk in "
+            raise ResourceError(f"Writing the result needs about {_size(n)} of disk in "
                                f"{folder}, but only {_size(free)} is free.")
+
+
+class ResourceError(SsemnetError):
+    """The disk is full or a file could not be written (exit code 3, as for memory)."""
+
+
+class OutputBusyError(SsemnetError):
+    """Another run holds the output's lock (exit code 75)."""
 
 
 def _write_failure(what: str, path: Path, exc: BaseException) -> SsemnetError:
@@ -474,7 +486,7 @@ def _write_failure(what: str, path: Path, exc: BaseException) -> SsemnetError:
         free is not None and free < 2**20)
     if full:
         text = f"the disk is full ({_size(free or 0)} free in {Path(path).parent}; {text})"
-    return SsemnetError(f"Could not write {what}: {text}")
+    return ResourceError(f"Could not write {what}: {text}")
 
 
 def _unlink_quietly(*paths: Path | None) -> None:
@@ -611,7 +623,7 @@ def _finish_outputs(tif_tmp: Path, out_path: Path, fields_tmp: Path | None,
             _install(fields_tmp, fields_path)
         _install(tif_tmp, out_path)
     except OSError as exc:
-        raise SsemnetError(f"Could not write the output: {exc}") from None
+        raise ResourceError(f"Could not write the output: {exc}") from None
 
 
 def _reserve(path: Path) -> None:
@@ -656,7 +668,7 @@ def _link_or_create(src: Path, dst: Path) -> None:
 
 def _lock_refusal(out_path: Path, lock: Path, pid: int) -> SsemnetError:
     who = f" (process {pid})" if pid else ""
-    return SsemnetError(f"Another napari-ssemnet run{who} is writing {out_path}; wait for it "
+    return OutputBusyError(f"Another napari-ssemnet run{who} is writing {out_path}; wait for it "
                         f"to end or stop it (or, if it is not napari-ssemnet, delete {lock}).")
 
 
@@ -1335,7 +1347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         text = " ".join(str(exc).split()) or type(exc).__name__
         _say(sys.stderr, f"error: {text}\n")
-        return EXIT_ERROR
+        if isinstance(exc, MemoryLimitError | ResourceError):
+            return EXIT_RESOURCE
+        return EXIT_BUSY if isinstance(exc, OutputBusyError) else EXIT_ERROR
     finally:
         out.flush()
 
