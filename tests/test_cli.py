@@ -897,6 +897,20 @@ def test_weights_and_params_files_are_inputs_too(tiny_tif, tmp_path, capsys):
     assert (weights.read_bytes(), params.read_text()) == before
 
 
+def test_a_bad_weights_file_is_refused_before_the_stack_is_read(tiny_tif, tmp_path,
+                                                               monkeypatch, capsys):
+    import napari_ssemnet.core.io as core_io
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not weights")
+    read = []
+    monkeypatch.setattr(core_io, "open_stack", lambda *a, **k: read.append(a) or 1 / 0)
+    code = cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "o.tif"), "--features",
+                     "custom", "--weights", str(bad)])
+    err = capsys.readouterr().err
+    assert code == 2 and "bad.pt" in err and err.startswith("error:") and read == []
+
+
 def test_train_features_replaces_a_link_at_its_output(tiny_tif, tmp_path, capsys):
     keep = tmp_path / "keep.txt"
     keep.write_text("old")
@@ -1002,7 +1016,7 @@ def test_a_lock_file_without_a_kernel_lock_is_taken_whatever_id_it_holds(tmp_pat
     out, lock = tmp_path / "al.tif", tmp_path / ".al.tif.lock"
     lock.write_text(str(os.getppid()))  # alive, but holds no lock
     with cli._output_lock(out):
-        assert lock.read_text() == str(os.getpid())
+        assert lock.read_text() == cli._owner().decode()
     assert not lock.exists()
 
 
@@ -1017,7 +1031,7 @@ def test_a_kernel_lock_refuses_whatever_the_lock_file_says(tmp_path):
             with cli._output_lock(out):
                 pass
     with cli._output_lock(out):  # the holder is gone: taken without a fuss
-        assert lock.read_text() == str(os.getpid())
+        assert lock.read_text() == cli._owner().decode()
     assert not lock.exists()
 
 
@@ -1030,8 +1044,13 @@ def test_without_kernel_locks_the_lock_file_alone_decides(tmp_path, monkeypatch)
             pass
     lock.write_text("999999999")  # a process that no longer runs
     with cli._output_lock(out):
-        assert lock.read_text() == str(os.getpid()) and lock.stat().st_mode & 0o777 == 0o644
+        assert lock.read_text() == cli._owner().decode() and lock.stat().st_mode & 0o777 == 0o644
     assert not lock.exists()
+    # a run on another node of a cluster cannot be checked from here: it counts as running
+    lock.write_text("999999999 node-17")
+    with pytest.raises(cli.SsemnetError, match="process 999999999 on node-17"):
+        with cli._output_lock(out):
+            pass
 
 
 
@@ -1177,7 +1196,7 @@ def test_another_users_lock_is_tested_with_the_kernel_lock_too(tmp_path, monkeyp
                 pass
     # its run has ended: the file is removed and our own kernel lock taken
     with cli._output_lock(out):
-        assert lock.read_text() == str(os.getpid())
+        assert lock.read_text() == cli._owner().decode()
     assert not lock.exists()
 
 
@@ -1215,7 +1234,7 @@ def test_without_kernel_locks_no_empty_lock_file_is_left_for_the_link_scheme(tmp
     out, lock = tmp_path / "al.tif", tmp_path / ".al.tif.lock"
     assert cli._flock(out, lock) is None and not lock.exists()
     with cli._output_lock(out):  # the link scheme then does the locking
-        assert lock.read_text() == str(os.getpid())
+        assert lock.read_text() == cli._owner().decode()
     assert not lock.exists()
 
 

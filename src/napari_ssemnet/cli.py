@@ -37,6 +37,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import sys
 import tempfile
@@ -193,14 +194,22 @@ class ProgressPrinter:
         if not new_stage and now - self._last_line < self.log_interval:
             return
         self._last_line = now
-        seconds = int(now - self._t0)
-        stamp = f"[{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}]"
+        stamp = self._stamp()
         msg = f": {event.message}" if event.message else ""
         if new_stage:
             self._emit(f"{stamp} {event.stage}{msg}\n")
         else:
             pct = f" ({100 * event.step // event.total}%)" if event.total else ""
             self._emit(f"{stamp} {event.stage} {event.step}/{event.total}{pct}{msg}\n")
+
+    def _stamp(self) -> str:
+        seconds = int(time.monotonic() - self._t0)
+        return f"[{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}]"
+
+    def note(self, text: str) -> None:
+        """A line of its own (e.g. "writing ..."), stamped like the progress in a log."""
+        self._end_line()
+        self._emit(f"{text}\n" if self.tty else f"{self._stamp()} {text}\n")
 
     def _end_line(self) -> None:
         if self.tty and self._shown:
@@ -341,6 +350,10 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
         raise SsemnetError("No output file: add -o ALIGNED.tif.")
     output = str(_follow(Path(output)))
     params = params_from_args(args)  # before reading a big stack: fail fast on bad options
+    if params.features == "custom":  # and on a weights file that cannot be used
+        from .core.features import load_weights
+
+        load_weights(params.weights)
     fields = _follow(fields_file_name(args.fields)) if args.fields else None
     # every file the run reads: the stack, and the weights and parameters files it was given
     inputs = [args.input, params.weights if params.features == "custom" else None,
@@ -412,6 +425,8 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
     if args.output_dtype == "input":
         aligned = as_dtype(aligned, stack.dtype)
     out_path = Path(output)
+    if not args.quiet:  # a big stack's TIFF and fields take a while: the log says so
+        printer.note(f"writing {out_path}" + (f" and {fields}" if fields is not None else ""))
     # under a working name, renamed over -o once complete: an existing -o survives a failure
     # and a hard link at -o is replaced, never written through
     tmp = _partial(out_path, "joint.partial.tif")
@@ -666,17 +681,35 @@ def _link_or_create(src: Path, dst: Path) -> None:
             os.close(fd)
 
 
-def _lock_refusal(out_path: Path, lock: Path, pid: int) -> SsemnetError:
-    who = f" (process {pid})" if pid else ""
+def _lock_refusal(out_path: Path, lock: Path, owner: tuple[int, str] | int) -> SsemnetError:
+    pid, host = owner if isinstance(owner, tuple) else (owner, "")
+    who = (f" (process {pid}{f' on {host}' if host and host != _HOST else ''})" if pid
+           else "")
     return OutputBusyError(f"Another napari-ssemnet run{who} is writing {out_path}; wait for it "
                         f"to end or stop it (or, if it is not napari-ssemnet, delete {lock}).")
 
 
+_HOST = socket.gethostname()
+
+
+def _owner() -> bytes:
+    """What a lock file holds: this process's id and host (runs on several nodes of a
+    cluster share a file system, and a process id means nothing on another node)."""
+    return f"{os.getpid()} {_HOST}".encode()
+
+
 def _lock_pid(text: str) -> int:
     try:
-        return int(text.strip() or 0)
+        return int((text.split() or ["0"])[0])
     except ValueError:  # garbage
         return 0
+
+
+def _lock_owner(text: str) -> tuple[int, str]:
+    """(process id, host) of a lock file's text; the host is "" in a lock of an older
+    version (the id alone)."""
+    parts = text.split()
+    return _lock_pid(text), (parts[1] if len(parts) > 1 else "")
 
 
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -717,10 +750,10 @@ def _flock(out_path: Path, lock: Path) -> int | None:
         except BlockingIOError:
             os.close(fd)
             try:
-                pid = _lock_pid(lock.read_text())
+                owner = _lock_owner(lock.read_text())
             except OSError:
-                pid = 0
-            raise _lock_refusal(out_path, lock, pid) from None
+                owner = (0, "")
+            raise _lock_refusal(out_path, lock, owner) from None
         except OSError as exc:
             os.close(fd)
             if exc.errno in _NO_LOCKS:
@@ -739,7 +772,7 @@ def _flock(out_path: Path, lock: Path) -> int | None:
         # another process by now (ids are reused), so it is only read for messages
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            os.pwrite(fd, _owner(), 0)
         except OSError as exc:  # e.g. a full disk
             _unlink_quietly(lock)  # while still locked: nobody else can be using it
             os.close(fd)
@@ -766,8 +799,8 @@ def _take_foreign_lock(out_path: Path, lock: Path, fcntl: Any) -> bool:
                            f"{exc.strerror or exc}") from None
 
     def refuse() -> SsemnetError:
-        return _lock_refusal(out_path, lock, _lock_pid(
-            os.pread(fd, 64, 0).decode(errors="replace")))
+        return _lock_refusal(out_path, lock, _lock_owner(
+            os.pread(fd, 320, 0).decode(errors="replace")))
 
     try:
         # NFS refuses an exclusive lock without write access (EBADF); a shared one still
@@ -864,7 +897,7 @@ def _link_lock(out_path: Path, lock: Path) -> Iterator[None]:
                            f"{exc.strerror or exc}") from None
     try:
         try:
-            os.write(fd, str(os.getpid()).encode())
+            os.write(fd, _owner())
         except OSError as exc:  # a full disk
             raise SsemnetError(f"Could not write the lock file {lock}: "
                                f"{exc.strerror or exc}") from None
@@ -877,11 +910,13 @@ def _link_lock(out_path: Path, lock: Path) -> Iterator[None]:
                 break
             except FileExistsError:
                 try:
-                    pid = _lock_pid(lock.read_text())
+                    pid, host = _lock_owner(lock.read_text())
                 except OSError:  # not a file
-                    pid = 0
-                if pid and pid != os.getpid() and _pid_alive(pid):
-                    raise _lock_refusal(out_path, lock, pid) from None
+                    pid, host = 0, ""
+                # a run on another node cannot be checked: it counts as running
+                if pid and ((host and host != _HOST)
+                            or (pid != os.getpid() and _pid_alive(pid))):
+                    raise _lock_refusal(out_path, lock, (pid, host)) from None
                 lock.unlink(missing_ok=True)
             except OSError as exc:
                 raise SsemnetError(f"Could not create the lock file {lock}: "
@@ -1031,6 +1066,9 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
             summary = run_generator(gen, None if args.quiet else printer)
         del gen
         printer.close()
+        if not args.quiet:
+            printer.note(f"writing {out_path}"
+                         + (f" and {fields_path}" if fields_path is not None else ""))
         maps.pop("aligned").flush()
         _finish_outputs(tmp_tif, out_path, tmp_fields, fields_path, lambda path: save_fields(
             path, maps["disp"], params=params, flags=summary.flags,
