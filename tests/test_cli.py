@@ -465,6 +465,45 @@ def test_blockwise_run_stopped_then_resumed_matches_an_uninterrupted_one(tiny_ti
     assert "aligned in one piece" in capsys.readouterr().err
 
 
+def test_a_restaged_input_still_resumes_and_other_options_never_discard_blocks(
+        tiny_tif, tmp_path, monkeypatch, capsys):
+    # a job that copies its input to scratch again (new path, new time) could not resume,
+    # and the same command without --resume then threw the finished blocks away
+    import napari_ssemnet.core.blocks as blocks
+
+    opts, full = _uninterrupted_blockwise(tiny_tif, tmp_path)
+    real = blocks.iter_align_blocks
+
+    def stop_after_first_block(*args, on_block=None, **kwargs):
+        def saved(st):
+            on_block(st)
+            raise KeyboardInterrupt
+
+        return (yield from real(*args, on_block=saved, **kwargs))
+
+    staged = tmp_path / "scratch1" / "in.tif"
+    staged.parent.mkdir()
+    shutil.copy(tiny_tif, staged)
+    out = tmp_path / "o" / "al.tif"
+    monkeypatch.setattr(blocks, "iter_align_blocks", stop_after_first_block)
+    assert cli.main(["align", str(staged), "-o", str(out), *opts]) == 130
+    monkeypatch.setattr(blocks, "iter_align_blocks", real)
+    # other options, with or without --resume: refused, and the blocks are still there
+    for extra in ([], ["--resume"]):
+        assert cli.main(["align", str(staged), "-o", str(out), *opts, "--smoothness", "2",
+                         *extra]) == 2
+        assert "smoothness" in capsys.readouterr().err
+        assert len(list(out.parent.iterdir())) == 3
+    restaged = tmp_path / "scratch2" / "in.tif"  # the same bytes, elsewhere, later
+    restaged.parent.mkdir()
+    shutil.copy(tiny_tif, restaged)
+    os.utime(restaged, (1e9, 1e9))
+    capsys.readouterr()
+    assert cli.main(["align", str(restaged), "-o", str(out), *opts, "--resume"]) == 0
+    assert "resuming at block 2 of 2" in capsys.readouterr().out
+    np.testing.assert_array_equal(read_stack(out), read_stack(full))
+
+
 def test_a_second_blockwise_run_on_the_same_output_is_refused(tiny_tif, tmp_path, capsys):
     out = tmp_path / "al.tif"
     lock = tmp_path / ".al.tif.lock"

@@ -933,15 +933,32 @@ def _link_lock(out_path: Path, lock: Path) -> Iterator[None]:
 
 def _run_identity(args: argparse.Namespace, params: AlignParams, shape: tuple[int, ...],
                   dtype: np.dtype) -> str:
-    """What a resumed run must share with the one that stopped (JSON)."""
+    """What a resumed run must share with the one that stopped (JSON). The input counts by
+    its content (sizes and a digest of sampled bytes), not its path or time: a job that
+    copies its input to scratch again before it is requeued can still resume."""
     src: Any = "sample"
     if not args.sample:
         path = Path(args.input)
         files = sorted(path.iterdir()) if path.is_dir() else [path]
-        src = [str(path.resolve())] + [
-            [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+        samples = 4 if path.is_dir() else 16  # a folder may hold thousands of sections
+        src = [[f.name if path.is_dir() else "", f.stat().st_size,
+                _sampled_digest(f, samples)] for f in files if f.is_file()]
     return json.dumps({"params": params.to_dict(), "input": src, "shape": list(shape),
                        "dtype": str(dtype)}, sort_keys=True)
+
+
+def _sampled_digest(path: Path, samples: int = 16, chunk: int = 65536) -> str:
+    """SHA-256 of ``samples`` chunks spread over a file (all of it when it is small)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        if size <= samples * chunk:
+            h.update(fh.read())
+        else:
+            for i in range(samples):
+                fh.seek((size - chunk) * i // (samples - 1))
+                h.update(fh.read(chunk))
+    return h.hexdigest()[:32]
 
 
 def _what_changed(old: str | None, new: str) -> str:
@@ -957,8 +974,7 @@ def _what_changed(old: str | None, new: str) -> str:
         parts.append(f"other parameters ({', '.join(changed)})" if changed else
                      "other parameters")
     if a.get("input") != b.get("input"):
-        parts.append("another input, or an input that changed since (size or modification "
-                     "time)")
+        parts.append("another input, or an input whose content changed since")
     if a.get("dtype") != b.get("dtype") or a.get("shape") != b.get("shape"):
         parts.append("another output type or shape")
     return " and ".join(parts) or "another input or other options"
@@ -1007,19 +1023,23 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
         if stopped_id != run_id:
             raise SsemnetError(f"The stopped run for {out_path} had "
                                f"{_what_changed(stopped_id, run_id)}; give the same ones, or "
-                               "run without --resume to start over.")
+                               f"delete its working files ({names} in {out_path.parent}) to "
+                               "start over.")
         state = stopped
         out.write("every block was done; writing the outputs\n" if state.next_block >= n_blocks
                   else f"resuming at block {state.next_block + 1} of {n_blocks}\n")
-    elif stopped is not None and stopped_id == run_id and stopped.next_block > 0:
-        # the same command again after a crash: starting over would throw the blocks away
+    elif stopped is not None and stopped.next_block > 0:
+        # finished blocks can be hours of work: only the user throws them away
+        same = stopped_id == run_id
+        whose = "this command" if same else (
+            f"a command with {_what_changed(stopped_id, run_id)}")
+        how = "add --resume" if same else "give its options and --resume"
         raise SsemnetError(
-            f"A stopped run of this command has {min(stopped.next_block, n_blocks)} of "
-            f"{n_blocks} blocks done for {out_path}; add --resume to go on from there, or "
+            f"A stopped run of {whose} has {min(stopped.next_block, n_blocks)} of "
+            f"{n_blocks} blocks done for {out_path}; {how} to go on from there, or "
             f"delete its working files ({names} in {out_path.parent}) to start over.")
     elif left:
-        why = ("it had other options or input, so it cannot be resumed" if stopped is not None
-               else "it had not finished a block, or its state file could not be read")
+        why = "it had not finished a block, or its state file could not be read"
         _say(sys.stderr, f"removing the working files of an earlier stopped run ({names}): "
                          f"{why}.\n")
     maps: dict[str, Any] = {}  # the memory maps, dropped (unmapped) before renaming or removing
