@@ -84,8 +84,10 @@ def test_align_writes_tiff_and_fields(tiny_tif, tmp_path, capsys):
     assert params == expected.to_dict()
     _, _, extra = load_fields(fields, with_extra=True)
     assert extra["flags"].shape == (4,) and extra["ncc_after"].shape == (4,)
+    assert str(extra["version"]) == __version__ and str(extra["device_used"]) == "cpu"
     text = capsys.readouterr().out
-    assert "mean adjacent NCC" in text
+    assert "mean adjacent NCC" in text and "stages: prepare" in text
+    assert "reading and writing included" in text.splitlines()[-1]
 
 
 def test_params_file_is_loaded_and_overridden(tiny_tif, tmp_path):

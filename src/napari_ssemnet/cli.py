@@ -439,7 +439,8 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
             raise _write_failure(f"the aligned stack {out_path}", tmp, exc) from None
         _finish_outputs(tmp, out_path, tmp_fields, fields, lambda path: save_fields(
             path, result.displacement, params=result.params, flags=result.flags,
-            ncc_before=result.ncc_before, ncc_after=result.ncc_after))
+            ncc_before=result.ncc_before, ncc_after=result.ncc_after,
+            **_provenance(result.device)))
     finally:
         _unlink_quietly(tmp, tmp_fields)
     # printed only once every file is written: a closed stdout cannot cost a file
@@ -447,7 +448,22 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
     if fields is not None:
         out.write(f"displacement fields -> {fields}\n")
     out.write(result.summary() + "\n")
+    out.write(_wall_line())
     return EXIT_OK
+
+
+_STARTED = [time.monotonic()]  # when the command started (main sets it)
+
+
+def _provenance(device: str) -> dict[str, np.ndarray]:
+    """Stored with the fields: the version and the device that made them (the parameters
+    say only what was asked for, e.g. device "auto")."""
+    return {"version": np.array(__version__), "device_used": np.array(str(device))}
+
+
+def _wall_line() -> str:
+    return (f"wall time {time.monotonic() - _STARTED[0]:.1f} s, reading and writing "
+            "included\n")
 
 
 def _follow(path: Path) -> Path:
@@ -1092,7 +1108,8 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
         maps.pop("aligned").flush()
         _finish_outputs(tmp_tif, out_path, tmp_fields, fields_path, lambda path: save_fields(
             path, maps["disp"], params=params, flags=summary.flags,
-            ncc_before=summary.ncc_before, ncc_after=summary.ncc_after))
+            ncc_before=summary.ncc_before, ncc_after=summary.ncc_after,
+            **_provenance(summary.device)))
         finished = True
     except OSError as exc:
         raise SsemnetError(f"Could not write the output: {exc}") from None
@@ -1123,6 +1140,7 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
               "sections\n")
     out.write(format_summary((z, h, w), summary.device, summary.timings, summary.ncc_before,
                              summary.ncc_after, summary.flags) + "\n")
+    out.write(_wall_line())
     return EXIT_OK
 
 
@@ -1391,6 +1409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     out = _PipeSafe(sys.stdout)
     _stopped_by.clear()
+    _STARTED[0] = time.monotonic()
     try:
         with _sigterm_interrupts():
             return args.func(args, out)

@@ -158,6 +158,9 @@ def format_summary(shape: tuple[int, ...], device: str, timings: dict[str, float
         f"({total / max(z, 1):.2f} s/section)",
         f"mean adjacent NCC: {finite_b:.3f} before, {finite_a:.3f} after",
     ]
+    stages = [f"{k} {v:.1f} s" for k, v in timings.items() if k != "total"]
+    if stages:
+        lines.insert(1, "stages: " + ", ".join(stages))
     for zz, f in enumerate(flags):
         if f:
             lines.append(f"section {zz}: {f}")
