@@ -288,10 +288,14 @@ def train_encoder(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        lv = float(loss.detach())
+        # kept on the device (in float64, as a Python float would be): reading it every
+        # step would make the CPU wait for a GPU at each step
+        lv = loss.detach().double()
         running = lv if running is None else 0.95 * running + 0.05 * lv
         if step % 10 == 9 or step == steps - 1:
-            yield Progress("train", step + 1, steps, f"reconstruction loss {running:.4f}")
+            yield Progress("train", step + 1, steps,
+                           f"reconstruction loss {float(running):.4f}")
     model = model.cpu().eval()
-    model.info = {"train_loss": f"{running:.5f}", "steps": str(steps), "seed": str(seed)}
+    model.info = {"train_loss": f"{float(running):.5f}", "steps": str(steps),
+                  "seed": str(seed)}
     return model
