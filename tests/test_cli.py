@@ -233,18 +233,20 @@ def test_subprocess_version_and_align(tiny_tif, tmp_path):
 def test_working_files_of_a_killed_run_are_removed(tiny_tif, tmp_path, capsys):
     # (a block-wise run's files are kept for --resume: test_sigterm_stops_cleanly_...)
     out, fields = tmp_path / "al.tif", tmp_path / "f.npz"
-    stale = [tmp_path / ".al.tif.joint.partial.tif", tmp_path / ".f.npz.partial.npz"]
+    stale = [tmp_path / ".al.tif.joint-partial.tif", tmp_path / ".f.npz.partial.npz"]
     for f in stale:
         f.write_bytes(b"\0" * 3000)  # what a run killed while writing leaves
-    kept = tmp_path / ".other.tif.joint.partial.tif"  # another output's: not this run's
+    kept = tmp_path / ".other.tif.joint-partial.tif"  # another output's: not this run's
     kept.write_bytes(b"x")
+    live = tmp_path / ".al.tif.joint.partial.tif"  # the block-wise TIFF of -o al.tif.joint
+    live.write_bytes(b"y")
     assert cli.main(["align", str(tiny_tif), "-o", str(out), "--fields", str(fields),
                      *TINY]) == 0
     err = capsys.readouterr().err
     assert not any(f.exists() for f in stale) and kept.exists()
-    assert "removed .al.tif.joint.partial.tif (0.0 MB)" in err and "interrupted run" in err
+    assert "removed .al.tif.joint-partial.tif (0.0 MB)" in err and "interrupted run" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [".other.tif.joint.partial.tif", "al.tif", "f.npz"])
+        [".other.tif.joint-partial.tif", ".al.tif.joint.partial.tif", "al.tif", "f.npz"])
 
 
 def _terminate_during_fit(argv: list[str], env: dict, when: str = "fit level"
@@ -496,6 +498,9 @@ def test_a_restaged_input_still_resumes_and_other_options_never_discard_blocks(
                          *extra]) == 2
         assert "smoothness" in capsys.readouterr().err
         assert len(list(out.parent.iterdir())) == 3
+    # --resume with the block size forgotten: not a one-piece run beside orphaned blocks
+    assert cli.main(["align", str(staged), "-o", str(out), *TINY, "--resume"]) == 2
+    assert "1 block(s) done" in capsys.readouterr().err and not out.exists()
     restaged = tmp_path / "scratch2" / "in.tif"  # the same bytes, elsewhere, later
     restaged.parent.mkdir()
     shutil.copy(tiny_tif, restaged)

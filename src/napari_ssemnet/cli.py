@@ -53,12 +53,12 @@ import numpy as np
 from . import __version__
 from .core.align import ProgressRate
 from .core.errors import AlignmentCancelled, MemoryLimitError, SsemnetError
-from .core.io import SectionReader, as_dtype, fields_file_name
+from .core.io import SectionReader, as_dtype, fields_file_name, section_files
 from .core.params import TRAIN_STEPS, AlignParams, ParameterError, knobs
 
 EXIT_OK = 0
 EXIT_ERROR = 2
-EXIT_RESOURCE = 3  # out of memory or disk, or a write failed: the same command may work later
+EXIT_RESOURCE = 3  # out of memory or disk, or a write failed (see the message)
 EXIT_BUSY = 75  # another run is writing the output (EX_TEMPFAIL): retry once it is done
 EXIT_CANCELLED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a terminated job
@@ -152,7 +152,8 @@ class ProgressPrinter:
     """
 
     def __init__(self, stream: TextIO | None = None, *, rate: float = 10.0, width: int = 30,
-                 tty: bool | None = None, log_interval: float = 30.0) -> None:
+                 tty: bool | None = None, log_interval: float = 30.0,
+                 t0: float | None = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
         if tty is None:
             isatty = getattr(self.stream, "isatty", None)
@@ -165,7 +166,7 @@ class ProgressPrinter:
         self._shown = 0  # length of the bar on screen, to blank leftovers
         self.sections_done = 0
         self._gone = False
-        self._t0 = time.monotonic()
+        self._t0 = time.monotonic() if t0 is None else t0  # the stamps count from here
         self._last_line = -float("inf")
 
     def __call__(self, event: Any) -> None:
@@ -396,6 +397,23 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
     out.flush()
     streamed = blockwise and params.block_size < stack.shape[0]
     if args.resume and not streamed:  # e.g. a job array over stacks of several lengths
+        state_path = _partial(Path(output), "blocks.npz")
+        if state_path.is_file():  # --block-size forgotten: the blocks must not be orphaned
+            from .core.blocks import BlockState
+
+            try:
+                done = BlockState.load(state_path)[0].next_block
+            except SsemnetError:
+                done = 0
+            if done:
+                if isinstance(stack, SectionReader):
+                    stack.close()
+                raise SsemnetError(
+                    f"A stopped block-wise run has {done} block(s) done for {output}; give "
+                    "its --block-size (and its other options) with --resume to go on, or "
+                    "delete its working files ("
+                    + ", ".join(_partial(Path(output), x).name for x in _BLOCK_WORK)
+                    + f" in {Path(output).parent}) to start over.")
         _say(sys.stderr, "nothing to resume: the stack is aligned in one piece (no "
                          "--block-size smaller than its number of sections)\n")
     if streamed:
@@ -414,7 +432,8 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
     # before the work, not after it: a full disk would cost the whole alignment
     _check_space([(Path(output), z * h * w * out_bytes)]
                  + ([(fields, z * 2 * h * w * 4)] if fields is not None else []))
-    printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
+    printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False,
+                              t0=_STARTED[0])
     callback = None if args.quiet else printer
     try:
         with ctrl_c_stops() as should_stop:
@@ -429,7 +448,7 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
         printer.note(f"writing {out_path}" + (f" and {fields}" if fields is not None else ""))
     # under a working name, renamed over -o once complete: an existing -o survives a failure
     # and a hard link at -o is replaced, never written through
-    tmp = _partial(out_path, "joint.partial.tif")
+    tmp = _partial(out_path, "joint-partial.tif")
     tmp_fields = _partial(fields, "partial.npz") if fields is not None else None
     try:
         try:
@@ -649,12 +668,22 @@ def _finish_outputs(tif_tmp: Path, out_path: Path, fields_tmp: Path | None,
         except (OSError, ValueError) as exc:
             _unlink_quietly(fields_tmp)
             raise _write_failure(f"the fields {fields_path}", fields_tmp, exc) from None
+    # Ctrl-C or SIGTERM between the two renames would part the fields from the TIFF: the
+    # signals wait until both are done
+    stops = {getattr(signal, n) for n in _STOP_SIGNALS if hasattr(signal, n)}
+    masked = hasattr(signal, "pthread_sigmask") and (
+        threading.current_thread() is threading.main_thread())
+    if masked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     try:
         if fields_path is not None:
             _install(fields_tmp, fields_path)
         _install(tif_tmp, out_path)
     except OSError as exc:
         raise ResourceError(f"Could not write the output: {exc}") from None
+    finally:
+        if masked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
 
 
 def _reserve(path: Path) -> None:
@@ -878,8 +907,11 @@ def _output_lock(out_path: Path) -> Iterator[None]:
 
 # working files that only a run which was killed (SIGKILL, power loss) leaves behind; the
 # block-wise ones (.NAME.partial.tif, .NAME.displacement.partial.npy, .NAME.blocks.npz) are
-# kept for --resume
-_STALE_SUFFIXES = ("joint.partial.tif", "apply.partial.tif", "partial.npz", "partial.pt")
+# kept for --resume. "-partial" (not ".partial"): .a.tif.joint.partial.tif was also the
+# block-wise TIFF of a run on -o a.tif.joint
+_BLOCK_WORK = ("partial.tif", "displacement.partial.npy", "blocks.npz")
+_STALE_SUFFIXES = ("joint-partial.tif", "apply-partial.tif", "partial.npz", "partial.pt",
+                   "blocks.npz.tmp.npz")
 
 
 def _remove_stale_work(out_path: Path) -> None:
@@ -955,7 +987,8 @@ def _run_identity(args: argparse.Namespace, params: AlignParams, shape: tuple[in
     src: Any = "sample"
     if not args.sample:
         path = Path(args.input)
-        files = sorted(path.iterdir()) if path.is_dir() else [path]
+        # a folder's sections only: a notes file or .DS_Store beside them does not count
+        files = section_files(path) if path.is_dir() else [path]
         samples = 4 if path.is_dir() else 16  # a folder may hold thousands of sections
         src = [[f.name if path.is_dir() else "", f.stat().st_size,
                 _sampled_digest(f, samples)] for f in files if f.is_file()]
@@ -1013,11 +1046,9 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
     if dtype.kind == "b":
         dtype = np.dtype(np.uint8)
     out_path = Path(output)
-    tmp_tif = _partial(out_path, "partial.tif")
     tmp_fields = _partial(fields_path, "partial.npz") if fields_path is not None else None
-    tmp_disp = _partial(out_path, "displacement.partial.npy")
-    state_path = _partial(out_path, "blocks.npz")
-    work = [tmp_tif, tmp_disp, state_path]
+    work = [_partial(out_path, x) for x in _BLOCK_WORK]
+    tmp_tif, tmp_disp, state_path = work
     run_id = _run_identity(args, params, (z, h, w), dtype)
     n_blocks = 1 + len(block_plan(z, params.reference, params.block_size, params.window)[1])
     state = None
@@ -1081,7 +1112,7 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
     except OSError as exc:
         if state is None:
             _unlink_quietly(*work)
-        raise SsemnetError(f"Could not create the output files: {exc}") from None
+        raise ResourceError(f"Could not create the output files: {exc}") from None
 
     def saved(st: BlockState) -> None:
         try:
@@ -1092,7 +1123,8 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
             raise _write_failure(f"the state of the run after block {st.next_block} "
                                  f"({state_path.name})", state_path, exc) from None
 
-    printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
+    printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False,
+                              t0=_STARTED[0])
     finished = False
     try:
         with ctrl_c_stops() as should_stop:
@@ -1112,7 +1144,7 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
             **_provenance(summary.device)))
         finished = True
     except OSError as exc:
-        raise SsemnetError(f"Could not write the output: {exc}") from None
+        raise ResourceError(f"Could not write the output: {exc}") from None
     finally:
         printer.close()
         maps.clear()
@@ -1188,7 +1220,7 @@ def _apply(args: argparse.Namespace, stack: Any, fields: Any, out_path: Path,
         dtype = np.dtype(np.uint8)
     _check_space([(out_path, z * h * w * dtype.itemsize)])
     # not align's working name: a stopped block-wise run there stays resumable
-    tmp = _partial(out_path, "apply.partial.tif")
+    tmp = _partial(out_path, "apply-partial.tif")
     # one series written as the sections come, so that ImageJ's section spacing is kept as
     # well as the pixel size
     write_kw = tiff_write_kwargs(read_resolution(args.input), dtype, z * h * w * dtype.itemsize)
@@ -1196,7 +1228,8 @@ def _apply(args: argparse.Namespace, stack: Any, fields: Any, out_path: Path,
               f"{'nearest neighbour, labels' if order == 0 else 'bilinear'}): {z} sections "
               f"of {h}x{w} px\n")
     out.flush()
-    printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
+    printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False,
+                              t0=_STARTED[0])
 
     def sections(should_stop: Callable[[], bool]) -> Iterator[np.ndarray]:
         for zz, disp in enumerate(fields):
@@ -1228,8 +1261,6 @@ def _sha256_prefix(path: Path, n: int = 16) -> str:
     h = hashlib.sha256()
     files = [path]
     if path.is_dir():
-        from .core.io import section_files
-
         files = section_files(path)
     for f in files:
         with open(f, "rb") as fh:
@@ -1265,7 +1296,8 @@ def _train(args: argparse.Namespace, paths: list[Path], path: Path, out: TextIO)
     total_px = sum(s.size for s in stacks)
     out.write(f"training the encoder on {len(stacks)} stack(s), {total_px / 1e6:.1f} Mpx\n")
     out.flush()
-    printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False)
+    printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False,
+                              t0=_STARTED[0])
     try:
         with ctrl_c_stops() as should_stop:
             gen = train_encoder(stacks, should_stop=should_stop, **kwargs)

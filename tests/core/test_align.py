@@ -389,3 +389,30 @@ def test_a_gpu_that_cannot_run_torch_is_not_picked(monkeypatch):
     assert dev.pick_device("auto").type == "cpu"
     with pytest.raises(InputError, match="no kernel image is available"):
         dev.pick_device("cuda")
+
+
+def test_a_section_imaged_twice_is_flagged_and_left_out_of_the_ncc():
+    # a repeated image is a perfect (meaningless) match: it raised the reported NCC and
+    # nothing said so
+    from napari_ssemnet.core import metrics
+
+    stack = em(slice(0, 5), 128)
+    stack = np.insert(stack, 3, stack[2], axis=0)  # section 3 repeats section 2
+    moves = {1: (4.0, -3.0, 0.0), 2: (-5.0, 2.0, 0.0), 4: (3.0, 4.0, 0.0), 5: (-2.0, -4.0, 0.0)}
+    mis = apply_misalignment(stack, rigid_fields(stack.shape, moves))
+    mis[3] = mis[2]
+    norm, blank = metrics.normalise_stack(mis)
+    assert metrics.duplicate_sections(norm, blank, 0).tolist() == [-1, -1, -1, 2, -1, -1]
+    r = align_stack(mis, **FAST)
+    assert r.flags[3] == "duplicate" and r.flags.count("") == 5
+    assert np.isnan(r.ncc_after[3]) and np.isfinite(r.ncc_after[[0, 1, 2, 4, 5]]).all()
+    assert np.nanmax(r.ncc_after) < 0.9  # no pair of identical images counted
+    blocks = align_stack(mis, **{**FAST, "block_size": 3, "window": 1})  # and block-wise
+    assert blocks.flags == r.flags and np.isnan(blocks.ncc_after[3])
+    # real neighbours are far from a repeat; the same image with noise is not
+    assert (metrics.duplicate_sections(metrics.normalise_stack(em(slice(0, 8), 128))[0],
+                                       np.zeros(8, bool), 0) < 0).all()
+    noisy = mis.astype(np.float32)
+    noisy[3] += np.random.default_rng(0).normal(0, 0.1 * noisy[3].std(), noisy[3].shape)
+    norm, blank = metrics.normalise_stack(noisy)
+    assert metrics.duplicate_sections(norm, blank, 0)[3] == 2

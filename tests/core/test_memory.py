@@ -56,7 +56,17 @@ def test_a_cgroup_limit_counts_as_the_free_memory(tmp_path):
     (job / "memory.max").write_text(f"{4 * 2**30}\n")
     (job / "memory.current").write_text(f"{2**30}\n")
     assert memory.cgroup_free_bytes(str(tmp_path), str(proc)) == 3 * 2**30
-    (job / "memory.max").write_text("max\n")  # no limit
+    # page cache the kernel can drop is not used memory
+    (job / "memory.stat").write_text(f"anon 1\ninactive_file {2**29}\n")
+    assert memory.cgroup_free_bytes(str(tmp_path), str(proc)) == 3.5 * 2**30
+    # SLURM puts the job's limit on a parent of the task's cgroup
+    task = job / "step_0" / "task_0"
+    task.mkdir(parents=True)
+    (task / "memory.max").write_text("max\n")
+    (task / "memory.current").write_text("5\n")
+    proc.write_text("0::/slurm/job_1/step_0/task_0\n")
+    assert memory.cgroup_free_bytes(str(tmp_path), str(proc)) == 3.5 * 2**30
+    (job / "memory.max").write_text("max\n")  # no limit anywhere
     assert memory.cgroup_free_bytes(str(tmp_path), str(proc)) is None
     v1 = tmp_path / "memory" / "job"
     v1.mkdir(parents=True)

@@ -106,10 +106,14 @@ def test_padding_and_a_missing_piece_are_fill_a_saturated_spot_is_not():
     padded = sec.copy()
     padded[:, :40] = 0  # padding on the left
     padded[100:, 100:] = 255  # a missing corner, bright
-    padded[60:66, 80:86] = 255  # a saturated spot inside the tissue: kept
+    padded[50:70, 70:90] = 255  # a saturated spot inside the tissue (2.4 %): kept
     fill = metrics.fill_mask(padded)
     assert fill[:, :40].all() and fill[100:, 100:].all()
     assert not fill[:, 40 + metrics.FILL_MARGIN + 1:100 - metrics.FILL_MARGIN - 1].any()
+    # zero padding of signed or zero-centred data, which is not the lowest value there
+    signed = sec.astype(np.int16) - 128
+    signed[:, :40] = 0
+    assert metrics.fill_mask(signed)[:, :40].all()
     # normalised on the tissue only: fill is the tissue's mean (0), the tissue as before
     norm, blank, masks = metrics.normalise_stack(np.stack([padded, sec]), fill=True)
     assert not blank.any() and (masks[0] == fill).all() and not masks[1].any()

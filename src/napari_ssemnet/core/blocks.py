@@ -28,6 +28,7 @@ import numpy as np
 
 from .align import (
     FLAG_BLANK,
+    FLAG_DUPLICATE,
     FLAG_LOW_CONFIDENCE,
     FLAG_OK,
     Progress,
@@ -38,6 +39,7 @@ from .align import (
     render_section,
     section_flag,
     stopper,
+    tissue_after,
 )
 from .errors import InputError
 from .io import as_dtype
@@ -393,16 +395,18 @@ def iter_align_blocks(
         yield Progress("prepare", 0, 1, f"{tag}: sections {members[0]}-{members[-1]} "
                                         f"({len(new)} new)")
         raw = _read_sections(stack, members)
-        norm, blank, fill = metrics.normalise_stack(raw, fill=True)
+        norm, blank, fill = metrics.normalise_stack(raw, fill=True, should_stop=stop_check)
         if k == 0 and blank[anchor]:
             raise InputError(f"Reference section {params.reference} is blank or has no "
                              "structure; choose another reference section.")
+        twin = metrics.duplicate_sections(norm, blank, anchor)
         # raw-stack NCC of the pairs this block is the first to see
         use_b = np.array([not blank[i] for i in range(len(members))])
         ub = np.nonzero(use_b)[0]
         for i, j in zip(ub[:-1], ub[1:], strict=False):
-            if not (fixed[i] and fixed[j]):
-                pairs_before[(members[i], members[j])] = metrics.ncc(norm[i], norm[j])
+            if not (fixed[i] and fixed[j]):  # on tissue only, as a joint run has it
+                both = None if fill is None else ~fill[i] & ~fill[j]
+                pairs_before[(members[i], members[j])] = metrics.ncc(norm[i], norm[j], both)
         # fixed sections enter as in a joint run: raw, with the global map and control grid
         # their own block fitted, both held
         held_now = {int(i): held_mats[members[i]] for i in np.nonzero(fixed)[0]
@@ -430,7 +434,7 @@ def iter_align_blocks(
             norm, matrices, blank=blank, free=~fixed, params=params.replace(reference=anchor),
             extractor=extractor, device=device, should_stop=stop_check, init_grid=init_grid,
             fill=fill), tag, members)
-        del norm, fill
+        del norm  # the fill masks (1 byte a pixel) stay for the NCC on tissue
         res_mats, res_grid = residual.mats.cpu().numpy(), residual.grid.cpu().numpy()
         for i in np.nonzero(~fixed)[0]:
             # M (A q + v) = (M A)(q + v) for the translations A that the fit may add
@@ -451,16 +455,21 @@ def iter_align_blocks(
             if fixed[i] and k > 0:
                 if flags[z] in USABLE_FLAGS:
                     out_img[z], out_ok[z] = _rewarp(raw[i], displacement[z], device)
+                    out_ok[z] = _on_tissue(out_ok[z], None if fill is None else fill[i],
+                                           displacement[z], device)
                 continue
             d_np, im_np, ok_np = render_section(raw[i], residual, matrices, i, device)
             flags[z] = section_flag(blank[i], ok_np, confidence[i], params.prealign)
+            if twin[i] >= 0 and flags[z] in USABLE_FLAGS:
+                flags[z] = FLAG_DUPLICATE
             displacement[z] = d_np
             _store(aligned, z, im_np)
             if valid is not None:
                 valid[z] = ok_np
             done[z] = True
             if flags[z] in USABLE_FLAGS:
-                out_img[z], out_ok[z] = im_np, ok_np
+                out_img[z] = im_np
+                out_ok[z] = _on_tissue(ok_np, None if fill is None else fill[i], d_np, device)
             yield SectionResult(z, im_np, d_np, ok_np, flags[z])
             rendered += 1
             yield Progress("render", rendered, n_new,
@@ -472,6 +481,9 @@ def iter_align_blocks(
             near = _nearest_usable(away, flags, done)
             if near is not None:
                 out_img[near], out_ok[near] = _rewarp(stack[near], displacement[near], device)
+                out_ok[near] = _on_tissue(out_ok[near],
+                                          metrics.fill_mask(np.asarray(stack[near])),
+                                          displacement[near], device)
         use = sorted(out_img)
         for a, c in zip(use[:-1], use[1:], strict=False):
             if a in local and c in local and fixed[local[a]] and fixed[local[c]]:
@@ -481,8 +493,9 @@ def iter_align_blocks(
             if (a, c) not in pairs_before:  # the pair skips a section flagged no_overlap
                 raw_pair = [raw[local[x]] if x in local else np.asarray(stack[x])
                             for x in (a, c)]
-                norm_pair = metrics.normalise_stack(np.stack(raw_pair))[0]
-                pairs_before[(a, c)] = metrics.ncc(norm_pair[0], norm_pair[1])
+                norm_pair, _, fill_pair = metrics.normalise_stack(np.stack(raw_pair), fill=True)
+                both = None if fill_pair is None else ~fill_pair[0] & ~fill_pair[1]
+                pairs_before[(a, c)] = metrics.ncc(norm_pair[0], norm_pair[1], both)
         timings["render"] += time.perf_counter() - t0
         st.next_block = k + 1
         if on_block is not None:
@@ -494,6 +507,15 @@ def iter_align_blocks(
     timings = {**timings, "total": t_before + time.perf_counter() - t_start}
     return BlockRunSummary(ncc_before=ncc_before, ncc_after=ncc_after, flags=flags,
                            blocks=blocks, timings=timings, device=str(device))
+
+
+def _on_tissue(ok: np.ndarray, fill: np.ndarray | None, displacement: np.ndarray,
+               device: Any) -> np.ndarray:
+    """An aligned section's valid pixels that come from tissue (its (H, W) ``fill`` mask,
+    None without fill), for the NCC."""
+    if fill is None or not fill.any():
+        return ok
+    return ok & tissue_after(~fill, displacement, device)
 
 
 def _restrict(pairs: dict[tuple[int, int], float], usable: np.ndarray

@@ -227,10 +227,9 @@ def on_device(model: torch.nn.Module, device) -> torch.nn.Module:
     caller's encoder is not moved (the weights load on the CPU; the sections may be on a
     GPU, where a CPU weight makes the first convolution fail)."""
     target = torch.device(device)
-    tensors = [*model.parameters(), *model.buffers()]
-    if all(t.device == target for t in tensors) or (
-            target.type == "cuda" and target.index is None
-            and all(t.device.type == "cuda" for t in tensors)):
+    if target.type == "cuda" and target.index is None:  # "cuda" is the current GPU
+        target = torch.device("cuda", torch.cuda.current_device())
+    if all(t.device == target for t in [*model.parameters(), *model.buffers()]):
         return model
     import copy
 

@@ -73,8 +73,10 @@ def available_bytes() -> int | None:
 
 def cgroup_free_bytes(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup"
                       ) -> int | None:
-    """Bytes left under this process's cgroup memory limit (v2 ``memory.max`` or v1
-    ``memory.limit_in_bytes``), or None without a limit. Past it the kernel kills the job
+    """Bytes left under the tightest cgroup memory limit of this process and its parent
+    cgroups (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``; SLURM sets the job's on a
+    parent of the task's), or None without a limit. Page cache that the kernel can drop
+    (``inactive_file``) does not count as used. Past the limit the kernel kills the job
     without a word, however much memory the machine has."""
     paths = {"": "", "memory": ""}
     try:
@@ -87,21 +89,36 @@ def cgroup_free_bytes(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/se
                     paths["memory"] = path
     except (OSError, ValueError):
         pass
-    v2 = [(f"{root}{sub}/memory.max", f"{root}{sub}/memory.current")
-          for sub in {paths[""], ""}]
-    v1 = [(f"{root}/memory{sub}/memory.limit_in_bytes", f"{root}/memory{sub}/memory.usage_in_bytes")
-          for sub in {paths["memory"], ""}]
+
+    def ancestors(path: str) -> list[str]:
+        parts = [x for x in path.split("/") if x]
+        return ["/" + "/".join(parts[:i]) if i else "" for i in range(len(parts), -1, -1)]
+
+    places = [(f"{root}{sub}", "memory.max", "memory.current", "inactive_file")
+              for sub in ancestors(paths[""])]
+    places += [(f"{root}/memory{sub}", "memory.limit_in_bytes", "memory.usage_in_bytes",
+                "total_inactive_file") for sub in ancestors(paths["memory"])]
     best = None
-    for limit_file, usage_file in v2 + v1:
+    for folder, limit_name, usage_name, cache_key in places:
         try:
-            with open(limit_file) as f:
+            with open(f"{folder}/{limit_name}") as f:
                 text = f.read().strip()
-            if text == "max" or int(text) >= 2**60:  # no limit
+            if text == "max" or int(text) >= 2**60:  # no limit here
                 continue
-            with open(usage_file) as f:
-                left = max(0, int(text) - int(f.read().strip()))
+            with open(f"{folder}/{usage_name}") as f:
+                used = int(f.read().strip())
         except (OSError, ValueError):
             continue
+        try:
+            with open(f"{folder}/memory.stat") as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == cache_key:
+                        used -= int(value)
+                        break
+        except (OSError, ValueError):
+            pass
+        left = max(0, int(text) - used)
         best = left if best is None else min(best, left)
     return best
 

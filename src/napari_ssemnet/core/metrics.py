@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 # Ratio of the 4x4-block-mean std to the pixel std: about 0.25 for white noise, 0.5-0.9 for
@@ -35,7 +37,7 @@ def fill_mask(section: np.ndarray) -> np.ndarray | None:
     """Where a section has no tissue, or None when it has no fill.
 
     Fill is an area where every pixel of a ``FILL_CORE`` x ``FILL_CORE`` block has the
-    section's lowest (or highest) value, that touches the image border or covers at least
+    section's lowest or highest value, or 0, that touches the image border or covers at least
     ``FILL_HOLE_FRACTION`` of the section (a small saturated spot inside the tissue is kept),
     widened by ``FILL_MARGIN`` px.
 
@@ -51,7 +53,8 @@ def fill_mask(section: np.ndarray) -> np.ndarray | None:
 
     s = np.asarray(section)
     out = None
-    for v in np.unique([s.min(), s.max()]):
+    # 0 too: padding of signed or zero-centred data is not the section's lowest value
+    for v in np.unique([s.min(), s.max(), 0]):
         eq = s == v
         if eq.mean() < FILL_MIN_FRACTION:
             continue
@@ -71,7 +74,8 @@ def fill_mask(section: np.ndarray) -> np.ndarray | None:
     return out
 
 
-def normalise_stack(stack: np.ndarray, *, fill: bool = False):
+def normalise_stack(stack: np.ndarray, *, fill: bool = False,
+                    should_stop: Callable[[], None] | None = None):
     """Per-section robust intensity normalisation and blank detection.
 
     Each section is centred on its median and scaled by its 1-99 percentile range, then
@@ -84,6 +88,8 @@ def normalise_stack(stack: np.ndarray, *, fill: bool = False):
     stack : ndarray, shape (Z, H, W), any real dtype (not modified)
     fill : bool
         Also return the fill masks.
+    should_stop : callable, optional
+        Called between sections (it raises to stop): a big padded section takes seconds.
 
     Returns
     -------
@@ -99,6 +105,8 @@ def normalise_stack(stack: np.ndarray, *, fill: bool = False):
     blank = np.zeros(z, bool)
     masks: np.ndarray | None = None
     for i in range(z):
+        if should_stop is not None:
+            should_stop()
         s = np.asarray(stack[i], np.float32)
         fm = fill_mask(stack[i])
         if fm is not None:
@@ -135,6 +143,37 @@ def normalise_stack(stack: np.ndarray, *, fill: bool = False):
             n[fm] = 0.0
         norm[i] = n
     return (norm, blank, masks) if fill else (norm, blank)
+
+
+DUPLICATE_NCC = 0.95
+"""Adjacent sections whose normalised images correlate at least this much are one section
+imaged (or saved) twice: real neighbours 30-50 nm apart reach 0.3-0.4 even when aligned."""
+
+
+def duplicate_sections(norm: np.ndarray, blank: np.ndarray, reference: int) -> np.ndarray:
+    """For each section, the index of the section before it that it repeats, else -1.
+
+    Parameters
+    ----------
+    norm : ndarray, shape (Z, H, W), float32, normalised (:func:`normalise_stack`)
+    blank : ndarray, shape (Z,), bool
+    reference : int
+        Never counted as a repeat (its twin before it is then kept as it is).
+
+    Returns
+    -------
+    ndarray, shape (Z,), int
+    """
+    twin = np.full(norm.shape[0], -1)
+    for i in range(1, norm.shape[0]):
+        j = i - 1
+        if i == reference or blank[i] or blank[j]:
+            continue
+        a, b = norm[i].ravel(), norm[j].ravel()
+        den = float(np.sqrt(np.dot(a, a) * np.dot(b, b)))  # both have mean 0 already
+        if den > 0 and float(np.dot(a, b)) / den >= DUPLICATE_NCC:
+            twin[i] = twin[j] if twin[j] >= 0 else j
+    return twin
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, slice]:

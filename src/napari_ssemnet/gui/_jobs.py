@@ -131,11 +131,22 @@ def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event
         return _failure(exc)
 
 
-def _adjacent_ncc(aligned: np.ndarray, valid: np.ndarray, flags: list[str]) -> np.ndarray:
-    from ..core.metrics import adjacent_ncc
+def _adjacent_ncc(aligned: np.ndarray, valid: np.ndarray, flags: list[str],
+                  stack: np.ndarray, displacement: np.ndarray) -> np.ndarray:
+    """The run's NCC curve again, on tissue only as the core computes it (fill, such as
+    padding, left out)."""
+    from ..core.align import tissue_after
+    from ..core.metrics import adjacent_ncc, fill_mask
 
     usable = np.array([f in ("", "low_confidence") for f in flags])
-    return adjacent_ncc(aligned, valid, usable, robust=True)
+    on_tissue = valid
+    for i in np.nonzero(usable)[0]:
+        fill = fill_mask(np.asarray(stack[i]))
+        if fill is not None:
+            if on_tissue is valid:
+                on_tissue = valid.copy()
+            on_tissue[i] &= tissue_after(~fill, displacement[i], "cpu")
+    return adjacent_ncc(aligned, on_tissue, usable, robust=True)
 
 
 def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentResult | None,
@@ -176,7 +187,7 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
         result = None
         if base is not None:
             # neighbours' NCC changes too when z moves; recompute the whole curve
-            ncc_after = _adjacent_ncc(aligned, valid, flags)
+            ncc_after = _adjacent_ncc(aligned, valid, flags, stack, displacement)
             # the run's parameters stay; this section's own are recorded beside them
             result = dataclasses.replace(base, aligned=aligned, valid=valid,
                                          displacement=displacement, flags=flags,
