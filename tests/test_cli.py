@@ -249,6 +249,32 @@ def test_working_files_of_a_killed_run_are_removed(tiny_tif, tmp_path, capsys):
         [".other.tif.joint-partial.tif", ".al.tif.joint.partial.tif", "al.tif", "f.npz"])
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_signal_between_the_two_renames_does_not_part_the_outputs(tiny_tif, tmp_path,
+                                                                    monkeypatch, capsys):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    out, fields = tmp_path / "al.tif", tmp_path / "f.npz"
+    out.write_bytes(b"old")
+    fields.write_bytes(b"old")
+    real = cli._install
+    calls = []
+
+    def install_then_terminate(src, dst):
+        real(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:  # the fields are in place, the TIFF is not yet
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cli, "_install", install_then_terminate)
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), "--fields", str(fields),
+                     *TINY]) == 0
+    assert out.read_bytes() != b"old" and fields.read_bytes() != b"old"
+    assert "SIGTERM while the outputs were put in place" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+
+
 def _terminate_during_fit(argv: list[str], env: dict, when: str = "fit level"
                           ) -> subprocess.CompletedProcess:
     """Run the CLI, send SIGTERM once a log line contains ``when``, and collect what it

@@ -383,6 +383,8 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
     from .core.io import open_stack, read_resolution, read_stack, save_fields, write_stack
 
     blockwise = params.block_size > 0
+    if args.resume and not blockwise:  # before reading a stack that may not even fit
+        _refuse_orphaned_blocks(Path(output))
     if args.sample:
         from .core.sample import load_sample
 
@@ -397,23 +399,12 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
     out.flush()
     streamed = blockwise and params.block_size < stack.shape[0]
     if args.resume and not streamed:  # e.g. a job array over stacks of several lengths
-        state_path = _partial(Path(output), "blocks.npz")
-        if state_path.is_file():  # --block-size forgotten: the blocks must not be orphaned
-            from .core.blocks import BlockState
-
-            try:
-                done = BlockState.load(state_path)[0].next_block
-            except SsemnetError:
-                done = 0
-            if done:
-                if isinstance(stack, SectionReader):
-                    stack.close()
-                raise SsemnetError(
-                    f"A stopped block-wise run has {done} block(s) done for {output}; give "
-                    "its --block-size (and its other options) with --resume to go on, or "
-                    "delete its working files ("
-                    + ", ".join(_partial(Path(output), x).name for x in _BLOCK_WORK)
-                    + f" in {Path(output).parent}) to start over.")
+        try:
+            _refuse_orphaned_blocks(Path(output))
+        except SsemnetError:
+            if isinstance(stack, SectionReader):
+                stack.close()
+            raise
         _say(sys.stderr, "nothing to resume: the stack is aligned in one piece (no "
                          "--block-size smaller than its number of sections)\n")
     if streamed:
@@ -472,6 +463,27 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
 
 
 _STARTED = [time.monotonic()]  # when the command started (main sets it)
+
+
+def _refuse_orphaned_blocks(out_path: Path) -> None:
+    """``--resume`` without ``--block-size`` (or with one that covers the stack) next to
+    the finished blocks of a stopped block-wise run: refused, so that the blocks are not
+    left behind by a one-piece run."""
+    state_path = _partial(out_path, "blocks.npz")
+    if not state_path.is_file():
+        return
+    from .core.blocks import BlockState
+
+    try:
+        done = BlockState.load(state_path)[0].next_block
+    except SsemnetError:
+        return
+    if done:
+        raise SsemnetError(
+            f"A stopped block-wise run has {done} block(s) done for {out_path}; give its "
+            "--block-size (and its other options) with --resume to go on, or delete its "
+            "working files (" + ", ".join(_partial(out_path, x).name for x in _BLOCK_WORK)
+            + f" in {out_path.parent}) to start over.")
 
 
 def _provenance(device: str) -> dict[str, np.ndarray]:
@@ -668,22 +680,28 @@ def _finish_outputs(tif_tmp: Path, out_path: Path, fields_tmp: Path | None,
         except (OSError, ValueError) as exc:
             _unlink_quietly(fields_tmp)
             raise _write_failure(f"the fields {fields_path}", fields_tmp, exc) from None
-    # Ctrl-C or SIGTERM between the two renames would part the fields from the TIFF: the
-    # signals wait until both are done
-    stops = {getattr(signal, n) for n in _STOP_SIGNALS if hasattr(signal, n)}
-    masked = hasattr(signal, "pthread_sigmask") and (
-        threading.current_thread() is threading.main_thread())
-    if masked:
-        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    # Ctrl-C or SIGTERM between the two renames would part the fields from the TIFF: their
+    # handlers only take note until both are done (a signal mask would not do: the kernel
+    # hands a process-wide signal to another thread, and Python still runs the handler)
+    noted: list[int] = []
+    old: dict[int, Any] = {}
     try:
+        if threading.current_thread() is threading.main_thread():
+            for name in _STOP_SIGNALS:
+                if hasattr(signal, name):
+                    sig = getattr(signal, name)
+                    old[sig] = signal.signal(sig, lambda signum, frame: noted.append(signum))
         if fields_path is not None:
             _install(fields_tmp, fields_path)
         _install(tif_tmp, out_path)
     except OSError as exc:
         raise ResourceError(f"Could not write the output: {exc}") from None
     finally:
-        if masked:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if noted:  # the outputs are complete: the stop came too late to matter
+        _say(sys.stderr, f"({signal.Signals(noted[0]).name} while the outputs were put in "
+                         "place: they are complete)\n")
 
 
 def _reserve(path: Path) -> None:

@@ -409,6 +409,17 @@ def test_a_section_imaged_twice_is_flagged_and_left_out_of_the_ncc():
     assert np.nanmax(r.ncc_after) < 0.9  # no pair of identical images counted
     blocks = align_stack(mis, **{**FAST, "block_size": 3, "window": 1})  # and block-wise
     assert blocks.flags == r.flags and np.isnan(blocks.ncc_after[3])
+    # before the reference the earlier one repeats the later, in both modes (a block
+    # boundary missed it)
+    joint = align_stack(mis, **{**FAST, "reference": 5})
+    blocks = align_stack(mis, **{**FAST, "reference": 5, "block_size": 4, "window": 1})
+    assert joint.flags[2] == blocks.flags[2] == "duplicate" and joint.flags == blocks.flags
+    # distinct sections sharing a big noisy resin area are not repeats (plain NCC up to 0.92)
+    resin = em(slice(0, 8), 256).astype(np.float32)[:, ::4, ::4]
+    rng = np.random.default_rng(1)
+    resin[:, :, :45] = 230 + rng.normal(0, 4, resin[:, :, :45].shape)
+    norm, blank = metrics.normalise_stack(resin)
+    assert (metrics.duplicate_sections(norm, blank, 0) < 0).all()
     # real neighbours are far from a repeat; the same image with noise is not
     assert (metrics.duplicate_sections(metrics.normalise_stack(em(slice(0, 8), 128))[0],
                                        np.zeros(8, bool), 0) < 0).all()

@@ -524,7 +524,7 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     timings["fit"] = time.perf_counter() - t0
 
     # the normalised stack (4 bytes per pixel) is not held through the render step
-    usable_before = ~blank
+    usable_before = ~blank & (twin < 0)  # as the flags will say, so that nothing is redone
     tissue = None if fill is None else ~fill
     ncc_before = metrics.adjacent_ncc(norm, tissue, usable_before)
     del norm, fill

@@ -132,21 +132,28 @@ def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event
 
 
 def _adjacent_ncc(aligned: np.ndarray, valid: np.ndarray, flags: list[str],
-                  stack: np.ndarray, displacement: np.ndarray) -> np.ndarray:
-    """The run's NCC curve again, on tissue only as the core computes it (fill, such as
-    padding, left out)."""
+                  stack: np.ndarray, displacement: np.ndarray, z: int,
+                  before: np.ndarray) -> np.ndarray:
+    """The run's NCC curve ``before`` with the values that section ``z`` moving changes
+    (its own and its usable neighbours') computed again, on tissue only as the core does."""
     from ..core.align import tissue_after
     from ..core.metrics import adjacent_ncc, fill_mask
 
     usable = np.array([f in ("", "low_confidence") for f in flags])
-    on_tissue = valid
-    for i in np.nonzero(usable)[0]:
+    order = [int(i) for i in np.nonzero(usable | (np.arange(len(flags)) == z))[0]]
+    k = order.index(z)
+    window = order[max(0, k - 2):k + 3]  # z, its neighbours, and theirs beyond
+    sub_valid = valid[window].copy()
+    for n, i in enumerate(window):
         fill = fill_mask(np.asarray(stack[i]))
         if fill is not None:
-            if on_tissue is valid:
-                on_tissue = valid.copy()
-            on_tissue[i] &= tissue_after(~fill, displacement[i], "cpu")
-    return adjacent_ncc(aligned, on_tissue, usable, robust=True)
+            sub_valid[n] &= tissue_after(~fill, displacement[i], "cpu")
+    sub = adjacent_ncc(aligned[window], sub_valid, usable[window], robust=True)
+    out = np.array(before, dtype=float)
+    for n, i in enumerate(window):
+        if abs(n - window.index(z)) <= 1:
+            out[i] = sub[n]
+    return out
 
 
 def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentResult | None,
@@ -181,13 +188,17 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
         aligned[z] = section.aligned
         valid[z] = section.valid
         displacement[z] = section.displacement
-        flags[z] = section.flag
+        # the section alone cannot tell that it repeats its neighbour: the full run's flag
+        keep = base is not None and base.flags[z] == "duplicate" and section.flag in (
+            "", "low_confidence")
+        flags[z] = "duplicate" if keep else section.flag
         ncc_before[z] = float(getattr(section, "ncc_before", np.nan))
         ncc_after[z] = float(getattr(section, "ncc_after", np.nan))
         result = None
         if base is not None:
             # neighbours' NCC changes too when z moves; recompute the whole curve
-            ncc_after = _adjacent_ncc(aligned, valid, flags, stack, displacement)
+            ncc_after = _adjacent_ncc(aligned, valid, flags, stack, displacement, z,
+                                      base.ncc_after)
             # the run's parameters stay; this section's own are recorded beside them
             result = dataclasses.replace(base, aligned=aligned, valid=valid,
                                          displacement=displacement, flags=flags,
