@@ -256,6 +256,15 @@ def test_a_signal_between_the_two_renames_does_not_part_the_outputs(tiny_tif, tm
 
     before = signal.getsignal(signal.SIGTERM)
     out, fields = tmp_path / "al.tif", tmp_path / "f.npz"
+    handlers_after = []
+    real_finish = cli._finish_outputs
+
+    def finish(*args, **kwargs):
+        real_finish(*args, **kwargs)
+        handlers_after.append((signal.getsignal(signal.SIGINT),
+                               signal.getsignal(signal.SIGTERM)))
+
+    monkeypatch.setattr(cli, "_finish_outputs", finish)
     out.write_bytes(b"old")
     fields.write_bytes(b"old")
     real = cli._install
@@ -272,7 +281,10 @@ def test_a_signal_between_the_two_renames_does_not_part_the_outputs(tiny_tif, tm
                      *TINY]) == 0
     assert out.read_bytes() != b"old" and fields.read_bytes() != b"old"
     assert "SIGTERM while the outputs were put in place" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) is before
+    # right after the renames the run's own handlers are back (Ctrl-C and SIGTERM stop it)
+    (sigint, sigterm), = handlers_after
+    assert sigint is signal.default_int_handler and sigterm.__name__ == "handler"
 
 
 def _terminate_during_fit(argv: list[str], env: dict, when: str = "fit level"

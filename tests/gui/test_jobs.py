@@ -78,6 +78,7 @@ def test_the_ncc_curve_after_a_realign_equals_a_full_recompute_on_tissue():
     got = _adjacent_ncc(aligned, valid, r.flags, stack, disp, z, r.ncc_after)
     tissue = np.stack([valid[i] & tissue_after(~fill_mask(stack[i]), disp[i], "cpu")
                        for i in range(6)])
-    full = adjacent_ncc(aligned, tissue, np.array([f == "" for f in r.flags]), robust=True)
+    full = adjacent_ncc(aligned, tissue, np.array([f in ("", "low_confidence")
+                                                   for f in r.flags]), robust=True)
     np.testing.assert_allclose(got, full)
     assert not np.allclose(got[2:5], r.ncc_after[2:5])  # z and its neighbours did change

@@ -108,8 +108,8 @@ class AlignmentResult:
         valid in both; NaN where a section has no usable neighbour or is blank.
     flags : list of str, length Z
         ``""`` for a normal section, else ``"blank"``, ``"no_overlap"``,
-        ``"low_confidence"`` or ``"duplicate"`` (the same image as the section before it;
-        left out of the NCC).
+        ``"low_confidence"`` or ``"duplicate"`` (the same image as its neighbour on the side
+        of the reference, saved twice; left out of the NCC).
     params : AlignParams
         Those of the run.
     timings : dict of str to float
@@ -501,11 +501,11 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     # flagged, and left out of the NCC (a perfect match says nothing); they stay in the fit:
     # left out like blank sections they were no better (6 seeds of bench_defects' case:
     # 3.27 against 3.16 px mean median)
-    twin = metrics.duplicate_sections(norm, blank, params.reference)
+    twin = metrics.duplicate_sections(norm, blank, params.reference, should_stop=stop_check)
     extractor = encoder if encoder is not None else load_feature_extractor(params)
     timings["prepare"] = time.perf_counter() - t0
     stop_check()
-    dups = f", {int((twin >= 0).sum())} repeating the one before" if (twin >= 0).any() else ""
+    dups = f", {int((twin >= 0).sum())} repeating a neighbour" if (twin >= 0).any() else ""
     yield Progress("prepare", 1, 1, f"{int((~blank).sum())} of {z_count} sections with "
                                     f"structure{dups}")
 

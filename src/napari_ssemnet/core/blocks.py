@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,7 +165,7 @@ class BlockState:
                 pairs_before={(int(x), int(y)): float(v) for x, y, v in a["pairs_before"]},
                 pairs_after={(int(x), int(y)): float(v) for x, y, v in a["pairs_after"]},
                 blocks=blocks, timings=json.loads(str(a["timings"])))
-        except (OSError, KeyError, ValueError, EOFError) as exc:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise InputError(f"{str(path)!r} is not a readable block-wise run state "
                              f"({type(exc).__name__}).") from None
         extra = {k[len("extra_"):]: str(v) for k, v in a.items() if k.startswith("extra_")}
@@ -399,7 +400,7 @@ def iter_align_blocks(
         if k == 0 and blank[anchor]:
             raise InputError(f"Reference section {params.reference} is blank or has no "
                              "structure; choose another reference section.")
-        twin = metrics.duplicate_sections(norm, blank, anchor)
+        twin = metrics.duplicate_sections(norm, blank, anchor, should_stop=stop_check)
         # raw-stack NCC of the pairs this block is the first to see
         use_b = np.array([not blank[i] for i in range(len(members))])
         ub = np.nonzero(use_b)[0]
