@@ -90,6 +90,24 @@ def test_align_writes_tiff_and_fields(tiny_tif, tmp_path, capsys):
     assert "reading and writing included" in text.splitlines()[-1]
 
 
+def test_summary_json_for_pipelines(tiny_tif, tmp_path, capsys):
+    summary = tmp_path / "s" / "run.json"
+    out = tmp_path / "al.tif"
+    for extra in ([], ["--block-size", "3", "--window", "1"]):
+        assert cli.main(["align", str(tiny_tif), "-o", str(out), "--summary-json",
+                         str(summary), *TINY, *extra, "-q"]) == 0
+        data = json.loads(summary.read_text())
+        assert data["version"] == __version__ and data["device"] == "cpu"
+        assert (data["sections"], data["height"], data["width"]) == (4, 96, 96)
+        assert data["params"]["iterations"] == 5 and len(data["flags"]) == 4
+        assert len(data["ncc_after"]) == 4 and data["wall_seconds"] > 0
+        assert data["blocks"] == (2 if extra else None)
+    assert sorted(p.name for p in summary.parent.iterdir()) == ["run.json"]
+    code = cli.main(["align", str(tiny_tif), "-o", str(out), "--summary-json", str(out),
+                     *TINY])
+    assert code == 2 and "--summary-json name the same file" in capsys.readouterr().err
+
+
 def test_params_file_is_loaded_and_overridden(tiny_tif, tmp_path):
     pfile = tmp_path / "p.json"
     pfile.write_text(AlignParams(window=1, grid_spacing=48).to_json())

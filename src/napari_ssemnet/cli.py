@@ -359,16 +359,25 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
     # every file the run reads: the stack, and the weights and parameters files it was given
     inputs = [args.input, params.weights if params.features == "custom" else None,
               args.params if args.params and Path(args.params).is_file() else None]
+    summary = _follow(Path(args.summary_json)) if args.summary_json else None
     for src in inputs:
         _refuse_overwriting_input(src, output)
         if fields is not None:
             _refuse_overwriting_input(src, fields, what="fields file")
-    if fields is not None and Path(output).resolve() == fields.resolve():
-        raise SsemnetError(f"-o {output} and --fields {args.fields} name the same file; "
-                           "give two different files.")
+        if summary is not None:
+            _refuse_overwriting_input(src, summary, what="summary file")
+    named = [(Path(output), "-o"), (fields, "--fields"), (summary, "--summary-json")]
+    named = [(f, opt) for f, opt in named if f is not None]
+    for i, (a, opt_a) in enumerate(named):
+        for b, opt_b in named[i + 1:]:
+            if a.resolve() == b.resolve():
+                raise SsemnetError(f"{opt_a} and {opt_b} name the same file ({a}); give "
+                                   "different files.")
     targets = [(Path(output), "output file")]
     if fields is not None:
         targets.append((fields, "fields file"))
+    if summary is not None:
+        targets.append((summary, "summary file"))
     # before reading or aligning anything: the outputs can be written (folders are made now)
     with contextlib.ExitStack() as held:
         held.enter_context(_prepared_targets(targets))
@@ -459,6 +468,9 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
         out.write(f"displacement fields -> {fields}\n")
     out.write(result.summary() + "\n")
     out.write(_wall_line())
+    _write_summary(args, (z, h, w), stack.dtype, result.device, result.params,
+                   result.timings, result.ncc_before, result.ncc_after, result.flags,
+                   out_path, fields)
     return EXIT_OK
 
 
@@ -490,6 +502,38 @@ def _provenance(device: str) -> dict[str, np.ndarray]:
     """Stored with the fields: the version and the device that made them (the parameters
     say only what was asked for, e.g. device "auto")."""
     return {"version": np.array(__version__), "device_used": np.array(str(device))}
+
+
+def _write_summary(args: argparse.Namespace, shape: tuple[int, int, int], dtype: Any,
+                   device: str, params: AlignParams, timings: dict[str, float],
+                   ncc_before: Any, ncc_after: Any, flags: list[str], output: Path,
+                   fields: Path | None, blocks: int | None = None) -> None:
+    """``--summary-json``: the run's figures for a pipeline (JSON; NaN written as null)."""
+    if not getattr(args, "summary_json", None):
+        return
+    path = _follow(Path(args.summary_json))
+
+    def numbers(a: Any) -> list[float | None]:
+        return [float(v) if np.isfinite(v) else None for v in np.asarray(a, float)]
+
+    data = {
+        "version": __version__, "input": "sample" if args.sample else str(args.input),
+        "output": str(output), "fields": None if fields is None else str(fields),
+        "sections": shape[0], "height": shape[1], "width": shape[2],
+        "input_dtype": str(dtype),
+        "device": str(device), "blocks": blocks, "params": params.to_dict(),
+        "timings": {k: float(v) for k, v in timings.items()},
+        "wall_seconds": time.monotonic() - _STARTED[0],
+        "ncc_before": numbers(ncc_before), "ncc_after": numbers(ncc_after),
+        "flags": list(flags),
+    }
+    tmp = _partial(path, "partial.json")
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        _install(tmp, path)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        raise _write_failure(f"the summary {path}", tmp, exc) from None
 
 
 def _wall_line() -> str:
@@ -929,7 +973,7 @@ def _output_lock(out_path: Path) -> Iterator[None]:
 # block-wise TIFF of a run on -o a.tif.joint
 _BLOCK_WORK = ("partial.tif", "displacement.partial.npy", "blocks.npz")
 _STALE_SUFFIXES = ("joint-partial.tif", "apply-partial.tif", "partial.npz", "partial.pt",
-                   "blocks.npz.tmp.npz")
+                   "blocks.npz.tmp.npz", "partial.json")
 
 
 def _remove_stale_work(out_path: Path) -> None:
@@ -1191,6 +1235,9 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
     out.write(format_summary((z, h, w), summary.device, summary.timings, summary.ncc_before,
                              summary.ncc_after, summary.flags) + "\n")
     out.write(_wall_line())
+    _write_summary(args, (z, h, w), stack.dtype, summary.device, params, summary.timings,
+                   summary.ncc_before, summary.ncc_after, summary.flags, out_path, fields_path,
+                   blocks=len(summary.blocks))
     return EXIT_OK
 
 
@@ -1399,6 +1446,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Data type of the aligned TIFF: that of the input (rounded) or "
                          "float32. (default: input)")
     al.add_argument("-q", "--quiet", action="store_true", help="No progress output.")
+    al.add_argument("--summary-json", metavar="SUMMARY.json",
+                    help="Also write the run's figures as JSON (version, device, parameters, "
+                         "timings, wall time, NCC and flags per section), after the outputs.")
     al.add_argument("--resume", action="store_true",
                     help="Go on with a block-wise run (--block-size) that stopped (Ctrl-C, an "
                          "error, a crash): the finished blocks are kept. Needs the same "
