@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -491,7 +492,7 @@ class AlignWidget(QWidget):
         layer, stack, params = ready
         self._start("align", _read_then, jobs.align_job, stack, layer.name, params,
                     source=layer.name, shape=tuple(stack.shape), params=params,
-                    dtype=str(stack.dtype), stack=stack)
+                    dtype=str(stack.dtype))
 
     def preview(self) -> None:
         """Align the current section only, neighbours held fixed (the Preview button)."""
@@ -524,9 +525,9 @@ class AlignWidget(QWidget):
         layer, stack, params = ready
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in layer.name)
         out = jobs.weights_dir() / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}.pt"
-        self._start("train", _read_then, _train, stack, layer.name,
-                    int(self.train_steps.value()), params.seed, params.device, str(out),
-                    source=layer.name,
+        train = functools.partial(jobs.train_job, steps=int(self.train_steps.value()),
+                                  seed=params.seed, device=params.device, out_path=str(out))
+        self._start("train", _read_then, train, stack, layer.name, source=layer.name,
                     shape=tuple(stack.shape))
 
     def cancel(self) -> None:
@@ -912,6 +913,22 @@ READ_CHUNK_BYTES = 64 * 2**20
 """A lazy layer is read in pieces of about this size, so that Cancel is seen between them."""
 
 
+def _read_lazy(data: Any, name: str, stop: threading.Event):
+    """A lazy layer's data read in pieces, with a bar of its own (a slow read is seen as
+    such); None when stopped."""
+    z = data.shape[0]
+    per = max(1, int(READ_CHUNK_BYTES // max(1, data.dtype.itemsize * data.shape[1]
+                                             * data.shape[2])))
+    stack = np.empty(tuple(data.shape), data.dtype)
+    for z0 in range(0, z, per):
+        yield Progress("read", z0, z, f"reading layer '{name}'")
+        if stop.is_set():
+            return None
+        stack[z0:z0 + per] = np.asarray(data[z0:z0 + per])
+    yield Progress("read", z, z, f"reading layer '{name}'")
+    return stack
+
+
 def _read(data: Any, name: str, stop: threading.Event):
     """The layer's data as a checked array, read and checked here (in the worker: a lazy
     layer's read, and the NaN scan of a big float stack, would freeze napari on the GUI
@@ -920,18 +937,12 @@ def _read(data: Any, name: str, stop: threading.Event):
     label = f"layer '{name}'"
     try:
         if isinstance(data, np.ndarray):
-            return check_stack(data, name=label)  # no copy: the layer's own array
-        z = data.shape[0]
-        per = max(1, int(READ_CHUNK_BYTES // max(1, data.dtype.itemsize * data.shape[1]
-                                                 * data.shape[2])))
-        stack = np.empty(tuple(data.shape), data.dtype)
-        for z0 in range(0, z, per):  # a bar of its own: a slow read is seen as such
-            yield Progress("read", z0, z, f"reading layer '{name}'")
-            if stop.is_set():
+            stack = check_stack(data, name=label)  # no copy: the layer's own array
+        else:
+            stack = yield from _read_lazy(data, name, stop)
+            if stack is None:
                 return jobs.Cancelled()
-            stack[z0:z0 + per] = np.asarray(data[z0:z0 + per])
-        yield Progress("read", z, z, f"reading layer '{name}'")
-        stack = check_stack(stack, name=label)
+            stack = check_stack(stack, name=label)
     except (SsemnetError, ValueError) as exc:  # NaNs, a wrong shape: said for the user
         return jobs._failure(exc)
     except Exception as exc:  # a lazy array that fails to load (a missing zarr chunk...)
@@ -952,12 +963,6 @@ def _read_then(job: Any, data: Any, name: str, *args: Any, stop: threading.Event
     if isinstance(stack, jobs.Failure | jobs.Cancelled):
         return stack
     return (yield from job(stack, *args, stop=stop))
-
-
-def _train(stack: np.ndarray, steps: int, seed: int, device: str, out: str, *,
-           stop: threading.Event):
-    return (yield from jobs.train_job(stack, steps=steps, seed=seed, device=device,
-                                      out_path=out, stop=stop))
 
 
 # -- "Apply saved fields" ----------------------------------------------------------------

@@ -27,6 +27,7 @@ FLAG_BLANK = "blank"
 FLAG_NO_OVERLAP = "no_overlap"
 FLAG_LOW_CONFIDENCE = "low_confidence"
 FLAG_DUPLICATE = "duplicate"
+USABLE_FLAGS = (FLAG_OK, FLAG_LOW_CONFIDENCE)
 
 MIN_SIZE = 32
 """Smallest section side the pyramid and the encoder can work with (pixels)."""
@@ -343,6 +344,15 @@ def tissue_after(tissue: np.ndarray, displacement: np.ndarray, device: Any) -> n
     return out.cpu().numpy() > 0.999
 
 
+def on_tissue(ok: np.ndarray, fill: np.ndarray | None, displacement: np.ndarray | None,
+              device: Any) -> np.ndarray:
+    """A section's valid pixels ``ok`` less those that come from its (H, W) ``fill``
+    (None: no fill), resampled through ``displacement`` (None: not moved), for the NCC."""
+    if fill is None or not fill.any():
+        return ok
+    return ok & (~fill if displacement is None else tissue_after(~fill, displacement, device))
+
+
 def section_flag(blank: bool, valid: np.ndarray, confidence: float, prealign: str) -> str:
     """A finished section's flag: blank, then no overlap (under a quarter of the aligned
     section comes from inside it), then a doubtful pre-alignment match."""
@@ -525,9 +535,9 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
 
     # the normalised stack (4 bytes per pixel) is not held through the render step
     usable_before = ~blank & (twin < 0)  # as the flags will say, so that nothing is redone
-    tissue = None if fill is None else ~fill
-    ncc_before = metrics.adjacent_ncc(norm, tissue, usable_before)
-    del norm, fill
+    pairs_before = metrics.adjacent_pairs(norm, None if fill is None else ~fill,
+                                          usable_before)
+    del norm
 
     t0 = time.perf_counter()
     aligned = np.zeros((z_count, h, w), np.float32)
@@ -538,22 +548,23 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
         stop_check()
         displacement[zz], aligned[zz], valid[zz] = render_section(
             arr[zz], residual, matrices, zz, device)
-        if tissue is not None:  # NCC on tissue only: matched padding is not a good result
-            tissue[zz] = valid[zz] & tissue_after(tissue[zz], displacement[zz], device)
+        if fill is not None:  # NCC on tissue only: matched padding is not a good result
+            # (fill is reused to mark what the NCC leaves out: 1 byte a pixel, not 2)
+            fill[zz] = ~on_tissue(valid[zz], fill[zz], displacement[zz], device)
         flags[zz] = section_flag(blank[zz], valid[zz], confidence[zz], params.prealign)
-        if twin[zz] >= 0 and flags[zz] in (FLAG_OK, FLAG_LOW_CONFIDENCE):
+        if twin[zz] >= 0 and flags[zz] in USABLE_FLAGS:
             flags[zz] = FLAG_DUPLICATE
         yield SectionResult(zz, aligned[zz], displacement[zz], valid[zz], flags[zz])
         yield Progress("render", zz + 1, z_count, f"section {zz + 1}/{z_count}", section=zz)
     timings["render"] = time.perf_counter() - t0
 
-    usable = np.array([f in (FLAG_OK, FLAG_LOW_CONFIDENCE) for f in flags])
-    if not np.array_equal(usable, usable_before):  # a section lost its overlap when rendered
-        norm, _, before_fill = metrics.normalise_stack(arr, fill=True)
-        ncc_before = metrics.adjacent_ncc(norm, None if before_fill is None else ~before_fill,
-                                          usable)
-        del norm
-    ncc_after = metrics.adjacent_ncc(aligned, valid if tissue is None else tissue, usable,
+    usable = np.array([f in USABLE_FLAGS for f in flags])
+    idx = np.nonzero(usable)[0]
+    for a, c in zip(idx[:-1], idx[1:], strict=False):  # pairs across a section that lost
+        if (a, c) not in pairs_before:                 # its overlap when rendered
+            pairs_before[(int(a), int(c))] = metrics.raw_pair_ncc(arr[a], arr[c])
+    ncc_before = metrics.mean_of_pairs(pairs_before, usable)
+    ncc_after = metrics.adjacent_ncc(aligned, valid if fill is None else ~fill, usable,
                                      robust=True)
     timings["total"] = time.perf_counter() - t_start
     return AlignmentResult(aligned=aligned, displacement=displacement, valid=valid,
@@ -645,11 +656,8 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
     yield Progress("prepare", 0, 1, f"section {z}: {hi - lo - 1} neighbours", section=z)
     src = warp.float_tensor(arr[z], device)
 
-    def on_tissue(ok: np.ndarray, i: int, disp: np.ndarray | None) -> np.ndarray:
-        """``ok`` of section ``i`` of the window, less what comes from its fill."""
-        if fill is None or not fill[i].any():
-            return ok
-        return ok & (~fill[i] if disp is None else tissue_after(~fill[i], disp, device))
+    def tissue_ok(ok: np.ndarray, i: int, disp: np.ndarray | None) -> np.ndarray:
+        return on_tissue(ok, None if fill is None else fill[i], disp, device)
 
     # the held neighbours (raw, or warped by the previous result) are resampled once
     held_raw = np.empty((hi - lo, h, w), np.float32)
@@ -657,12 +665,12 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
     for i in range(hi - lo):
         if i == local or previous_displacement is None:
             held_raw[i] = arr[lo + i]
-            held_raw_ok[i] = on_tissue(held_raw_ok[i], i, None)
+            held_raw_ok[i] = tissue_ok(held_raw_ok[i], i, None)
             continue
         im, v = warp.warp_image(warp.float_tensor(arr[lo + i], device),
                                 warp.float_tensor(previous_displacement[lo + i], device))
         held_raw[i] = im.cpu().numpy()
-        held_raw_ok[i] = on_tissue(v.cpu().numpy(), i, previous_displacement[lo + i])
+        held_raw_ok[i] = tissue_ok(v.cpu().numpy(), i, previous_displacement[lo + i])
 
     def neighbours_state(disp_z: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
         """The held neighbours with section z aligned by ``disp_z`` (raw if None)."""
@@ -670,7 +678,7 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
         if disp_z is not None:
             im, v = warp.warp_image(src, disp_z)
             imgs[local] = im.cpu().numpy()
-            ok[local] = on_tissue(v.cpu().numpy(), local, disp_z.cpu().numpy())
+            ok[local] = tissue_ok(v.cpu().numpy(), local, disp_z.cpu().numpy())
         return imgs, ok
 
     def mean_adjacent_ncc(imgs: np.ndarray, ok: np.ndarray) -> float:
@@ -694,14 +702,13 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
     held = np.zeros((hi - lo, 1, h, w), np.float32)
     held_ok = np.ones((hi - lo, 1, h, w), np.float32)
     for i in usable_nb:
+        held_ok[i, 0] = held_raw_ok[i]  # the same field and fill as the raw neighbour's
         if previous_displacement is None:
             held[i, 0] = norm[i]
-            held_ok[i, 0] = on_tissue(np.ones((h, w), bool), i, None)
         else:
-            im, v = warp.warp_image(torch.from_numpy(norm[i]).to(device),
+            im, _ = warp.warp_image(torch.from_numpy(norm[i]).to(device),
                                     torch.from_numpy(previous_displacement[lo + i]).to(device))
             held[i, 0] = im.cpu().numpy()
-            held_ok[i, 0] = on_tissue(v.cpu().numpy(), i, previous_displacement[lo + i])
     anchor = min(usable_nb, key=lambda i: abs(i - local))
     matrices = np.tile(np.eye(3), (hi - lo, 1, 1))
     conf = float("inf")

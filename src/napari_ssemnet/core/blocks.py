@@ -30,23 +30,21 @@ import numpy as np
 from .align import (
     FLAG_BLANK,
     FLAG_DUPLICATE,
-    FLAG_LOW_CONFIDENCE,
     FLAG_OK,
+    USABLE_FLAGS,
     Progress,
     SectionResult,
     check_binning,
     check_reference,
     map_events,
+    on_tissue,
     render_section,
     section_flag,
     stopper,
-    tissue_after,
 )
 from .errors import InputError
 from .io import as_dtype
 from .params import AlignParams
-
-USABLE_FLAGS = (FLAG_OK, FLAG_LOW_CONFIDENCE)
 
 
 @dataclass
@@ -456,7 +454,7 @@ def iter_align_blocks(
             if fixed[i] and k > 0:
                 if flags[z] in USABLE_FLAGS:
                     out_img[z], out_ok[z] = _rewarp(raw[i], displacement[z], device)
-                    out_ok[z] = _on_tissue(out_ok[z], None if fill is None else fill[i],
+                    out_ok[z] = on_tissue(out_ok[z], None if fill is None else fill[i],
                                            displacement[z], device)
                 continue
             d_np, im_np, ok_np = render_section(raw[i], residual, matrices, i, device)
@@ -470,7 +468,7 @@ def iter_align_blocks(
             done[z] = True
             if flags[z] in USABLE_FLAGS:
                 out_img[z] = im_np
-                out_ok[z] = _on_tissue(ok_np, None if fill is None else fill[i], d_np, device)
+                out_ok[z] = on_tissue(ok_np, None if fill is None else fill[i], d_np, device)
             yield SectionResult(z, im_np, d_np, ok_np, flags[z])
             rendered += 1
             yield Progress("render", rendered, n_new,
@@ -482,7 +480,7 @@ def iter_align_blocks(
             near = _nearest_usable(away, flags, done)
             if near is not None:
                 out_img[near], out_ok[near] = _rewarp(stack[near], displacement[near], device)
-                out_ok[near] = _on_tissue(out_ok[near],
+                out_ok[near] = on_tissue(out_ok[near],
                                           metrics.fill_mask(np.asarray(stack[near])),
                                           displacement[near], device)
         use = sorted(out_img)
@@ -492,11 +490,8 @@ def iter_align_blocks(
             pairs_after[(a, c)] = metrics.ncc(out_img[a], out_img[c], out_ok[a] & out_ok[c],
                                               robust=True)
             if (a, c) not in pairs_before:  # the pair skips a section flagged no_overlap
-                raw_pair = [raw[local[x]] if x in local else np.asarray(stack[x])
-                            for x in (a, c)]
-                norm_pair, _, fill_pair = metrics.normalise_stack(np.stack(raw_pair), fill=True)
-                both = None if fill_pair is None else ~fill_pair[0] & ~fill_pair[1]
-                pairs_before[(a, c)] = metrics.ncc(norm_pair[0], norm_pair[1], both)
+                pairs_before[(a, c)] = metrics.raw_pair_ncc(
+                    *(raw[local[x]] if x in local else np.asarray(stack[x]) for x in (a, c)))
         timings["render"] += time.perf_counter() - t0
         st.next_block = k + 1
         if on_block is not None:
@@ -508,15 +503,6 @@ def iter_align_blocks(
     timings = {**timings, "total": t_before + time.perf_counter() - t_start}
     return BlockRunSummary(ncc_before=ncc_before, ncc_after=ncc_after, flags=flags,
                            blocks=blocks, timings=timings, device=str(device))
-
-
-def _on_tissue(ok: np.ndarray, fill: np.ndarray | None, displacement: np.ndarray,
-               device: Any) -> np.ndarray:
-    """An aligned section's valid pixels that come from tissue (its (H, W) ``fill`` mask,
-    None without fill), for the NCC."""
-    if fill is None or not fill.any():
-        return ok
-    return ok & tissue_after(~fill, displacement, device)
 
 
 def _restrict(pairs: dict[tuple[int, int], float], usable: np.ndarray

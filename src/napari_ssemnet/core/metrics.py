@@ -133,13 +133,11 @@ def normalise_stack(stack: np.ndarray, *, fill: bool = False,
         if structure_ratio(n if fm is None else n[_bounding_box(~fm)]) < STRUCTURE_THRESHOLD:
             blank[i] = True
             continue
-        if fm is None:
-            n -= n.mean()
-            n /= max(float(n.std()), 1e-6)
-        else:
-            t = n[~fm]
-            n -= t.mean()
-            n /= max(float(t.std()), 1e-6)
+        t = n if fm is None else n[~fm]
+        mean, sd = float(t.mean()), max(float(t.std()), 1e-6)
+        n -= mean
+        n /= sd
+        if fm is not None:
             n[fm] = 0.0
         norm[i] = n
     return (norm, blank, masks) if fill else (norm, blank)
@@ -188,13 +186,17 @@ def duplicate_sections(norm: np.ndarray, blank: np.ndarray, reference: int,
 
     z = norm.shape[0]
     same = np.zeros(z, bool)  # same[i]: sections i - 1 and i are one image
+    passed: dict[int, np.ndarray] = {}  # the last high-passed section, for the next pair
     for i in range(1, z):
         if should_stop is not None:
             should_stop()
         if blank[i] or blank[i - 1]:
             continue
         if ncc(norm[i].ravel(), norm[i - 1].ravel()) >= DUPLICATE_PREFILTER:
-            same[i] = ncc(high_pass(norm[i]), high_pass(norm[i - 1])) >= DUPLICATE_NCC
+            prev = passed.pop(i - 1, None)
+            passed = {i: high_pass(norm[i])}
+            prev = high_pass(norm[i - 1]) if prev is None else prev
+            same[i] = ncc(passed[i], prev) >= DUPLICATE_NCC
     twin = np.full(z, -1)
     for i in range(reference + 1, z):  # beyond the reference: i repeats i - 1
         if same[i]:
@@ -264,14 +266,25 @@ def adjacent_ncc(stack: np.ndarray, valid: np.ndarray | None,
     -------
     ndarray, shape (Z,), float64
     """
-    z = stack.shape[0]
-    usable = np.ones(z, bool) if usable is None else np.asarray(usable, bool)
+    usable = np.ones(stack.shape[0], bool) if usable is None else np.asarray(usable, bool)
+    return mean_of_pairs(adjacent_pairs(stack, valid, usable, robust=robust), usable)
+
+
+def adjacent_pairs(stack: np.ndarray, valid: np.ndarray | None, usable: np.ndarray, *,
+                   robust: bool = False) -> dict[tuple[int, int], float]:
+    """:func:`ncc` of each pair of consecutive ``usable`` sections, by (a, b)."""
     idx = np.nonzero(usable)[0]
-    pair: dict[tuple[int, int], float] = {}
-    for a, b in zip(idx[:-1], idx[1:], strict=False):
-        m = None if valid is None else (valid[a] & valid[b])
-        pair[(int(a), int(b))] = ncc(stack[a], stack[b], m, robust=robust)
-    return mean_of_pairs(pair, usable)
+    return {(int(a), int(b)): ncc(stack[a], stack[b],
+                                  None if valid is None else valid[a] & valid[b],
+                                  robust=robust)
+            for a, b in zip(idx[:-1], idx[1:], strict=False)}
+
+
+def raw_pair_ncc(a: np.ndarray, b: np.ndarray) -> float:
+    """:func:`ncc` of two raw sections as normalised by :func:`normalise_stack`, on the
+    tissue of both."""
+    norm, _, fill = normalise_stack(np.stack([a, b]), fill=True)
+    return ncc(norm[0], norm[1], None if fill is None else ~fill[0] & ~fill[1])
 
 
 def mean_of_pairs(pair: dict[tuple[int, int], float], usable: np.ndarray) -> np.ndarray:

@@ -136,18 +136,15 @@ def _adjacent_ncc(aligned: np.ndarray, valid: np.ndarray, flags: list[str],
                   before: np.ndarray) -> np.ndarray:
     """The run's NCC curve ``before`` with the values that section ``z`` moving changes
     (its own and its usable neighbours') computed again, on tissue only as the core does."""
-    from ..core.align import tissue_after
+    from ..core.align import USABLE_FLAGS, on_tissue
     from ..core.metrics import adjacent_ncc, fill_mask
 
-    usable = np.array([f in ("", "low_confidence") for f in flags])
+    usable = np.array([f in USABLE_FLAGS for f in flags])
     order = [int(i) for i in np.nonzero(usable | (np.arange(len(flags)) == z))[0]]
     k = order.index(z)
     window = order[max(0, k - 2):k + 3]  # z, its neighbours, and theirs beyond
-    sub_valid = valid[window].copy()
-    for n, i in enumerate(window):
-        fill = fill_mask(np.asarray(stack[i]))
-        if fill is not None:
-            sub_valid[n] &= tissue_after(~fill, displacement[i], "cpu")
+    sub_valid = np.stack([on_tissue(valid[i], fill_mask(np.asarray(stack[i])),
+                                    displacement[i], "cpu") for i in window])
     sub = adjacent_ncc(aligned[window], sub_valid, usable[window], robust=True)
     out = np.array(before, dtype=float)
     for n, i in enumerate(window):
