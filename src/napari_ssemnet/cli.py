@@ -164,7 +164,6 @@ class ProgressPrinter:
         self.log_interval = log_interval
         self.stage: str | None = None
         self._shown = 0  # length of the bar on screen, to blank leftovers
-        self.sections_done = 0
         self._gone = False
         self._t0 = time.monotonic() if t0 is None else t0  # the stamps count from here
         self._last_line = -float("inf")
@@ -172,7 +171,6 @@ class ProgressPrinter:
     def __call__(self, event: Any) -> None:
         stage = getattr(event, "stage", None)
         if stage is None:  # a SectionResult
-            self.sections_done += 1
             return
         new_stage = stage != self.stage
         if new_stage:
@@ -289,6 +287,11 @@ def _sigterm_interrupts() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _printer() -> ProgressPrinter:
+    """The commands' progress on stderr, stamped from the command's start."""
+    return ProgressPrinter(sys.stderr, t0=_STARTED[0])
 
 
 def _say(stream: TextIO | None, text: str) -> None:
@@ -432,8 +435,7 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
     # before the work, not after it: a full disk would cost the whole alignment
     _check_space([(Path(output), z * h * w * out_bytes)]
                  + ([(fields, z * 2 * h * w * 4)] if fields is not None else []))
-    printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False,
-                              t0=_STARTED[0])
+    printer = _printer()
     callback = None if args.quiet else printer
     try:
         with ctrl_c_stops() as should_stop:
@@ -462,19 +464,40 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
             **_provenance(result.device)))
     finally:
         _unlink_quietly(tmp, tmp_fields)
-    # printed only once every file is written: a closed stdout cannot cost a file
-    out.write(f"aligned stack -> {out_path}\n")
-    if fields is not None:
-        out.write(f"displacement fields -> {fields}\n")
-    out.write(result.summary() + "\n")
-    out.write(_wall_line())
-    _write_summary(args, (z, h, w), stack.dtype, result.device, result.params,
-                   result.timings, result.ncc_before, result.ncc_after, result.flags,
-                   out_path, fields)
-    return EXIT_OK
+    return _report(args, out, (z, h, w), stack.dtype, result, result.params, out_path, fields)
 
 
 _STARTED = [time.monotonic()]  # when the command started (main sets it)
+
+
+def _report(args: argparse.Namespace, out: TextIO, shape: tuple[int, int, int], dtype: Any,
+            res: Any, params: AlignParams, out_path: Path, fields: Path | None,
+            blocks: int | None = None) -> int:
+    """The end of an alignment, once every file is written (a closed stdout cannot cost a
+    file): what went where, the summary, and ``--summary-json``."""
+    from .core.align import format_summary
+
+    out.write(f"aligned stack -> {out_path}\n")
+    if fields is not None:
+        out.write(f"displacement fields -> {fields}\n")
+    if blocks is not None:
+        out.write(f"aligned in {blocks} blocks of at most {params.block_size} sections\n")
+    out.write(format_summary(shape, res.device, res.timings, res.ncc_before, res.ncc_after,
+                             res.flags) + "\n")
+    out.write(_wall_line())
+    _write_summary(args, shape, dtype, res.device, params, res.timings, res.ncc_before,
+                   res.ncc_after, res.flags, out_path, fields, blocks=blocks)
+    return EXIT_OK
+
+
+def _blocks_done(state_path: Path) -> int:
+    """How many blocks a stopped block-wise run finished (0: none, or no readable state)."""
+    from .core.blocks import BlockState
+
+    try:
+        return BlockState.load(state_path)[0].next_block
+    except SsemnetError:
+        return 0
 
 
 def _refuse_orphaned_blocks(out_path: Path) -> None:
@@ -484,12 +507,7 @@ def _refuse_orphaned_blocks(out_path: Path) -> None:
     state_path = _partial(out_path, "blocks.npz")
     if not state_path.is_file():
         return
-    from .core.blocks import BlockState
-
-    try:
-        done = BlockState.load(state_path)[0].next_block
-    except SsemnetError:
-        return
+    done = _blocks_done(state_path)
     if done:
         raise SsemnetError(
             f"A stopped block-wise run has {done} block(s) done for {out_path}; give its "
@@ -776,8 +794,6 @@ def _link_or_create(src: Path, dst: Path) -> None:
     hard links (FAT, some network shares), is created exclusively and then filled."""
     try:
         os.link(src, dst)
-    except FileExistsError:
-        raise
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
@@ -788,8 +804,8 @@ def _link_or_create(src: Path, dst: Path) -> None:
             os.close(fd)
 
 
-def _lock_refusal(out_path: Path, lock: Path, owner: tuple[int, str] | int) -> SsemnetError:
-    pid, host = owner if isinstance(owner, tuple) else (owner, "")
+def _lock_refusal(out_path: Path, lock: Path, owner: tuple[int, str]) -> SsemnetError:
+    pid, host = owner
     who = (f" (process {pid}{f' on {host}' if host and host != _HOST else ''})" if pid
            else "")
     return OutputBusyError(f"Another napari-ssemnet run{who} is writing {out_path}; wait for it "
@@ -1099,7 +1115,7 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
     run's state is saved beside them, so that a run that stops can go on with ``--resume``."""
     import tifffile
 
-    from .core.align import format_summary, run_generator
+    from .core.align import run_generator
     from .core.blocks import BlockState, block_plan, iter_align_blocks
     from .core.io import read_resolution, save_fields, tiff_write_kwargs
 
@@ -1185,8 +1201,7 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
             raise _write_failure(f"the state of the run after block {st.next_block} "
                                  f"({state_path.name})", state_path, exc) from None
 
-    printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False,
-                              t0=_STARTED[0])
+    printer = _printer()
     finished = False
     try:
         with ctrl_c_stops() as should_stop:
@@ -1195,7 +1210,6 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
                                     state=state, on_block=saved)
             summary = run_generator(gen, None if args.quiet else printer)
         del gen
-        printer.close()
         if not args.quiet:
             printer.note(f"writing {out_path}"
                          + (f" and {fields_path}" if fields_path is not None else ""))
@@ -1210,12 +1224,8 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
     finally:
         printer.close()
         maps.clear()
-        done_blocks = 0
-        if not finished and all(f.is_file() for f in work):
-            try:
-                done_blocks = BlockState.load(state_path)[0].next_block
-            except SsemnetError:
-                done_blocks = 0
+        done_blocks = (_blocks_done(state_path) if not finished
+                       and all(f.is_file() for f in work) else 0)
         if not done_blocks:
             _unlink_quietly(*work)
         else:
@@ -1226,19 +1236,8 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
                  f"command with --resume writes them ({where}).\n" if done_blocks == n_blocks
                  else f"stopped after block {done_blocks} of {n_blocks}; the same command "
                       f"with --resume goes on from there ({where}).\n")
-    # printed only once every file is written: a closed stdout cannot cost a file
-    out.write(f"aligned stack -> {out_path}\n")
-    if fields_path is not None:
-        out.write(f"displacement fields -> {fields_path}\n")
-    out.write(f"aligned in {len(summary.blocks)} blocks of at most {params.block_size} "
-              "sections\n")
-    out.write(format_summary((z, h, w), summary.device, summary.timings, summary.ncc_before,
-                             summary.ncc_after, summary.flags) + "\n")
-    out.write(_wall_line())
-    _write_summary(args, (z, h, w), stack.dtype, summary.device, params, summary.timings,
-                   summary.ncc_before, summary.ncc_after, summary.flags, out_path, fields_path,
+    return _report(args, out, (z, h, w), stack.dtype, summary, params, out_path, fields_path,
                    blocks=len(summary.blocks))
-    return EXIT_OK
 
 
 def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
@@ -1293,8 +1292,7 @@ def _apply(args: argparse.Namespace, stack: Any, fields: Any, out_path: Path,
               f"{'nearest neighbour, labels' if order == 0 else 'bilinear'}): {z} sections "
               f"of {h}x{w} px\n")
     out.flush()
-    printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False,
-                              t0=_STARTED[0])
+    printer = _printer()
 
     def sections(should_stop: Callable[[], bool]) -> Iterator[np.ndarray]:
         for zz, disp in enumerate(fields):
@@ -1350,6 +1348,7 @@ def cmd_train(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _train(args: argparse.Namespace, paths: list[Path], path: Path, out: TextIO) -> int:
+    from .core.align import run_generator
     from .core.features import load_weights, save_weights, train_encoder
     from .core.io import read_stack
 
@@ -1361,19 +1360,11 @@ def _train(args: argparse.Namespace, paths: list[Path], path: Path, out: TextIO)
     total_px = sum(s.size for s in stacks)
     out.write(f"training the encoder on {len(stacks)} stack(s), {total_px / 1e6:.1f} Mpx\n")
     out.flush()
-    printer = ProgressPrinter(sys.stderr, tty=None if not args.quiet else False,
-                              t0=_STARTED[0])
+    printer = _printer()
     try:
         with ctrl_c_stops() as should_stop:
-            gen = train_encoder(stacks, should_stop=should_stop, **kwargs)
-            while True:
-                try:
-                    event = next(gen)
-                except StopIteration as stop:
-                    model = stop.value
-                    break
-                if not args.quiet:
-                    printer(event)
+            model = run_generator(train_encoder(stacks, should_stop=should_stop, **kwargs),
+                                  None if args.quiet else printer)
     finally:
         printer.close()
     info = dict(getattr(model, "info", {}) or {})
