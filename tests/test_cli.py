@@ -305,6 +305,25 @@ def test_a_signal_between_the_two_renames_does_not_part_the_outputs(tiny_tif, tm
     assert sigint is signal.default_int_handler and sigterm.__name__ == "handler"
 
 
+def test_ctrl_c_while_the_blockwise_fields_are_written_leaves_no_half_file(
+        tiny_tif, tmp_path, monkeypatch, capsys):
+    import napari_ssemnet.core.io as core_io
+
+    real = core_io.save_fields
+
+    def interrupted(path, *args, **kwargs):
+        Path(path).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(core_io, "save_fields", interrupted)
+    out, fields = tmp_path / "al.tif", tmp_path / "f.npz"
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), "--fields", str(fields),
+                     "--block-size", "3", "--window", "1", *TINY]) == 130
+    monkeypatch.setattr(core_io, "save_fields", real)
+    assert not (tmp_path / ".f.npz.partial.npz").exists()
+    assert "--resume writes them" in capsys.readouterr().err  # every block is kept
+
+
 def _terminate_during_fit(argv: list[str], env: dict, when: str = "fit level"
                           ) -> subprocess.CompletedProcess:
     """Run the CLI, send SIGTERM once a log line contains ``when``, and collect what it

@@ -742,6 +742,9 @@ def _finish_outputs(tif_tmp: Path, out_path: Path, fields_tmp: Path | None,
         except (OSError, ValueError) as exc:
             _unlink_quietly(fields_tmp)
             raise _write_failure(f"the fields {fields_path}", fields_tmp, exc) from None
+        except BaseException:  # Ctrl-C while the fields are written: no half file left
+            _unlink_quietly(fields_tmp)
+            raise
     # Ctrl-C or SIGTERM between the two renames would part the fields from the TIFF: their
     # handlers only take note until both are done (a signal mask would not do: the kernel
     # hands a process-wide signal to another thread, and Python still runs the handler)
