@@ -680,7 +680,7 @@ class AlignWidget(QWidget):
         job = self._job
         assert job is not None
         source = job["source"]
-        tf = job.get("transform") or self._source_transform(source)
+        tf = job["transform"]
         z_count, h, w = job["shape"]
         stream = job["stream"]
         if stream is None:
@@ -733,11 +733,11 @@ class AlignWidget(QWidget):
 
     def _show_layers(self, source: str, *, aligned: np.ndarray, valid: np.ndarray,
                      displacement: np.ndarray, ncc_error: np.ndarray, meta_kw: dict[str, Any],
-                     vector_sections: list[int] | None = None,
-                     transform: dict[str, Any] | None = None) -> None:
-        """Add or update the three result layers for ``source`` (placed by ``transform``,
-        the source's when the run started; else the source's now)."""
-        tf = transform or self._source_transform(source)
+                     transform: dict[str, Any],
+                     vector_sections: list[int] | None = None) -> None:
+        """Add or update the three result layers for ``source``, placed by ``transform``
+        (the source's when the run started)."""
+        tf = transform
         extra = dict(meta_kw.pop("extra", {}) or {})
 
         def meta(role: str, more: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -772,7 +772,7 @@ class AlignWidget(QWidget):
         res = outcome.result
         source = job["source"]
         self._show_layers(
-            source, transform=job.get("transform"), aligned=res.aligned, valid=res.valid,
+            source, transform=job["transform"], aligned=res.aligned, valid=res.valid,
             displacement=res.displacement,
             ncc_error=outcome.ncc_error,
             meta_kw={"ncc_before": res.ncc_before, "ncc_after": res.ncc_after,
@@ -809,7 +809,7 @@ class AlignWidget(QWidget):
             extra["section_params"] = {str(k): p.to_dict()
                                        for k, p in sorted(out.result.section_params.items())}
         self._show_layers(
-            source, transform=job.get("transform"), aligned=out.aligned, valid=out.valid,
+            source, transform=job["transform"], aligned=out.aligned, valid=out.valid,
             displacement=out.displacement,
             ncc_error=out.ncc_error, vector_sections=sections,
             meta_kw={"ncc_before": out.ncc_before, "ncc_after": out.ncc_after,

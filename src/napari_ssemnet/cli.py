@@ -236,6 +236,23 @@ _stopped_by: list[int] = []  # the signal that asked the current command to stop
 
 
 @contextmanager
+def _handling(names: Sequence[str], handler: Callable[[int, Any], Any]) -> Iterator[None]:
+    """``handler`` for the named signals (those this platform has) while the block runs, the
+    previous handlers after it; nothing changes outside the main thread, where Python cannot
+    set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = [getattr(signal, name) for name in names if hasattr(signal, name)]
+    old = {sig: signal.signal(sig, handler) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+
+@contextmanager
 def ctrl_c_stops() -> Iterator[Callable[[], bool]]:
     """Turn the first Ctrl-C or SIGTERM into a polite stop request; a second one
     interrupts at once.
@@ -247,9 +264,6 @@ def ctrl_c_stops() -> Iterator[Callable[[], bool]]:
     handlers cannot be set) it yields a callable that never stops.
     """
     requested = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield requested.is_set
-        return
 
     def handler(signum: int, frame: Any) -> None:
         if requested.is_set():
@@ -260,13 +274,8 @@ def ctrl_c_stops() -> Iterator[Callable[[], bool]]:
         _say(sys.stderr, f"\nstopping ({signal.Signals(signum).name})... "
                          f"({again} again to abort at once)\n")
 
-    sigs = [getattr(signal, name) for name in _STOP_SIGNALS if hasattr(signal, name)]
-    old = {sig: signal.signal(sig, handler) for sig in sigs}
-    try:
+    with _handling(_STOP_SIGNALS, handler):
         yield requested.is_set
-    finally:
-        for sig, previous in old.items():
-            signal.signal(sig, previous)
 
 
 @contextmanager
@@ -274,19 +283,12 @@ def _sigterm_interrupts() -> Iterator[None]:
     """Outside the stages that poll for a stop (reading, writing), SIGTERM interrupts like
     Ctrl-C, so that working files are removed; by default it would end the process on the
     spot and leave them."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
     def handler(signum: int, frame: Any) -> None:
         _stopped_by[:] = [signum]
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
+    with _handling(["SIGTERM"], handler):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def _printer() -> ProgressPrinter:
@@ -392,7 +394,7 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
 def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: Path | None,
            out: TextIO) -> int:
     from .core.align import align_stack
-    from .core.io import open_stack, read_resolution, read_stack, save_fields, write_stack
+    from .core.io import open_stack, read_resolution, read_stack, write_stack
 
     blockwise = params.block_size > 0
     if args.resume and not blockwise:  # before reading a stack that may not even fit
@@ -431,9 +433,9 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
         stack.close()
         stack = read_stack(args.input)
     z, h, w = stack.shape
-    out_bytes = 4 if args.output_dtype == "float32" else max(1, np.dtype(stack.dtype).itemsize)
+    out_dtype = _output_dtype(stack.dtype, args.output_dtype)
     # before the work, not after it: a full disk would cost the whole alignment
-    _check_space([(Path(output), z * h * w * out_bytes)]
+    _check_space([(Path(output), z * h * w * out_dtype.itemsize)]
                  + ([(fields, z * 2 * h * w * 4)] if fields is not None else []))
     printer = _printer()
     callback = None if args.quiet else printer
@@ -442,28 +444,23 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
             result = align_stack(stack, params, progress=callback, should_stop=should_stop)
     finally:
         printer.close()
-    aligned = result.aligned
-    if args.output_dtype == "input":
-        aligned = as_dtype(aligned, stack.dtype)
+    aligned = as_dtype(result.aligned, out_dtype)
     out_path = Path(output)
     if not args.quiet:  # a big stack's TIFF and fields take a while: the log says so
         printer.note(f"writing {out_path}" + (f" and {fields}" if fields is not None else ""))
     # under a working name, renamed over -o once complete: an existing -o survives a failure
     # and a hard link at -o is replaced, never written through
     tmp = _partial(out_path, "joint-partial.tif")
-    tmp_fields = _partial(fields, "partial.npz") if fields is not None else None
     try:
         try:
             write_stack(tmp, aligned,
                         resolution=read_resolution(args.input) if args.input else None)
         except (OSError, ValueError) as exc:
             raise _write_failure(f"the aligned stack {out_path}", tmp, exc) from None
-        _finish_outputs(tmp, out_path, tmp_fields, fields, lambda path: save_fields(
-            path, result.displacement, params=result.params, flags=result.flags,
-            ncc_before=result.ncc_before, ncc_after=result.ncc_after,
-            **_provenance(result.device)))
+        _finish_outputs(tmp, out_path, fields,
+                        _fields_writer(result.displacement, result.params, result))
     finally:
-        _unlink_quietly(tmp, tmp_fields)
+        _unlink_quietly(tmp, _fields_partial(fields))
     return _report(args, out, (z, h, w), stack.dtype, result, result.params, out_path, fields)
 
 
@@ -720,6 +717,30 @@ def _partial(path: Path, suffix: str) -> Path:
     return path.with_name(f".{path.name}.{suffix}")
 
 
+def _fields_partial(fields: Path | None) -> Path | None:
+    """The working name of the fields' ``.npz`` (None without ``--fields``)."""
+    return _partial(fields, "partial.npz") if fields is not None else None
+
+
+def _fields_writer(displacement: Any, params: AlignParams, res: Any) -> Callable[[Path], None]:
+    """Writes ``displacement`` with the run's parameters, flags, NCC and provenance
+    (``res``: an :class:`AlignmentResult` or a block-wise summary) to a path."""
+    from .core.io import save_fields
+
+    def write(path: Path) -> None:
+        save_fields(path, displacement, params=params, flags=res.flags,
+                    ncc_before=res.ncc_before, ncc_after=res.ncc_after,
+                    **_provenance(res.device))
+    return write
+
+
+def _output_dtype(input_dtype: Any, choice: str) -> np.dtype:
+    """The type written for ``--output-dtype`` (``input`` or ``float32``); a boolean mask
+    becomes uint8 0/1, which every TIFF reader takes."""
+    dtype = np.dtype(np.float32) if choice == "float32" else np.dtype(input_dtype)
+    return np.dtype(np.uint8) if dtype.kind == "b" else dtype
+
+
 def _install(tmp: Path, target: Path) -> None:
     """Rename a finished working file over ``target``; a file it replaces passes on its
     permissions where it can (a group-writable result in a shared folder stays so)."""
@@ -731,11 +752,12 @@ def _install(tmp: Path, target: Path) -> None:
     tmp.replace(target)
 
 
-def _finish_outputs(tif_tmp: Path, out_path: Path, fields_tmp: Path | None,
-                    fields_path: Path | None, write_fields: Callable[[Path], Any]) -> None:
+def _finish_outputs(tif_tmp: Path, out_path: Path, fields_path: Path | None,
+                    write_fields: Callable[[Path], Any]) -> None:
     """Write the fields under their working name (``write_fields(path)``), then rename the
     fields and the finished TIFF over their targets, one right after the other: neither
     replaces an existing file before both are complete."""
+    fields_tmp = _fields_partial(fields_path)
     if fields_path is not None:
         try:
             write_fields(fields_tmp)
@@ -749,21 +771,13 @@ def _finish_outputs(tif_tmp: Path, out_path: Path, fields_tmp: Path | None,
     # handlers only take note until both are done (a signal mask would not do: the kernel
     # hands a process-wide signal to another thread, and Python still runs the handler)
     noted: list[int] = []
-    old: dict[int, Any] = {}
     try:
-        if threading.current_thread() is threading.main_thread():
-            for name in _STOP_SIGNALS:
-                if hasattr(signal, name):
-                    sig = getattr(signal, name)
-                    old[sig] = signal.signal(sig, lambda signum, frame: noted.append(signum))
-        if fields_path is not None:
-            _install(fields_tmp, fields_path)
-        _install(tif_tmp, out_path)
+        with _handling(_STOP_SIGNALS, lambda signum, frame: noted.append(signum)):
+            if fields_path is not None:
+                _install(fields_tmp, fields_path)
+            _install(tif_tmp, out_path)
     except OSError as exc:
         raise ResourceError(f"Could not write the output: {exc}") from None
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
     if noted:  # the outputs are complete: the stop came too late to matter
         _say(sys.stderr, f"({signal.Signals(noted[0]).name} while the outputs were put in "
                          "place: they are complete)\n")
@@ -842,6 +856,14 @@ _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 """What ``flock`` answers on a file system without kernel locks."""
 
 
+def _still_at(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path``."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
 def _flock(out_path: Path, lock: Path) -> int | None:
     """Take ``lock`` with a kernel lock (``flock``), which ends with its process however that
     ends, so that no stale lock can be taken over by two runs at once. Returns the open
@@ -887,11 +909,7 @@ def _flock(out_path: Path, lock: Path) -> int | None:
                     _unlink_quietly(lock)
                 return None
             raise SsemnetError(f"Could not lock {lock}: {exc.strerror or exc}") from None
-        try:  # still the lock file, not one that a run which just ended removed
-            same = os.path.samestat(os.fstat(fd), os.stat(lock))
-        except OSError:
-            same = False
-        if not same:
+        if not _still_at(fd, lock):  # a run that just ended removed it
             os.close(fd)
             continue
         # the kernel lock decides: an id left in the file by a crashed run may belong to
@@ -945,11 +963,7 @@ def _take_foreign_lock(out_path: Path, lock: Path, fcntl: Any) -> bool:
                                        f"{exc.strerror or exc}") from None
         # ours now; remove it only if it is still the file at the lock's path (its run may
         # have removed it, and a new run made and locked another one since)
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(lock))
-        except OSError:
-            same = False
-        if same:
+        if _still_at(fd, lock):
             try:  # needs write access to the folder only
                 lock.unlink()
             except FileNotFoundError:
@@ -1120,14 +1134,11 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
 
     from .core.align import run_generator
     from .core.blocks import BlockState, block_plan, iter_align_blocks
-    from .core.io import read_resolution, save_fields, tiff_write_kwargs
+    from .core.io import read_resolution, tiff_write_kwargs
 
     z, h, w = (int(n) for n in stack.shape)
-    dtype = np.dtype(stack.dtype) if args.output_dtype == "input" else np.dtype(np.float32)
-    if dtype.kind == "b":
-        dtype = np.dtype(np.uint8)
+    dtype = _output_dtype(stack.dtype, args.output_dtype)
     out_path = Path(output)
-    tmp_fields = _partial(fields_path, "partial.npz") if fields_path is not None else None
     work = [_partial(out_path, x) for x in _BLOCK_WORK]
     tmp_tif, tmp_disp, state_path = work
     run_id = _run_identity(args, params, (z, h, w), dtype)
@@ -1217,10 +1228,8 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
             printer.note(f"writing {out_path}"
                          + (f" and {fields_path}" if fields_path is not None else ""))
         maps.pop("aligned").flush()
-        _finish_outputs(tmp_tif, out_path, tmp_fields, fields_path, lambda path: save_fields(
-            path, maps["disp"], params=params, flags=summary.flags,
-            ncc_before=summary.ncc_before, ncc_after=summary.ncc_after,
-            **_provenance(summary.device)))
+        _finish_outputs(tmp_tif, out_path, fields_path,
+                        _fields_writer(maps["disp"], params, summary))
         finished = True
     except OSError as exc:
         raise ResourceError(f"Could not write the output: {exc}") from None
@@ -1281,10 +1290,7 @@ def _apply(args: argparse.Namespace, stack: Any, fields: Any, out_path: Path,
         _say(sys.stderr, f"note: {args.input} is {dtype}, the type of label ids; without "
                          "--labels they are interpolated into ids that do not exist (add "
                          "--labels to keep them).\n")
-    if order == 1 and args.output_dtype == "float32":
-        dtype = np.dtype(np.float32)
-    if dtype.kind == "b":
-        dtype = np.dtype(np.uint8)
+    dtype = _output_dtype(dtype, args.output_dtype if order == 1 else "input")
     _check_space([(out_path, z * h * w * dtype.itemsize)])
     # not align's working name: a stopped block-wise run there stays resumable
     tmp = _partial(out_path, "apply-partial.tif")
