@@ -18,7 +18,7 @@ Result layer names are derived from the source layer name::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -111,8 +111,7 @@ def aligned_layer_data(
     *,
     contrast_limits: Sequence[float] | None = None,
     colormap: str = "gray",
-    scale: Sequence[float] | None = None,
-    translate: Sequence[float] | None = None,
+    placement: Mapping[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> LayerDataTuple:
     """Image layer data for the aligned stack.
@@ -127,8 +126,9 @@ def aligned_layer_data(
         Usually the source layer's, so both look the same; else computed from the data.
     colormap : str
         Usually the source layer's colormap name.
-    scale, translate : sequence of float, optional
-        The source layer's world transform, so results overlay it.
+    placement : mapping, optional
+        The source layer's world transform and units (:func:`placement`), so that results
+        overlay it.
     metadata : dict, optional
         From :func:`result_metadata`.
 
@@ -147,7 +147,7 @@ def aligned_layer_data(
     limits = _sensible_limits(aligned, contrast_limits)
     if limits is not None:
         kwargs["contrast_limits"] = limits
-    _add_transform(kwargs, scale, translate)
+    kwargs.update(placement or {})
     return aligned, kwargs, "image"
 
 
@@ -167,11 +167,18 @@ def _sensible_limits(data: np.ndarray, preferred: Sequence[float] | None) -> lis
     return [float(lo), float(hi)]
 
 
-def _add_transform(kwargs: dict[str, Any], scale, translate) -> None:
-    if scale is not None:
-        kwargs["scale"] = list(scale)
-    if translate is not None:
-        kwargs["translate"] = list(translate)
+PLACEMENT_KEYS = ("scale", "translate", "rotate", "shear", "affine", "units")
+
+
+def placement(layer: Any) -> dict[str, Any]:
+    """A layer's world transform (scale, translate, rotation, shear, affine) and units as
+    layer keyword arguments: result layers made with them lie exactly on the layer."""
+    return {"scale": [float(v) for v in layer.scale],
+            "translate": [float(v) for v in layer.translate],
+            "rotate": np.asarray(layer.rotate, float).tolist(),
+            "shear": np.asarray(layer.shear, float).tolist(),
+            "affine": np.asarray(layer.affine.affine_matrix, float).tolist(),
+            "units": [str(u) for u in layer.units]}
 
 
 def arrow_grid(shape: tuple[int, int], arrows_across: int = DEFAULT_ARROWS_ACROSS
@@ -307,8 +314,7 @@ def displacement_layer_data(
     section_shape: tuple[int, int],
     arrows_across: int = DEFAULT_ARROWS_ACROSS,
     length: float | None = None,
-    scale: Sequence[float] | None = None,
-    translate: Sequence[float] | None = None,
+    placement: Mapping[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> LayerDataTuple:
     """Vectors layer data for the displacement field.
@@ -349,7 +355,7 @@ def displacement_layer_data(
         "opacity": 0.9,
         "metadata": meta,
     }
-    _add_transform(kwargs, scale, translate)
+    kwargs.update(placement or {})
     return vectors, kwargs, "vectors"
 
 
@@ -369,8 +375,7 @@ def ncc_error_layer_data(
     error: np.ndarray,
     source_name: str,
     *,
-    scale: Sequence[float] | None = None,
-    translate: Sequence[float] | None = None,
+    placement: Mapping[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
     visible: bool = True,
 ) -> LayerDataTuple:
@@ -395,7 +400,7 @@ def ncc_error_layer_data(
         "visible": visible,
         "metadata": metadata or result_metadata(ROLE_NCC_ERROR, source_name),
     }
-    _add_transform(kwargs, scale, translate)
+    kwargs.update(placement or {})
     return error.astype(np.float32, copy=False), kwargs, "image"
 
 
@@ -511,7 +516,7 @@ def upsert_layer(viewer: Any, layer_data: LayerDataTuple, *, role: str, source_n
         for key in ("contrast_limits", "colormap"):
             if key in update:
                 setattr(existing, key, update.pop(key))
-    for key in ("scale", "translate"):
+    for key in PLACEMENT_KEYS:
         if key in update:
             setattr(existing, key, update.pop(key))
     if "metadata" in update:

@@ -91,7 +91,7 @@ def usable_reason(layer: Any) -> str | None:
     if not isinstance(layer, Image):
         return f"'{layer.name}' is a {type(layer).__name__} layer, not an Image"
     if L.is_result_layer(layer):
-        return f"'{layer.name}' is an napari-ssemnet result layer"
+        return f"'{layer.name}' is a napari-ssemnet result layer"
     if layer.rgb:
         return f"'{layer.name}' is RGB; convert it to grayscale first"
     if layer.multiscale:
@@ -638,10 +638,8 @@ class AlignWidget(QWidget):
     def _source_transform(self, source: str) -> dict[str, Any]:
         layer = self.viewer.layers[source] if source in self.viewer.layers else None
         if layer is None:
-            return {"scale": None, "translate": None, "contrast_limits": None,
-                    "colormap": "gray"}
-        return {"scale": list(layer.scale), "translate": list(layer.translate),
-                "contrast_limits": list(layer.contrast_limits),
+            return {"placement": None, "contrast_limits": None, "colormap": "gray"}
+        return {"placement": L.placement(layer), "contrast_limits": list(layer.contrast_limits),
                 "colormap": layer.colormap.name}
 
     def _snapshot(self, job: dict[str, Any], roles: tuple[str, ...]) -> None:
@@ -714,7 +712,7 @@ class AlignWidget(QWidget):
         if layer is None or not stream.get("aligned_layer"):
             data = L.aligned_layer_data(
                 stream["aligned"], source, contrast_limits=tf["contrast_limits"],
-                colormap=tf["colormap"], scale=tf["scale"], translate=tf["translate"],
+                colormap=tf["colormap"], placement=tf["placement"],
                 metadata=L.result_metadata(L.ROLE_ALIGNED, source, **meta_kw))
             L.upsert_layer(self.viewer, data, role=L.ROLE_ALIGNED, source_name=source)
             stream["aligned_layer"] = True
@@ -724,8 +722,7 @@ class AlignWidget(QWidget):
         vectors = np.concatenate([stream["vectors"][z] for z in done])
         mags = np.concatenate([stream["magnitude"][z] for z in done])
         data = L.displacement_layer_data(
-            vectors, mags, source, section_shape=(h, w), scale=tf["scale"],
-            translate=tf["translate"],
+            vectors, mags, source, section_shape=(h, w), placement=tf["placement"],
             metadata=L.result_metadata(L.ROLE_DISPLACEMENT, source, **meta_kw))
         L.upsert_layer(self.viewer, data, role=L.ROLE_DISPLACEMENT, source_name=source)
         if new:  # a new layer takes the selection, and the chooser would follow it
@@ -749,16 +746,15 @@ class AlignWidget(QWidget):
         shown = as_dtype(aligned, dtype) if dtype else aligned
         L.upsert_layer(self.viewer, L.aligned_layer_data(
             shown, source, contrast_limits=tf["contrast_limits"], colormap=tf["colormap"],
-            scale=tf["scale"], translate=tf["translate"], metadata=meta(L.ROLE_ALIGNED)),
+            placement=tf["placement"], metadata=meta(L.ROLE_ALIGNED)),
             role=L.ROLE_ALIGNED, source_name=source)
         vectors, mags = L.stack_vectors(displacement, valid=valid, sections=vector_sections)
         L.upsert_layer(self.viewer, L.displacement_layer_data(
-            vectors, mags, source, section_shape=aligned.shape[1:], scale=tf["scale"],
-            translate=tf["translate"],
+            vectors, mags, source, section_shape=aligned.shape[1:], placement=tf["placement"],
             metadata=meta(L.ROLE_DISPLACEMENT, {"displacement": displacement})),
             role=L.ROLE_DISPLACEMENT, source_name=source)
         L.upsert_layer(self.viewer, L.ncc_error_layer_data(
-            ncc_error, source, scale=tf["scale"], translate=tf["translate"],
+            ncc_error, source, placement=tf["placement"],
             metadata=meta(L.ROLE_NCC_ERROR, {"sigma": 8.0})),
             role=L.ROLE_NCC_ERROR, source_name=source)
         self._select(source)
@@ -1094,8 +1090,7 @@ class ApplyFieldsWidget(QWidget):
         meta = L.result_metadata(L.ROLE_APPLIED, name, extra={"fields_file": str(path),
                                                               "order": order})
         kwargs: dict[str, Any] = {"name": L.layer_name(name, L.ROLE_APPLIED), "metadata": meta,
-                                  "scale": list(layer.scale),
-                                  "translate": list(layer.translate)}
+                                  **L.placement(layer)}
         if not is_labels:
             kwargs["contrast_limits"] = list(layer.contrast_limits)
             kwargs["colormap"] = layer.colormap.name

@@ -74,7 +74,7 @@ def test_arrow_scale_shows_typical_arrows_without_long_ones_overlapping():
 def test_aligned_and_error_layers():
     aligned = np.random.default_rng(0).random((3, 40, 40)).astype(np.float32)
     data, kw, kind = L.aligned_layer_data(aligned, "em", contrast_limits=(0, 255),
-                                          scale=(2, 1, 1))
+                                          placement={"scale": [2, 1, 1]})
     assert kind == "image" and kw["contrast_limits"] == [0.0, 255.0] and kw["scale"] == [2, 1, 1]
     # degenerate source limits -> computed from the data
     _, kw, _ = L.aligned_layer_data(aligned, "em", contrast_limits=(5, 5))

@@ -561,7 +561,10 @@ def test_results_keep_the_sources_placement_when_it_is_deleted_during_the_run(
         qtbot, viewer_widget, monkeypatch):
     viewer, widget = viewer_widget
     stack = make_stack(z=5, size=96)
-    viewer.add_image(stack, name="em", scale=(50, 4, 4), translate=(100, 20, 30))
+    # a rotated layer in nm: the results must lie on it, not only share its scale
+    src = viewer.add_image(stack, name="em", scale=(50, 4, 4), translate=(100, 20, 30),
+                           rotate=20, units=("nm", "nm", "nm"))
+    world = np.asarray(src.extent.world)
     set_fast(widget)
     held, release = _hold_after_sections(monkeypatch, 2)[2]
     with qtbot.waitSignal(widget.job_finished, timeout=60000) as blocker:
@@ -580,6 +583,10 @@ def test_results_keep_the_sources_placement_when_it_is_deleted_during_the_run(
     for name in ("em aligned", "em displacement", "em NCC error"):
         layer = viewer.layers[name]
         assert list(layer.scale) == [50, 4, 4] and list(layer.translate) == [100, 20, 30], name
+        assert [str(u) for u in layer.units] == ["nanometer"] * 3, name
+        if name != "em displacement":  # vectors' extent is that of their arrows
+            np.testing.assert_allclose(layer.extent.world, world, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(layer.rotate, src.rotate, atol=1e-12, err_msg=name)
 
 
 def test_a_lazy_layer_is_read_in_the_worker_not_on_the_gui_thread(qtbot, viewer_widget):
