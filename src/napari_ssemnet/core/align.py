@@ -109,8 +109,10 @@ class AlignmentResult:
         valid in both; NaN where a section has no usable neighbour or is blank.
     flags : list of str, length Z
         ``""`` for a normal section, else ``"blank"``, ``"no_overlap"``,
-        ``"low_confidence"`` or ``"duplicate"`` (the same image as its neighbour on the side
-        of the reference, saved twice; left out of the NCC).
+        ``"low_confidence"`` (no confident chain of pre-alignment matches links it to the
+        reference: a doubtful match flags every section placed through it) or
+        ``"duplicate"`` (the same image as its neighbour on the side of the reference, saved
+        twice; left out of the NCC).
     params : AlignParams
         Those of the run.
     timings : dict of str to float
@@ -167,7 +169,24 @@ def format_summary(shape: tuple[int, ...], device: str, timings: dict[str, float
     for zz, f in enumerate(flags):
         if f:
             lines.append(f"section {zz}: {f}")
+    doubtful = [zz for zz, f in enumerate(flags) if f == FLAG_LOW_CONFIDENCE]
+    if doubtful:
+        lines.append(
+            f"{_ranges(doubtful)}: {FLAG_LOW_CONFIDENCE} means that no confident chain of "
+            "matches links the section to the reference; a wrong match moves every section "
+            "placed after it together, so look at these (a section out of order or from "
+            "elsewhere, or lost sections just before them, are the usual causes)")
     return "\n".join(lines)
+
+
+def _ranges(sections: list[int]) -> str:
+    """``[3, 4, 5, 9]`` -> ``"sections 3-5, 9"``."""
+    parts, start = [], sections[0]
+    for a, b in zip(sections, sections[1:] + [None], strict=True):
+        if b != a + 1:
+            parts.append(f"{start}-{a}" if a > start else f"{a}")
+            start = b
+    return ("sections " if len(sections) > 1 else "section ") + ", ".join(parts)
 
 
 ProgressCallback = Callable[[Progress | SectionResult], None]

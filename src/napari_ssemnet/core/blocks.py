@@ -30,6 +30,7 @@ import numpy as np
 from .align import (
     FLAG_BLANK,
     FLAG_DUPLICATE,
+    FLAG_LOW_CONFIDENCE,
     FLAG_OK,
     USABLE_FLAGS,
     Progress,
@@ -422,7 +423,10 @@ def iter_align_blocks(
         matrices, confidence = yield from _relabelled(prealign.prealign_stack(
             norm, blank, reference=anchor, kind=params.prealign,
             max_rotation=params.max_rotation, device=device, should_stop=stop_check,
-            fixed=held_now or {anchor: np.eye(3)}), tag, members)
+            fixed=held_now or {anchor: np.eye(3)},
+            # a doubtful link earlier in the chain stays one for the sections beyond it
+            fixed_confidence={i: 0.0 for i in held_now
+                              if flags[members[i]] == FLAG_LOW_CONFIDENCE}), tag, members)
         if params.prealign == "none" and held_now:
             # the fit's translations chain outwards from the anchor, whose own is in its map
             matrices[~fixed] = held_mats[anchor_z]

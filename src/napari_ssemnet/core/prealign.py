@@ -49,6 +49,9 @@ MEMBRANE_BAND = (1.0, 8.0)  # band-pass sigmas, work px
 # than (2, 16); 4 hypotheses on every pair did not help the clean case.
 GAP_BAND = (2.0, 16.0)
 GAP_HYPOTHESES = 4
+AGREE_WORK_PX = 3.0
+"""Two doubtful matches of a section (to its two anchors) whose maps put every corner of
+the section within this many work pixels of each other confirm each other."""
 
 
 def pair_settings(kind: str, distance: int) -> tuple[tuple[float, float], str, int]:
@@ -457,6 +460,13 @@ def _refine_on_patches(fixed: torch.Tensor, moving: torch.Tensor, m: np.ndarray,
     return m, conf, support
 
 
+def _agree(a: np.ndarray, b: np.ndarray, size: tuple[int, int], tol: float) -> bool:
+    """Whether two maps put the corners of an ``size`` (h, w) section within ``tol`` px."""
+    h, w = size
+    corners = np.array([[0, 0, h - 1, h - 1], [0, w - 1, 0, w - 1], [1, 1, 1, 1]], float)
+    return float(np.abs((a - b) @ corners)[:2].max()) <= tol
+
+
 def prealign_stack(
     norm: np.ndarray,
     blank: np.ndarray,
@@ -467,6 +477,7 @@ def prealign_stack(
     device,
     should_stop: Callable[[], None] | None = None,
     fixed: dict[int, np.ndarray] | None = None,
+    fixed_confidence: dict[int, float] | None = None,
 ) -> Generator[object, None, tuple[np.ndarray, np.ndarray]]:
     """Chain pairwise estimates outwards from the reference.
 
@@ -477,14 +488,19 @@ def prealign_stack(
     fixed : dict of int to ndarray (3, 3), optional
         Sections already placed (e.g. by an earlier block) with their matrices: they are
         kept and serve as anchors for the sections beyond them.
+    fixed_confidence : dict of int to float, optional
+        The confidence of fixed sections (default inf), passed on to those placed from them.
 
     Returns
     -------
     matrices : ndarray, shape (Z, 3, 3)
         Reference-frame pixel -> section pixel; identity for the reference.
     confidence : ndarray, shape (Z,)
-        Peak-to-sidelobe ratio of each section's chosen match (inf for the reference and for
-        ``kind='none'``; 0 for blank sections).
+        The weakest link of the chain of matches that places each section relative to the
+        reference (or to a fixed section): the peak-to-sidelobe ratio of each match, where a
+        doubtful match confirmed by the section's other anchor (:data:`AGREE_WORK_PX`)
+        counts as :data:`MIN_CONFIDENCE`. inf for the reference and for ``kind='none'``; 0
+        for blank sections.
     """
     from .align import Progress
 
@@ -494,6 +510,7 @@ def prealign_stack(
     conf[blank] = 0.0
     for zz, m in (fixed or {}).items():
         mats[zz] = m
+        conf[zz] = (fixed_confidence or {}).get(zz, np.inf)
     if kind == "none":
         return mats, conf
     norm_t = torch.from_numpy(norm).to(device)
@@ -520,7 +537,7 @@ def prealign_stack(
             if blank[zz]:
                 mats[zz] = mats[placed[-1]]
                 continue
-            best = None
+            best, tried = None, []
             for cand in placed[-1:-3:-1]:
                 if should_stop is not None:
                     should_stop()
@@ -536,11 +553,21 @@ def prealign_stack(
                 # clearly better than a doubtful nearest match, or confident where it is not
                 # (a torn section's wrong match, 4.85, beat the right one across it, 5.89)
                 score = (c >= MIN_CONFIDENCE, c if cand == placed[-1] else 0.8 * c)
+                tried.append((cand, m @ mats[cand]))
                 if best is None or score > best[0]:
-                    best = (score, m @ mats[cand], c)
+                    best = (score, m @ mats[cand], c, cand)
                 if c >= MIN_CONFIDENCE:
                     break
-            _, mats[zz], conf[zz] = best
+            _, mats[zz], own, anchor = best
+            if own < MIN_CONFIDENCE and any(
+                    _agree(mats[zz], other, (h, w), AGREE_WORK_PX * k)
+                    for cand, other in tried if cand != anchor):
+                own = MIN_CONFIDENCE
+            # a section is only as well placed as the chain that links it to the reference:
+            # after a wrong match (a section from elsewhere, a swap, a run of lost sections)
+            # every later section is misplaced with it, though each of their own matches is
+            # sound
+            conf[zz] = min(own, conf[anchor])
             placed.append(zz)
     yield Progress("prealign", total, total, "pre-alignment done")
     return mats, conf
