@@ -314,9 +314,20 @@ class AlignWidget(QWidget):
                 res.name = L.layer_name(new, role)
 
     def _on_layer_data(self, event: Any = None) -> None:
-        # a stack replaced in place may have another number of sections
-        if event is not None and event.source.name == self.layer_combo.currentText():
-            self._on_layer_changed(self.layer_combo.currentText())
+        if event is None or L.is_result_layer(event.source):
+            return
+        name = event.source.name
+        # new data, even of the same shape: the stored result (fields, Re-align's base) is
+        # for the old data and must not be saved or mixed with the new
+        stale = self.results.pop(name, None) is not None
+        if self._job is not None and self._job.get("source") == name:
+            self._job["stale"] = True
+            stale = True
+        if stale:
+            self.status.setText(f"The data of '{name}' changed: its alignment result no longer "
+                                "applies (the result layers show the old data); press Align.")
+        if name == self.layer_combo.currentText():  # maybe another number of sections
+            self._on_layer_changed(name)
 
     def _refresh_layers(self, prefer: str | None = None) -> None:
         current = prefer or self.layer_combo.currentText()
@@ -513,6 +524,12 @@ class AlignWidget(QWidget):
                                      "first; press Align.")
             return
         z = self.current_section(layer)
+        if kind == "realign" and base is not None and z == base.params.reference:
+            self._refuse("Re-align", f"Section {z} is the reference of this alignment: it "
+                                     "stays where it is, and the others were aligned onto it. "
+                                     "Re-align another section, or align again with another "
+                                     "reference.")
+            return
         self._start(kind, _read_then, jobs.section_job, stack, layer.name, z, params, base,
                     source=layer.name, shape=tuple(stack.shape), params=params, z=z,
                     dtype=str(stack.dtype))
@@ -775,7 +792,8 @@ class AlignWidget(QWidget):
                      "flags": res.flags, "params": res.params.to_dict(),
                      "extra": {"timings": dict(res.timings), "device": res.device,
                                "source_dtype": job["dtype"]}})
-        self.results[source] = res
+        if not job.get("stale"):
+            self.results[source] = res
         self._update_plot()
         z = res.aligned.shape[0]
         total = res.timings.get("total", time.perf_counter() - job["t0"])
@@ -811,7 +829,7 @@ class AlignWidget(QWidget):
             meta_kw={"ncc_before": out.ncc_before, "ncc_after": out.ncc_after,
                      "flags": out.flags, "params": params, "state": state,
                      "complete": out.result is not None, "extra": extra})
-        if commit:
+        if commit and not job.get("stale"):
             self.results[source] = out.result
         self._update_plot()
         sec = out.section

@@ -111,10 +111,20 @@ def write_fields(path: str, data: Any, meta: dict) -> list[str]:
     kept in the layer metadata and that is what is written. Returns an empty list (napari's
     "writer could not write") for vectors layers this plugin did not make.
     """
+    import json
+
     entry = (meta.get("metadata") or {}).get(META_KEY) or {}
     disp = entry.get("displacement")
     if entry.get("role") != ROLE_DISPLACEMENT or disp is None:
         return []
+    if entry.get("state") == "preview":
+        # one section from the preview's parameters, the rest from a full run or none: no
+        # set of parameters describes that
+        raise ValueError(f"This layer shows a Preview of section {entry.get('section')}, not "
+                         "an alignment; press Re-align section to keep it (after Align), or "
+                         "Align, then save.")
+    sections = entry.get("section_params") or {}
     path = save_fields(path, disp, params=entry.get("params") or None,
-                       flags=entry.get("flags"))
+                       flags=entry.get("flags"),
+                       section_params=json.dumps(sections) if sections else "")
     return [path]

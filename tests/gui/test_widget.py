@@ -183,6 +183,34 @@ def test_preview_then_realign(qtbot, viewer_widget, stack, tmp_path):
     assert "Re-aligned section 1" in widget.status.text()
     saved = np.load(widget.save_fields(tmp_path / "f.npz"))
     assert json.loads(str(saved["section_params"]))["1"]["grid_spacing"] == 24
+    # the napari writer (File > Save Selected Layer) writes what Save fields writes
+    from napari_ssemnet._writer import write_fields
+
+    vectors = viewer.layers["em displacement"]
+    written = np.load(write_fields(str(tmp_path / "w.npz"), vectors.data,
+                                   {"metadata": vectors.metadata})[0])
+    np.testing.assert_array_equal(written["displacement"], saved["displacement"])
+    assert json.loads(str(written["section_params"])) == json.loads(str(saved["section_params"]))
+
+    # the reference stays put: re-aligning it would move it (1.2 px in a review)
+    viewer.dims.set_current_step(0, 0)
+    before = res.displacement.copy()
+    widget.realign()
+    assert not widget.running and "reference" in widget.status.text()
+    np.testing.assert_array_equal(widget.results["em"].displacement, before)
+
+    # a preview is not an alignment: the writer refuses it rather than mislabel it
+    viewer.dims.set_current_step(0, 2)
+    assert run_and_wait(qtbot, widget, widget.preview) == "done", error_messages()
+    vectors = viewer.layers["em displacement"]
+    with pytest.raises(ValueError, match="Preview of section 2"):
+        write_fields(str(tmp_path / "p.npz"), vectors.data, {"metadata": vectors.metadata})
+
+    # new data of the same shape: the old result must not be re-aligned or saved with it
+    viewer.layers["em"].data = stack[::-1].copy()
+    assert "em" not in widget.results
+    assert not widget.realign_btn.isEnabled() and not widget.save_btn.isEnabled()
+    assert "changed" in widget.status.text()
 
 
 def test_cancel_stops_quickly_and_restores(qtbot, viewer_widget):
