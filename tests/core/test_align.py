@@ -113,6 +113,8 @@ def _with(value):
     (_blank_stack, {"reference": 1}, ["blank"]),
     (lambda: em(slice(0, 3), 64) > 128, {}, ["boolean"]),
     (lambda: np.zeros((3, 64, 64), np.complex64), {}, ["complex64"]),
+    (lambda: em(slice(0, 3), 64).astype(np.float64) * 1e40, {}, ["float32", "rescale"]),
+    (lambda: np.full((3, 64, 64), 7, np.uint8), {}, ["Every section", "nothing to align"]),
 ])
 def test_bad_input_gives_readable_input_error(make, kwargs, words):
     with pytest.raises(InputError) as info:

@@ -128,3 +128,11 @@ def test_padding_and_a_missing_piece_are_fill_a_saturated_spot_is_not():
     mostly = np.zeros_like(sec)
     mostly[60:64, 60:64] = sec[60:64, 60:64]
     assert metrics.normalise_stack(np.stack([mostly, sec]))[1].tolist() == [True, False]
+
+
+def test_a_large_offset_in_float64_keeps_its_grey_levels():
+    # cast to float32 first, 1e9 + (0..255) kept 5 grey levels and the stack aligned on them
+    stack = em(slice(0, 3), 96).astype(np.float64)
+    plain, _ = metrics.normalise_stack(stack)
+    offset, _ = metrics.normalise_stack(stack + 1e9)
+    np.testing.assert_allclose(offset, plain, atol=1e-5)

@@ -285,6 +285,11 @@ def check_stack(stack: Any, *, name: str = "stack", min_sections: int = 2,
             shown = ", ".join(str(int(s)) for s in zs[:10]) + (" ..." if len(zs) > 10 else "")
             raise InputError(f"The {name} contains NaN or infinite values in section(s) {shown}; "
                              "replace them (e.g. with 0) first.")
+        if arr.dtype.itemsize > 4:  # the aligned stack is float32
+            big = max(float(np.abs(arr[i]).max()) for i in range(z))
+            if big > float(np.finfo(np.float32).max):
+                raise InputError(f"The {name} has values up to {big:.3g}, beyond the float32 "
+                                 "range of the aligned stack (3.4e38); rescale it first.")
     return arr
 
 
@@ -522,6 +527,9 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     yield Progress("prepare", 0, 1, f"normalising {z_count} sections")
     t0 = time.perf_counter()
     norm, blank, fill = metrics.normalise_stack(arr, fill=True, should_stop=stop_check)
+    if blank.all():  # no other reference would help
+        raise InputError("Every section of the stack is blank or has no structure; there is "
+                         "nothing to align.")
     if blank[params.reference]:
         raise InputError(f"Reference section {params.reference} is blank or has no structure; "
                          "choose another reference section.")

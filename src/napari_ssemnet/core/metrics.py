@@ -107,7 +107,10 @@ def normalise_stack(stack: np.ndarray, *, fill: bool = False,
     for i in range(z):
         if should_stop is not None:
             should_stop()
-        s = np.asarray(stack[i], np.float32)
+        raw = np.asarray(stack[i])
+        # centred before the cast: in float32, 1e9 + (0..255) kept 5 grey levels
+        wide = raw.dtype.itemsize > 4 or (raw.dtype.kind in "iu" and raw.dtype.itemsize == 4)
+        s = np.asarray(raw, np.float64 if wide else np.float32)
         fm = fill_mask(stack[i])
         if fm is not None:
             if masks is None:
@@ -124,7 +127,7 @@ def normalise_stack(stack: np.ndarray, *, fill: bool = False,
         if spread <= 0:
             blank[i] = True
             continue
-        n = (s - med) / (spread / 4.0)
+        n = ((s - med) / (spread / 4.0)).astype(np.float32)
         np.clip(n, -3.0, 3.0, out=n)
         if fm is not None:
             n[fm] = 0.0  # the median: flat, so it adds no structure below
