@@ -359,7 +359,9 @@ class AlignWidget(QWidget):
 
     def _on_layer_changed(self, name: str) -> None:
         layer = self.selected_layer()
-        self.form.set_reference_range(layer.data.shape[0] if layer is not None else None)
+        if self.form.set_reference_range(layer.data.shape[0] if layer is not None else None):
+            self.status.setText(f"Reference lowered to {self.form.value('reference')}, the last "
+                                f"section of '{name}'; it goes back with a longer stack.")
         self._update_plot()
         self._update_buttons()
 

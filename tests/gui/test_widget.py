@@ -62,6 +62,23 @@ def test_layer_chooser_lists_only_3d_grayscale(viewer_widget, stack):
     assert widget.layer_combo.count() == 0
 
 
+def test_the_reference_comes_back_after_a_shorter_stack_and_small_values_survive(
+        viewer_widget):
+    viewer, widget = viewer_widget
+    viewer.add_image(make_stack(z=8, size=64), name="long")
+    viewer.add_image(make_stack(z=4, size=64), name="short")
+    widget.set_layer("long")
+    widget.form.set_value("reference", 7)
+    widget.set_layer("short")  # lowered, and the user is told
+    assert widget.form.value("reference") == 3 and "lowered to 3" in widget.status.text()
+    widget.set_layer("long")  # was left at 3 without a word
+    assert widget.form.value("reference") == 7
+    # a value from the API or a params file is shown, not rounded to the box's decimals
+    for name, value in (("smoothness", 0.0015), ("magnitude_penalty", 0.000123)):
+        widget.form.set_value(name, value)
+        assert widget.form.params().to_dict()[name] == pytest.approx(value), name
+
+
 def test_align_makes_three_layers(qtbot, viewer_widget, stack):
     viewer, widget = viewer_widget
     src = viewer.add_image(stack, name="em")

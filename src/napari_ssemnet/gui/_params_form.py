@@ -194,6 +194,8 @@ class ParamsForm(QWidget):
         elif isinstance(c, QSpinBox):
             c.setValue(int(value))
         elif isinstance(c, QDoubleSpinBox):
+            # more decimals where the value needs them: 0.0015 shown with 2 became 0.0
+            c.setDecimals(max(c.decimals(), _decimals(None, float(value))))
             c.setValue(float(value))
         elif isinstance(c, _WeightsEdit):
             c.edit.setText(str(value))
@@ -220,8 +222,18 @@ class ParamsForm(QWidget):
             if name in self.controls:
                 self.set_value(name, value)
 
-    def set_reference_range(self, n_sections: int | None) -> None:
-        """Clamp the reference spin box to ``0 .. n_sections - 1`` (None: unbounded)."""
+    def set_reference_range(self, n_sections: int | None) -> bool:
+        """Clamp the reference spin box to ``0 .. n_sections - 1`` (None: unbounded).
+
+        The value the user chose comes back when a longer stack is chosen again. Returns
+        whether it had to be lowered for this stack.
+        """
         spin = self.controls["reference"]
         assert isinstance(spin, QSpinBox)
+        wish = getattr(self, "_reference_wish", spin.value())
+        if spin.value() != getattr(self, "_reference_shown", None):
+            wish = spin.value()  # set by the user (or by set_value) since the last clamp
         spin.setMaximum(_INT_MAX if not n_sections else max(0, n_sections - 1))
+        spin.setValue(min(wish, spin.maximum()))
+        self._reference_wish, self._reference_shown = wish, spin.value()
+        return spin.value() != wish
