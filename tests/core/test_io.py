@@ -364,3 +364,11 @@ def test_a_folder_of_mask_sections_gives_its_pixel_size_too(tmp_path):
         tifffile.imwrite(tmp_path / f"m{z}.tif", np.zeros((40, 40), bool),
                          resolution=(2.0, 2.0), resolutionunit=3, photometric="minisblack")
     assert read_resolution(tmp_path) == {"resolution": (2.0, 2.0), "resolutionunit": 3}
+
+
+def test_fields_given_a_folder_are_refused_not_written_beside_it(tmp_path):
+    disp = np.zeros((2, 2, 8, 8), np.float32)
+    for target in (str(tmp_path) + "/", tmp_path):
+        with pytest.raises(InputError, match="is a folder"):
+            save_fields(target, disp)
+    assert not (tmp_path.parent / (tmp_path.name + ".npz")).exists()

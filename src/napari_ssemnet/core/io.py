@@ -545,6 +545,10 @@ def save_fields(path: str | os.PathLike, displacement: np.ndarray, params: Any =
     -------
     Path
     """
+    if str(path).endswith(("/", os.sep)) or Path(path).is_dir():
+        # a folder: Path() drops the slash, and "dir/" became a file dir.npz beside it
+        raise InputError(f"{str(path)!r} is a folder; give a file name for the fields, e.g. "
+                         f"{str(Path(path) / 'fields.npz')!r}.")
     disp = np.asarray(displacement, np.float32)
     if disp.ndim != 4 or disp.shape[1] != 2:
         raise InputError(f"Displacement has shape {disp.shape}; expected (Z, 2, H, W).")
