@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import QEvent, Qt, Signal
+from qtpy.QtCore import QEvent, QSize, Qt, Signal
 from qtpy.QtWidgets import (
     QApplication,
     QComboBox,
@@ -984,6 +984,23 @@ def _read_then(job: Any, data: Any, name: str, *args: Any, stop: threading.Event
 # -- "Apply saved fields" ----------------------------------------------------------------
 
 
+class _WrappedLabel(QLabel):
+    """A word-wrapped label that asks for the height of all its lines: in a panel kept at its
+    minimum height (the dock area is shared), a three-line message squeezed the rows above
+    it to 17 px."""
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 - Qt API
+        hint = super().minimumSizeHint()
+        if self.wordWrap() and self.width() > 0 and self.text():
+            return QSize(hint.width(), max(hint.height(), self.heightForWidth(self.width())))
+        return hint
+
+    def resizeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+        super().resizeEvent(event)
+        if event.oldSize().width() != event.size().width():
+            self.updateGeometry()  # its lines, and so its height, follow the width
+
+
 class ApplyFieldsWidget(QWidget):
     """Warp a layer with displacement fields saved by napari-ssemnet (CLI or widget).
 
@@ -1019,7 +1036,7 @@ class ApplyFieldsWidget(QWidget):
         self.apply_btn = QPushButton("Apply")
         form.addRow(self.apply_btn)
         lay.addWidget(box)
-        self.status = QLabel("")  # outside the form: a wrapped line keeps its height there
+        self.status = _WrappedLabel("")  # outside the form: a wrapped line keeps its height
         self.status.setWordWrap(True)
         lay.addWidget(self.status)
         # only the height it needs: the Align panel's parameters share the dock area

@@ -748,6 +748,29 @@ def test_both_panels_fit_a_small_window_without_overlapping(make_napari_viewer, 
     _check_no_overlap(widget)
 
 
+def test_a_long_message_in_the_apply_panel_does_not_squeeze_its_rows(make_napari_viewer,
+                                                                     qtbot):
+    # a three-line error squeezed the Layer, Interpolation and Apply rows to 17 px (of 25),
+    # clipping their text and overlapping the fields-file box
+    from napari_ssemnet._widget import ApplyFieldsWidget
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1400, 900)
+    viewer.window.add_plugin_dock_widget("napari-ssemnet", "Align EM stack")
+    _, panel = viewer.window.add_plugin_dock_widget("napari-ssemnet", "Apply saved fields")
+    assert isinstance(panel, ApplyFieldsWidget)
+    panel.status.setText("Not applied: '/some/long/path/to/a/folder/fields.npz' has no "
+                         "'displacement' array (it has: foo); is it a fields file written by "
+                         "napari-ssemnet?")
+    qtbot.wait(300)
+    for w in (panel.layer_combo, panel.order_combo, panel.apply_btn, panel.path_edit):
+        assert w.height() >= w.minimumSizeHint().height(), w
+    rows = [panel.layer_combo, panel.path_edit, panel.order_combo, panel.apply_btn]
+    tops = [w.mapTo(panel, w.rect().topLeft()).y() for w in rows]
+    bottoms = [t + w.height() for t, w in zip(tops, rows, strict=True)]
+    assert all(b <= t for b, t in zip(bottoms[:-1], tops[1:], strict=True)), (tops, bottoms)
+
+
 def _check_no_overlap(widget):
 
     def box(w):
