@@ -30,7 +30,6 @@ import numpy as np
 from .align import (
     FLAG_BLANK,
     FLAG_DUPLICATE,
-    FLAG_LOW_CONFIDENCE,
     FLAG_OK,
     USABLE_FLAGS,
     Progress,
@@ -91,6 +90,9 @@ class BlockState:
     blocks : list of list of int
     timings : dict of str to float
         Seconds per stage so far.
+    doubtful : ndarray, shape (Z,), bool
+        Sections placed through a doubtful pre-alignment match, whatever their flag says (a
+        ``duplicate`` one too): the sections placed from them inherit the doubt.
     """
 
     next_block: int
@@ -102,6 +104,11 @@ class BlockState:
     pairs_after: dict[tuple[int, int], float] = field(default_factory=dict)
     blocks: list[list[int]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    doubtful: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.doubtful is None:
+            self.doubtful = np.zeros(len(self.flags), bool)
 
     @classmethod
     def start(cls, z_count: int) -> BlockState:
@@ -128,6 +135,7 @@ class BlockState:
             "block_members": np.array([z for b in self.blocks for z in b], np.int64),
             "block_lengths": np.array([len(b) for b in self.blocks], np.int64),
             "timings": np.array(json.dumps(self.timings)),
+            "doubtful": np.asarray(self.doubtful, bool),
             **{f"extra_{k}": np.array(v) for k, v in extra.items()},
         }
         path = Path(path)
@@ -163,7 +171,8 @@ class BlockState:
                 held_grids={z: a["held_grids"][i] for i, z in enumerate(zs)},
                 pairs_before={(int(x), int(y)): float(v) for x, y, v in a["pairs_before"]},
                 pairs_after={(int(x), int(y)): float(v) for x, y, v in a["pairs_after"]},
-                blocks=blocks, timings=json.loads(str(a["timings"])))
+                blocks=blocks, timings=json.loads(str(a["timings"])),
+                doubtful=a["doubtful"].astype(bool) if "doubtful" in a else None)
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise InputError(f"{str(path)!r} is not a readable block-wise run state "
                              f"({type(exc).__name__}).") from None
@@ -354,6 +363,7 @@ def iter_align_blocks(
     device = pick_device(params.device)
     memory.check_memory(held_shape(b, (z_count, h, w)), device, binning=params.fit_binning,
                         extra_bytes=extra_bytes, total_sections=z_count)
+    fit.warm_up_optimiser()
     extractor = encoder if encoder is not None else load_feature_extractor(params)
     st = state if state is not None else BlockState.start(z_count)
     if len(st.flags) != z_count:
@@ -425,8 +435,8 @@ def iter_align_blocks(
             max_rotation=params.max_rotation, device=device, should_stop=stop_check,
             fixed=held_now or {anchor: np.eye(3)},
             # a doubtful link earlier in the chain stays one for the sections beyond it
-            fixed_confidence={i: 0.0 for i in held_now
-                              if flags[members[i]] == FLAG_LOW_CONFIDENCE}), tag, members)
+            fixed_confidence={i: 0.0 for i in held_now if st.doubtful[members[i]]}),
+            tag, members)
         if params.prealign == "none" and held_now:
             # the fit's translations chain outwards from the anchor, whose own is in its map
             matrices[~fixed] = held_mats[anchor_z]
@@ -463,6 +473,8 @@ def iter_align_blocks(
                 continue
             d_np, im_np, ok_np = render_section(raw[i], residual, matrices, i, device)
             flags[z] = section_flag(blank[i], ok_np, confidence[i], params.prealign)
+            st.doubtful[z] = bool(params.prealign != "none" and not blank[i]
+                                  and confidence[i] < prealign.MIN_CONFIDENCE)
             if twin[i] >= 0 and flags[z] in USABLE_FLAGS:
                 flags[z] = FLAG_DUPLICATE
             displacement[z] = d_np
