@@ -323,11 +323,11 @@ class AlignWidget(QWidget):
         if self._job is not None and self._job.get("source") == name:
             self._job["stale"] = True
             stale = True
-        if stale:
-            self.status.setText(f"The data of '{name}' changed: its alignment result no longer "
-                                "applies (the result layers show the old data); press Align.")
         if name == self.layer_combo.currentText():  # maybe another number of sections
             self._on_layer_changed(name)
+        if stale:  # after the range check, whose note it would otherwise hide
+            self.status.setText(f"The data of '{name}' changed: its alignment result no longer "
+                                "applies (the result layers show the old data); press Align.")
 
     def _refresh_layers(self, prefer: str | None = None) -> None:
         current = prefer or self.layer_combo.currentText()
@@ -804,6 +804,9 @@ class AlignWidget(QWidget):
                 f"Mean NCC {np.nanmean(res.ncc_before):.3f} → {np.nanmean(res.ncc_after):.3f}.")
         if res.flagged:
             text += " Flagged: " + ", ".join(f"{i} ({res.flags[i]})" for i in res.flagged[:6])
+        if job.get("stale"):
+            text += (f" The data of '{source}' changed during the run: these layers show the "
+                     "old data, and the result is not kept (press Align again).")
         self.status.setText(text)
 
     def _finish_section(self, job: dict[str, Any], out: jobs.SectionOutcome) -> None:
@@ -839,7 +842,9 @@ class AlignWidget(QWidget):
         a = getattr(sec, "ncc_after", float("nan"))
         verb = "Re-aligned" if commit else "Preview of"
         self.status.setText(f"{verb} section {out.z} in {out.seconds:.1f} s: NCC with neighbours "
-                            f"{b:.3f} → {a:.3f}" + (f" ({sec.flag})" if sec.flag else "") + ".")
+                            f"{b:.3f} → {a:.3f}" + (f" ({sec.flag})" if sec.flag else "") + "."
+                            + (f" The data of '{source}' changed meanwhile: not kept."
+                               if job.get("stale") else ""))
 
     def _finish_train(self, job: dict[str, Any], out: jobs.TrainOutcome) -> None:
         self.form.set_value("weights", out.path)

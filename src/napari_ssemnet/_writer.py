@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ._layers import META_KEY, ROLE_ALIGNED, ROLE_DISPLACEMENT
+from .core.errors import SsemnetError
 
 
 def save_fields(path: str | Path, displacement: np.ndarray, params: Any = None,
@@ -119,12 +120,16 @@ def write_fields(path: str, data: Any, meta: dict) -> list[str]:
         return []
     if entry.get("state") == "preview":
         # one section from the preview's parameters, the rest from a full run or none: no
-        # set of parameters describes that
-        raise ValueError(f"This layer shows a Preview of section {entry.get('section')}, not "
+        # set of parameters describes that. Not a ValueError: npe2 reads that as "no writer"
+        # and drops the message
+        raise SsemnetError(f"This layer shows a Preview of section {entry.get('section')}, not "
                          "an alignment; press Re-align section to keep it (after Align), or "
                          "Align, then save.")
     sections = entry.get("section_params") or {}
-    path = save_fields(path, disp, params=entry.get("params") or None,
-                       flags=entry.get("flags"),
-                       section_params=json.dumps(sections) if sections else "")
+    try:
+        path = save_fields(path, disp, params=entry.get("params") or None,
+                           flags=entry.get("flags"),
+                           section_params=json.dumps(sections) if sections else "")
+    except SsemnetError as exc:  # e.g. an InputError (a ValueError) for a bad name
+        raise SsemnetError(str(exc)) from None
     return [path]

@@ -372,3 +372,5 @@ def test_fields_given_a_folder_are_refused_not_written_beside_it(tmp_path):
         with pytest.raises(InputError, match="is a folder"):
             save_fields(target, disp)
     assert not (tmp_path.parent / (tmp_path.name + ".npz")).exists()
+    with pytest.raises(InputError, match="no file name"):  # napari's Save of an empty name
+        save_fields(tmp_path / ".npz", disp)

@@ -14,6 +14,7 @@ from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QSpinBox
 
 from napari_ssemnet import _layers as L
 from napari_ssemnet._widget import AlignWidget
+from napari_ssemnet.core.errors import SsemnetError
 from napari_ssemnet.core.params import knobs
 
 
@@ -73,10 +74,25 @@ def test_the_reference_comes_back_after_a_shorter_stack_and_small_values_survive
     assert widget.form.value("reference") == 3 and "lowered to 3" in widget.status.text()
     widget.set_layer("long")  # was left at 3 without a word
     assert widget.form.value("reference") == 7
+    # choosing the value shown is a choice too, kept when the long stack comes back
+    widget.set_layer("short")
+    viewer.dims.set_current_step(0, 3)
+    widget.form.use_current.click()
+    widget.set_layer("long")
+    assert widget.form.value("reference") == 3
+    # the stale-result note is not hidden by the range note
+    widget.form.set_value("reference", 7)
+    widget.set_layer("short")
+    widget.results["short"] = object()  # stands in for a finished run
+    viewer.layers["short"].data = make_stack(z=4, size=64)[::-1].copy()
+    assert "changed" in widget.status.text() and "short" not in widget.results
     # a value from the API or a params file is shown, not rounded to the box's decimals
-    for name, value in (("smoothness", 0.0015), ("magnitude_penalty", 0.000123)):
+    for name, value in (("smoothness", 0.0015), ("magnitude_penalty", 0.000123),
+                        ("smoothness", 2.5e-7)):
         widget.form.set_value(name, value)
         assert widget.form.params().to_dict()[name] == pytest.approx(value), name
+    widget.form.set_value("smoothness", 1.0)
+    assert widget.form.controls["smoothness"].text() in ("1.00", "1.000")  # narrows again
 
 
 def test_align_makes_three_layers(qtbot, viewer_widget, stack):
@@ -220,8 +236,12 @@ def test_preview_then_realign(qtbot, viewer_widget, stack, tmp_path):
     viewer.dims.set_current_step(0, 2)
     assert run_and_wait(qtbot, widget, widget.preview) == "done", error_messages()
     vectors = viewer.layers["em displacement"]
-    with pytest.raises(ValueError, match="Preview of section 2"):
-        write_fields(str(tmp_path / "p.npz"), vectors.data, {"metadata": vectors.metadata})
+    # not a ValueError, which npe2 takes for "no writer" and drops with its message
+    with pytest.raises(SsemnetError, match="Preview of section 2") as info:
+        viewer.layers.selection = {vectors}
+        viewer.layers.save(str(tmp_path / "p.npz"), selected=True, plugin="napari-ssemnet")
+    assert not isinstance(info.value, ValueError)
+    assert not (tmp_path / "p.npz").exists()
 
     # new data of the same shape: the old result must not be re-aligned or saved with it
     viewer.layers["em"].data = stack[::-1].copy()

@@ -549,6 +549,9 @@ def save_fields(path: str | os.PathLike, displacement: np.ndarray, params: Any =
         # a folder: Path() drops the slash, and "dir/" became a file dir.npz beside it
         raise InputError(f"{str(path)!r} is a folder; give a file name for the fields, e.g. "
                          f"{str(Path(path) / 'fields.npz')!r}.")
+    if Path(path).name.lower() == ".npz":  # napari's Save adds the suffix to an empty name
+        raise InputError(f"{str(path)!r} has no file name; give one, e.g. "
+                         f"{str(Path(path).parent / 'fields.npz')!r}.")
     disp = np.asarray(displacement, np.float32)
     if disp.ndim != 4 or disp.shape[1] != 2:
         raise InputError(f"Displacement has shape {disp.shape}; expected (Z, 2, H, W).")

@@ -7,6 +7,7 @@ widget cannot drift from the CLI and the Python API.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from qtpy.QtCore import Signal
@@ -39,13 +40,18 @@ def _decimals(step: Any, default: Any, minimum: Any = None) -> int:
     """Decimals for a float spin box: one finer than the step, enough for the default and
     the minimum (Qt rounds the range to the shown decimals)."""
 
-    def needed(v: Any) -> int:
-        if not isinstance(v, float) or v <= 0:
-            return 0
-        text = f"{v:.6f}".rstrip("0")
-        return len(text.split(".")[1]) if "." in text else 0
+    return min(MAX_DECIMALS, max(2, _needed(step) + 1, _needed(default), _needed(minimum)))
 
-    return min(6, max(2, needed(step) + 1, needed(default), needed(minimum)))
+
+MAX_DECIMALS = 10
+
+
+def _needed(v: Any) -> int:
+    """Decimals that show ``v`` (a float) exactly, at most :data:`MAX_DECIMALS`."""
+    if not isinstance(v, float) or v == 0 or not math.isfinite(v):
+        return 0
+    text = f"{abs(v):.{MAX_DECIMALS}f}".rstrip("0")
+    return len(text.split(".")[1]) if "." in text else 0
 
 
 class _WeightsEdit(QWidget):
@@ -108,6 +114,11 @@ class ParamsForm(QWidget):
             self.controls[f.name] = control
             row: QWidget = control
             if f.name == "reference":
+                assert isinstance(control, QSpinBox)
+                self._reference_wish, self._clamping = control.value(), False
+                control.valueChanged.connect(lambda _=None: self._reference_edited())
+                # typing the value already shown changes nothing, yet it is a choice
+                control.editingFinished.connect(self._reference_edited)
                 row = QWidget()
                 lay = QHBoxLayout(row)
                 lay.setContentsMargins(0, 0, 0, 0)
@@ -147,6 +158,7 @@ class ParamsForm(QWidget):
         elif isinstance(default, float):
             control = QDoubleSpinBox()
             control.setDecimals(_decimals(meta.get("step"), default, meta.get("min")))
+            control.setProperty("base_decimals", control.decimals())
             control.setRange(float(meta["min"]) if meta.get("min") is not None else -1e12,
                              float(meta["max"]) if meta.get("max") is not None else 1e12)
             if meta.get("step"):
@@ -193,9 +205,12 @@ class ParamsForm(QWidget):
             c.setCurrentText(str(value))
         elif isinstance(c, QSpinBox):
             c.setValue(int(value))
+            if name == "reference":  # a choice, even of the value shown: it is kept
+                self._reference_wish = c.value()
         elif isinstance(c, QDoubleSpinBox):
-            # more decimals where the value needs them: 0.0015 shown with 2 became 0.0
-            c.setDecimals(max(c.decimals(), _decimals(None, float(value))))
+            # as many decimals as the value needs (0.0015 shown with 2 became 0.0), and back
+            # to the box's own for a plain value
+            c.setDecimals(max(int(c.property("base_decimals") or 2), _needed(float(value))))
             c.setValue(float(value))
         elif isinstance(c, _WeightsEdit):
             c.edit.setText(str(value))
@@ -230,10 +245,17 @@ class ParamsForm(QWidget):
         """
         spin = self.controls["reference"]
         assert isinstance(spin, QSpinBox)
-        wish = getattr(self, "_reference_wish", spin.value())
-        if spin.value() != getattr(self, "_reference_shown", None):
-            wish = spin.value()  # set by the user (or by set_value) since the last clamp
-        spin.setMaximum(_INT_MAX if not n_sections else max(0, n_sections - 1))
-        spin.setValue(min(wish, spin.maximum()))
-        self._reference_wish, self._reference_shown = wish, spin.value()
+        wish = self._reference_wish
+        self._clamping = True
+        try:
+            spin.setMaximum(_INT_MAX if not n_sections else max(0, n_sections - 1))
+            spin.setValue(min(wish, spin.maximum()))
+        finally:
+            self._clamping = False
         return spin.value() != wish
+
+    def _reference_edited(self) -> None:
+        if not self._clamping:
+            spin = self.controls["reference"]
+            assert isinstance(spin, QSpinBox)
+            self._reference_wish = spin.value()
