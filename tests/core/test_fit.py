@@ -62,3 +62,15 @@ def test_an_encoder_is_copied_to_the_device_of_the_sections_not_moved():
     moved = on_device(model, "meta")
     assert moved is not model and next(moved.parameters()).device.type == "meta"
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_the_first_optimiser_is_built_once_in_the_background():
+    # building the first Adam of a process imports torch._dynamo (1.2 s here), which no
+    # stop request can interrupt; a run starts it in a thread as it begins
+    from napari_ssemnet.core import fit
+
+    fit.warm_up_optimiser()
+    fit.warm_up_optimiser()
+    assert len(fit._WARMING) == 1
+    fit._WARMING[0].join(timeout=60)
+    assert not fit._WARMING[0].is_alive()

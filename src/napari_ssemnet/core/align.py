@@ -422,7 +422,8 @@ def align_stack(
         Called with every :class:`Progress` and :class:`SectionResult` event.
     should_stop : callable, optional
         Polled several times a second (the longest gaps measured on 2 CPU cores: 0.5 s on
-        4 x 1024^2, and 1.2 s once per process while torch first builds its optimiser);
+        4 x 1024^2, and 0.9 s once per process while torch first builds its optimiser, which
+        is started in the background);
         returning True raises :class:`AlignmentCancelled`.
     encoder : torch.nn.Module, optional
         A feature encoder to use instead of the one named by ``params.features``.
@@ -523,6 +524,7 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     timings: dict[str, float] = {}
     device = pick_device(params.device)
     memory.check_memory(arr.shape, device, binning=params.fit_binning)
+    fit.warm_up_optimiser()
 
     yield Progress("prepare", 0, 1, f"normalising {z_count} sections")
     t0 = time.perf_counter()
@@ -677,6 +679,7 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
     memory.check_memory((hi - lo, h, w), device, binning=params.fit_binning)
 
     stop_check = stopper(should_stop)
+    fit.warm_up_optimiser()
     local = z - lo
     sub = arr[lo:hi]
     norm, blank, fill = metrics.normalise_stack(sub, fill=True)

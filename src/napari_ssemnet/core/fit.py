@@ -19,6 +19,7 @@ out of the data term and bridged over, and the reference section stays fixed.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
@@ -220,6 +221,26 @@ def prewarp(norm: np.ndarray, matrices: np.ndarray, device, binning: int = 1,
 
 def _bin(x: torch.Tensor, binning: int) -> torch.Tensor:
     return F.avg_pool2d(x, binning) if binning > 1 else x
+
+
+_WARMING: list[threading.Thread] = []
+
+
+def warm_up_optimiser() -> None:
+    """Build a first Adam optimiser in a background thread, once per process.
+
+    The first one imports ``torch._dynamo`` (1.2 s here), which cannot be interrupted: a
+    run that met it at the start of its fit could not be cancelled for that long. Started
+    while the sections are normalised and pre-aligned, it is done before the fit needs it,
+    and the run keeps polling meanwhile.
+    """
+    if _WARMING:
+        return
+    thread = threading.Thread(target=lambda: torch.optim.Adam([torch.zeros(1,
+                                                                          requires_grad=True)]),
+                              name="napari-ssemnet-warm-up", daemon=True)
+    _WARMING.append(thread)
+    thread.start()
 
 
 def on_device(model: torch.nn.Module, device) -> torch.nn.Module:
