@@ -17,7 +17,7 @@ import tifffile
 
 from napari_ssemnet import __version__, cli
 from napari_ssemnet.core.features import CAE, load_weights
-from napari_ssemnet.core.io import load_fields, read_stack, write_stack
+from napari_ssemnet.core.io import apply_displacement, load_fields, read_stack, write_stack
 from napari_ssemnet.core.params import AlignParams, knobs
 from napari_ssemnet.core.sample import load_sample
 
@@ -447,7 +447,6 @@ def test_blockwise_without_disk_space_is_one_error_line(tiny_tif, tmp_path, monk
 
 def test_apply_fields_reproduces_the_aligned_stack_and_keeps_labels(tiny_tif, tmp_path,
                                                                    capsys):
-    from napari_ssemnet.core.io import apply_displacement
 
     out, fields = tmp_path / "al.tif", tmp_path / "f.npz"
     assert cli.main(["align", str(tiny_tif), "-o", str(out), "--fields", str(fields),
@@ -1286,10 +1285,20 @@ def test_apply_fields_notes_that_wide_integers_are_usually_labels(tiny_tif, tmp_
                      photometric="minisblack")
     assert cli.main(["apply-fields", str(fields), str(ids), "-o", str(tmp_path / "o.tif"),
                      "-q"]) == 0
-    assert "add --labels" in capsys.readouterr().err
+    assert "--interpolation nearest or --labels" in capsys.readouterr().err
+    for flag in (["--labels"], ["--interpolation", "nearest"]):
+        assert cli.main(["apply-fields", str(fields), str(ids), "-o", str(tmp_path / "o.tif"),
+                         "-q", *flag]) == 0
+        assert "--labels" not in capsys.readouterr().err
+        assert read_stack(tmp_path / "o.tif").dtype == np.uint32  # ids kept, not blended
+    # the widget's name, in the CLI and the API too; contradictions are refused
     assert cli.main(["apply-fields", str(fields), str(ids), "-o", str(tmp_path / "o.tif"),
-                     "-q", "--labels"]) == 0
-    assert "--labels" not in capsys.readouterr().err
+                     "-q", "--labels", "--interpolation", "linear"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    labels = read_stack(ids)
+    np.testing.assert_array_equal(apply_displacement(labels, np.zeros((*labels.shape[:1], 2,
+                                                                       *labels.shape[1:])),
+                                                     interpolation="nearest"), labels)
 
 
 def _as_other_users_lock(monkeypatch, lock: Path):

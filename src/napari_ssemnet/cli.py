@@ -4,7 +4,7 @@
 
     napari-ssemnet align INPUT.tif -o ALIGNED.tif [--fields FIELDS.npz] [--grid-spacing 64 ...]
     napari-ssemnet align --sample [-o sample_aligned.tif]
-    napari-ssemnet apply-fields FIELDS.npz LABELS.tif -o ALIGNED_LABELS.tif [--labels]
+    napari-ssemnet apply-fields FIELDS.npz LABELS.tif -o LABELS_OUT.tif [--interpolation nearest]
     napari-ssemnet train-features STACK.tif [STACK2.tif ...] -o WEIGHTS.pt [--steps N]
     napari-ssemnet --version
 
@@ -1256,6 +1256,8 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
     """Resample a stack through saved fields, one section at a time."""
     from .core.io import FieldSections, open_stack
 
+    if args.labels and args.interpolation == "linear":
+        raise SsemnetError("--labels means --interpolation nearest; give one of them.")
     _refuse_overwriting_input(args.input, args.output)
     _refuse_overwriting_input(args.fields, args.output)
     out_path = _follow(Path(args.output))
@@ -1279,7 +1281,7 @@ def _apply(args: argparse.Namespace, stack: Any, fields: Any, out_path: Path,
     from .core.align import Progress
     from .core.io import apply_displacement_section, read_resolution, tiff_write_kwargs
 
-    order = 0 if args.labels else 1
+    order = 0 if args.labels or args.interpolation == "nearest" else 1
     z, h, w = (int(n) for n in stack.shape)
     if fields.shape != (z, 2, h, w):
         raise SsemnetError(
@@ -1287,9 +1289,9 @@ def _apply(args: argparse.Namespace, stack: Any, fields: Any, out_path: Path,
             f"{fields.shape[2]}x{fields.shape[3]} px; {args.input} has {z} of {h}x{w} px.")
     dtype = np.dtype(stack.dtype)
     if order == 1 and dtype.kind in "iu" and dtype.itemsize >= 4:
-        _say(sys.stderr, f"note: {args.input} is {dtype}, the type of label ids; without "
-                         "--labels they are interpolated into ids that do not exist (add "
-                         "--labels to keep them).\n")
+        _say(sys.stderr, f"note: {args.input} is {dtype}, the type of label ids; with linear "
+                         "interpolation they are blended into ids that do not exist (add "
+                         "--interpolation nearest or --labels to keep them).\n")
     dtype = _output_dtype(dtype, args.output_dtype if order == 1 else "input")
     _check_space([(out_path, z * h * w * dtype.itemsize)])
     # not align's working name: a stopped block-wise run there stays resumable
@@ -1466,10 +1468,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("input", metavar="INPUT.tif", help="Stack to resample, shape (Z, H, W).")
     ap.add_argument("-o", "--output", required=True, metavar="OUT.tif",
                     help="Resampled stack (TIFF).")
+    ap.add_argument("--interpolation", choices=["linear", "nearest"], default=None,
+                    help="linear (bilinear; the default) or nearest (nearest neighbour, which "
+                         "keeps label ids and the data type: for segmentations), as the "
+                         "widget's Interpolation.")
     ap.add_argument("--labels", action="store_true",
-                    help="Nearest-neighbour sampling that keeps label ids and the data type "
-                         "(for segmentations). A boolean mask TIFF is read as 0/1 and written "
-                         "as uint8 0/1. Default: bilinear.")
+                    help="The same as --interpolation nearest. A boolean mask TIFF is read as "
+                         "0/1 and written as uint8 0/1.")
     ap.add_argument("--output-dtype", choices=["input", "float32"], default="input",
                     help="Data type of a bilinear result: that of the input (rounded) or "
                          "float32. (default: input)")

@@ -679,8 +679,13 @@ def load_fields(path: str | os.PathLike, *, with_extra: bool = False
     return disp, params
 
 
-def apply_displacement(stack: np.ndarray, displacement: np.ndarray, *, order: int = 1
-                       ) -> np.ndarray:
+INTERPOLATION = {"nearest": 0, "linear": 1}
+"""The ``interpolation`` names of the widget, the CLI and :func:`apply_displacement`, by
+``order``."""
+
+
+def apply_displacement(stack: np.ndarray, displacement: np.ndarray, *, order: int = 1,
+                       interpolation: str | None = None) -> np.ndarray:
     """Resample a stack through a backward displacement; the input is never modified.
 
     Parameters
@@ -693,12 +698,20 @@ def apply_displacement(stack: np.ndarray, displacement: np.ndarray, *, order: in
     order : {0, 1}
         1: bilinear, float32 output. 0: nearest neighbour, keeps the dtype (use for labels;
         no mixed label values appear).
+    interpolation : {"linear", "nearest"}, optional
+        The same by name, as the widget's *Interpolation* and the CLI's ``--interpolation``
+        call it; overrides ``order``.
 
     Returns
     -------
     ndarray, shape (Z, H, W)
         0 where the sample point falls outside the section.
     """
+    if interpolation is not None:
+        if interpolation not in INTERPOLATION:
+            raise InputError(f"interpolation must be 'linear' or 'nearest', got "
+                             f"{interpolation!r}.")
+        order = INTERPOLATION[interpolation]
     src = np.asarray(stack)
     disp = np.asarray(displacement)
     if src.ndim != 3 or disp.shape != (src.shape[0], 2, *src.shape[1:]):
