@@ -360,6 +360,10 @@ def test_the_run_leaves_torch_random_state_alone_and_ignores_the_seed(small):
     assert torch.equal(torch.rand(3), expected)  # the user's random stream is untouched
     b = align_stack(small, **FAST, seed=4)
     np.testing.assert_array_equal(a.displacement, b.displacement)  # nothing random to seed
+    # with the shipped encoder too (FAST uses pixels): loading it drew from the stream
+    torch.manual_seed(123)
+    align_stack(small, **{**FAST, "features": "shipped"})
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_read_only_float32_input_is_used_without_warnings(small):

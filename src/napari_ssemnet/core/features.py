@@ -177,7 +177,10 @@ def load_weights(path: str | os.PathLike) -> CAE:
                            f"{payload.get('arch_version')}; this version needs {ARCH_VERSION}. "
                            "Re-train it with 'napari-ssemnet train-features'.")
     try:
-        model = CAE(int(payload["width"]))
+        # the layers' random initial weights, replaced at once, would use up the caller's
+        # global random numbers: loading must leave them alone (README)
+        with torch.random.fork_rng(devices=[]):
+            model = CAE(int(payload["width"]))
         model.load_state_dict(payload["state_dict"])
     except Exception as exc:
         raise WeightsError(f"{str(path)!r} does not match the encoder architecture: "
