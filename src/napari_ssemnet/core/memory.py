@@ -18,7 +18,7 @@ from .errors import MemoryLimitError
 
 # Peak resident memory an alignment adds to its process, measured with the default
 # parameters on the 2-core dev box (benchmarks/bench_memory.py, docs/benchmarks.md): about
-# 80 bytes per input pixel of the stack plus about 300 MB that does not depend on the size
+# 90 bytes per input pixel of the stack plus about 320 MB that does not depend on the size
 # (8 x 256^2 to 16 x 1024^2). Rounded so that the estimate is at or above every measurement
 # (all but 4 x 1024^2 at binning 2, which it misses by 2 %).
 PEAK_BYTES_PER_PIXEL = 90
