@@ -528,7 +528,8 @@ def test_blockwise_run_stopped_then_resumed_matches_an_uninterrupted_one(tiny_ti
     assert "1 of 2 blocks done" in err and "add --resume" in err
     assert len(list(out.parent.iterdir())) == 3  # the work is still there
     assert cli.main([*argv, "--resume"]) == 0
-    assert "resuming at block 2 of 2" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "resuming at block 2 of 2" in said and "include the blocks of the stopped" in said
     np.testing.assert_array_equal(read_stack(out), read_stack(full))
     np.testing.assert_array_equal(load_fields(fields)[0],
                                   load_fields(tmp_path / "full.npz")[0])
@@ -536,7 +537,8 @@ def test_blockwise_run_stopped_then_resumed_matches_an_uninterrupted_one(tiny_ti
     # nothing left to resume: a requeued job that always says --resume simply runs
     out.unlink()
     assert cli.main([*argv, "--resume"]) == 0
-    assert "nothing to resume" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "nothing to resume" in said.err and "stopped run" not in said.out
     np.testing.assert_array_equal(read_stack(out), read_stack(full))
     # and so does a stack aligned in one piece
     assert cli.main([*argv[:-len(opts)], *TINY, "--resume"]) == 0
@@ -797,6 +799,7 @@ _PROC = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux 
                   "--window", "1"], "Cannot write the fields file", marks=_PROC),
     (["-o", "OK", "--fields", "DIR.npz"], "is a folder"),
     (["-o", "OK", "--fields", "FILE/f"], "is a file, not a folder"),
+    (["-o", "OK", "--fields", "DIR/.npz"], "has no file name"),  # not a hidden .npz.npz
 ])
 def test_bad_output_paths_fail_before_the_alignment(tiny_tif, tmp_path, capsys, no_work,
                                                     opts, words):

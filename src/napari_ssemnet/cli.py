@@ -469,7 +469,7 @@ _STARTED = [time.monotonic()]  # when the command started (main sets it)
 
 def _report(args: argparse.Namespace, out: TextIO, shape: tuple[int, int, int], dtype: Any,
             res: Any, params: AlignParams, out_path: Path, fields: Path | None,
-            blocks: int | None = None) -> int:
+            blocks: int | None = None, resumed: bool = False) -> int:
     """The end of an alignment, once every file is written (a closed stdout cannot cost a
     file): what went where, the summary, and ``--summary-json``."""
     from .core.align import format_summary
@@ -479,7 +479,7 @@ def _report(args: argparse.Namespace, out: TextIO, shape: tuple[int, int, int], 
         out.write(f"displacement fields -> {fields}\n")
     if blocks is not None:
         out.write(f"aligned in {blocks} blocks of at most {params.block_size} sections\n")
-        if args.resume:  # else "7.9 s on cpu" beside "wall time 4.8 s" reads as a mistake
+        if resumed:  # else "7.9 s on cpu" beside "wall time 4.8 s" reads as a mistake
             out.write("(resumed: the times below include the blocks of the stopped run)\n")
     out.write(format_summary(shape, res.device, res.timings, res.ncc_before, res.ncc_after,
                              res.flags) + "\n")
@@ -1251,7 +1251,7 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
                  else f"stopped after block {done_blocks} of {n_blocks}; the same command "
                       f"with --resume goes on from there ({where}).\n")
     return _report(args, out, (z, h, w), stack.dtype, summary, params, out_path, fields_path,
-                   blocks=len(summary.blocks))
+                   blocks=len(summary.blocks), resumed=state is not None)
 
 
 def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:

@@ -80,6 +80,13 @@ def test_the_reference_comes_back_after_a_shorter_stack_and_small_values_survive
     widget.form.use_current.click()
     widget.set_layer("long")
     assert widget.form.value("reference") == 3
+    # leaving the box without typing is no choice (Qt sends editingFinished on focus loss)
+    widget.form.set_value("reference", 7)
+    widget.set_layer("short")
+    spin = widget.form.controls["reference"]
+    spin.editingFinished.emit()
+    widget.set_layer("long")
+    assert widget.form.value("reference") == 7
     # the stale-result note is not hidden by the range note
     widget.form.set_value("reference", 7)
     widget.set_layer("short")

@@ -224,6 +224,7 @@ def _bin(x: torch.Tensor, binning: int) -> torch.Tensor:
 
 
 _WARMING: list[threading.Thread] = []
+_WARMING_LOCK = threading.Lock()
 
 
 def warm_up_optimiser() -> None:
@@ -234,13 +235,14 @@ def warm_up_optimiser() -> None:
     while the sections are normalised and pre-aligned, it is done before the fit needs it,
     and the run keeps polling meanwhile.
     """
-    if _WARMING:
-        return
-    thread = threading.Thread(target=lambda: torch.optim.Adam([torch.zeros(1,
-                                                                          requires_grad=True)]),
-                              name="napari-ssemnet-warm-up", daemon=True)
-    _WARMING.append(thread)
-    thread.start()
+    with _WARMING_LOCK:  # runs may start in several threads at once
+        if _WARMING:
+            return
+        thread = threading.Thread(
+            target=lambda: torch.optim.Adam([torch.zeros(1, requires_grad=True)]),
+            name="napari-ssemnet-warm-up", daemon=True)
+        _WARMING.append(thread)
+        thread.start()
 
 
 def on_device(model: torch.nn.Module, device) -> torch.nn.Module:

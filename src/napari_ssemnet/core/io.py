@@ -519,8 +519,17 @@ def _params_json(params: Any) -> str:
 
 def fields_file_name(path: str | os.PathLike) -> Path:
     """The file :func:`save_fields` writes for ``path``: ``.npz`` appended unless the name
-    has that suffix (in any case: ``x.NPZ`` stays as it is)."""
+    has that suffix (in any case: ``x.NPZ`` stays as it is).
+
+    Raises
+    ------
+    InputError
+        For a name that is only ``.npz`` (it would become a hidden ``.npz.npz``).
+    """
     p = Path(path)
+    if p.name.lower() == ".npz":
+        raise InputError(f"{str(path)!r} has no file name; give one, e.g. "
+                         f"{str(p.parent / 'fields.npz')!r}.")
     return p if p.suffix.lower() == ".npz" else p.with_name(p.name + ".npz")
 
 
@@ -549,9 +558,6 @@ def save_fields(path: str | os.PathLike, displacement: np.ndarray, params: Any =
         # a folder: Path() drops the slash, and "dir/" became a file dir.npz beside it
         raise InputError(f"{str(path)!r} is a folder; give a file name for the fields, e.g. "
                          f"{str(Path(path) / 'fields.npz')!r}.")
-    if Path(path).name.lower() == ".npz":  # napari's Save adds the suffix to an empty name
-        raise InputError(f"{str(path)!r} has no file name; give one, e.g. "
-                         f"{str(Path(path).parent / 'fields.npz')!r}.")
     disp = np.asarray(displacement, np.float32)
     if disp.ndim != 4 or disp.shape[1] != 2:
         raise InputError(f"Displacement has shape {disp.shape}; expected (Z, 2, H, W).")

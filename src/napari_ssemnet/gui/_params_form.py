@@ -116,9 +116,12 @@ class ParamsForm(QWidget):
             if f.name == "reference":
                 assert isinstance(control, QSpinBox)
                 self._reference_wish, self._clamping = control.value(), False
+                self._reference_typed = False
                 control.valueChanged.connect(lambda _=None: self._reference_edited())
-                # typing the value already shown changes nothing, yet it is a choice
-                control.editingFinished.connect(self._reference_edited)
+                # typing the value already shown changes nothing, yet it is a choice; only
+                # leaving the box (editingFinished comes on any focus loss) is not
+                control.lineEdit().textEdited.connect(self._reference_typing)
+                control.editingFinished.connect(self._reference_typed_in)
                 row = QWidget()
                 lay = QHBoxLayout(row)
                 lay.setContentsMargins(0, 0, 0, 0)
@@ -205,8 +208,8 @@ class ParamsForm(QWidget):
             c.setCurrentText(str(value))
         elif isinstance(c, QSpinBox):
             c.setValue(int(value))
-            if name == "reference":  # a choice, even of the value shown: it is kept
-                self._reference_wish = c.value()
+            if name == "reference":  # a choice, even of the value shown or a clamped one
+                self._reference_wish = max(0, int(value))
         elif isinstance(c, QDoubleSpinBox):
             # as many decimals as the value needs (0.0015 shown with 2 became 0.0), and back
             # to the box's own for a plain value
@@ -259,3 +262,11 @@ class ParamsForm(QWidget):
             spin = self.controls["reference"]
             assert isinstance(spin, QSpinBox)
             self._reference_wish = spin.value()
+
+    def _reference_typing(self, _text: str = "") -> None:
+        self._reference_typed = True
+
+    def _reference_typed_in(self) -> None:
+        if self._reference_typed:
+            self._reference_typed = False
+            self._reference_edited()
