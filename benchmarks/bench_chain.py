@@ -20,7 +20,17 @@ import time
 import numpy as np
 import tifffile
 
-from common import ISBI, VNC, add_data_arg, code_version, finish, load_stack, make_case, total_map
+from common import (
+    ISBI,
+    VNC,
+    add_data_arg,
+    code_version,
+    finish,
+    load_stack,
+    machine_info,
+    make_case,
+    total_map,
+)
 
 CASES = ("baseline", "swap34", "foreign4", "blank2", "blank3")
 SWAP = [0, 1, 2, 4, 3, 5, 6, 7]
@@ -69,7 +79,7 @@ def main() -> None:
                          "flags": list(r.flags), "off_by_10px": off, "off_unflagged": silent})
             print(f"seed {seed} {name:9s} {rows[-1]['per_section']} flags {r.flags} "
                   f"off>10px {off} unflagged {silent}", flush=True)
-    finish(args.out, {"code": code_version(), "rows": rows})
+    finish(args.out, {"code": code_version(), "machine": machine_info(), "rows": rows})
 
 
 if __name__ == "__main__":

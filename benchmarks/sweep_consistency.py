@@ -62,7 +62,8 @@ def run_variant(full: np.ndarray, crop: int, params: dict, seeds: list[int],
             r = C.run_ours(case.mis.copy(), **params)
             ev = C.evaluate(case, r["d"], r["valid"], c=c["d"], c_valid=c["valid"])
             rows.append({"seed": seed, **ev["consistency"], "ncc": ev["adjacent_ncc"],
-                         "per_section": ev["consistency_per_section"]})
+                         "per_section": ev["consistency_per_section"],
+                         "flags": list(r["flags"])})
         out[case_name] = {
             "mean_median": float(np.mean([r["median"] for r in rows])),
             "mean_p95": float(np.mean([r["p95"] for r in rows])),

@@ -127,7 +127,7 @@ def normalise_stack(stack: np.ndarray, *, fill: bool = False,
         if spread <= 0:
             blank[i] = True
             continue
-        n = ((s - med) / (spread / 4.0)).astype(np.float32)
+        n = (s - med) / (spread / 4.0)  # float64: med is a float64 scalar
         np.clip(n, -3.0, 3.0, out=n)
         if fm is not None:
             n[fm] = 0.0  # the median: flat, so it adds no structure below
