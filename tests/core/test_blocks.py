@@ -278,3 +278,9 @@ def test_doubt_crosses_a_block_boundary_through_a_held_duplicate():
     assert joint.flags[4] == "duplicate" and joint.flags[5:] == ["low_confidence"] * 3
     blocks = align_stack(stack, block_size=3, window=1, **fast)
     assert blocks.flags == joint.flags
+
+
+def test_an_all_blank_first_block_says_so_rather_than_asking_for_another_reference():
+    # "choose another reference" cannot help when the reference's whole block is blank
+    with pytest.raises(InputError, match="the reference's block, are all blank"):
+        align_stack(np.full((8, 64, 64), 7, np.uint8), block_size=4, window=1, device="cpu")

@@ -407,6 +407,11 @@ def iter_align_blocks(
         raw = _read_sections(stack, members)
         norm, blank, fill = metrics.normalise_stack(raw, fill=True, should_stop=stop_check)
         if k == 0 and blank[anchor]:
+            if blank.all():  # the rest of the stack is not read yet: say what is known
+                raise InputError(f"Sections {members[0]}-{members[-1]}, the reference's "
+                                 "block, are all blank or have no structure; if the whole "
+                                 "stack is, there is nothing to align, else choose a "
+                                 "reference section with tissue.")
             raise InputError(f"Reference section {params.reference} is blank or has no "
                              "structure; choose another reference section.")
         twin = metrics.duplicate_sections(norm, blank, anchor, should_stop=stop_check)
