@@ -377,16 +377,22 @@ def on_tissue(ok: np.ndarray, fill: np.ndarray | None, displacement: np.ndarray 
     return ok & (~fill if displacement is None else tissue_after(~fill, displacement, device))
 
 
+def placed_doubtfully(blank: bool, confidence: float, prealign: str) -> bool:
+    """Whether a section's chain of pre-alignment matches to the reference has a doubtful
+    link (:func:`section_flag` then says ``low_confidence``, unless a stronger flag wins)."""
+    from .prealign import MIN_CONFIDENCE
+
+    return not blank and prealign != "none" and confidence < MIN_CONFIDENCE
+
+
 def section_flag(blank: bool, valid: np.ndarray, confidence: float, prealign: str) -> str:
     """A finished section's flag: blank, then no overlap (under a quarter of the aligned
     section comes from inside it), then a doubtful pre-alignment match."""
-    from .prealign import MIN_CONFIDENCE
-
     if blank:
         return FLAG_BLANK
     if float(np.mean(valid)) < 0.25:
         return FLAG_NO_OVERLAP
-    if prealign != "none" and confidence < MIN_CONFIDENCE:
+    if placed_doubtfully(blank, confidence, prealign):
         return FLAG_LOW_CONFIDENCE
     return FLAG_OK
 

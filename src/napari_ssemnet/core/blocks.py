@@ -38,6 +38,7 @@ from .align import (
     check_reference,
     map_events,
     on_tissue,
+    placed_doubtfully,
     render_section,
     section_flag,
     stopper,
@@ -478,8 +479,7 @@ def iter_align_blocks(
                 continue
             d_np, im_np, ok_np = render_section(raw[i], residual, matrices, i, device)
             flags[z] = section_flag(blank[i], ok_np, confidence[i], params.prealign)
-            st.doubtful[z] = bool(params.prealign != "none" and not blank[i]
-                                  and confidence[i] < prealign.MIN_CONFIDENCE)
+            st.doubtful[z] = placed_doubtfully(blank[i], confidence[i], params.prealign)
             if twin[i] >= 0 and flags[z] in USABLE_FLAGS:
                 flags[z] = FLAG_DUPLICATE
             displacement[z] = d_np

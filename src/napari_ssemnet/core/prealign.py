@@ -555,7 +555,7 @@ def prealign_stack(
                 score = (c >= MIN_CONFIDENCE, c if cand == placed[-1] else 0.8 * c)
                 tried.append((cand, m @ mats[cand]))
                 if best is None or score > best[0]:
-                    best = (score, m @ mats[cand], c, cand)
+                    best = (score, tried[-1][1], c, cand)
                 if c >= MIN_CONFIDENCE:
                     break
             _, mats[zz], own, anchor = best

@@ -120,7 +120,8 @@ class ParamsForm(QWidget):
                 control.valueChanged.connect(lambda _=None: self._reference_edited())
                 # typing the value already shown changes nothing, yet it is a choice; only
                 # leaving the box (editingFinished comes on any focus loss) is not
-                control.lineEdit().textEdited.connect(self._reference_typing)
+                control.lineEdit().textEdited.connect(
+                    lambda _text: setattr(self, "_reference_typed", True))
                 control.editingFinished.connect(self._reference_typed_in)
                 row = QWidget()
                 lay = QHBoxLayout(row)
@@ -262,9 +263,6 @@ class ParamsForm(QWidget):
             spin = self.controls["reference"]
             assert isinstance(spin, QSpinBox)
             self._reference_wish = spin.value()
-
-    def _reference_typing(self, _text: str = "") -> None:
-        self._reference_typed = True
 
     def _reference_typed_in(self) -> None:
         if self._reference_typed:
