@@ -19,6 +19,7 @@ out of the data term and bridged over, and the reference section stays fixed.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -146,11 +147,14 @@ def level_features(extractor, images: torch.Tensor, valid: torch.Tensor, usable:
     n_orig : int
         Channels of the encoder (the data term is normalised by it).
     kf : float
-        Input pixels of this level per feature pixel.
+        Input pixels of this level per feature pixel: the encoder's stride (a power of
+        two), also when an odd side gives a last feature pixel that is partly padding.
     """
     feats = encode_tiled(extractor, images, should_stop=should_stop)
     z_count, c, hf, wf = feats.shape
-    kf = images.shape[-1] / wf
+    # W / wf is 65 / 33 for an odd width: scaling both axes by that made the fit find
+    # 1.5 % less than the leftover shift (a review measured 5.90 px of 6)
+    kf = float(2 ** round(math.log2(max(images.shape[-2] / hf, images.shape[-1] / wf))))
     val_f = (F.adaptive_avg_pool2d(valid, (hf, wf)) > 0.999).float()
     use = [int(i) for i in np.nonzero(usable)[0]]
     wsum = max(float(sum(float(val_f[i].sum()) for i in use)), 1.0)
