@@ -433,3 +433,16 @@ def test_a_section_imaged_twice_is_flagged_and_left_out_of_the_ncc():
     noisy[3] += np.random.default_rng(0).normal(0, 0.1 * noisy[3].std(), noisy[3].shape)
     norm, blank = metrics.normalise_stack(noisy)
     assert metrics.duplicate_sections(norm, blank, 0)[3] == 2
+
+
+def test_re_aligning_refuses_the_reference_and_a_broken_previous_field(small):
+    prev = np.zeros((small.shape[0], 2, *small.shape[1:]), np.float32)
+    # the reference stays put: re-aligning it moved it by 1.2 px
+    with pytest.raises(InputError, match="reference"):
+        align_section(small, 1, previous_displacement=prev, reference=1, **FAST)
+    bad = prev.copy()
+    bad[2, 0, 0, 0] = np.nan
+    with pytest.raises(InputError, match="NaN or infinite values in section 2"):
+        align_section(small, 1, previous_displacement=bad, **FAST)
+    # without a previous run, the reference's preview onto its raw neighbours still works
+    assert align_section(small, 0, **FAST).z == 0

@@ -205,3 +205,27 @@ def test_train_encoder_runs_and_is_deterministic():
     a, b, c = model.state_dict(), again.state_dict(), other.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_training_leaves_the_callers_model_and_random_stream_alone():
+    from napari_ssemnet.core.params import ParameterError
+
+    _, model = _train(0, steps=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    stack = em(slice(0, 2), 96)
+    gen = train_encoder([stack], steps=3, batch=4, patch=32, device="cpu", init=model)
+    tuned = None
+    while tuned is None:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            tuned = stop.value
+    assert torch.equal(torch.rand(3), expected)
+    assert tuned is not model
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not all(torch.equal(v, tuned.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ParameterError, match="steps must be"):
+        next(train_encoder([stack], steps=0))

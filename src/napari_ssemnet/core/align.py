@@ -641,7 +641,8 @@ def iter_align_section(
         Section to align.
     previous_displacement : ndarray, shape (Z, 2, H, W), optional
         A full run's result: the neighbours are held where it put them and section ``z`` is
-        aligned onto them. Without it the neighbours stay as they are in ``stack``.
+        aligned onto them. Without it the neighbours stay as they are in ``stack``. With
+        it, ``z`` must not be ``params.reference`` (the run's reference stays put).
 
     Returns
     -------
@@ -679,6 +680,15 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
             raise InputError(f"The previous displacement has shape "
                              f"{previous_displacement.shape}; this stack needs "
                              f"{(z_count, 2, h, w)}.")
+        bad = np.nonzero(~np.isfinite(previous_displacement).all(axis=(1, 2, 3)))[0]
+        if bad.size:
+            raise InputError(f"The previous displacement has NaN or infinite values in "
+                             f"{_ranges([int(b) for b in bad])}; use the fields of a finished "
+                             "run.")
+        if z == params.reference:
+            raise InputError(f"Section {z} is the reference: it stays where it is. Pick "
+                             "another section, or align the stack again with another "
+                             "reference.")
     device = pick_device(params.device)
     lo, hi = max(0, z - params.window), min(z_count, z + params.window + 1)
     check_binning(params, h, w)

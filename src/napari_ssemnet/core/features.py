@@ -259,11 +259,18 @@ def train_encoder(
     Returns
     -------
     CAE
-        In eval mode, on the CPU.
+        In eval mode, on the CPU; a new model (``init`` is left as it was). Torch's global
+        random state is left alone too.
     """
+    import copy
+
     from .align import Progress, check_stack
     from .device import pick_device
+    from .params import ParameterError
 
+    for name, value in (("steps", steps), ("batch", batch), ("patch", patch)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ParameterError(f"{name} must be a whole number of at least 1; got {value!r}.")
     stacks = [check_stack(s, name=f"training stack {i}", min_sections=1)
               for i, s in enumerate(stacks)]
     if not stacks:
@@ -273,8 +280,15 @@ def train_encoder(
     dev = pick_device(device)
     yield Progress("train", 0, steps, f"cutting training patches on {dev}")
     rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    model = CAE(width) if init is None else init
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
+        torch.manual_seed(seed)
+        model = CAE(width) if init is None else copy.deepcopy(init)
+        # the noise continues the seeded stream, as it did from the global generator
+        if dev.type == "cpu":
+            noise_gen = torch.Generator()
+            noise_gen.set_state(torch.get_rng_state())
+        else:
+            noise_gen = torch.Generator(device=dev).manual_seed(seed)
     model = model.to(dev).train()
     opt = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     pool = _patches(stacks, max(batch * 64, 512), patch, rng)
@@ -286,7 +300,8 @@ def train_encoder(
             pool = _patches(stacks, pool.shape[0], patch, rng)
         idx = rng.integers(0, pool.shape[0], batch)
         x = torch.from_numpy(pool[idx]).to(dev)
-        noisy = x + noise * torch.randn_like(x)
+        noisy = x + noise * torch.randn(x.shape, generator=noise_gen, dtype=x.dtype,
+                                        device=x.device)
         loss = torch.mean((model(noisy) - x) ** 2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
