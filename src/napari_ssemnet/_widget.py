@@ -284,8 +284,17 @@ class AlignWidget(QWidget):
     # -- layer chooser -------------------------------------------------------------
 
     def _on_layers_changed(self, event: Any = None) -> None:
-        if event is not None and getattr(event, "type", "") == "inserted":
+        kind = getattr(event, "type", "") if event is not None else ""
+        if kind == "inserted":
             self._watch(event.value)
+        elif kind == "removed" and not L.is_result_layer(event.value):
+            # results are kept by name: another stack added under this name must not get
+            # this one's fields and Re-align base
+            name = event.value.name
+            self._names.pop(str(event.value.unique_id), None)
+            self.results.pop(name, None)
+            if self._job is not None and self._job.get("source") == name:
+                self._job["stale"] = "removed"
         self._refresh_layers()
 
     def _on_layer_renamed(self, event: Any) -> None:
@@ -321,7 +330,7 @@ class AlignWidget(QWidget):
         # for the old data and must not be saved or mixed with the new
         stale = self.results.pop(name, None) is not None
         if self._job is not None and self._job.get("source") == name:
-            self._job["stale"] = True
+            self._job["stale"] = "changed"
             stale = True
         if name == self.layer_combo.currentText():  # maybe another number of sections
             self._on_layer_changed(name)
@@ -526,12 +535,15 @@ class AlignWidget(QWidget):
                                      "first; press Align.")
             return
         z = self.current_section(layer)
-        if kind == "realign" and base is not None and z == base.params.reference:
-            self._refuse("Re-align", f"Section {z} is the reference of this alignment: it "
-                                     "stays where it is, and the others were aligned onto it. "
-                                     "Re-align another section, or align again with another "
-                                     "reference.")
+        if base is not None and z == base.params.reference:
+            what = "Preview" if kind == "preview" else "Re-align"
+            self._refuse(what, f"Section {z} is the reference of this alignment: it "
+                               "stays where it is, and the others were aligned onto it. "
+                               f"{what} another section, or align again with another "
+                               "reference.")
             return
+        if base is not None:  # the section goes into that run's frame, whatever the box says
+            params = params.replace(reference=base.params.reference)
         self._start(kind, _read_then, jobs.section_job, stack, layer.name, z, params, base,
                     source=layer.name, shape=tuple(stack.shape), params=params, z=z,
                     dtype=str(stack.dtype))
@@ -805,8 +817,8 @@ class AlignWidget(QWidget):
         if res.flagged:
             text += " Flagged: " + ", ".join(f"{i} ({res.flags[i]})" for i in res.flagged[:6])
         if job.get("stale"):
-            text += (f" The data of '{source}' changed during the run: these layers show the "
-                     "old data, and the result is not kept (press Align again).")
+            text += (f" {self._stale_text(job, source)} during the run: these layers show "
+                     "the old data, and the result is not kept (press Align again).")
         self.status.setText(text)
 
     def _finish_section(self, job: dict[str, Any], out: jobs.SectionOutcome) -> None:
@@ -843,8 +855,17 @@ class AlignWidget(QWidget):
         verb = "Re-aligned" if commit else "Preview of"
         self.status.setText(f"{verb} section {out.z} in {out.seconds:.1f} s: NCC with neighbours "
                             f"{b:.3f} → {a:.3f}" + (f" ({sec.flag})" if sec.flag else "") + "."
-                            + (f" The data of '{source}' changed meanwhile: not kept."
-                               if job.get("stale") else ""))
+                            + (f" {self._stale_text(job, source)} meanwhile: not kept."
+                               if job.get("stale") else "")
+                            + (" The NCC went down; the section is kept as re-aligned: "
+                               "re-align it with other parameters, or press Align."
+                               if commit and not job.get("stale") and a < b else ""))
+
+    @staticmethod
+    def _stale_text(job: dict[str, Any], source: str) -> str:
+        if job.get("stale") == "removed":
+            return f"The layer '{source}' was removed"
+        return f"The data of '{source}' changed"
 
     def _finish_train(self, job: dict[str, Any], out: jobs.TrainOutcome) -> None:
         self.form.set_value("weights", out.path)

@@ -238,6 +238,8 @@ def test_preview_then_realign(qtbot, viewer_widget, stack, tmp_path):
     widget.realign()
     assert not widget.running and "reference" in widget.status.text()
     np.testing.assert_array_equal(widget.results["em"].displacement, before)
+    widget.preview()  # neither is its preview in the run's frame
+    assert not widget.running and "reference" in widget.status.text()
 
     # a preview is not an alignment: the writer refuses it rather than mislabel it
     viewer.dims.set_current_step(0, 2)
@@ -401,6 +403,12 @@ def test_renamed_source_keeps_its_result(qtbot, viewer_widget, stack):
     assert widget.save_btn.isEnabled() and widget.realign_btn.isEnabled()
     assert widget.plot.after.size == stack.shape[0]
     assert L.find_result_layer(viewer, "em renamed", L.ROLE_ALIGNED) is not None
+    # removed, then another stack under the same name and shape: not the old result's
+    viewer.layers.remove("em renamed")
+    assert not widget.results
+    viewer.add_image(stack[::-1].copy(), name="em renamed")
+    widget.set_layer("em renamed")
+    assert not widget.save_btn.isEnabled() and not widget.realign_btn.isEnabled()
 
 
 def test_panel_scrolls_instead_of_needing_a_tall_screen(make_napari_viewer):
@@ -652,6 +660,7 @@ def test_results_keep_the_sources_placement_when_it_is_deleted_during_the_run(
         viewer.layers.remove("em")
         release.set()
     assert blocker.args[0] == "done"
+    assert not widget.results and "'em' was removed during the run" in widget.status.text()
     for name in ("em aligned", "em displacement", "em NCC error"):
         layer = viewer.layers[name]
         assert list(layer.scale) == [50, 4, 4] and list(layer.translate) == [100, 20, 30], name
