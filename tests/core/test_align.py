@@ -446,3 +446,16 @@ def test_re_aligning_refuses_the_reference_and_a_broken_previous_field(small):
         align_section(small, 1, previous_displacement=bad, **FAST)
     # without a previous run, the reference's preview onto its raw neighbours still works
     assert align_section(small, 0, **FAST).z == 0
+
+
+def test_a_stop_after_the_last_section_is_rendered_is_still_heard(small):
+    # the NCC over the whole stack comes after the render: 1.2 s on 20 x 1024^2 unpolled
+    rendered = []
+
+    def progress(event):
+        if getattr(event, "stage", "") == "render" and event.step == event.total:
+            rendered.append(True)
+
+    with pytest.raises(AlignmentCancelled):
+        align_stack(small, progress=progress, should_stop=lambda: bool(rendered), **FAST)
+    assert rendered

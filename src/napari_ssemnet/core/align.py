@@ -571,7 +571,7 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     # the normalised stack (4 bytes per pixel) is not held through the render step
     usable_before = ~blank & (twin < 0)  # as the flags will say, so that nothing is redone
     pairs_before = metrics.adjacent_pairs(norm, None if fill is None else ~fill,
-                                          usable_before)
+                                          usable_before, should_stop=stop_check)
     del norm
 
     t0 = time.perf_counter()
@@ -597,10 +597,11 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     idx = np.nonzero(usable)[0]
     for a, c in zip(idx[:-1], idx[1:], strict=False):  # pairs across a section that lost
         if (a, c) not in pairs_before:                 # its overlap when rendered
+            stop_check()
             pairs_before[(int(a), int(c))] = metrics.raw_pair_ncc(arr[a], arr[c])
     ncc_before = metrics.mean_of_pairs(pairs_before, usable)
     ncc_after = metrics.adjacent_ncc(aligned, valid if fill is None else ~fill, usable,
-                                     robust=True)
+                                     robust=True, should_stop=stop_check)
     timings["total"] = time.perf_counter() - t_start
     return AlignmentResult(aligned=aligned, displacement=displacement, valid=valid,
                            ncc_before=ncc_before, ncc_after=ncc_after, flags=flags,

@@ -253,7 +253,8 @@ def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, *,
 
 
 def adjacent_ncc(stack: np.ndarray, valid: np.ndarray | None,
-                 usable: np.ndarray | None = None, *, robust: bool = False) -> np.ndarray:
+                 usable: np.ndarray | None = None, *, robust: bool = False,
+                 should_stop: Callable[[], None] | None = None) -> np.ndarray:
     """Mean NCC of each section with its nearest usable neighbours on each side.
 
     Parameters
@@ -264,23 +265,32 @@ def adjacent_ncc(stack: np.ndarray, valid: np.ndarray | None,
         Sections to include; others (e.g. blank) get NaN and are skipped as neighbours.
     robust : bool
         As :func:`ncc` (for aligned sections: values as the input's normalisation sees them).
+    should_stop : callable, optional
+        Called between pairs (it raises to stop): 0.1 s a pair at 1024^2.
 
     Returns
     -------
     ndarray, shape (Z,), float64
     """
     usable = np.ones(stack.shape[0], bool) if usable is None else np.asarray(usable, bool)
-    return mean_of_pairs(adjacent_pairs(stack, valid, usable, robust=robust), usable)
+    return mean_of_pairs(adjacent_pairs(stack, valid, usable, robust=robust,
+                                        should_stop=should_stop), usable)
 
 
 def adjacent_pairs(stack: np.ndarray, valid: np.ndarray | None, usable: np.ndarray, *,
-                   robust: bool = False) -> dict[tuple[int, int], float]:
-    """:func:`ncc` of each pair of consecutive ``usable`` sections, by (a, b)."""
+                   robust: bool = False, should_stop: Callable[[], None] | None = None
+                   ) -> dict[tuple[int, int], float]:
+    """:func:`ncc` of each pair of consecutive ``usable`` sections, by (a, b); ``should_stop``
+    is called between pairs."""
     idx = np.nonzero(usable)[0]
-    return {(int(a), int(b)): ncc(stack[a], stack[b],
-                                  None if valid is None else valid[a] & valid[b],
-                                  robust=robust)
-            for a, b in zip(idx[:-1], idx[1:], strict=False)}
+    out = {}
+    for a, b in zip(idx[:-1], idx[1:], strict=False):
+        if should_stop is not None:
+            should_stop()
+        out[(int(a), int(b))] = ncc(stack[a], stack[b],
+                                    None if valid is None else valid[a] & valid[b],
+                                    robust=robust)
+    return out
 
 
 def raw_pair_ncc(a: np.ndarray, b: np.ndarray) -> float:
