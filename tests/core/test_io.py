@@ -110,6 +110,39 @@ def test_a_page_of_another_size_is_named_not_read_as_junk(tmp_path):
             reader(path)
 
 
+def test_a_page_in_a_series_of_its_own_is_not_dropped(tmp_path):
+    # tifffile made a second series of the odd page, and only the first was read: the
+    # section was lost without a word, and fields went onto the wrong sections
+    a = np.stack([np.full((64, 64), k, np.uint8) for k in range(6)])
+    for odd in (3, 5):
+        path = tmp_path / f"odd{odd}.tif"
+        with tifffile.TiffWriter(path) as tw:
+            for k in range(6):
+                tw.write(a[k] if k != odd else a[k, :40, :40], photometric="minisblack",
+                         metadata=None)
+        for reader in (read_stack, open_stack):
+            with pytest.raises(InputError, match=f"page {odd} is 40x40 px uint8"):
+                reader(path)
+    # like pages written one by one with tifffile's metadata: one series each, all read
+    path = tmp_path / "one_by_one.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for k in range(6):
+            tw.write(a[k], photometric="minisblack")
+    np.testing.assert_array_equal(read_stack(path), a)
+    opened = open_stack(path)
+    np.testing.assert_array_equal(np.stack([opened[z] for z in range(6)]), a)
+    getattr(opened, "close", lambda: None)()
+
+
+def test_a_stack_of_three_saved_as_rgb_gets_a_hint(tmp_path):
+    path = tmp_path / "three.tif"
+    # what tifffile 2025-2026 writes for a (3, H, W) array without a photometric
+    tifffile.imwrite(path, np.zeros((3, 64, 64), np.uint8), photometric="rgb",
+                     planarconfig="separate")
+    with pytest.raises(InputError, match="RGB.*photometric='minisblack'"):
+        read_stack(path)
+
+
 def test_rgb_tiff(tmp_path):
     path = tmp_path / "rgb.tif"
     tifffile.imwrite(path, np.zeros((3, 64, 64, 3), np.uint8))

@@ -104,6 +104,23 @@ def _pages_differ(tif: Any) -> str | None:
     return _first_mismatch(tif.pages[k] for k in range(len(tif.pages)))
 
 
+def _every_page(tif: Any, p: Path) -> np.ndarray:
+    """All pages of a file that tifffile splits into several series, as one (Z, H, W) stack.
+
+    tifffile makes a series of each run of like pages (and of each page written on its own
+    with tifffile's shape metadata); reading only the first series lost a section of
+    another size, or everything but the first page.
+    """
+    if tif.is_ome:
+        raise InputError(f"{str(p)!r} holds {len(tif.series)} OME images (series); one image "
+                         "with all sections (Z, Y, X) is needed. Save the stack as one image.")
+    differ = _first_mismatch(tif.pages[k] for k in range(len(tif.pages)))
+    if differ:
+        raise InputError(f"{str(p)!r} holds pages of different sizes or types ({differ}); "
+                         f"{SAME_SIZE}.")
+    return np.stack([tif.pages[k].asarray() for k in range(len(tif.pages))])
+
+
 SAME_SIZE = ("every section of a stack must have the same size and data type; crop or pad "
              "the sections to one size first")
 
@@ -153,9 +170,12 @@ def read_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
                 mismatch = _page_mismatch(series)
                 if mismatch:
                     raise InputError(f"{str(p)!r}: {mismatch}; {SAME_SIZE}.")
-                arr = series.asarray()
-                axes = str(series.axes)
                 is_rgb = _is_rgb(series)
+                if len(tif.series) > 1 and not any(_is_rgb(s) for s in tif.series):
+                    arr, axes = _every_page(tif, p), "ZYX"
+                else:
+                    arr = series.asarray()
+                    axes = str(series.axes)
                 if arr.ndim == 2:
                     differ = _pages_differ(tif)
         except InputError:
@@ -171,9 +191,14 @@ def read_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
         raise InputError(f"{str(p)!r} could only be read in part, as one 2D image of shape "
                          f"{arr.shape}; is the file complete?{warned.note()}")
     if is_rgb:
+        planar = axes.startswith("S") and arr.shape[0] in (3, 4)
         raise InputError(f"{str(p)!r} holds RGB(A) images (shape {arr.shape}, axes {axes}); "
                          "a grayscale stack of shape (Z, H, W) is needed. Convert it to "
-                         "grayscale first.")
+                         "grayscale first."
+                         + (f" If these are {arr.shape[0]} grayscale sections: the file says "
+                            "RGB (tifffile writes a stack of 3 or 4 that way unless given "
+                            "photometric='minisblack'); write it again with that."
+                            if planar else ""))
     if arr.ndim == 2:
         raise InputError(f"{str(p)!r} holds a single 2D image of shape {arr.shape}; a "
                          "multi-page TIFF stack of shape (Z, H, W) is needed.")
@@ -351,7 +376,7 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
         mask = series is not None and series.dtype == bool and masks
         real = series is not None and (mask or series.dtype != bool and (
             np.issubdtype(series.dtype, np.integer) or np.issubdtype(series.dtype, np.floating)))
-        simple = (real and len(shape) == 3 and not _is_rgb(series)
+        simple = (real and len(shape) == 3 and not _is_rgb(series) and len(tif.series) == 1
                   and min(shape[1:]) >= MIN_SIZE and shape[0] >= min_sections)
         if simple:
             with _TiffWarnings():
