@@ -109,6 +109,8 @@ def main() -> None:
     ap.add_argument("--sections", type=int, default=8)
     ap.add_argument("--crop", type=int, default=384)
     ap.add_argument("--out", default="defects_isbi.json")
+    ap.add_argument("--cases", nargs="+", default=None,
+                    help="run only the cases whose name contains one of these words")
     args = ap.parse_args()
     full = load_stack(args.data, ISBI)[:args.sections]
     rows = []
@@ -126,17 +128,27 @@ def main() -> None:
                                               0),
             "black missing wedge (40 %), section 3": (wedge(shape, 3), 0),
             "black tear from a corner (29 %), section 3": (pie(shape, 3), 0),
+            # last: its draws must not change the padding of the cases above
+            "grey (median) padding, every section": (padding(shape, rng, set()), "median"),
         }
         no_fill = np.zeros(shape, bool)
         for name, (fill, value) in defects.items():
+            if args.cases and not any(w in name for w in args.cases):
+                continue
             stack = case.mis.copy()
-            stack[fill] = value
+            if value == "median":  # each section's own median grey
+                for i in range(shape[0]):
+                    stack[i][fill[i]] = np.median(case.mis[i])
+            else:
+                stack[fill] = value
             r = run(stack)
             row = {"seed": seed, "case": name, "fill_fraction": float(fill.mean()),
                    "without": score(case, base, c, no_fill), "with": score(case, r, c, fill)}
             rows.append(row)
             print(json.dumps(row), flush=True)
         # section 4 is section 3 saved twice (scored without section 4)
+        if args.cases and not any(w in "section 4 repeats section 3" for w in args.cases):
+            continue
         stack = case.mis.copy()
         stack[4] = stack[3]
         r = run(stack)

@@ -99,6 +99,6 @@ def test_an_odd_width_finds_the_shift_that_the_even_width_finds():
                         features="pixels")
         return np.median(r.displacement[1][:, 8:-8, 8:-8], axis=(1, 2))
 
-    # measured: within 0.015 px of each other (also 96 / 97); 0.05-0.06 px before the fix (65 / 33 as the
-    # stride), all of it towards a smaller shift
+    # measured: within 0.015 px of each other (also 96 / 97); 0.05-0.06 px before the fix
+    # (65 / 33 as the stride), all of it towards a smaller shift
     assert np.abs(shift_found(65) - shift_found(64)).max() < 0.03
