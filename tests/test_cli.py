@@ -305,6 +305,29 @@ def test_a_signal_between_the_two_renames_does_not_part_the_outputs(tiny_tif, tm
     assert sigint is signal.default_int_handler and sigterm.__name__ == "handler"
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_stop_after_the_cores_last_check_still_stops(tiny_tif, tmp_path, monkeypatch,
+                                                       capsys):
+    # it said "stopping (SIGTERM)", then wrote the outputs and exited 0
+    import signal
+
+    import napari_ssemnet.core.align as core_align
+
+    real = core_align.align_stack
+
+    def finishes_after_the_signal(*args, **kwargs):
+        result = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # after the core's last look at should_stop
+        return result
+
+    monkeypatch.setattr(core_align, "align_stack", finishes_after_the_signal)
+    out = tmp_path / "al.tif"
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), *TINY]) == cli.EXIT_TERMINATED
+    err = capsys.readouterr().err
+    assert "stopping (SIGTERM)" in err and "stopped by SIGTERM" in err
+    assert not out.exists()
+
+
 def test_ctrl_c_while_the_blockwise_fields_are_written_leaves_no_half_file(
         tiny_tif, tmp_path, monkeypatch, capsys):
     import napari_ssemnet.core.io as core_io

@@ -261,7 +261,9 @@ def ctrl_c_stops() -> Iterator[Callable[[], bool]]:
     SIGKILL: the run stops at its next check (within about a second), removes its working
     files, and a block-wise run keeps its finished blocks for ``--resume``. Yields the
     ``should_stop`` callable to pass to the core. Outside the main thread (where signal
-    handlers cannot be set) it yields a callable that never stops.
+    handlers cannot be set) it yields a callable that never stops. A request that came after
+    the core's last check still stops (:class:`AlignmentCancelled` on leaving the block):
+    having said "stopping", the command must not go on to write its outputs and exit 0.
     """
     requested = threading.Event()
 
@@ -276,6 +278,8 @@ def ctrl_c_stops() -> Iterator[Callable[[], bool]]:
 
     with _handling(_STOP_SIGNALS, handler):
         yield requested.is_set
+    if requested.is_set():
+        raise AlignmentCancelled("Stopped after the last check.")
 
 
 @contextmanager
@@ -1538,5 +1542,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.flush()
 
 
+def console_main() -> None:
+    """The console script: :func:`main`, then its exit code, which a signal during the
+    interpreter's shutdown (the outputs complete and reported) no longer turns into 143."""
+    code = main()
+    if threading.current_thread() is threading.main_thread():
+        for name in _STOP_SIGNALS:
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console_main()
