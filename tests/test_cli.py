@@ -1432,3 +1432,26 @@ def test_on_nfs_a_foreign_lock_is_tested_with_a_shared_lock(tmp_path, monkeypatc
         with pytest.raises(cli.SsemnetError, match="process 4242"):
             cli._take_foreign_lock(out, lock, fcntl)
     assert cli._take_foreign_lock(out, lock, fcntl) is True and not lock.exists()
+
+
+def test_a_stopped_runs_differences_read_as_a_list():
+    import json
+
+    a = {"params": {"smoothness": 1.0}, "input": "x", "dtype": "uint8", "shape": [4, 64, 64]}
+    b = {"params": {"smoothness": 2.0}, "input": "y", "dtype": "uint8", "shape": [6, 64, 64]}
+    assert cli._what_changed(json.dumps(a), json.dumps(b)) == (
+        "other parameters (smoothness), another input (or the input's content changed "
+        "since), and another output type or shape")
+    assert cli._what_changed(json.dumps(a), json.dumps({**a, "input": "y"})) == (
+        "another input (or the input's content changed since)")
+
+
+def test_weights_are_stored_as_absolute_paths_and_need_custom_features(tiny_tif, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = cli.build_parser().parse_args(["align", str(tiny_tif), "-o", "o.tif",
+                                          "--features", "custom", "--weights", "w.pt"])
+    assert cli.params_from_args(args).weights == str(tmp_path / "w.pt")
+    # ignored before, yet stored with the fields as if it had been used
+    code = cli.main(["align", str(tiny_tif), "-o", "o.tif", "--weights", "w.pt", *TINY])
+    assert code == cli.EXIT_ERROR and not (tmp_path / "o.tif").exists()

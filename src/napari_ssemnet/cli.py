@@ -136,7 +136,14 @@ def params_from_args(args: argparse.Namespace) -> AlignParams:
     base = load_params_file(args.params) if getattr(args, "params", None) else AlignParams()
     given = {f.name: getattr(args, f.name) for f in knobs()
              if getattr(args, f.name, None) is not None}
-    return base.replace(**given) if given else base
+    if given.get("weights"):  # stored with the results: it must still say which file
+        given["weights"] = os.path.abspath(given["weights"])
+    params = base.replace(**given) if given else base
+    if given.get("weights") and params.features != "custom":
+        raise SsemnetError(f"--weights is used only with --features custom (features is "
+                           f"'{params.features}' here); add --features custom, or leave "
+                           "--weights out.")
+    return params
 
 
 # -- progress --------------------------------------------------------------------------
@@ -1124,10 +1131,12 @@ def _what_changed(old: str | None, new: str) -> str:
         parts.append(f"other parameters ({', '.join(changed)})" if changed else
                      "other parameters")
     if a.get("input") != b.get("input"):
-        parts.append("another input, or an input whose content changed since")
+        parts.append("another input (or the input's content changed since)")
     if a.get("dtype") != b.get("dtype") or a.get("shape") != b.get("shape"):
         parts.append("another output type or shape")
-    return " and ".join(parts) or "another input or other options"
+    if len(parts) > 1:
+        parts[-1] = "and " + parts[-1]
+    return (", " if len(parts) > 2 else " ").join(parts) or "another input or other options"
 
 
 def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namespace,

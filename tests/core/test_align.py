@@ -109,7 +109,7 @@ def _with(value):
     (lambda: np.zeros((3, 16, 16), np.uint8), {}, ["16x16", "too small"]),
     (lambda: em(slice(0, 1), 64), {}, ["1 section", "at least 2"]),
     (lambda: em(slice(0, 3), 64), {"reference": 3}, ["Reference section 3", "0 to 2"]),
-    (_const_ref, {}, ["Reference section 0", "blank"]),
+    (_const_ref, {}, ["Reference section 0", "blank", "section 1 is the nearest"]),
     (_blank_stack, {"reference": 1}, ["blank"]),
     (lambda: em(slice(0, 3), 64) > 128, {}, ["boolean"]),
     (lambda: np.zeros((3, 64, 64), np.complex64), {}, ["complex64"]),

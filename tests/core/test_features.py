@@ -123,6 +123,8 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(WeightsError, match="does not exist"):
         load_weights(tmp_path / "nope.pt")
+    with pytest.raises(WeightsError, match="is a folder"):
+        load_weights(tmp_path)
 
 
 def test_random_bytes(tmp_path):

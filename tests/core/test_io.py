@@ -407,3 +407,16 @@ def test_fields_given_a_folder_are_refused_not_written_beside_it(tmp_path):
     assert not (tmp_path.parent / (tmp_path.name + ".npz")).exists()
     with pytest.raises(InputError, match="no file name"):  # napari's Save of an empty name
         save_fields(tmp_path / ".npz", disp)
+
+
+def test_a_section_file_cut_short_is_named(tmp_path):
+    folder = tmp_path / "sections"
+    folder.mkdir()
+    for k in range(3):
+        tifffile.imwrite(folder / f"s{k}.tif", np.full((64, 64), k, np.uint8))
+    data = (folder / "s1.tif").read_bytes()
+    (folder / "s1.tif").write_bytes(data[:600])  # the header survives, the pixels do not
+    for reader in (read_stack, open_stack):
+        with pytest.raises(InputError, match="s1.tif"):
+            s = reader(folder)
+            np.stack([s[z] for z in range(3)])

@@ -179,6 +179,12 @@ def format_summary(shape: tuple[int, ...], device: str, timings: dict[str, float
     return "\n".join(lines)
 
 
+def _nearest_usable(blank: np.ndarray, params: AlignParams) -> str:
+    """``"section 2"``: the section nearest the blank reference that is not blank."""
+    ok = np.nonzero(~np.asarray(blank, bool))[0]
+    return f"section {int(ok[np.argmin(np.abs(ok - params.reference))])}"
+
+
 def _ranges(sections: list[int]) -> str:
     """``[3, 4, 5, 9]`` -> ``"sections 3-5, 9"``."""
     parts, start = [], sections[0]
@@ -540,7 +546,8 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
                          "nothing to align.")
     if blank[params.reference]:
         raise InputError(f"Reference section {params.reference} is blank or has no structure; "
-                         "choose another reference section.")
+                         f"choose another reference section ({_nearest_usable(blank, params)} "
+                         "is the nearest with structure).")
     if (~blank).sum() < 2:
         raise InputError("Fewer than two sections contain image structure; nothing to align.")
     # flagged, and left out of the NCC (a perfect match says nothing); they stay in the fit:

@@ -163,6 +163,9 @@ def load_weights(path: str | os.PathLike) -> CAE:
         If the file is missing, not a weights file, corrupt or of another architecture.
     """
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{str(path)!r} is a folder; the encoder weights are a file (.pt "
+                           "or .safetensors) in it.")
     if not path.is_file():
         raise WeightsError(f"Encoder weights file {str(path)!r} does not exist.")
     try:

@@ -336,7 +336,10 @@ class FolderStack(SectionReader):
     def _read(self, z: int) -> np.ndarray:
         import tifffile
 
-        return tifffile.imread(self.files[z]).astype(self.dtype, copy=False)
+        try:
+            return tifffile.imread(self.files[z]).astype(self.dtype, copy=False)
+        except Exception as exc:  # a file cut short after its header was checked
+            raise InputError(_unreadable(self.files[z], exc)) from None
 
 
 def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = False
