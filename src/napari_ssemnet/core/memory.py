@@ -19,8 +19,10 @@ from .errors import MemoryLimitError
 # Peak resident memory an alignment adds to its process, measured with the default
 # parameters on the 2-core dev box (benchmarks/bench_memory.py, docs/benchmarks.md): about
 # 90 bytes per input pixel of the stack plus about 320 MB that does not depend on the size
-# (8 x 256^2 to 16 x 1024^2). Rounded so that the estimate is at or above every measurement
-# (all but 4 x 1024^2 at binning 2, which it misses by 2 %).
+# (8 x 256^2 to 16 x 1024^2). Rounded so that the estimate is at or above those measurements
+# (all but 4 x 1024^2 at binning 2, which it misses by 2 %). A few sections of 512^2 need
+# more than it says: 4 x 512^2 took 482-505 MB against 410 (benchmarks/results/
+# memory_cpu_small.json), about 100 MB that no machine this runs on would miss.
 PEAK_BYTES_PER_PIXEL = 90
 PEAK_BYTES_FIXED = 320 * 2**20
 # With fit_binning b the fit holds about 8 + 82 / b**2 bytes per input pixel, and the render
