@@ -420,3 +420,20 @@ def test_a_section_file_cut_short_is_named(tmp_path):
         with pytest.raises(InputError, match="s1.tif"):
             s = reader(folder)
             np.stack([s[z] for z in range(3)])
+
+
+def test_an_ome_tiffs_pixel_size_is_kept_for_the_output(tmp_path):
+    from napari_ssemnet.core.io import read_resolution, tiff_write_kwargs
+
+    a = np.zeros((4, 64, 64), np.uint8)
+    path = tmp_path / "in.ome.tif"
+    tifffile.imwrite(path, a, ome=True, metadata={
+        "axes": "ZYX", "PhysicalSizeX": 4, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 4,
+        "PhysicalSizeYUnit": "nm", "PhysicalSizeZ": 0.05, "PhysicalSizeZUnit": "µm"})
+    res = read_resolution(path)  # was empty: the output said 1 pixel per no unit
+    assert res == {"resolution": (0.25, 0.25), "resolutionunit": 1, "unit": "nm",
+                   "spacing": 50.0}
+    tifffile.imwrite(tmp_path / "out.tif", a, **tiff_write_kwargs(res, a.dtype, a.nbytes))
+    with tifffile.TiffFile(tmp_path / "out.tif") as tif:
+        assert tif.pages.first.resolution == (0.25, 0.25)
+        assert tif.imagej_metadata["unit"] == "nm" and tif.imagej_metadata["spacing"] == 50.0

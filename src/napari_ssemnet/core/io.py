@@ -472,8 +472,49 @@ def read_resolution(path: str | os.PathLike) -> dict[str, Any]:
                 out["spacing"] = float(ij["spacing"])
             if "unit" in ij:
                 out["unit"] = str(ij["unit"])
+            if tif.is_ome and not ij:
+                out.update(_ome_pixel_size(tif.ome_metadata))
     except Exception:  # metadata is a courtesy: never a reason to fail
         return {}
+    return out
+
+
+_LENGTH_IN_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3,
+                 "cm": 1e4, "m": 1e6}
+
+
+def _ome_pixel_size(xml: str | None) -> dict[str, Any]:
+    """An OME-XML image's PhysicalSize X/Y/Z as :func:`read_resolution` gives them (the way
+    ImageJ stores a pixel size: pixels per ``unit``, and the section spacing in ``unit``);
+    empty when it has none. Microscope software writes OME-TIFF more than ImageJ TIFF."""
+    import xml.etree.ElementTree as ET
+
+    if not xml:
+        return {}
+    pixels = next((el for el in ET.fromstring(xml).iter() if el.tag.endswith("}Pixels")
+                   or el.tag == "Pixels"), None)
+    if pixels is None or "PhysicalSizeX" not in pixels.attrib:
+        return {}
+    a = pixels.attrib
+    unit = a.get("PhysicalSizeXUnit", "µm")
+    if unit not in _LENGTH_IN_UM:
+        return {}
+
+    def size(axis: str) -> float | None:
+        if f"PhysicalSize{axis}" not in a:
+            return None
+        other = a.get(f"PhysicalSize{axis}Unit", "µm")
+        if other not in _LENGTH_IN_UM:
+            return None
+        return float(a[f"PhysicalSize{axis}"]) * _LENGTH_IN_UM[other] / _LENGTH_IN_UM[unit]
+
+    sx, sy, sz = size("X"), size("Y") or size("X"), size("Z")
+    if not sx or not sy or sx <= 0 or sy <= 0:
+        return {}
+    out: dict[str, Any] = {"resolution": (1.0 / sx, 1.0 / sy), "resolutionunit": 1,
+                           "unit": "um" if unit == "µm" else unit}
+    if sz and sz > 0:
+        out["spacing"] = sz
     return out
 
 
