@@ -210,9 +210,10 @@ class AlignWidget(QWidget):
         self.preview_btn.setToolTip("Align only the section shown in the viewer against its "
                                     "neighbours (held as they are), to try parameters quickly.")
         self.realign_btn = QPushButton("Re-align section")
-        self.realign_btn.setToolTip("After a full run: align the current section again with "
-                                    "the parameters above, neighbours fixed at the result, and "
-                                    "keep it in the result.")
+        self._realign_tip = ("After a full run: align the current section again with the "
+                             "parameters above, neighbours fixed at the result, and keep it in "
+                             "the result.")
+        self.realign_btn.setToolTip(self._realign_tip)
         buttons.addWidget(self.align_btn, 0, 0)
         buttons.addWidget(self.cancel_btn, 0, 1)
         buttons.addWidget(self.preview_btn, 1, 0)
@@ -237,8 +238,9 @@ class AlignWidget(QWidget):
 
         files = QHBoxLayout()
         self.save_btn = QPushButton("Save fields…")
-        self.save_btn.setToolTip("Write the displacement fields (Z, 2, H, W) of the last run "
-                                 "on this layer to an .npz file (key 'displacement').")
+        self._save_tip = ("Write the displacement fields (Z, 2, H, W) of the last run on this "
+                          "layer to an .npz file (key 'displacement').")
+        self.save_btn.setToolTip(self._save_tip)
         self.apply_btn = QPushButton("Apply fields to layer…")
         self.apply_btn.setToolTip("Open the 'Apply saved fields' panel to warp another layer "
                                   "(e.g. labels) with saved fields.")
@@ -444,6 +446,17 @@ class AlignWidget(QWidget):
         has_result = layer is not None and self._result_for(layer) is not None
         self.realign_btn.setEnabled(has_result)
         self.save_btn.setEnabled(has_result)
+        why = ""  # Qt shows a disabled button's tooltip: say why it is disabled
+        if layer is not None and not has_result:
+            if L.find_result_layer(self.viewer, layer.name, L.ROLE_DISPLACEMENT) is not None:
+                why = (f"\n\nDisabled: the result layers of '{layer.name}' come from a run "
+                       "this panel does not hold (it was closed, or the layers were opened "
+                       "again). Press Align; or save the fields with File > Save Selected "
+                       "Layer(s) on the displacement layer.")
+            else:
+                why = f"\n\nDisabled: press Align to align '{layer.name}' first."
+        self.realign_btn.setToolTip(self._realign_tip + why)
+        self.save_btn.setToolTip(self._save_tip + why)
 
     def _result_for(self, layer: Any) -> AlignmentResult | None:
         result = self.results.get(layer.name)

@@ -371,6 +371,10 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
         from .core.features import load_weights
 
         load_weights(params.weights)
+    if params.device != "auto":  # and on a device that is not there
+        from .core.device import pick_device
+
+        pick_device(params.device)
     fields = _follow(fields_file_name(args.fields)) if args.fields else None
     # every file the run reads: the stack, and the weights and parameters files it was given
     inputs = [args.input, params.weights if params.features == "custom" else None,

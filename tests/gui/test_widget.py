@@ -409,6 +409,9 @@ def test_renamed_source_keeps_its_result(qtbot, viewer_widget, stack):
     viewer.add_image(stack[::-1].copy(), name="em renamed")
     widget.set_layer("em renamed")
     assert not widget.save_btn.isEnabled() and not widget.realign_btn.isEnabled()
+    # the old result layers are still there: the disabled buttons say why, and what to do
+    assert "this panel does not hold" in widget.save_btn.toolTip()
+    assert "File > Save Selected" in widget.realign_btn.toolTip()
 
 
 def test_panel_scrolls_instead_of_needing_a_tall_screen(make_napari_viewer):
