@@ -1,5 +1,6 @@
-"""Global pre-alignment: a translation or rigid estimate per section, chained outwards from the
-reference and later refined jointly (with scale and shear for ``affine``) in :mod:`fit`.
+"""Global pre-alignment: a translation, rigid or affine map per section, chained outwards from
+the reference. :mod:`fit` then refines only the control grid on top of these maps (with
+``prealign='none'`` it fits one translation per section instead).
 
 Pairs are matched at <= 256 px by phase correlation of band-passed, windowed sections, with
 an exhaustive rotation search. Each section is matched to both of its two nearest usable
@@ -139,6 +140,13 @@ def _rotate_batch(img: torch.Tensor, thetas: torch.Tensor, k: float
     return out[:, 0], ok.float()
 
 
+def _parabola_peak(c_m: torch.Tensor, c_0: torch.Tensor, c_p: torch.Tensor) -> torch.Tensor:
+    """Sub-pixel offset of a peak ``c_0`` from its two neighbours along one axis (a parabola
+    through the three; 0 where they are collinear)."""
+    den = c_m - 2 * c_0 + c_p
+    return torch.where(den.abs() > 1e-12, 0.5 * (c_m - c_p) / den, torch.zeros_like(den))
+
+
 def _masked_ncc(fixed: torch.Tensor, fixed_mask: torch.Tensor, moving: torch.Tensor,
                 moving_mask: torch.Tensor, min_overlap: float
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,13 +202,10 @@ def _masked_ncc(fixed: torch.Tensor, fixed_mask: torch.Tensor, moving: torch.Ten
     py, px = idx // ww, idx % ww
     ar = torch.arange(n, device=ncc.device)
 
-    def sub(c_m, c_0, c_p):
-        den = c_m - 2 * c_0 + c_p
-        off = torch.where(den.abs() > 1e-12, 0.5 * (c_m - c_p) / den, torch.zeros_like(den))
-        return off.clamp(-0.5, 0.5)
-
-    dy = sub(ncc[ar, (py - 1) % hh, px], peak, ncc[ar, (py + 1) % hh, px])
-    dx = sub(ncc[ar, py, (px - 1) % ww], peak, ncc[ar, py, (px + 1) % ww])
+    dy = _parabola_peak(ncc[ar, (py - 1) % hh, px], peak, ncc[ar, (py + 1) % hh, px]).clamp(
+        -0.5, 0.5)
+    dx = _parabola_peak(ncc[ar, py, (px - 1) % ww], peak, ncc[ar, py, (px + 1) % ww]).clamp(
+        -0.5, 0.5)
     sy = torch.where(py > hh // 2, py - hh, py).float() + dy
     sx = torch.where(px > ww // 2, px - ww, px).float() + dx
     return torch.stack([sy, sx], dim=-1), peak, ncc
@@ -225,13 +230,9 @@ def _phase_correlation(fixed: torch.Tensor, moving: torch.Tensor
     peak, idx = flat.max(dim=1)
     py, px = idx // w, idx % w
 
-    def sub(c_m, c_0, c_p):
-        den = c_m - 2 * c_0 + c_p
-        return torch.where(den.abs() > 1e-12, 0.5 * (c_m - c_p) / den, torch.zeros_like(den))
-
     ar = torch.arange(n, device=corr.device)
-    dy = sub(corr[ar, (py - 1) % h, px], peak, corr[ar, (py + 1) % h, px])
-    dx = sub(corr[ar, py, (px - 1) % w], peak, corr[ar, py, (px + 1) % w])
+    dy = _parabola_peak(corr[ar, (py - 1) % h, px], peak, corr[ar, (py + 1) % h, px])
+    dx = _parabola_peak(corr[ar, py, (px - 1) % w], peak, corr[ar, py, (px + 1) % w])
     sy = py.float() + dy
     sx = px.float() + dx
     sy = torch.where(sy > h / 2, sy - h, sy)

@@ -62,15 +62,6 @@ def to_grid(points: torch.Tensor, size: tuple[int, int], k: float = 1.0) -> torc
     return torch.stack([xn, yn], dim=-1)
 
 
-def inside(points: torch.Tensor, size: tuple[int, int], k: float = 1.0) -> torch.Tensor:
-    """Boolean mask of points that fall inside an ``h x w`` level of factor ``k``."""
-    h, w = size
-    off = (k - 1.0) / 2.0
-    y = (points[..., 0] - off) / k
-    x = (points[..., 1] - off) / k
-    return (y >= -_EPS) & (y <= h - 1 + _EPS) & (x >= -_EPS) & (x <= w - 1 + _EPS)
-
-
 def sample(images: torch.Tensor, points: torch.Tensor, k: float = 1.0, *,
            mode: str = "bilinear", padding_mode: str = "zeros"
            ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +180,9 @@ def grid_displacement(grid: torch.Tensor, points: torch.Tensor,
 
 
 def resize_grid(grid: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Resample a control grid to a new node count, keeping the field it represents."""
+    """Resample a control grid to a new node count: bicubically over the nodes, so the field it
+    represents is kept closely, not exactly (a review measured 0.14 px on a field of about
+    3 px); the next level's fit starts from it."""
     if tuple(grid.shape[-2:]) == tuple(shape):
         return grid
     return F.interpolate(grid, size=shape, mode="bicubic", align_corners=True)
