@@ -1455,3 +1455,16 @@ def test_weights_are_stored_as_absolute_paths_and_need_custom_features(tiny_tif,
     # ignored before, yet stored with the fields as if it had been used
     code = cli.main(["align", str(tiny_tif), "-o", "o.tif", "--weights", "w.pt", *TINY])
     assert code == cli.EXIT_ERROR and not (tmp_path / "o.tif").exists()
+
+
+def test_the_output_must_be_named_as_a_tiff(tiny_tif, tmp_path, capsys):
+    # a TIFF was written under the .png name
+    code = cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "a.png"), *TINY])
+    assert code == cli.EXIT_ERROR and not (tmp_path / "a.png").exists()
+    assert ".tif or .tiff name" in capsys.readouterr().err
+
+
+def test_python_m_runs_the_command_line():
+    res = subprocess.run([sys.executable, "-m", "napari_ssemnet", "--version"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip()

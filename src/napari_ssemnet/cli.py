@@ -356,6 +356,14 @@ class _PipeSafe:
 # -- commands --------------------------------------------------------------------------
 
 
+def _tiff_name(output: str) -> None:
+    """The output is always a TIFF: a name like ``aligned.png`` got a TIFF under it (a folder
+    is left to the target checks, which say so)."""
+    if Path(output).suffix.lower() not in (".tif", ".tiff") and not Path(output).is_dir():
+        raise SsemnetError(f"The output {output} is written as a TIFF stack; give it a .tif "
+                           "or .tiff name (-o aligned.tif).")
+
+
 def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
     if args.sample and args.input:
         raise SsemnetError("Give either an INPUT file or --sample, not both.")
@@ -393,6 +401,7 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
             if a.resolve() == b.resolve():
                 raise SsemnetError(f"{opt_a} and {opt_b} name the same file ({a}); give "
                                    "different files.")
+    _tiff_name(output)
     targets = [(Path(output), "output file")]
     if fields is not None:
         targets.append((fields, "fields file"))
@@ -1279,6 +1288,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
         raise SsemnetError("--labels means --interpolation nearest; give one of them.")
     _refuse_overwriting_input(args.input, args.output)
     _refuse_overwriting_input(args.fields, args.output)
+    _tiff_name(args.output)
     out_path = _follow(Path(args.output))
     with contextlib.ExitStack() as held:
         held.enter_context(_prepared_targets([(out_path, "output file")]))

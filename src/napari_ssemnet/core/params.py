@@ -100,8 +100,9 @@ class AlignParams:
            "to disk. For stacks that do not fit in memory; must be at least window + 2.",
         minimum=0, maximum=100000, label="block size (sections)", advanced=True)
     learning_rate: float = _knob(
-        0.1, "Adam step size, in pixels of the current pyramid level per iteration. Lower it if "
-              "the fit oscillates, raise it if it creeps.", minimum=1e-4, maximum=10.0,
+        0.1, "Adam step size, in pixels of the current pyramid level per iteration, at the "
+              "start of each level; it halves every 40 iterations down to a tenth, so that "
+              "the fit settles. Lower it if the fit oscillates, raise it if it creeps.", minimum=1e-4, maximum=10.0,
         step=0.01, label="learning rate")
     loss_drop: float = _knob(
         0.5, "Fraction of the highest-error pixels ignored at the start of the fit (the "
