@@ -102,8 +102,8 @@ class AlignParams:
     learning_rate: float = _knob(
         0.1, "Adam step size, in pixels of the current pyramid level per iteration, at the "
               "start of each level; it halves every 40 iterations down to a tenth, so that "
-              "the fit settles. Lower it if the fit oscillates, raise it if it creeps.", minimum=1e-4, maximum=10.0,
-        step=0.01, label="learning rate")
+              "the fit settles. Lower it if the fit oscillates, raise it if it creeps.",
+        minimum=1e-4, maximum=10.0, step=0.01, label="learning rate")
     loss_drop: float = _knob(
         0.5, "Fraction of the highest-error pixels ignored at the start of the fit (the "
              "paper's loss drop); it halves every 15 iterations, and each finer level starts "
