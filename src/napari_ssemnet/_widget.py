@@ -448,7 +448,12 @@ class AlignWidget(QWidget):
         self.save_btn.setEnabled(has_result)
         why = ""  # Qt shows a disabled button's tooltip: say why it is disabled
         if layer is not None and not has_result:
-            if L.find_result_layer(self.viewer, layer.name, L.ROLE_DISPLACEMENT) is not None:
+            shown = L.find_result_layer(self.viewer, layer.name, L.ROLE_DISPLACEMENT)
+            meta = shown.metadata.get(L.META_KEY, {}) if shown is not None else {}
+            if meta.get("state") == "preview":
+                why = (f"\n\nDisabled: the result layers show a Preview of section "
+                       f"{meta.get('section')}, not an alignment; press Align first.")
+            elif shown is not None:
                 why = (f"\n\nDisabled: the result layers of '{layer.name}' come from a run "
                        "this panel does not hold (it was closed, or the layers were opened "
                        "again). Press Align; or save the fields with File > Save Selected "
@@ -1134,7 +1139,7 @@ class ApplyFieldsWidget(QWidget):
         order = (0 if is_labels else 1) if choice == "auto" else int(choice == "linear")
         if is_labels and order == 1:
             return self._refuse(f"'{name}' is a Labels layer: linear interpolation would blend "
-                                "label ids into values that are no labels. Choose 'auto' or "
+                                "label ids into values that are not labels. Choose 'auto' or "
                                 "'nearest'.")
         self.last_result = None
         self.apply_btn.setEnabled(False)

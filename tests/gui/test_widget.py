@@ -204,6 +204,8 @@ def test_preview_then_realign(qtbot, viewer_widget, stack, tmp_path):
     vec = viewer.layers["em displacement"].data
     assert set(np.unique(vec[:, 0, 0]).astype(int)) == {2}
     assert np.isfinite(meta["ncc_after"][2]) and meta["ncc_after"][0] is None
+    # the disabled buttons say it is a Preview (they sent users to File > Save, which refuses)
+    assert "Preview of section 2" in widget.save_btn.toolTip()
 
     assert run_and_wait(qtbot, widget, widget.align) == "done"
     full = widget.results["em"].aligned.copy()

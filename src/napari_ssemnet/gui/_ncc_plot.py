@@ -37,8 +37,12 @@ class NccPlot(QWidget):
         # panel open on a small screen): a fixed height made the panel overlap itself
         self.setMinimumHeight(90)
         self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Maximum)
-        self.setToolTip("Mean NCC of each section with its neighbours: grey before, orange "
-                        "after alignment. Click to jump to a section.")
+        self.setToolTip("Mean NCC (normalised cross-correlation: 1 for identical images, 0 for "
+                        "unrelated ones) of each section with its neighbours: grey before, "
+                        "orange after alignment. Real neighbouring sections differ, so about "
+                        "0.3-0.4 after alignment is usual for ssTEM: compare a section with "
+                        "its neighbours, not with 1. Red ticks mark flagged sections; the "
+                        "line above the plot names the flag. Click to jump to a section.")
 
     def sizeHint(self) -> QSize:  # noqa: N802 - Qt API
         return QSize(super().sizeHint().width(), 130)
@@ -119,11 +123,6 @@ class NccPlot(QWidget):
         def y_of(v: float) -> float:
             return rect.bottom() - rect.height() * (v - lo) / (hi - lo)
 
-        for i, flag in enumerate(self.flags):
-            if flag:
-                p.setPen(QPen(FLAG_COLOR, 2))
-                x = self._x(i, rect)
-                p.drawLine(QPointF(x, rect.bottom()), QPointF(x, rect.bottom() - 6))
         for values, color in ((self.before, BEFORE_COLOR), (self.after, AFTER_COLOR)):
             path = QPainterPath()
             pen_down = False
@@ -149,18 +148,33 @@ class NccPlot(QWidget):
             x = self._x(self.current, rect)
             p.setPen(QPen(CURRENT_COLOR, 1.5, Qt.DashLine))
             p.drawLine(QPointF(x, rect.top()), QPointF(x, rect.bottom()))
-            label = f"z={self.current}"
-            for name, values in (("before", self.before), ("after", self.after)):
-                if self.current < values.size and np.isfinite(values[self.current]):
-                    label += f"  {name} {values[self.current]:.3f}"
             p.setPen(QPen(text, 1))
-            p.drawText(QRectF(rect.left(), 2, rect.width() - 100, 14), Qt.AlignLeft, label)
+            p.drawText(QRectF(rect.left(), 2, rect.width() - 100, 14), Qt.AlignLeft,
+                       self.readout())
+        # over the current-section line, which hid the tick of the section being looked at
+        for i, flag in enumerate(self.flags):
+            if flag:
+                p.setPen(QPen(FLAG_COLOR, 3))
+                x = self._x(i, rect)
+                p.drawLine(QPointF(x, rect.bottom()), QPointF(x, rect.bottom() - 10))
         # legend
         p.setPen(QPen(BEFORE_COLOR, 2))
         p.drawText(QRectF(rect.right() - 100, 2, 48, 14), Qt.AlignRight, "before")
         p.setPen(QPen(AFTER_COLOR, 2))
         p.drawText(QRectF(rect.right() - 48, 2, 48, 14), Qt.AlignRight, "after")
         p.end()
+
+    def readout(self) -> str:
+        """The line above the plot: the current section, its NCC before and after, its flag."""
+        if self.current is None or not 0 <= self.current < self.n_sections():
+            return ""
+        label = f"z={self.current}"
+        for name, values in (("before", self.before), ("after", self.after)):
+            if self.current < values.size and np.isfinite(values[self.current]):
+                label += f"  {name} {values[self.current]:.3f}"
+        if self.current < len(self.flags) and self.flags[self.current]:
+            label += f"  flagged: {self.flags[self.current]}"
+        return label
 
     def mousePressEvent(self, event) -> None:  # noqa: N802 - Qt API
         n = self.n_sections()
