@@ -56,23 +56,24 @@ class AlignParams:
             "follows more local distortion (folds, cracks) but risks warping real tissue; "
             "larger is stiffer.", minimum=8, maximum=4096, step=8, label="grid spacing (px)")
     smoothness: float = _knob(
-        1.0, "Weight of the gradient penalty beta*||grad v||^2 on the deformation grid, relative "
-             "to the default. Raise it (e.g. 3-10) if the aligned tissue looks bent or squeezed "
-             "or neighbours look suspiciously identical; lower it (0.1-0.3) if local "
-             "distortions remain.", minimum=0.0, maximum=1e4, step=0.1)
+        1.0, "How strongly neighbouring points of the deformation grid are held to move "
+             "alike (the penalty on its gradient), relative to the default. Raise it (e.g. "
+             "3-10) if the aligned tissue looks bent or squeezed or neighbours look "
+             "suspiciously identical; lower it (0.1-0.3) if local distortions remain.",
+        minimum=0.0, maximum=1e4, step=0.1)
     magnitude_penalty: float = _knob(
-        1.0, "Weight of the magnitude penalty alpha*||v||^2 on the deformable part, relative to "
-             "the default (the global pre-alignment is not penalised). Raise it to keep the "
-             "deformable correction small.", minimum=0.0, maximum=1e4, step=0.1,
+        1.0, "How strongly the deformable correction is held towards zero (the penalty on "
+             "its squared size), relative to the default (the global pre-alignment is not "
+             "penalised). Raise it to keep the deformable correction small.", minimum=0.0, maximum=1e4, step=0.1,
         label="magnitude penalty")
     window: int = _knob(
         2, "How many neighbour sections on each side each section is matched to. 2 averages "
            "out the real differences between adjacent sections; 1 is closest to the paper.",
         minimum=1, maximum=8, label="neighbour window")
     neighbour_decay: float = _knob(
-        0.5, "Weight of a neighbour at distance d is neighbour_decay**(d-1). Lower values trust "
-             "the nearest section more.", minimum=0.0, maximum=1.0, step=0.05,
-        label="neighbour decay")
+        0.5, "A neighbour d sections away counts this much less than the one before it "
+             "(weight decay to the power d-1). Lower values trust the nearest section more.",
+        minimum=0.0, maximum=1.0, step=0.05, label="neighbour decay")
     iterations: int = _knob(
         150, "Most Adam iterations at the coarsest pyramid level; each finer level gets half "
              "as many, and every level at least 10. A level can stop earlier once the fit has "
@@ -110,11 +111,12 @@ class AlignParams:
              "at half the one before. Keeps dust and folds from pulling the fit.",
         minimum=0.0, maximum=0.9, step=0.05, label="loss drop")
     features: str = _knob(
-        "shipped", "What is matched: 'shipped' CAE encoder weights, 'custom' weights from "
-                   "the weights file (e.g. trained on this stack), or raw 'pixels'.",
+        "shipped", "What is matched: features of the shipped encoder (a convolutional "
+                   "autoencoder trained on ssTEM), 'custom' encoder weights from the weights "
+                   "file (e.g. trained on this stack), or raw 'pixels'.",
         choices=FEATURE_KINDS, label="feature model")
     weights: str = _knob(
-        "", "Path of an encoder weights file, used when features='custom'.",
+        "", "Path of an encoder weights file, used when the feature model is 'custom'.",
         label="weights file")
     max_rotation: float = _knob(
         12.0, "Largest rotation in degrees between adjacent sections searched by the "
