@@ -1272,8 +1272,9 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
             where = (f"working files {', '.join(f.name for f in work)} in {out_path.parent}; "
                      "delete them to start over")
             _say(sys.stderr,
-                 f"every block is done but the outputs could not be written; the same "
-                 f"command with --resume writes them ({where}).\n" if done_blocks == n_blocks
+                 f"every block is done but the outputs were not written (stopped, or a "
+                 f"failed write); the same command with --resume writes them ({where}).\n"
+                 if done_blocks == n_blocks
                  else f"stopped after block {done_blocks} of {n_blocks}; the same command "
                       f"with --resume goes on from there ({where}).\n")
     return _report(args, out, (z, h, w), stack.dtype, summary, params, out_path, fields_path,

@@ -446,6 +446,10 @@ def test_re_aligning_refuses_the_reference_and_a_broken_previous_field(small):
         align_section(small, 1, previous_displacement=bad, **FAST)
     # without a previous run, the reference's preview onto its raw neighbours still works
     assert align_section(small, 0, **FAST).z == 0
+    # a run from reference 1 re-aligned without saying so: section 0 (moved) is not refused
+    moved = prev.copy()
+    moved[0] = 0.5
+    assert align_section(small, 0, previous_displacement=moved, **FAST).z == 0
 
 
 def test_a_stop_after_the_last_section_is_rendered_is_still_heard(small):

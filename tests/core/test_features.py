@@ -209,7 +209,7 @@ def test_train_encoder_runs_and_is_deterministic():
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_training_leaves_the_callers_model_and_random_stream_alone():
+def test_training_leaves_the_callers_model_and_random_stream_alone(monkeypatch):
     from napari_ssemnet.core.params import ParameterError
 
     _, model = _train(0, steps=3)
@@ -231,3 +231,10 @@ def test_training_leaves_the_callers_model_and_random_stream_alone():
     assert not all(torch.equal(v, tuned.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ParameterError, match="steps must be"):
         next(train_encoder([stack], steps=0))
+    # torch.manual_seed also reseeds every GPU's generator
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: seeded.append(s))
+    gen = train_encoder([stack], steps=np.int64(2), batch=4, patch=32, device="cpu", seed=7)
+    for _ in gen:
+        pass
+    assert not seeded

@@ -132,6 +132,24 @@ def test_a_page_in_a_series_of_its_own_is_not_dropped(tmp_path):
     opened = open_stack(path)
     np.testing.assert_array_equal(np.stack([opened[z] for z in range(6)]), a)
     getattr(opened, "close", lambda: None)()
+    # a thumbnail (a reduced-resolution page) is not a section: the stack reads as before
+    path = tmp_path / "thumb.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(a[:5], photometric="minisblack", metadata=None)
+        tw.write(a[0, ::4, ::4], photometric="minisblack", subfiletype=1, metadata=None)
+    for reader in (read_stack, open_stack):
+        got = reader(path)
+        np.testing.assert_array_equal(np.stack([got[z] for z in range(5)]), a[:5])
+        assert got.shape == (5, 64, 64)
+        getattr(got, "close", lambda: None)()
+    # two stacks in one file (an image and its labels, say) are not joined into one
+    path = tmp_path / "two_stacks.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(a[:3], photometric="minisblack")
+        tw.write(a[3:], photometric="minisblack")
+    for reader in (read_stack, open_stack):
+        with pytest.raises(InputError, match="2 image series.*one stack per file"):
+            reader(path)
 
 
 def test_a_stack_of_three_saved_as_rgb_gets_a_hint(tmp_path):
@@ -433,6 +451,14 @@ def test_an_ome_tiffs_pixel_size_is_kept_for_the_output(tmp_path):
     res = read_resolution(path)  # was empty: the output said 1 pixel per no unit
     assert res == {"resolution": (0.25, 0.25), "resolutionunit": 1, "unit": "nm",
                    "spacing": 50.0}
+    # in angstrom: written as nm, since ImageJ's description is ASCII (the write failed)
+    tifffile.imwrite(tmp_path / "a.ome.tif", a, ome=True, metadata={
+        "axes": "ZYX", "PhysicalSizeX": 40, "PhysicalSizeXUnit": "Å"})
+    assert read_resolution(tmp_path / "a.ome.tif")["unit"] == "nm"
+    assert read_resolution(tmp_path / "a.ome.tif")["resolution"] == (0.25, 0.25)
+    kw = tiff_write_kwargs({"unit": "Å", "spacing": 1.0}, a.dtype, a.nbytes)
+    tifffile.imwrite(tmp_path / "w.tif", a, **kw)  # an odd unit is dropped, not a failure
+    assert "unit" not in kw["metadata"]
     tifffile.imwrite(tmp_path / "out.tif", a, **tiff_write_kwargs(res, a.dtype, a.nbytes))
     with tifffile.TiffFile(tmp_path / "out.tif") as tif:
         assert tif.pages.first.resolution == (0.25, 0.25)

@@ -650,7 +650,8 @@ def iter_align_section(
     previous_displacement : ndarray, shape (Z, 2, H, W), optional
         A full run's result: the neighbours are held where it put them and section ``z`` is
         aligned onto them. Without it the neighbours stay as they are in ``stack``. With
-        it, ``z`` must not be ``params.reference`` (the run's reference stays put).
+        it, ``z`` must not be the run's reference (``params.reference`` with an all-zero
+        field there), which stays put.
 
     Returns
     -------
@@ -693,7 +694,8 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
             raise InputError(f"The previous displacement has NaN or infinite values in "
                              f"{_ranges([int(b) for b in bad])}; use the fields of a finished "
                              "run.")
-        if z == params.reference:
+        # the array cannot say which section was the run's reference; its field is exactly 0
+        if z == params.reference and not previous_displacement[z].any():
             raise InputError(f"Section {z} is the reference: it stays where it is. Pick "
                              "another section, or align the stack again with another "
                              "reference.")

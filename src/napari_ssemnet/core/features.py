@@ -266,14 +266,16 @@ def train_encoder(
         random state is left alone too.
     """
     import copy
+    import numbers
 
     from .align import Progress, check_stack
     from .device import pick_device
     from .params import ParameterError
 
     for name, value in (("steps", steps), ("batch", batch), ("patch", patch)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
             raise ParameterError(f"{name} must be a whole number of at least 1; got {value!r}.")
+    steps, batch, patch = int(steps), int(batch), int(patch)
     stacks = [check_stack(s, name=f"training stack {i}", min_sections=1)
               for i, s in enumerate(stacks)]
     if not stacks:
@@ -284,7 +286,7 @@ def train_encoder(
     yield Progress("train", 0, steps, f"cutting training patches on {dev}")
     rng = np.random.default_rng(seed)
     with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed also reseeds CUDA
         model = CAE(width) if init is None else copy.deepcopy(init)
         # the noise continues the seeded stream, as it did from the global generator
         if dev.type == "cpu":

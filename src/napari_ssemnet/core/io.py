@@ -104,21 +104,47 @@ def _pages_differ(tif: Any) -> str | None:
     return _first_mismatch(tif.pages[k] for k in range(len(tif.pages)))
 
 
-def _every_page(tif: Any, p: Path) -> np.ndarray:
-    """All pages of a file that tifffile splits into several series, as one (Z, H, W) stack.
+def _section_pages(tif: Any) -> list[Any]:
+    """The file's top-level pages that can be sections: not a reduced-resolution image
+    (a thumbnail or preview, NewSubfileType bit 0) and not a colour one."""
+    out = []
+    for k in range(len(tif.pages)):
+        page = tif.pages[k].aspage() if hasattr(tif.pages[k], "aspage") else tif.pages[k]
+        if int(getattr(page, "subfiletype", 0) or 0) & 1:
+            continue
+        if int(getattr(page, "samplesperpixel", 1) or 1) > 1 or int(page.photometric) == 2:
+            continue
+        out.append(page)
+    return out
 
-    tifffile makes a series of each run of like pages (and of each page written on its own
-    with tifffile's shape metadata); reading only the first series lost a section of
-    another size, or everything but the first page.
-    """
+
+def _split_series(tif: Any) -> bool:
+    """Whether sections of the file lie outside its first series (tifffile makes a series of
+    each run of like pages, and of each page written on its own with tifffile's metadata):
+    reading only the first one lost a section of another size, or all but the first page."""
+    if len(tif.series) < 2 or _is_rgb(tif.series[0]):
+        return False
+    return len(_section_pages(tif)) != len(tif.series[0].pages)
+
+
+def _every_page(tif: Any, p: Path) -> np.ndarray:
+    """The section pages of a file whose sections are split over several series, as one
+    (Z, H, W) stack, or an error that says why they cannot be one."""
     if tif.is_ome:
         raise InputError(f"{str(p)!r} holds {len(tif.series)} OME images (series); one image "
                          "with all sections (Z, Y, X) is needed. Save the stack as one image.")
-    differ = _first_mismatch(tif.pages[k] for k in range(len(tif.pages)))
+    pages = _section_pages(tif)
+    differ = _first_mismatch(pages)
     if differ:
         raise InputError(f"{str(p)!r} holds pages of different sizes or types ({differ}); "
                          f"{SAME_SIZE}.")
-    return np.stack([tif.pages[k].asarray() for k in range(len(tif.pages))])
+    stacks = [s for s in tif.series if len(s.pages) > 1]
+    if stacks:  # e.g. an image stack and a label stack: not one stack to join
+        raise InputError(f"{str(p)!r} holds {len(tif.series)} image series, "
+                         f"{len(stacks)} of them of several pages (shapes "
+                         f"{', '.join(str(tuple(s.shape)) for s in tif.series[:4])}); one "
+                         "stack per file is needed. Save each stack to its own file.")
+    return np.stack([page.asarray() for page in pages])
 
 
 SAME_SIZE = ("every section of a stack must have the same size and data type; crop or pad "
@@ -171,7 +197,7 @@ def read_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
                 if mismatch:
                     raise InputError(f"{str(p)!r}: {mismatch}; {SAME_SIZE}.")
                 is_rgb = _is_rgb(series)
-                if len(tif.series) > 1 and not any(_is_rgb(s) for s in tif.series):
+                if _split_series(tif):
                     arr, axes = _every_page(tif, p), "ZYX"
                 else:
                     arr = series.asarray()
@@ -379,7 +405,7 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
         mask = series is not None and series.dtype == bool and masks
         real = series is not None and (mask or series.dtype != bool and (
             np.issubdtype(series.dtype, np.integer) or np.issubdtype(series.dtype, np.floating)))
-        simple = (real and len(shape) == 3 and not _is_rgb(series) and len(tif.series) == 1
+        simple = (real and len(shape) == 3 and not _is_rgb(series) and not _split_series(tif)
                   and min(shape[1:]) >= MIN_SIZE and shape[0] >= min_sections)
         if simple:
             with _TiffWarnings():
@@ -481,6 +507,7 @@ def read_resolution(path: str | os.PathLike) -> dict[str, Any]:
 
 _LENGTH_IN_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3,
                  "cm": 1e4, "m": 1e6}
+_ASCII_UNIT = {"pm": "nm", "Å": "nm", "µm": "um"}  # ImageJ's description is ASCII
 
 
 def _ome_pixel_size(xml: str | None) -> dict[str, Any]:
@@ -496,9 +523,10 @@ def _ome_pixel_size(xml: str | None) -> dict[str, Any]:
     if pixels is None or "PhysicalSizeX" not in pixels.attrib:
         return {}
     a = pixels.attrib
-    unit = a.get("PhysicalSizeXUnit", "µm")
-    if unit not in _LENGTH_IN_UM:
+    given = a.get("PhysicalSizeXUnit", "µm")
+    if given not in _LENGTH_IN_UM:
         return {}
+    unit = _ASCII_UNIT.get(given, given)  # 40 Å is written as 4 nm
 
     def size(axis: str) -> float | None:
         if f"PhysicalSize{axis}" not in a:
@@ -512,7 +540,7 @@ def _ome_pixel_size(xml: str | None) -> dict[str, Any]:
     if not sx or not sy or sx <= 0 or sy <= 0:
         return {}
     out: dict[str, Any] = {"resolution": (1.0 / sx, 1.0 / sy), "resolutionunit": 1,
-                           "unit": "um" if unit == "µm" else unit}
+                           "unit": unit}
     if sz and sz > 0:
         out["spacing"] = sz
     return out
@@ -533,6 +561,11 @@ def tiff_write_kwargs(resolution: dict[str, Any] | None, dtype: Any, nbytes: int
     if ("spacing" in resolution or "unit" in resolution) and imagej_ok:
         meta = {"axes": "ZYX"}
         meta.update({k: resolution[k] for k in ("spacing", "unit") if k in resolution})
+        if "unit" in meta and not str(meta["unit"]).isascii():  # the description is ASCII
+            if str(meta["unit"]) in ("µm", "\u03bcm"):
+                meta["unit"] = "um"
+            else:  # metadata is a courtesy: never a reason to fail a write
+                meta.pop("unit")
         kw.update(imagej=True, metadata=meta)
         kw.pop("photometric")
         return kw

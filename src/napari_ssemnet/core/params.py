@@ -64,8 +64,8 @@ class AlignParams:
     magnitude_penalty: float = _knob(
         1.0, "How strongly the deformable correction is held towards zero (the penalty on "
              "its squared size), relative to the default (the global pre-alignment is not "
-             "penalised). Raise it to keep the deformable correction small.", minimum=0.0, maximum=1e4, step=0.1,
-        label="magnitude penalty")
+             "penalised). Raise it to keep the deformable correction small.",
+        minimum=0.0, maximum=1e4, step=0.1, label="magnitude penalty")
     window: int = _knob(
         2, "How many neighbour sections on each side each section is matched to. 2 averages "
            "out the real differences between adjacent sections; 1 is closest to the paper.",
