@@ -130,8 +130,9 @@ def test_a_page_in_a_series_of_its_own_is_not_dropped(tmp_path):
             tw.write(a[k], photometric="minisblack")
     np.testing.assert_array_equal(read_stack(path), a)
     opened = open_stack(path)
+    assert not isinstance(opened, np.ndarray)  # read a page at a time, not whole
     np.testing.assert_array_equal(np.stack([opened[z] for z in range(6)]), a)
-    getattr(opened, "close", lambda: None)()
+    opened.close()
     # a thumbnail (a reduced-resolution page) is not a section: the stack reads as before
     path = tmp_path / "thumb.tif"
     with tifffile.TiffWriter(path) as tw:

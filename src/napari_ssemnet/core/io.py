@@ -130,6 +130,11 @@ def _split_series(tif: Any) -> bool:
 def _every_page(tif: Any, p: Path) -> np.ndarray:
     """The section pages of a file whose sections are split over several series, as one
     (Z, H, W) stack, or an error that says why they cannot be one."""
+    return np.stack([page.asarray() for page in _split_pages(tif, p)])
+
+
+def _split_pages(tif: Any, p: Path) -> list[Any]:
+    """:func:`_every_page`'s pages, checked, not read."""
     if tif.is_ome:
         raise InputError(f"{str(p)!r} holds {len(tif.series)} OME images (series); one image "
                          "with all sections (Z, Y, X) is needed. Save the stack as one image.")
@@ -144,7 +149,7 @@ def _every_page(tif: Any, p: Path) -> np.ndarray:
                          f"{len(stacks)} of them of several pages (shapes "
                          f"{', '.join(str(tuple(s.shape)) for s in tif.series[:4])}); one "
                          "stack per file is needed. Save each stack to its own file.")
-    return np.stack([page.asarray() for page in pages])
+    return pages
 
 
 SAME_SIZE = ("every section of a stack must have the same size and data type; crop or pad "
@@ -417,6 +422,13 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
             mm = tifffile.memmap(p, series=0, mode="r").reshape(shape)
             check_stack(mm, name=f"stack in {p.name}", min_sections=min_sections)
             return mm  # check_stack's result is a plain ndarray view of the same pages
+        if real and not mask and _split_series(tif):  # e.g. one series per page
+            with _TiffWarnings():
+                pages = _split_pages(tif, p)
+            shape = (len(pages), *tuple(int(n) for n in pages[0].shape))
+            if len(shape) == 3 and shape[0] >= min_sections and min(shape[1:]) >= MIN_SIZE:
+                pages[0].asarray()  # a codec that is not installed fails here
+                return PageStack(tif, pages, shape, pages[0].dtype)
         pages = list(series.pages) if simple else []
         if simple and len(pages) == shape[0] and all(
                 pg is not None and tuple(pg.shape) == shape[1:] for pg in pages):
