@@ -834,6 +834,7 @@ class AlignWidget(QWidget):
                 f"Mean NCC {np.nanmean(res.ncc_before):.3f} → {np.nanmean(res.ncc_after):.3f}.")
         if res.flagged:
             text += " Flagged: " + ", ".join(f"{i} ({res.flags[i]})" for i in res.flagged[:6])
+        text += self._arrow_text(source)
         if job.get("stale"):
             text += (f" {self._stale_text(job, source)} during the run: these layers show "
                      "the old data, and the result is not kept (press Align again).")
@@ -878,6 +879,17 @@ class AlignWidget(QWidget):
                             + (" The NCC went down; the section is kept as re-aligned: "
                                "re-align it with other parameters, or press Align."
                                if commit and not job.get("stale") and a < b else ""))
+
+    def _arrow_text(self, source: str) -> str:
+        """How to read the arrows (their scale and colours are otherwise only in the layer's
+        metadata and controls)."""
+        vectors = L.find_result_layer(self.viewer, source, L.ROLE_DISPLACEMENT)
+        meta = vectors.metadata.get(L.META_KEY, {}) if vectors is not None else {}
+        if "arrow_scale" not in meta:
+            return ""
+        hi = float(np.asarray(vectors.edge_contrast_limits)[1])
+        return (f" Arrows drawn {meta['arrow_scale']:g}x their length; colour: shift from 0 "
+                f"(dark purple) to {hi:.1f} px or more (yellow).")
 
     @staticmethod
     def _stale_text(job: dict[str, Any], source: str) -> str:

@@ -143,6 +143,10 @@ def test_align_makes_three_layers(qtbot, viewer_widget, stack):
     # the plot and the status line show the run
     assert widget.plot.after.size == z
     assert "s/section" in widget.status.text()
+    # how to read the arrows (scale and colours were only in the metadata and controls)
+    vectors = viewer.layers["em displacement"]
+    scale = vectors.metadata[L.META_KEY]["arrow_scale"]
+    assert f"Arrows drawn {scale:g}x their length" in widget.status.text()
     seen.append(elapsed)
     print(f"align 4x96x96 via widget: {elapsed:.2f} s")
     assert elapsed < 60
