@@ -106,16 +106,18 @@ def _pages_differ(tif: Any) -> str | None:
 
 def _section_pages(tif: Any) -> list[Any]:
     """The file's top-level pages that can be sections: not a reduced-resolution image
-    (a thumbnail or preview, NewSubfileType bit 0) and not a colour one."""
-    out = []
-    for k in range(len(tif.pages)):
-        page = tif.pages[k].aspage() if hasattr(tif.pages[k], "aspage") else tif.pages[k]
-        if int(getattr(page, "subfiletype", 0) or 0) & 1:
-            continue
-        if int(getattr(page, "samplesperpixel", 1) or 1) > 1 or int(page.photometric) == 2:
-            continue
-        out.append(page)
-    return out
+    (a thumbnail or preview: NewSubfileType bit 0, or a colour page of another size). A
+    full-size colour page stays, so that the size check names it rather than drop it."""
+    pages = [tif.pages[k].aspage() if hasattr(tif.pages[k], "aspage") else tif.pages[k]
+             for k in range(len(tif.pages))]
+    pages = [pg for pg in pages if not int(getattr(pg, "subfiletype", 0) or 0) & 1]
+
+    def colour(pg: Any) -> bool:
+        return int(getattr(pg, "samplesperpixel", 1) or 1) > 1 or int(pg.photometric) == 2
+
+    grey = [pg for pg in pages if not colour(pg)]
+    size = tuple(grey[0].shape[:2]) if grey else None
+    return [pg for pg in pages if not colour(pg) or tuple(pg.shape[:2]) == size]
 
 
 def _split_series(tif: Any) -> bool:
@@ -143,12 +145,9 @@ def _split_pages(tif: Any, p: Path) -> list[Any]:
     if differ:
         raise InputError(f"{str(p)!r} holds pages of different sizes or types ({differ}); "
                          f"{SAME_SIZE}.")
-    stacks = [s for s in tif.series if len(s.pages) > 1]
-    if stacks:  # e.g. an image stack and a label stack: not one stack to join
-        raise InputError(f"{str(p)!r} holds {len(tif.series)} image series, "
-                         f"{len(stacks)} of them of several pages (shapes "
-                         f"{', '.join(str(tuple(s.shape)) for s in tif.series[:4])}); one "
-                         "stack per file is needed. Save each stack to its own file.")
+    # like series are joined in page order: sections appended to a stack (tifffile's
+    # append=True) make one series per write, and refusing those lost more users than the
+    # rare image-and-labels file of one type that this reads as one longer stack
     return pages
 
 
