@@ -71,8 +71,9 @@ class AlignParams:
            "out the real differences between adjacent sections; 1 is closest to the paper.",
         minimum=1, maximum=8, label="neighbour window")
     neighbour_decay: float = _knob(
-        0.5, "A neighbour d sections away counts this much less than the one before it "
-             "(weight decay to the power d-1). Lower values trust the nearest section more.",
+        0.5, "Each neighbour further away counts this fraction of the one before it (a "
+             "neighbour d sections away: decay to the power d-1). Lower values trust the "
+             "nearest section more.",
         minimum=0.0, maximum=1.0, step=0.05, label="neighbour decay")
     iterations: int = _knob(
         150, "Most Adam iterations at the coarsest pyramid level; each finer level gets half "
