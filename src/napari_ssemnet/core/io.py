@@ -409,7 +409,8 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
         mask = series is not None and series.dtype == bool and masks
         real = series is not None and (mask or series.dtype != bool and (
             np.issubdtype(series.dtype, np.integer) or np.issubdtype(series.dtype, np.floating)))
-        simple = (real and len(shape) == 3 and not _is_rgb(series) and not _split_series(tif)
+        split = real and _split_series(tif)  # reads every page's header: once
+        simple = (real and len(shape) == 3 and not _is_rgb(series) and not split
                   and min(shape[1:]) >= MIN_SIZE and shape[0] >= min_sections)
         if simple:
             with _TiffWarnings():
@@ -421,7 +422,7 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
             mm = tifffile.memmap(p, series=0, mode="r").reshape(shape)
             check_stack(mm, name=f"stack in {p.name}", min_sections=min_sections)
             return mm  # check_stack's result is a plain ndarray view of the same pages
-        if real and not mask and _split_series(tif):  # e.g. one series per page
+        if split and not mask:  # e.g. one series per page
             with _TiffWarnings():
                 pages = _split_pages(tif, p)
             shape = (len(pages), *tuple(int(n) for n in pages[0].shape))
