@@ -459,9 +459,28 @@ def test_an_ome_tiffs_pixel_size_is_kept_for_the_output(tmp_path):
     assert read_resolution(tmp_path / "a.ome.tif")["unit"] == "nm"
     assert read_resolution(tmp_path / "a.ome.tif")["resolution"] == (0.25, 0.25)
     kw = tiff_write_kwargs({"unit": "Å", "spacing": 1.0}, a.dtype, a.nbytes)
+    assert kw["metadata"]["unit"] == "nm" and kw["metadata"]["spacing"] == pytest.approx(0.1)
+    kw = tiff_write_kwargs({"unit": "Ångström", "spacing": 1.0}, a.dtype, a.nbytes)
     tifffile.imwrite(tmp_path / "w.tif", a, **kw)  # an odd unit is dropped, not a failure
     assert "unit" not in kw["metadata"]
     tifffile.imwrite(tmp_path / "out.tif", a, **tiff_write_kwargs(res, a.dtype, a.nbytes))
     with tifffile.TiffFile(tmp_path / "out.tif") as tif:
         assert tif.pages.first.resolution == (0.25, 0.25)
         assert tif.imagej_metadata["unit"] == "nm" and tif.imagej_metadata["spacing"] == 50.0
+
+
+def test_an_imagej_pixel_size_in_angstrom_is_restated_in_nm(tmp_path):
+    from napari_ssemnet.core.io import read_resolution, tiff_write_kwargs
+
+    # 40 Å pixels, 500 Å sections; Fiji writes the unit as the escape \u00C5
+    a = np.zeros((3, 32, 32), np.uint8)
+    tifffile.imwrite(tmp_path / "in.tif", a, imagej=True, resolution=(0.025, 0.025),
+                     metadata={"axes": "ZYX", "unit": "\\u00C5", "spacing": 500.0})
+    res = read_resolution(tmp_path / "in.tif")  # the unit was dropped, the numbers kept
+    assert res["unit"] == "nm" and res["spacing"] == pytest.approx(50.0)
+    assert res["resolution"] == pytest.approx((0.25, 0.25))
+    tifffile.imwrite(tmp_path / "out.tif", a, **tiff_write_kwargs(res, a.dtype, a.nbytes))
+    with tifffile.TiffFile(tmp_path / "out.tif") as tif:
+        assert tif.imagej_metadata["unit"] == "nm"
+        assert tif.imagej_metadata["spacing"] == pytest.approx(50.0)
+        assert tif.pages.first.resolution == pytest.approx((0.25, 0.25))

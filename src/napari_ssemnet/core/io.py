@@ -514,12 +514,30 @@ def read_resolution(path: str | os.PathLike) -> dict[str, Any]:
                 out.update(_ome_pixel_size(tif.ome_metadata))
     except Exception:  # metadata is a courtesy: never a reason to fail
         return {}
+    return _in_ascii_unit(out)
+
+
+_LENGTH_IN_UM = {"pm": 1e-6, "Å": 1e-4, "\\u00C5": 1e-4, "nm": 1e-3, "µm": 1.0,
+                 "\u03bcm": 1.0, "um": 1.0, "micron": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+# ImageJ's description is ASCII; Fiji writes angstrom as the six characters \u00C5
+_ASCII_UNIT = {"pm": "nm", "Å": "nm", "\\u00C5": "nm", "µm": "um", "\u03bcm": "um"}
+
+
+def _in_ascii_unit(res: dict[str, Any]) -> dict[str, Any]:
+    """``res`` with a pixel size in angstrom, picometres or µm restated in nm or um, so that
+    it can be written back (the numbers are converted: dropping only the unit would leave a
+    spacing of 500 meaning 500 nm instead of 50)."""
+    given = res.get("unit")
+    if given not in _ASCII_UNIT:
+        return res
+    new = _ASCII_UNIT[given]
+    factor = _LENGTH_IN_UM[given] / _LENGTH_IN_UM[new]
+    out = {**res, "unit": new}
+    if "spacing" in out:
+        out["spacing"] = float(out["spacing"]) * factor
+    if "resolution" in out and int(out.get("resolutionunit", 1)) == 1:  # pixels per unit
+        out["resolution"] = tuple(float(v) / factor for v in out["resolution"])
     return out
-
-
-_LENGTH_IN_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3,
-                 "cm": 1e4, "m": 1e6}
-_ASCII_UNIT = {"pm": "nm", "Å": "nm", "µm": "um"}  # ImageJ's description is ASCII
 
 
 def _ome_pixel_size(xml: str | None) -> dict[str, Any]:
@@ -538,7 +556,7 @@ def _ome_pixel_size(xml: str | None) -> dict[str, Any]:
     given = a.get("PhysicalSizeXUnit", "µm")
     if given not in _LENGTH_IN_UM:
         return {}
-    unit = _ASCII_UNIT.get(given, given)  # 40 Å is written as 4 nm
+    unit = given  # read_resolution restates 40 Å as 4 nm
 
     def size(axis: str) -> float | None:
         if f"PhysicalSize{axis}" not in a:
@@ -565,6 +583,7 @@ def tiff_write_kwargs(resolution: dict[str, Any] | None, dtype: Any, nbytes: int
     kw: dict[str, Any] = {"photometric": "minisblack"}
     if not resolution:
         return {**kw, "bigtiff": nbytes > _BIGTIFF_BYTES}
+    resolution = _in_ascii_unit(resolution)
     if "resolution" in resolution:
         kw.update(resolution=tuple(resolution["resolution"]),
                   resolutionunit=int(resolution.get("resolutionunit", 1)))
@@ -574,10 +593,7 @@ def tiff_write_kwargs(resolution: dict[str, Any] | None, dtype: Any, nbytes: int
         meta = {"axes": "ZYX"}
         meta.update({k: resolution[k] for k in ("spacing", "unit") if k in resolution})
         if "unit" in meta and not str(meta["unit"]).isascii():  # the description is ASCII
-            if str(meta["unit"]) in ("µm", "\u03bcm"):
-                meta["unit"] = "um"
-            else:  # metadata is a courtesy: never a reason to fail a write
-                meta.pop("unit")
+            meta.pop("unit")  # metadata is a courtesy: never a reason to fail a write
         kw.update(imagej=True, metadata=meta)
         kw.pop("photometric")
         return kw
