@@ -887,9 +887,12 @@ class AlignWidget(QWidget):
         meta = vectors.metadata.get(L.META_KEY, {}) if vectors is not None else {}
         if "arrow_scale" not in meta:
             return ""
+        mags = np.asarray(vectors.features.get("magnitude", []), dtype=float)
+        if not mags.size or not np.nanmax(mags) > 0.05:  # a 0.0 px colour scale read as a bug
+            return " No section moved by more than 0.05 px, so the arrows have no length."
         hi = float(np.asarray(vectors.edge_contrast_limits)[1])
         return (f" Arrows drawn {meta['arrow_scale']:g}x their length; colour: shift from 0 "
-                f"(dark purple) to {hi:.1f} px or more (yellow).")
+                f"(dark purple) to {hi:.2g} px or more (yellow).")
 
     @staticmethod
     def _stale_text(job: dict[str, Any], source: str) -> str:

@@ -147,6 +147,10 @@ def test_align_makes_three_layers(qtbot, viewer_widget, stack):
     vectors = viewer.layers["em displacement"]
     scale = vectors.metadata[L.META_KEY]["arrow_scale"]
     assert f"Arrows drawn {scale:g}x their length" in widget.status.text()
+    still = vectors.features.copy()
+    vectors.features = {"magnitude": np.zeros(len(vectors.data))}  # read "0 to 0.0 px"
+    assert "have no length" in widget._arrow_text("em")
+    vectors.features = still
     seen.append(elapsed)
     print(f"align 4x96x96 via widget: {elapsed:.2f} s")
     assert elapsed < 60
