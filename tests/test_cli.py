@@ -141,6 +141,23 @@ def test_bad_input_is_one_error_line(tiny_tif, tmp_path, capsys, argv_tail, word
     assert not (tmp_path / "o.tif").exists()
 
 
+@pytest.mark.parametrize("extra", [[], ["--block-size", "3", "--window", "1"]])
+def test_a_reference_out_of_range_is_named_before_the_stack_is_read(
+        tiny_tif, tmp_path, capsys, monkeypatch, extra):
+    import napari_ssemnet.core.io as core_io
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the stack was read")
+
+    monkeypatch.setattr(core_io, "read_stack", no_read)
+    monkeypatch.setattr(core_io, "open_stack", no_read)
+    code = cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "o.tif"), "--reference",
+                     "4", *extra, *TINY])
+    assert code == 2 and "sections 0 to 3" in capsys.readouterr().err
+    assert core_io.section_count(tmp_path) is None  # no sections: the readers explain
+    assert core_io.section_count(tmp_path / "missing.tif") is None
+
+
 def test_stack_too_big_for_free_memory_is_one_error_line(tiny_tif, tmp_path, capsys,
                                                          monkeypatch):
     from napari_ssemnet.core import memory

@@ -417,8 +417,8 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
 
 def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: Path | None,
            out: TextIO) -> int:
-    from .core.align import align_stack
-    from .core.io import open_stack, read_resolution, read_stack, write_stack
+    from .core.align import align_stack, check_reference
+    from .core.io import open_stack, read_resolution, read_stack, section_count, write_stack
 
     blockwise = params.block_size > 0
     if args.resume and not blockwise:  # before reading a stack that may not even fit
@@ -429,6 +429,9 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
         stack = load_sample(misaligned=True)
         source = "the shipped sample (ISBI 2012 crop with a known misalignment)"
     else:
+        count = section_count(args.input)
+        if count is not None:  # not after reading what may be many GB
+            check_reference(params.reference, count)
         # block-wise runs read the sections as they go (memory-mapped when uncompressed)
         stack = open_stack(args.input) if blockwise else read_stack(args.input)
         source = str(args.input)

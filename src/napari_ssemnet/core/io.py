@@ -372,6 +372,26 @@ class FolderStack(SectionReader):
             raise InputError(_unreadable(self.files[z], exc)) from None
 
 
+def section_count(path: str | os.PathLike) -> int | None:
+    """How many sections a stack file or folder holds, from its headers only (so that a
+    wrong reference index is named before a long read); None when that takes more than the
+    headers, or the input is not readable (the readers then say what is wrong)."""
+    import tifffile
+
+    p = Path(path)
+    try:
+        if p.is_dir():
+            return len(section_files(p)) or None
+        with _TiffWarnings(), tifffile.TiffFile(p) as tif:
+            if len(tif.series) != 1:
+                return None
+            series = tif.series[0]
+            shape = [int(n) for n in series.shape if n != 1]
+            return shape[0] if len(shape) == 3 and not _is_rgb(series) else None
+    except Exception:
+        return None
+
+
 def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = False
                ) -> Any:
     """Open a multi-page grayscale TIFF for reading section by section.
