@@ -117,6 +117,17 @@ def test_params_file_is_loaded_and_overridden(tiny_tif, tmp_path):
     assert p.window == 1 and p.grid_spacing == 40
 
 
+def test_a_relative_weights_path_in_a_params_file_is_found_next_to_it(tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "w.pt").write_bytes(b"x")
+    pfile = tmp_path / "run" / "p.json"
+    pfile.write_text(json.dumps({"features": "custom", "weights": "w.pt"}))
+    monkeypatch.chdir(tmp_path)  # "w.pt" is not here: it is next to the file
+    assert cli.load_params_file(pfile).weights == str((tmp_path / "run" / "w.pt").resolve())
+    (tmp_path / "w.pt").write_bytes(b"y")  # one in the working folder wins, as before
+    assert cli.load_params_file(pfile).weights == "w.pt"
+
+
 @pytest.mark.parametrize("argv_tail, words", [
     (["missing.tif"], ["does not exist"]),
     (["NOTTIFF"], ["not a readable TIFF"]),

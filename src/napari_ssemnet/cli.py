@@ -128,6 +128,11 @@ def load_params_file(path: str | Path) -> AlignParams:
             raise SsemnetError(f"Parameter file {str(p)!r} is not valid JSON ({exc}).") from None
     if not isinstance(data, dict):
         raise SsemnetError(f"Parameter file {str(p)!r} must hold a JSON object of parameters.")
+    weights = data.get("weights")
+    if isinstance(weights, str) and weights and not os.path.isabs(weights) \
+            and not os.path.exists(weights) and (p.parent / weights).is_file():
+        # files written before weights were stored absolute, read from another folder
+        data = {**data, "weights": str((p.parent / weights).resolve())}
     return AlignParams.from_dict(data)
 
 
