@@ -526,14 +526,20 @@ def test_apply_fields_bad_input_is_one_error_line(tiny_tif, tmp_path, capsys):
 
     wrong = save_fields(tmp_path / "wrong.npz", np.zeros((3, 2, 96, 96), np.float32))
     (tmp_path / "junk.npz").write_text("not a zip")
+    nan = np.zeros((4, 2, 96, 96), np.float32)
+    nan[3, 0, 50, 50] = np.inf
+    nan = save_fields(tmp_path / "nan.npz", nan)  # the last section: after others are written
     for fields, words in [(wrong, "for a stack of 3 sections of 96x96 px"),
+                          (nan, "section 3 has NaN or infinite values"),
                           (tmp_path / "junk.npz", "is not a fields file"),
                           (tmp_path / "missing.npz", "does not exist")]:
         code = cli.main(["apply-fields", str(fields), str(tiny_tif), "-o",
                          str(tmp_path / "o.tif")])
         err = capsys.readouterr().err
-        assert code == 2 and err.startswith("error:") and words in err, err
+        last = err.strip().splitlines()[-1]  # after the progress lines of a late refusal
+        assert code == 2 and last.startswith("error:") and words in last, err
     assert not (tmp_path / "o.tif").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.npz", "nan.npz", "wrong.npz"]
 
 
 def _uninterrupted_blockwise(tiny_tif: Path, tmp_path: Path) -> tuple[list[str], Path]:

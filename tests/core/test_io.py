@@ -324,6 +324,18 @@ def test_load_fields_errors(tmp_path):
     np.savez(tmp_path / "other.npz", image=np.zeros((2, 3)))
     with pytest.raises(InputError, match="no 'displacement'"):
         load_fields(tmp_path / "other.npz")
+    np.save(tmp_path / "plain.npy", np.zeros((2, 2, 8, 8), np.float32))
+    for reader in (load_fields, FieldSections):  # was a TypeError about context managers
+        with pytest.raises(InputError, match="single .npy array"):
+            reader(tmp_path / "plain.npy")
+    nan = np.zeros((3, 2, 8, 8), np.float32)
+    nan[2, 1, 3, 3] = np.nan  # was applied, its pixels filled with 0 without a word
+    save_fields(tmp_path / "nan.npz", nan)
+    with pytest.raises(InputError, match="section 2 has NaN"):
+        load_fields(tmp_path / "nan.npz")
+    with pytest.raises(InputError, match="section 2 has NaN"), \
+            FieldSections(tmp_path / "nan.npz") as sections:
+        list(sections)
     np.savez(tmp_path / "shape.npz", displacement=np.zeros((2, 3, 4, 4), np.float32))
     with pytest.raises(InputError, match=r"\(Z, 2, H, W\)"):
         load_fields(tmp_path / "shape.npz")

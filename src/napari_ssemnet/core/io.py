@@ -753,19 +753,29 @@ def _check_fields_path(p: Path) -> None:
 
 
 def _check_npz_signature(p: Path) -> None:
-    """Refuse a file that is neither a zip (``.npz``) nor an ``.npy`` array before NumPy
-    reads it: for any other file ``np.load`` answers that it holds pickled data, which
-    would send the user the wrong way."""
+    """Refuse a file that is not a zip (``.npz``) before NumPy reads it: for most other
+    files ``np.load`` answers that they hold pickled data, which would send the user the
+    wrong way, and an ``.npy`` array is no context manager."""
     try:
         with open(p, "rb") as fh:
             head = fh.read(6)
     except OSError as exc:
         raise InputError(f"Could not read fields file {str(p)!r} ({exc.strerror or exc}).") \
             from None
-    if head[:4] != b"PK\x03\x04" and head != b"\x93NUMPY":
+    if head == b"\x93NUMPY":
+        raise InputError(f"{str(p)!r} is a single .npy array, not a fields .npz file written "
+                         "by napari-ssemnet (align --fields, or Save fields in napari).")
+    if head[:4] != b"PK\x03\x04":
         raise InputError(f"{str(p)!r} is not a fields file: fields are a NumPy .npz archive "
                          "written by 'napari-ssemnet align --fields', the widget's Save fields "
                          "or core.io.save_fields.")
+
+
+def _check_field_section(section: np.ndarray, z: int, p: Path) -> None:
+    """A NaN or infinite vector would fill its pixels with 0 without a word."""
+    if not np.isfinite(section).all():
+        raise InputError(f"{str(p)!r}: the displacement of section {z} has NaN or infinite "
+                         "values; these fields cannot be applied.")
 
 
 def load_fields(path: str | os.PathLike, *, with_extra: bool = False
@@ -797,9 +807,6 @@ def load_fields(path: str | os.PathLike, *, with_extra: bool = False
     extra: dict[str, np.ndarray] = {}
     try:
         with np.load(p, allow_pickle=False) as npz:
-            if not hasattr(npz, "files"):
-                raise InputError(f"{str(p)!r} is a single .npy array, not a fields .npz file "
-                                 "written by napari-ssemnet.")
             if "displacement" not in npz.files:
                 raise InputError(f"{str(p)!r} has no 'displacement' array (it has: "
                                  f"{', '.join(npz.files) or 'nothing'}); is it a fields file "
@@ -821,6 +828,8 @@ def load_fields(path: str | os.PathLike, *, with_extra: bool = False
     if not np.issubdtype(disp.dtype, np.floating):
         raise InputError(f"{str(p)!r}: displacement has dtype {disp.dtype}; expected float.")
     disp = disp.astype(np.float32, copy=False)
+    for z in range(disp.shape[0]):
+        _check_field_section(disp[z], z, p)
     params: dict[str, Any] | None = None
     if params_text:
         try:
@@ -988,15 +997,18 @@ class FieldSections:
             self._fh.close()
             with self._zip.open("displacement.npy") as fh:
                 whole = np.lib.format.read_array(fh)
-            for section in whole:
+            for z, section in enumerate(whole):
+                _check_field_section(section, z, self._path)
                 yield section.astype(np.float32)
             return
         n = int(np.prod(self.shape[1:])) * self.dtype.itemsize
-        for _ in range(self.shape[0]):
+        for z in range(self.shape[0]):
             buf = self._fh.read(n)
             if len(buf) != n:
                 raise InputError(f"{str(self._path)!r} ends before its last section.")
-            yield np.frombuffer(buf, self.dtype).reshape(self.shape[1:]).astype(np.float32)
+            section = np.frombuffer(buf, self.dtype).reshape(self.shape[1:])
+            _check_field_section(section, z, self._path)
+            yield section.astype(np.float32)
 
     def close(self) -> None:
         if getattr(self, "_fh", None) is not None:
