@@ -171,7 +171,7 @@ class AlignWidget(QWidget):
         lay.setContentsMargins(6, 6, 6, 6)
 
         top = QFormLayout()
-        self.layer_combo = QComboBox()
+        self.layer_combo = _name_combo()
         self.layer_combo.setToolTip("The 3D grayscale Image layer (Z, H, W) to align. It is "
                                     "never modified; results go to new layers.")
         top.addRow("Stack layer", self.layer_combo)
@@ -225,12 +225,8 @@ class AlignWidget(QWidget):
         self.progress.setValue(0)
         self.progress.setTextVisible(True)
         lay.addWidget(self.progress)
-        self.status = QLabel("Ready.")
-        self.status.setWordWrap(True)
+        self.status = _WrappedLabel("Ready.", min_lines=2)
         self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        # room for the two lines it usually wraps to: a wrapped label's minimum counts one,
-        # and a short dock area then squeezed the plot below it onto the buttons
-        self.status.setMinimumHeight(2 * self.status.fontMetrics().lineSpacing() + 4)
         lay.addWidget(self.status)
 
         self.plot = NccPlot()
@@ -521,7 +517,7 @@ class AlignWidget(QWidget):
         self._ctl.worker = worker
         self._set_running(True)
         self.progress.setRange(0, 0)  # busy until the first event
-        self.status.setText(f"{kind.capitalize()}: starting…")
+        self.status.setText(f"{_ACTIONS[kind]}: starting…")
         worker.start()
 
     def align(self) -> None:
@@ -553,12 +549,17 @@ class AlignWidget(QWidget):
                                      "first; press Align.")
             return
         z = self.current_section(layer)
+        what = "Preview" if kind == "preview" else "Re-align"
         if base is not None and z == base.params.reference:
-            what = "Preview" if kind == "preview" else "Re-align"
             self._refuse(what, f"Section {z} is the reference of this alignment: it "
                                "stays where it is, and the others were aligned onto it. "
                                f"{what} another section, or align again with another "
                                "reference.")
+            return
+        if base is None and z == params.reference:  # Align would not move it: no preview
+            self._refuse(what, f"Section {z} is the reference section: Align keeps it where "
+                               "it is and aligns the others onto it. Preview another "
+                               "section, or pick another reference section.")
             return
         if base is not None:  # the section goes into that run's frame, whatever the box says
             params = params.replace(reference=base.params.reference)
@@ -653,7 +654,7 @@ class AlignWidget(QWidget):
             if outcome is None or isinstance(outcome, jobs.Cancelled):
                 self._rollback(job)
                 state = "cancelled"
-                self.status.setText(f"{job['kind'].capitalize()} cancelled"
+                self.status.setText(f"{_ACTIONS[job['kind']]} cancelled"
                                     + ("; result layers restored." if job["kind"] == "align"
                                        else "."))
             elif isinstance(outcome, jobs.Failure):
@@ -835,7 +836,10 @@ class AlignWidget(QWidget):
         if res.flagged:
             text += " Flagged: " + ", ".join(f"{i} ({res.flags[i]})" for i in res.flagged[:6])
         text += self._arrow_text(source)
-        if job.get("stale"):
+        if job.get("stale") == "removed":  # the layers stay: they may be all the user has
+            text += (f" {self._stale_text(job, source)} during the run: these layers hold "
+                     "its alignment, but Save fields and Re-align need the layer itself.")
+        elif job.get("stale"):
             text += (f" {self._stale_text(job, source)} during the run: these layers show "
                      "the old data, and the result is not kept (press Align again).")
         self.status.setText(text)
@@ -972,6 +976,15 @@ def _copy_dicts(d: Any) -> Any:
     return d
 
 
+def _name_combo() -> QComboBox:
+    """A layer chooser whose width does not follow its longest name (a long file name pushed
+    the whole form past the dock's right edge, hiding buttons)."""
+    combo = QComboBox()
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(12)
+    return combo
+
+
 _ACTIONS = {"align": "Alignment", "preview": "Preview", "realign": "Re-align",
             "train": "Feature training"}
 
@@ -1044,15 +1057,22 @@ def _read_then(job: Any, data: Any, name: str, *args: Any, stop: threading.Event
 
 
 class _WrappedLabel(QLabel):
-    """A word-wrapped label that asks for the height of all its lines: in a panel kept at its
-    minimum height (the dock area is shared), a three-line message squeezed the rows above
-    it to 17 px."""
+    """A word-wrapped label that asks for the height of all its lines (at least
+    ``min_lines``): in a panel kept at its minimum height (the dock area is shared), a
+    three-line message squeezed the rows above it to 17 px, and the Align panel's four-line
+    status slid under the plot, and the plot onto the buttons."""
+
+    def __init__(self, text: str = "", *, min_lines: int = 0) -> None:
+        super().__init__(text)
+        self.setWordWrap(True)
+        self._floor = min_lines * self.fontMetrics().lineSpacing() + 4 if min_lines else 0
 
     def minimumSizeHint(self) -> QSize:  # noqa: N802 - Qt API
         hint = super().minimumSizeHint()
+        height = max(hint.height(), self._floor)
         if self.wordWrap() and self.width() > 0 and self.text():
-            return QSize(hint.width(), max(hint.height(), self.heightForWidth(self.width())))
-        return hint
+            height = max(height, self.heightForWidth(self.width()))
+        return QSize(hint.width(), height)
 
     def resizeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
         super().resizeEvent(event)
@@ -1074,7 +1094,7 @@ class ApplyFieldsWidget(QWidget):
         lay = QVBoxLayout(self)
         box = QGroupBox("Apply saved displacement fields")
         form = QFormLayout(box)
-        self.layer_combo = QComboBox()
+        self.layer_combo = _name_combo()
         self.layer_combo.setToolTip("A 3D Image or Labels layer with the same (Z, H, W) as the "
                                     "stack the fields were computed on.")
         form.addRow("Layer", self.layer_combo)

@@ -130,8 +130,9 @@ def test_missing_file(tmp_path):
 def test_random_bytes(tmp_path):
     path = tmp_path / "junk.pt"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(WeightsError, match="not a readable napari-ssemnet weights file"):
+    with pytest.raises(WeightsError, match="not a readable napari-ssemnet weights file") as e:
         load_weights(path)
+    assert "damaged, cut short" in str(e.value)  # it named the exception type: "(error)"
 
 
 @pytest.mark.parametrize("writer", ["pickle", "torch.save"])

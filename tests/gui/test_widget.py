@@ -201,6 +201,9 @@ def test_preview_then_realign(qtbot, viewer_widget, stack, tmp_path):
     viewer, widget = viewer_widget
     viewer.add_image(stack, name="em")
     set_fast(widget)
+    viewer.dims.set_current_step(0, 0)
+    widget.preview()  # the box's reference, before any run: Align would not move it
+    assert not widget.running and "is the reference section" in widget.status.text()
     viewer.dims.set_current_step(0, 2)
     assert not widget.realign_btn.isEnabled()  # nothing to re-align yet
     assert run_and_wait(qtbot, widget, widget.preview) == "done", error_messages()
@@ -674,6 +677,7 @@ def test_results_keep_the_sources_placement_when_it_is_deleted_during_the_run(
         release.set()
     assert blocker.args[0] == "done"
     assert not widget.results and "'em' was removed during the run" in widget.status.text()
+    assert "hold its alignment" in widget.status.text()  # it said they showed "old data"
     for name in ("em aligned", "em displacement", "em NCC error"):
         layer = viewer.layers[name]
         assert list(layer.scale) == [50, 4, 4] and list(layer.translate) == [100, 20, 30], name
@@ -778,6 +782,21 @@ def test_cancel_during_a_slow_lazy_read(qtbot, viewer_widget, monkeypatch):
     assert blocker.args[0] == "cancelled"
     assert len(set(loaded)) < 6  # stopped before the end of the read
     assert "em aligned" not in viewer.layers
+
+
+def test_a_long_layer_name_does_not_widen_the_panel(make_napari_viewer, qtbot, stack):
+    # a 33-character file name, opened before the panel, pushed the form 25 px past the
+    # dock's scroll area, hiding every "+" button
+    from qtpy.QtWidgets import QScrollArea
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1280, 800)
+    viewer.add_image(stack, name="isbi2012_train_volume_30x512x512_aligned_v2")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-ssemnet", "Align EM stack")
+    qtbot.wait(300)
+    assert widget.layer_combo.currentText() == "isbi2012_train_volume_30x512x512_aligned_v2"
+    scroll = widget.findChild(QScrollArea)
+    assert scroll.widget().width() <= scroll.viewport().width()
 
 
 def test_both_panels_fit_a_small_window_without_overlapping(make_napari_viewer, qtbot):

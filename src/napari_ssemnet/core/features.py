@@ -7,6 +7,7 @@ its decoder mirrors it. Training minimises ``||x - g(f(x + noise))||^2`` plus L2
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Generator, Sequence
 from importlib import resources
@@ -19,6 +20,8 @@ from torch import nn
 
 from .errors import AlignmentCancelled, InputError, WeightsError
 from .params import TRAIN_STEPS, AlignParams
+
+log = logging.getLogger(__name__)
 
 ARCH_VERSION = 1
 DEFAULT_WIDTH = 16
@@ -171,8 +174,13 @@ def load_weights(path: str | os.PathLike) -> CAE:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"{str(path)!r} is not a readable napari-ssemnet weights file "
-                           f"({type(exc).__name__}). Re-train or re-download it.") from None
+        # torch's own text is about its weights_only switch, and the exception's name
+        # ("error", "UnpicklingError") says nothing to a user
+        log.debug("torch.load(%s) failed: %r", path, exc)
+        raise WeightsError(f"{str(path)!r} is not a readable napari-ssemnet weights file: it "
+                           "is damaged, cut short or not a PyTorch weights file (a file that "
+                           "holds other Python objects is refused, since loading it could run "
+                           "code). Re-train or re-download it.") from None
     if not isinstance(payload, dict) or payload.get("format") != "napari-ssemnet-cae":
         raise WeightsError(f"{str(path)!r} is not a napari-ssemnet encoder weights file.")
     if payload.get("arch_version") != ARCH_VERSION:
