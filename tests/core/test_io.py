@@ -496,3 +496,21 @@ def test_an_imagej_pixel_size_in_angstrom_is_restated_in_nm(tmp_path):
         assert tif.imagej_metadata["unit"] == "nm"
         assert tif.imagej_metadata["spacing"] == pytest.approx(50.0)
         assert tif.pages.first.resolution == pytest.approx((0.25, 0.25))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint32, np.int32, np.int64,
+                                   np.uint64])
+def test_as_dtype_rounds_and_saturates_without_wrapping(dtype):
+    from napari_ssemnet.core.io import as_dtype
+
+    info = np.iinfo(dtype)
+    # the type's extremes as float32 holds them (2**32 - 1 is stored as 2**32), beyond them,
+    # and ordinary values: the brightest pixels of 32- and 64-bit stacks came out black
+    values = np.array([float(info.max), float(info.max) * 2, float(info.min),
+                       float(info.min) - 1e3, 2.4, 2.6], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "invalid value encountered in cast"
+        out = as_dtype(values.reshape(2, 3), dtype)
+    assert out.dtype == dtype and out.shape == (2, 3)
+    np.testing.assert_array_equal(out.ravel(), np.array(
+        [info.max, info.max, info.min, info.min, 2, 3], dtype))

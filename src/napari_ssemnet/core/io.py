@@ -488,10 +488,24 @@ def as_dtype(arr: np.ndarray, dtype: Any) -> np.ndarray:
     """Aligned intensities in ``dtype``: rounded and clipped to its range for integer types
     (a plain cast would wrap 255.6 to 0 in uint8), else cast."""
     dtype = np.dtype(dtype)
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
+    if not np.issubdtype(dtype, np.integer):
+        return np.asarray(arr).astype(dtype, copy=False)
+    info = np.iinfo(dtype)
+    arr = np.asarray(arr)
+    if dtype.itemsize < 4:  # its whole range is exact in float32
         return np.clip(np.rint(arr), info.min, info.max).astype(dtype)
-    return np.asarray(arr).astype(dtype, copy=False)
+    # float(2**32 - 1) rounds up to 2**32 in float32, and 2**63 - 1 in float64: clipped to
+    # that, the brightest pixels wrapped to the type's minimum (black)
+    out = np.empty(arr.shape, dtype)
+    flat_in, flat_out = arr.reshape(-1), out.reshape(-1)
+    step = 1 << 22  # float64 copies of a few MB, not of the whole stack
+    for i in range(0, flat_in.size, step):
+        v = np.rint(flat_in[i:i + step].astype(np.float64))
+        top, bottom = v >= float(info.max), v <= float(info.min)
+        chunk = np.where(top | bottom, 0, v).astype(dtype)
+        chunk[top], chunk[bottom] = info.max, info.min
+        flat_out[i:i + step] = chunk
+    return out
 
 
 def read_resolution(path: str | os.PathLike) -> dict[str, Any]:
