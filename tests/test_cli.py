@@ -169,6 +169,32 @@ def test_a_reference_out_of_range_is_named_before_the_stack_is_read(
     assert core_io.section_count(tmp_path / "missing.tif") is None
 
 
+@pytest.mark.parametrize("damage", ["corrupt page", "nan"])
+def test_a_bad_late_section_stops_a_blockwise_run_before_its_first_block(
+        tmp_path, capsys, damage):
+    # a page that does not decode gave a traceback after two blocks; a NaN in the last
+    # section ended the run after them, with --resume advice that met it again
+    stack = load_sample(misaligned=True)[:8, 100:196, 100:196].astype(np.float32)
+    if damage == "nan":
+        stack[7, 3, 3] = np.nan
+    path = tmp_path / "in.tif"
+    tifffile.imwrite(path, stack, compression="zlib", photometric="minisblack")
+    if damage == "corrupt page":
+        with tifffile.TiffFile(path) as tif:
+            offset = tif.pages[7].dataoffsets[0]
+        with open(path, "r+b") as fh:
+            fh.seek(offset)
+            fh.write(bytes(200))
+    out = tmp_path / "out" / "a.tif"
+    code = cli.main(["align", str(path), "-o", str(out), "--block-size", "4", "--window", "1",
+                     *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "resume" not in err, err
+    assert err.strip().splitlines()[-1].startswith("error: ")
+    assert ("section(s) 7" if damage == "nan" else "Section 7") in err
+    assert not out.parent.exists() or not list(out.parent.iterdir())  # no working files
+
+
 def test_stack_too_big_for_free_memory_is_one_error_line(tiny_tif, tmp_path, capsys,
                                                          monkeypatch):
     from napari_ssemnet.core import memory

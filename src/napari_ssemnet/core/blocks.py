@@ -44,7 +44,7 @@ from .align import (
     stopper,
 )
 from .errors import InputError
-from .io import as_dtype
+from .io import SectionReader, as_dtype
 from .params import AlignParams
 
 
@@ -373,9 +373,21 @@ def iter_align_blocks(
     flags, done, timings = st.flags, st.done, st.timings
     pairs_before, pairs_after, blocks = st.pairs_before, st.pairs_after, st.blocks
     held_mats, held_grids = st.held_mats, st.held_grids
-    t_before = sum(timings.get(k, 0.0) for k in ("prepare", "prealign", "fit", "render"))
+    t_before = sum(timings.get(k, 0.0)
+                   for k in ("check", "prepare", "prealign", "fit", "render"))
     (lo, hi), later = block_plan(z_count, params.reference, b, params.window)
     n_blocks = 1 + len(later)
+    if isinstance(stack, SectionReader):
+        # a compressed page that does not decode, or a NaN in the last section, ended a
+        # run after hours of blocks, whose --resume then met it again
+        t0 = time.perf_counter()
+        for z in range(z_count):
+            if z % 8 == 0:
+                stop_check()
+                yield Progress("read", z, z_count, "checking that every section reads")
+            _read_sections(stack, [z])
+        yield Progress("read", z_count, z_count, "checking that every section reads")
+        timings["check"] = timings.get("check", 0.0) + time.perf_counter() - t0
 
     for k in range(st.next_block, n_blocks):
         if k == 0:

@@ -287,7 +287,13 @@ class PageStack(SectionReader):
         self._tif, self._pages = tif, pages
 
     def _read(self, z: int) -> np.ndarray:
-        return self._pages[z].asarray().astype(self.dtype, copy=False)
+        try:
+            with _TiffWarnings():
+                page = self._pages[z].asarray()
+        except Exception as exc:  # a page that does not decode, or a file cut short
+            path = Path(getattr(self._tif.filehandle, "path", "") or "the TIFF file")
+            raise InputError(f"Section {z}: {_unreadable(path, exc)}") from None
+        return page.astype(self.dtype, copy=False)
 
     def close(self) -> None:
         self._tif.close()
