@@ -239,3 +239,48 @@ def test_training_leaves_the_callers_model_and_random_stream_alone(monkeypatch):
     for _ in gen:
         pass
     assert not seeded
+
+
+def test_weights_with_nan_or_inf_are_refused(tmp_path):
+    # a diverged training ended the alignment in torch's linalg.eigh
+    payload = torch.load(shipped_weights_path(), map_location="cpu", weights_only=True)
+    for bad in (float("nan"), float("inf")):
+        state = {k: v.clone() for k, v in payload["state_dict"].items()}
+        first = next(k for k, v in state.items() if v.is_floating_point())
+        state[first].view(-1)[0] = bad
+        torch.save({**payload, "state_dict": state}, tmp_path / "bad.pt")
+        with pytest.raises(WeightsError, match="NaN or infinite weights"):
+            load_weights(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("case", ["nan features", "huge features", "2d output", "no encode",
+                                  "not a module"])
+def test_a_custom_encoder_that_cannot_serve_is_a_clear_error(case):
+    from napari_ssemnet.core.align import align_stack
+    from napari_ssemnet.core.errors import SsemnetError
+
+    class Enc(torch.nn.Module):
+        def __init__(self, post):
+            super().__init__()
+            self.conv, self.post = torch.nn.Conv2d(1, 4, 3, padding=1), post
+
+        def forward(self, x):
+            return self.encode(x)
+
+        def encode(self, x):
+            return self.post(self.conv(x))
+
+    class ForwardOnly(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    encoder = {"nan features": Enc(lambda y: y * float("nan")),
+               "huge features": Enc(lambda y: y * 1e30 * 1e30),
+               "2d output": Enc(lambda y: y.flatten(1)),
+               "no encode": ForwardOnly(),
+               "not a module": "cae.pt"}[case]
+    stack = em(slice(0, 3), 64)
+    # the NaN features segfaulted the process in the fit's backward pass
+    with pytest.raises(SsemnetError, match="encoder"):
+        align_stack(stack, iterations=3, levels=1, prealign="none", encoder=encoder,
+                    device="cpu")

@@ -327,6 +327,13 @@ def check_reference(reference: int, z_count: int) -> None:
                          f"sections 0 to {z_count - 1}.")
 
 
+def _check_encoder(encoder: Any) -> None:
+    if encoder is not None:  # torch is imported only when one is given
+        from .features import check_encoder
+
+        check_encoder(encoder)
+
+
 def stopper(should_stop: StopCallback | None) -> Callable[[], None]:
     """A check to call between steps: raises :class:`AlignmentCancelled` once
     ``should_stop()`` returns True."""
@@ -438,7 +445,9 @@ def align_stack(
         is started in the background);
         returning True raises :class:`AlignmentCancelled`.
     encoder : torch.nn.Module, optional
-        A feature encoder to use instead of the one named by ``params.features``.
+        A feature encoder to use instead of the one named by ``params.features``: a module
+        with an ``encode(x)`` method mapping sections (B, 1, H, W) float32 to finite
+        features (B, C, h, w), as :class:`~napari_ssemnet.core.features.CAE` does.
     **overrides
         Field values of :class:`AlignParams`, e.g. ``reference=3, grid_spacing=32``.
 
@@ -490,6 +499,7 @@ def iter_align_stack(
 
     arr = check_stack(stack)
     params = resolve_params(params, overrides)
+    _check_encoder(encoder)
     if 0 < params.block_size < arr.shape[0]:
         from .blocks import held_shape
 
@@ -663,6 +673,7 @@ def iter_align_section(
 
     arr = check_stack(stack)
     params = resolve_params(params, overrides)
+    _check_encoder(encoder)
     held = (min(arr.shape[0], 2 * params.window + 1), *arr.shape[1:])
     return (yield from memory.guard(_iter_align_section(
         arr, z, params, previous_displacement=previous_displacement, should_stop=should_stop,

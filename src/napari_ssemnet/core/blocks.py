@@ -343,7 +343,7 @@ def iter_align_blocks(
 
     from . import fit, memory, metrics, prealign, warp
     from .device import pick_device
-    from .features import load_feature_extractor
+    from .features import check_encoder, load_feature_extractor
 
     z_count, h, w = (int(s) for s in stack.shape)
     b = params.block_size
@@ -352,6 +352,7 @@ def iter_align_blocks(
                          f"block-wise run; got {b}.")
     check_reference(params.reference, z_count)
     check_binning(params, h, w)
+    check_encoder(encoder)
     # before any work: a wrong output array failed only when the first block was written
     for name, arr, want in (("displacement", displacement, (z_count, 2, h, w)),
                             ("aligned", aligned, (z_count, h, w)),

@@ -101,6 +101,19 @@ def encode_tiled(extractor: nn.Module, imgs: torch.Tensor,
         if should_stop is not None:
             should_stop()
 
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        f = extractor.encode(x)
+        if not isinstance(f, torch.Tensor) or f.ndim != 4 or f.shape[0] != x.shape[0]:
+            raise WeightsError(f"The feature encoder returned "
+                               f"{tuple(f.shape) if hasattr(f, 'shape') else type(f).__name__}"
+                               f" for sections of shape {tuple(x.shape)}; it must return "
+                               "features of shape (B, C, h, w).")
+        if not bool(torch.isfinite(f).all()):  # the fit's backward pass crashed on them
+            raise WeightsError("The feature encoder gave NaN or infinite features: its "
+                               "weights are damaged or far too large. Use the shipped model "
+                               "(features 'shipped') or train it again.")
+        return f
+
     b, _, h, w = imgs.shape
     with torch.no_grad():
         reach = getattr(extractor, "reach", None)
@@ -109,7 +122,7 @@ def encode_tiled(extractor: nn.Module, imgs: torch.Tensor,
             parts = []
             for i in range(0, b, chunk):
                 poll()
-                parts.append(extractor.encode(imgs[i:i + chunk]))
+                parts.append(encode(imgs[i:i + chunk]))
             return torch.cat(parts)
         halo = 2 * ((int(reach) + 8) // 2)  # even, so tile origins stay on the stride-2 grid
         side = max(64, int(budget_px ** 0.5) - 2 * halo) // 2 * 2
@@ -118,7 +131,7 @@ def encode_tiled(extractor: nn.Module, imgs: torch.Tensor,
             for ys, yk in _tile_spans(h, side, halo):
                 for xs, xk in _tile_spans(w, side, halo):
                     poll()
-                    f = extractor.encode(imgs[i:i + 1, :, ys, xs])
+                    f = encode(imgs[i:i + 1, :, ys, xs])
                     if out is None:
                         out = imgs.new_empty(b, f.shape[1], (h + 1) // 2, (w + 1) // 2)
                     out[i, :, yk[0], xk[0]] = f[0, :, yk[1], xk[1]]
@@ -196,9 +209,24 @@ def load_weights(path: str | os.PathLike) -> CAE:
     except Exception as exc:
         raise WeightsError(f"{str(path)!r} does not match the encoder architecture: "
                            f"{exc}".split("\n")[0]) from None
+    bad = [n for n, t in model.state_dict().items() if not bool(torch.isfinite(t).all())]
+    if bad:  # a training that diverged: the alignment failed deep in a matrix routine
+        raise WeightsError(f"{str(path)!r} holds NaN or infinite weights ({bad[0]}); train "
+                           "it again, or use the shipped model.")
     model.info = dict(payload.get("info", {}))
     model.eval()
     return model
+
+
+def check_encoder(encoder: Any) -> None:
+    """Raise :class:`~napari_ssemnet.core.errors.InputError` unless ``encoder`` is None or a
+    torch module with an ``encode(x)`` method, (B, 1, H, W) -> (B, C, h, w)."""
+    if encoder is None:
+        return
+    if not isinstance(encoder, nn.Module) or not callable(getattr(encoder, "encode", None)):
+        raise InputError(f"encoder must be a torch.nn.Module with an encode(x) method that "
+                         f"maps sections (B, 1, H, W) to features (B, C, h, w), like "
+                         f"features.CAE; got {type(encoder).__name__}.")
 
 
 def load_feature_extractor(params: AlignParams) -> nn.Module:
