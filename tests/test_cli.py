@@ -914,6 +914,12 @@ def test_bad_output_paths_of_apply_fields_and_train_features(tiny_tif, tmp_path,
             err = capsys.readouterr().err
             assert code == 2 and len(err.splitlines()) == 1, err
             assert err.startswith("error: ") and "Traceback" not in err
+            assert ".probe" not in err  # named a "displacement" working file for weights
+    # a torch file under a .safetensors name: other tools would misread it (and torch.load
+    # by name picked its safetensors loader, so align refused what train-features wrote)
+    code = cli.main(["train-features", str(tiny_tif), "-o", str(tmp_path / "w.safetensors"),
+                     "--steps", "1"])
+    assert code == 2 and "name the file .pt" in capsys.readouterr().err
 
 
 def test_folders_made_for_a_failed_run_are_removed(tiny_tif, tmp_path, capsys):

@@ -717,8 +717,11 @@ def _check_target(path: Path, what: str) -> list[Path]:
         os.unlink(probe)
     except OSError as exc:
         _remove_empty(made)
+        where = getattr(exc, "filename", None) or parent
+        if str(where).endswith(".probe"):  # a name of ours: it said "displacement" for weights
+            where = f"in {parent}"
         raise SsemnetError(f"Cannot write the {what} {path}: {exc.strerror or exc} "
-                           f"({getattr(exc, 'filename', None) or parent}).") from None
+                           f"({where}).") from None
     return made
 
 
@@ -1391,6 +1394,9 @@ def cmd_train(args: argparse.Namespace, out: TextIO) -> int:
         raise SsemnetError(f"--seed must be from 0 to {2**31 - 1}; got {args.seed}.")
     if args.init and not Path(args.init).is_file():
         raise SsemnetError(f"The --init weights file {args.init} does not exist.")
+    if Path(args.output).suffix.lower() == ".safetensors":  # other tools would misread it
+        raise SsemnetError(f"Weights are written in PyTorch's format; name the file .pt, not "
+                           f"{Path(args.output).name}.")
     target = _follow(Path(args.output))
     with _prepared_targets([(target, "weights file")]), _output_lock(target):
         return _train(args, paths, target, out)

@@ -284,3 +284,11 @@ def test_a_custom_encoder_that_cannot_serve_is_a_clear_error(case):
     with pytest.raises(SsemnetError, match="encoder"):
         align_stack(stack, iterations=3, levels=1, prealign="none", encoder=encoder,
                     device="cpu")
+
+
+def test_weights_load_whatever_the_file_is_called(tmp_path):
+    # torch.load given a name picks its loader by the suffix: a .safetensors name failed
+    import shutil
+
+    shutil.copyfile(shipped_weights_path(), tmp_path / "w.safetensors")
+    assert isinstance(load_weights(tmp_path / "w.safetensors"), CAE)

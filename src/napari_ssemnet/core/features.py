@@ -180,12 +180,13 @@ def load_weights(path: str | os.PathLike) -> CAE:
     """
     path = Path(path)
     if path.is_dir():
-        raise WeightsError(f"{str(path)!r} is a folder; the encoder weights are a file (.pt "
-                           "or .safetensors) in it.")
+        raise WeightsError(f"{str(path)!r} is a folder; the encoder weights are a file (.pt, "
+                           "written by train-features) in it.")
     if not path.is_file():
         raise WeightsError(f"Encoder weights file {str(path)!r} does not exist.")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as fh:  # by name, torch picks a loader from the suffix
+            payload = torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as exc:
         # torch's own text is about its weights_only switch, and the exception's name
         # ("error", "UnpicklingError") says nothing to a user
