@@ -16,6 +16,7 @@ import pytest
 import tifffile
 
 from napari_ssemnet import __version__, cli
+from napari_ssemnet.core.errors import SsemnetError
 from napari_ssemnet.core.features import CAE, load_weights
 from napari_ssemnet.core.io import apply_displacement, load_fields, read_stack, write_stack
 from napari_ssemnet.core.params import AlignParams, knobs
@@ -106,6 +107,18 @@ def test_summary_json_for_pipelines(tiny_tif, tmp_path, capsys):
     code = cli.main(["align", str(tiny_tif), "-o", str(out), "--summary-json", str(out),
                      *TINY])
     assert code == 2 and "--summary-json name the same file" in capsys.readouterr().err
+
+
+def test_a_params_path_that_is_no_params_file_says_what_it_is(tmp_path):
+    with pytest.raises(SsemnetError, match="is a folder"):
+        cli.load_params_file(tmp_path)  # it said "does not exist"
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SsemnetError, match="nested too deeply"):  # a RecursionError
+        cli.load_params_file(tmp_path / "deep.json")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.json")
+        with pytest.raises(SsemnetError, match="not a regular file"):
+            cli.load_params_file(tmp_path / "pipe.json")
 
 
 def test_params_file_is_loaded_and_overridden(tiny_tif, tmp_path):

@@ -113,6 +113,11 @@ def add_param_options(parser: argparse.ArgumentParser) -> None:
 def load_params_file(path: str | Path) -> AlignParams:
     """Read parameters from a JSON file (``AlignParams.to_json``) or a fields ``.npz``."""
     p = Path(path)
+    if p.is_dir():
+        raise SsemnetError(f"Parameter file {str(p)!r} is a folder; give the .json file "
+                           "(AlignParams.to_json) or a fields .npz.")
+    if p.exists() and not p.is_file():  # a pipe or a device: reading it may never end
+        raise SsemnetError(f"Parameter file {str(p)!r} is not a regular file.")
     if not p.is_file():
         raise SsemnetError(f"Parameter file {str(p)!r} does not exist.")
     if p.suffix.lower() == ".npz":
@@ -126,6 +131,9 @@ def load_params_file(path: str | Path) -> AlignParams:
             data = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SsemnetError(f"Parameter file {str(p)!r} is not valid JSON ({exc}).") from None
+        except RecursionError:  # json's own limit on nesting
+            raise SsemnetError(f"Parameter file {str(p)!r} is nested too deeply to be a "
+                               "parameters file.") from None
     if not isinstance(data, dict):
         raise SsemnetError(f"Parameter file {str(p)!r} must hold a JSON object of parameters.")
     weights = data.get("weights")

@@ -167,8 +167,9 @@ def test_wrong_architecture(tmp_path):
     payload = torch.load(path, weights_only=True)
     payload["width"] = 16  # claims 16 channels, holds 8
     torch.save(payload, path)
-    with pytest.raises(WeightsError, match="does not match the encoder architecture"):
+    with pytest.raises(WeightsError, match="does not match the encoder architecture") as e:
         load_weights(path)
+    assert "size mismatch" in str(e.value)  # it ended at torch's "...state_dict for CAE:"
     payload["arch_version"] = 99
     torch.save(payload, path)
     with pytest.raises(WeightsError, match="version"):

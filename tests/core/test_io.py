@@ -514,3 +514,14 @@ def test_as_dtype_rounds_and_saturates_without_wrapping(dtype):
     assert out.dtype == dtype and out.shape == (2, 3)
     np.testing.assert_array_equal(out.ravel(), np.array(
         [info.max, info.max, info.min, info.min, 2, 3], dtype))
+
+
+def test_a_pipe_is_refused_not_read(tmp_path):
+    import os
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes here")
+    os.mkfifo(tmp_path / "pipe.tif")  # reading it waited for a writer for ever
+    for reader in (read_stack, open_stack):
+        with pytest.raises(InputError, match="not a regular file"):
+            reader(tmp_path / "pipe.tif")

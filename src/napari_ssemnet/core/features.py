@@ -208,8 +208,12 @@ def load_weights(path: str | os.PathLike) -> CAE:
             model = CAE(int(payload["width"]))
         model.load_state_dict(payload["state_dict"])
     except Exception as exc:
-        raise WeightsError(f"{str(path)!r} does not match the encoder architecture: "
-                           f"{exc}".split("\n")[0]) from None
+        # torch's first line is only "Error(s) in loading state_dict for CAE:"
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else (
+            lines[0] if lines else type(exc).__name__)
+        raise WeightsError(f"{str(path)!r} does not match the encoder architecture "
+                           f"({detail}).") from None
     bad = [n for n, t in model.state_dict().items() if not bool(torch.isfinite(t).all())]
     if bad:  # a training that diverged: the alignment failed deep in a matrix routine
         raise WeightsError(f"{str(path)!r} holds NaN or infinite weights ({bad[0]}); train "

@@ -190,6 +190,9 @@ def read_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
         folder = FolderStack(p, min_sections=min_sections, masks=masks)
         return check_stack(np.stack([folder[z] for z in range(len(folder))]),
                            name=f"stack in {p.name}", min_sections=min_sections, masks=masks)
+    if not p.is_file():  # reading a pipe waits for a writer: a hang
+        raise InputError(f"{str(p)!r} is not a regular file (a pipe or a device?); give a "
+                         "TIFF file or a folder of sections.")
     differ = None
     with _TiffWarnings() as warned:
         try:
@@ -388,6 +391,8 @@ def section_count(path: str | os.PathLike) -> int | None:
     try:
         if p.is_dir():
             return len(section_files(p)) or None
+        if not p.is_file():
+            return None
         with _TiffWarnings(), tifffile.TiffFile(p) as tif:
             if len(tif.series) != 1:
                 return None
