@@ -115,6 +115,7 @@ def _with(value):
     (lambda: np.zeros((3, 64, 64), np.complex64), {}, ["complex64"]),
     (lambda: em(slice(0, 3), 64).astype(np.float64) * 1e40, {}, ["float32", "rescale"]),
     (lambda: np.full((3, 64, 64), 7, np.uint8), {}, ["Every section", "nothing to align"]),
+    (lambda: "/data/stack.tif", {}, ["file name", "read_stack"]),  # said "dtype <U15"
 ])
 def test_bad_input_gives_readable_input_error(make, kwargs, words):
     with pytest.raises(InputError) as info:

@@ -525,3 +525,18 @@ def test_a_pipe_is_refused_not_read(tmp_path):
     for reader in (read_stack, open_stack):
         with pytest.raises(InputError, match="not a regular file"):
             reader(tmp_path / "pipe.tif")
+
+
+def test_apply_displacement_refuses_fields_and_values_it_cannot_use():
+    stack = np.ones((2, 32, 32), np.float64)
+    disp = np.zeros((2, 2, 32, 32), np.float32)
+    bad = disp.copy()
+    bad[1, 0, 4, 4] = np.nan  # came out as 0 there, without a word
+    with pytest.raises(InputError, match="NaN or infinite"):
+        apply_displacement(stack, bad)
+    with pytest.raises(InputError, match="must be real"):  # a ComplexWarning, then a result
+        apply_displacement(stack, disp.astype(np.complex64))
+    with pytest.raises(InputError, match="beyond the float32 range"):  # it returned NaN
+        apply_displacement(stack * 1e300, disp)
+    np.testing.assert_array_equal(apply_displacement(stack * 1e300, disp, order=0),
+                                  stack * 1e300)  # nearest keeps the values as they are

@@ -11,6 +11,7 @@ Axis convention (used throughout the package):
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -276,6 +277,9 @@ def check_stack(stack: Any, *, name: str = "stack", min_sections: int = 2,
     InputError
         With a message that says what is wrong and what to do.
     """
+    if isinstance(stack, str | bytes | os.PathLike):  # it read as a 0-D string "dtype <U19"
+        raise InputError(f"The {name} is a file name ({os.fsdecode(stack)!r}), not an array; "
+                         "read it first with napari_ssemnet.core.io.read_stack.")
     try:
         arr = np.asarray(stack)
     except Exception as exc:  # pragma: no cover - exotic array-likes

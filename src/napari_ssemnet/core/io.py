@@ -945,10 +945,21 @@ def apply_displacement_section(section: np.ndarray, displacement: np.ndarray, *,
         raise InputError(f"A field of shape {np.shape(displacement)} does not fit a section "
                          f"of shape {src.shape}; it must be (2, H, W).")
     _check_order_and_dtype(order, src.dtype)
+    kind = np.asarray(displacement).dtype.kind
+    if kind not in "fiu":
+        raise InputError(f"A displacement of dtype {np.asarray(displacement).dtype} cannot be "
+                         "applied; it must be real (float32 as align_stack returns it).")
+    # copies: a read-only memory map handed to torch draws a warning on every section
+    field = np.array(displacement, np.float32)
+    if not np.isfinite(field).all():  # those pixels came out 0 without a word
+        raise InputError("The displacement has NaN or infinite values; it cannot be applied.")
+    if order == 1 and src.dtype.kind == "f" and src.dtype.itemsize > 4 and src.size and \
+            float(np.nanmax(np.abs(src))) > float(np.finfo(np.float32).max):
+        raise InputError("The stack has values beyond the float32 range, which bilinear "
+                         "sampling works in; scale it down first.")
     mode = "bilinear" if order == 1 else "nearest"
     out_dtype = np.float32 if order == 1 else src.dtype
-    # copies: a read-only memory map handed to torch draws a warning on every section
-    d = torch.from_numpy(np.array(displacement, np.float32))
+    d = torch.from_numpy(field)
     # float32 represents integers exactly only up to 2**24; nearest sampling of big label ids
     # therefore goes through an index image instead of the values themselves.
     if order == 1 or src.dtype.itemsize <= 2 or src.dtype == bool:
