@@ -540,3 +540,21 @@ def test_apply_displacement_refuses_fields_and_values_it_cannot_use():
         apply_displacement(stack * 1e300, disp)
     np.testing.assert_array_equal(apply_displacement(stack * 1e300, disp, order=0),
                                   stack * 1e300)  # nearest keeps the values as they are
+
+
+def test_a_min_is_white_stack_is_written_back_min_is_white(tmp_path):
+    from napari_ssemnet.core.io import read_resolution, tiff_write_kwargs
+
+    a = np.zeros((3, 32, 32), np.uint8)
+    for imagej in (False, True):  # raw values kept, so MinIsBlack showed it inverted
+        tifffile.imwrite(tmp_path / "in.tif", a, photometric="miniswhite", imagej=imagej,
+                         resolution=(0.25, 0.25),
+                         metadata={"axes": "ZYX", "spacing": 50.0, "unit": "nm"})
+        res = read_resolution(tmp_path / "in.tif")
+        assert res["photometric"] == "miniswhite"
+        tifffile.imwrite(tmp_path / "out.tif", a, **tiff_write_kwargs(res, a.dtype, a.nbytes))
+        with tifffile.TiffFile(tmp_path / "out.tif") as tif:
+            assert tif.pages.first.photometric == 0  # MINISWHITE
+            assert tif.pages.first.resolution == (0.25, 0.25)
+    tifffile.imwrite(tmp_path / "black.tif", a, photometric="minisblack")
+    assert "photometric" not in read_resolution(tmp_path / "black.tif")

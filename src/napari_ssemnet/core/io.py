@@ -526,7 +526,8 @@ def read_resolution(path: str | os.PathLike) -> dict[str, Any]:
     -------
     dict
         ``resolution`` ((x, y) pixels per unit) and ``resolutionunit`` (the TIFF code) when
-        the first page has them, ``spacing`` and ``unit`` from ImageJ metadata; for a folder
+        the first page has them, ``spacing`` and ``unit`` from ImageJ metadata,
+        ``photometric`` ``"miniswhite"`` for a file stored with 0 as white; for a folder
         of sections the first file's pixel size; empty for an unreadable file or a file
         without any (1 pixel per no unit).
     """
@@ -539,7 +540,7 @@ def read_resolution(path: str | os.PathLike) -> dict[str, Any]:
         except OSError:
             return {}
         return {k: v for k, v in read_resolution(files[0]).items()
-                if k in ("resolution", "resolutionunit")} if files else {}
+                if k in ("resolution", "resolutionunit", "photometric")} if files else {}
     if not p.is_file():
         return {}
     out: dict[str, Any] = {}
@@ -550,6 +551,8 @@ def read_resolution(path: str | os.PathLike) -> dict[str, Any]:
             res = tuple(float(v) for v in page.resolution)
             if unit != 1 or res != (1.0, 1.0):
                 out.update(resolution=res, resolutionunit=unit)
+            if int(getattr(page, "photometric", 1)) == 0:  # white is 0: written back so
+                out["photometric"] = "miniswhite"  # viewers do not show it inverted
             ij = tif.imagej_metadata or {}
             if "spacing" in ij:
                 out["spacing"] = float(ij["spacing"])
@@ -629,6 +632,8 @@ def tiff_write_kwargs(resolution: dict[str, Any] | None, dtype: Any, nbytes: int
     if not resolution:
         return {**kw, "bigtiff": nbytes > _BIGTIFF_BYTES}
     resolution = _in_ascii_unit(resolution)
+    if resolution.get("photometric") == "miniswhite":
+        kw["photometric"] = "miniswhite"
     if "resolution" in resolution:
         kw.update(resolution=tuple(resolution["resolution"]),
                   resolutionunit=int(resolution.get("resolutionunit", 1)))
@@ -640,7 +645,8 @@ def tiff_write_kwargs(resolution: dict[str, Any] | None, dtype: Any, nbytes: int
         if "unit" in meta and not str(meta["unit"]).isascii():  # the description is ASCII
             meta.pop("unit")  # metadata is a courtesy: never a reason to fail a write
         kw.update(imagej=True, metadata=meta)
-        kw.pop("photometric")
+        if kw["photometric"] == "minisblack":  # ImageJ's own default
+            kw.pop("photometric")
         return kw
     return {**kw, "bigtiff": nbytes > _BIGTIFF_BYTES}
 
