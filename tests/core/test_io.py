@@ -558,3 +558,15 @@ def test_a_min_is_white_stack_is_written_back_min_is_white(tmp_path):
             assert tif.pages.first.resolution == (0.25, 0.25)
     tifffile.imwrite(tmp_path / "black.tif", a, photometric="minisblack")
     assert "photometric" not in read_resolution(tmp_path / "black.tif")
+
+
+def test_a_truncated_file_is_one_error_without_tifffile_log_lines(tmp_path, capfd, caplog):
+    path = tmp_path / "full.tif"
+    tifffile.imwrite(path, np.zeros((4, 96, 96), np.uint8), photometric="minisblack")
+    data = path.read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[:int(len(data) * 0.6)])
+    capfd.readouterr()
+    with pytest.raises(InputError, match="not a readable TIFF"):
+        open_stack(tmp_path / "cut.tif")  # block-wise runs and apply-fields open it so
+    printed = capfd.readouterr().err
+    assert "invalid page offset" not in printed + caplog.text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Generator, Sequence
 from importlib import resources
 from pathlib import Path
@@ -185,7 +186,10 @@ def load_weights(path: str | os.PathLike) -> CAE:
     if not path.is_file():
         raise WeightsError(f"Encoder weights file {str(path)!r} does not exist.")
     try:
-        with open(path, "rb") as fh:  # by name, torch picks a loader from the suffix
+        # by name, torch picks a loader from the suffix; its warnings about a file that is
+        # refused anyway (pickle protocols) would print beside our one error line
+        with open(path, "rb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             payload = torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as exc:
         # torch's own text is about its weights_only switch, and the exception's name

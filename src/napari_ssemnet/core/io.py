@@ -434,46 +434,49 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
             _ = tif.series
     except Exception:
         return whole()
-    try:
-        series = tif.series[0] if tif.series else None
-        shape = tuple(int(s) for s in series.shape if s != 1) if series is not None else ()
-        mask = series is not None and series.dtype == bool and masks
-        real = series is not None and (mask or series.dtype != bool and (
-            np.issubdtype(series.dtype, np.integer) or np.issubdtype(series.dtype, np.floating)))
-        split = real and _split_series(tif)  # reads every page's header: once
-        simple = (real and len(shape) == 3 and not _is_rgb(series) and not split
-                  and min(shape[1:]) >= MIN_SIZE and shape[0] >= min_sections)
-        if simple:
-            with _TiffWarnings():
-                mismatch = _page_mismatch(series)
-            if mismatch:
-                raise InputError(f"{str(p)!r}: {mismatch}; {SAME_SIZE}.")
-        if simple and series.dataoffset is not None and not mask:  # masks are bit-packed
+    # what tifffile logs about a damaged file is said by read_stack's error, not printed
+    with _TiffWarnings():
+        try:
+            series = tif.series[0] if tif.series else None
+            shape = tuple(int(s) for s in series.shape if s != 1) if series is not None else ()
+            mask = series is not None and series.dtype == bool and masks
+            real = series is not None and (mask or series.dtype != bool and (
+                np.issubdtype(series.dtype, np.integer)
+                or np.issubdtype(series.dtype, np.floating)))
+            split = real and _split_series(tif)  # reads every page's header: once
+            simple = (real and len(shape) == 3 and not _is_rgb(series) and not split
+                      and min(shape[1:]) >= MIN_SIZE and shape[0] >= min_sections)
+            if simple:
+                with _TiffWarnings():
+                    mismatch = _page_mismatch(series)
+                if mismatch:
+                    raise InputError(f"{str(p)!r}: {mismatch}; {SAME_SIZE}.")
+            if simple and series.dataoffset is not None and not mask:  # masks are bit-packed
+                tif.close()
+                mm = tifffile.memmap(p, series=0, mode="r").reshape(shape)
+                check_stack(mm, name=f"stack in {p.name}", min_sections=min_sections)
+                return mm  # check_stack's result is a plain ndarray view of the same pages
+            if split and not mask:  # e.g. one series per page
+                with _TiffWarnings():
+                    pages = _split_pages(tif, p)
+                shape = (len(pages), *tuple(int(n) for n in pages[0].shape))
+                if len(shape) == 3 and shape[0] >= min_sections and min(shape[1:]) >= MIN_SIZE:
+                    pages[0].asarray()  # a codec that is not installed fails here
+                    return PageStack(tif, pages, shape, pages[0].dtype)
+            pages = list(series.pages) if simple else []
+            if simple and len(pages) == shape[0] and all(
+                    pg is not None and tuple(pg.shape) == shape[1:] for pg in pages):
+                try:  # a codec that is not installed fails here, not half-way through a run
+                    pages[0].asarray()
+                except Exception as exc:
+                    raise InputError(_unreadable(p, exc)) from None
+                # non-finite values are checked as the sections are read
+                return PageStack(tif, pages, shape, np.uint8 if mask else series.dtype)
+        except InputError:
             tif.close()
-            mm = tifffile.memmap(p, series=0, mode="r").reshape(shape)
-            check_stack(mm, name=f"stack in {p.name}", min_sections=min_sections)
-            return mm  # check_stack's result is a plain ndarray view of the same pages
-        if split and not mask:  # e.g. one series per page
-            with _TiffWarnings():
-                pages = _split_pages(tif, p)
-            shape = (len(pages), *tuple(int(n) for n in pages[0].shape))
-            if len(shape) == 3 and shape[0] >= min_sections and min(shape[1:]) >= MIN_SIZE:
-                pages[0].asarray()  # a codec that is not installed fails here
-                return PageStack(tif, pages, shape, pages[0].dtype)
-        pages = list(series.pages) if simple else []
-        if simple and len(pages) == shape[0] and all(
-                pg is not None and tuple(pg.shape) == shape[1:] for pg in pages):
-            try:  # a codec that is not installed fails here, not half-way through a run
-                pages[0].asarray()
-            except Exception as exc:
-                raise InputError(_unreadable(p, exc)) from None
-            # non-finite values are checked as the sections are read
-            return PageStack(tif, pages, shape, np.uint8 if mask else series.dtype)
-    except InputError:
-        tif.close()
-        raise
-    except Exception:  # anything unusual: read_stack gives the precise error or the array
-        pass
+            raise
+        except Exception:  # anything unusual: read_stack gives the precise error or the array
+            pass
     tif.close()
     return whole()
 
