@@ -178,6 +178,9 @@ def test_progress_and_one_section_result_per_section(small):
     fit_events = [e for e in early if e.stage.startswith("fit")]
     assert "settled after 10 iterations" in fit_events[-1].message
     assert len(fit_events) == 11  # ten iterations, then the end of the level
+    # the loss shown is the named iteration's, or says which (iteration 10 showed the 1st's)
+    assert ", loss " in fit_events[9].message and "(at" not in fit_events[9].message
+    assert fit_events[4].message.endswith("(at 1)")
     assert [s.z for s in sections] == list(range(small.shape[0]))
     for s in sections:
         np.testing.assert_array_equal(s.displacement, r.displacement[s.z])

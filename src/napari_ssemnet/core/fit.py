@@ -423,10 +423,13 @@ def fit_stack(
             if should_stop is not None:  # an iteration at full size can take a second or more
                 should_stop()
             opt.step()
-            if it % 10 == 0:  # reading the loss waits for a GPU: not every iteration
-                shown_loss = float(data.detach())
+            if it % 10 in (0, 9):  # reading the loss waits for a GPU: not every iteration
+                shown_loss, loss_it = float(data.detach()), it + 1
+            # the iteration the loss is of: a level that ended at "iteration 10" showed the
+            # first iteration's loss, as if the fit had done nothing
             yield Progress(f"fit level {li + 1}/{levels}", it + 1, total,
-                           f"iteration {it + 1}, loss {shown_loss:.4f}")
+                           f"iteration {it + 1}, loss {shown_loss:.4f}"
+                           + ("" if loss_it == it + 1 else f" (at {loss_it})"))
             if it % 10 == 9:
                 # mean movement: nodes over featureless areas drift slowly and barely matter
                 moved = float(torch.stack([(glob.detach() - snapshot[0]).abs().mean(),
