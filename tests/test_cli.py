@@ -121,6 +121,17 @@ def test_a_params_path_that_is_no_params_file_says_what_it_is(tmp_path):
             cli.load_params_file(tmp_path / "pipe.json")
 
 
+def test_weights_in_a_params_file_without_custom_features_get_a_note(tiny_tif, tmp_path,
+                                                                     capsys):
+    pfile = tmp_path / "p.json"
+    pfile.write_text(json.dumps({"weights": "w/my.pt"}))  # ran the shipped model silently
+    summary = tmp_path / "s.json"
+    code = cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "o.tif"), "--params",
+                     str(pfile), "--summary-json", str(summary), *TINY, "-q"])
+    assert code == 0 and "is not used: features is 'pixels'" in capsys.readouterr().err
+    assert json.loads(summary.read_text())["params"]["weights"] == ""
+
+
 def test_params_file_is_loaded_and_overridden(tiny_tif, tmp_path):
     pfile = tmp_path / "p.json"
     pfile.write_text(AlignParams(window=1, grid_spacing=48).to_json())

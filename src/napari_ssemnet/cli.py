@@ -156,6 +156,11 @@ def params_from_args(args: argparse.Namespace) -> AlignParams:
         raise SsemnetError(f"--weights is used only with --features custom (features is "
                            f"'{params.features}' here); add --features custom, or leave "
                            "--weights out.")
+    if params.weights and params.features != "custom":  # from --params
+        _say(sys.stderr, f"note: the weights file in {args.params} ({params.weights}) is not "
+                         f"used: features is '{params.features}'; add --features custom to "
+                         "use it.\n")
+        params = params.replace(weights="")
     return params
 
 

@@ -467,3 +467,12 @@ def test_a_stop_after_the_last_section_is_rendered_is_still_heard(small):
     with pytest.raises(AlignmentCancelled):
         align_stack(small, progress=progress, should_stop=lambda: bool(rendered), **FAST)
     assert rendered
+
+
+def test_weights_without_custom_features_are_refused_or_not_recorded():
+    # they ran the shipped model, and the unused path was stored with the results
+    stack = em(slice(0, 2), 64)
+    with pytest.raises(ParameterError, match="features='custom'"):
+        align_stack(stack, weights="nonexistent.pt", **FAST)
+    r = align_stack(stack, AlignParams(weights="from_an_old_run.pt"), **FAST)
+    assert r.params.weights == "" and r.params.features == FAST.get("features", "shipped")

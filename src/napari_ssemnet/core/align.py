@@ -321,7 +321,15 @@ def resolve_params(params: AlignParams | dict[str, Any] | None, overrides: dict[
                              f"{type(params).__name__}.")
     # a new object, validated as it is made: fields set after construction are checked too,
     # and the caller's object is left as it was
-    return params.replace(**overrides)
+    out = params.replace(**overrides)
+    if overrides.get("weights") and out.features != "custom":  # it ran the shipped model
+        raise ParameterError(f"weights is used only with features='custom' (features is "
+                             f"'{out.features}' here); add features='custom', or leave "
+                             "weights out.")
+    if out.weights and out.features != "custom":
+        # stored with the results, which must not name a file that was not used
+        out = out.replace(weights="")
+    return out
 
 
 def check_reference(reference: int, z_count: int) -> None:
