@@ -104,6 +104,8 @@ def test_summary_json_for_pipelines(tiny_tif, tmp_path, capsys):
         assert len(data["ncc_after"]) == 4 and data["wall_seconds"] > 0
         assert data["blocks"] == (2 if extra else None)
     assert sorted(p.name for p in summary.parent.iterdir()) == ["run.json"]
+    # the summary gives the run's parameters back (it was refused: 15 unknown "parameters")
+    assert cli.load_params_file(summary) == AlignParams.from_dict(data["params"])
     code = cli.main(["align", str(tiny_tif), "-o", str(out), "--summary-json", str(out),
                      *TINY])
     assert code == 2 and "--summary-json name the same file" in capsys.readouterr().err
@@ -130,6 +132,16 @@ def test_weights_in_a_params_file_without_custom_features_get_a_note(tiny_tif, t
                      str(pfile), "--summary-json", str(summary), *TINY, "-q"])
     assert code == 0 and "is not used: features is 'pixels'" in capsys.readouterr().err
     assert json.loads(summary.read_text())["params"]["weights"] == ""
+
+
+def test_fields_and_weights_names_say_what_the_file_is(tiny_tif, tmp_path, capsys):
+    for argv, words in [
+            (["align", str(tiny_tif), "-o", str(tmp_path / "a.tif"), "--fields",
+              str(tmp_path / "b.tif"), *TINY], "give it a .npz name"),  # wrote b.tif.npz
+            (["train-features", str(tiny_tif), "-o", str(tmp_path / "w.tif"), "--steps", "1"],
+             "name the file .pt")]:
+        assert cli.main(argv) == 2 and words in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_params_file_is_loaded_and_overridden(tiny_tif, tmp_path):

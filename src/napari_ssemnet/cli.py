@@ -136,6 +136,8 @@ def load_params_file(path: str | Path) -> AlignParams:
                                "parameters file.") from None
     if not isinstance(data, dict):
         raise SsemnetError(f"Parameter file {str(p)!r} must hold a JSON object of parameters.")
+    if isinstance(data.get("params"), dict) and "sections" in data and "version" in data:
+        data = data["params"]  # a --summary-json file: its run's parameters
     weights = data.get("weights")
     if isinstance(weights, str) and weights and not os.path.isabs(weights) \
             and not os.path.exists(weights) and (p.parent / weights).is_file():
@@ -401,6 +403,10 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
         from .core.device import pick_device
 
         pick_device(params.device)
+    if args.fields and Path(args.fields).suffix and Path(args.fields).suffix.lower() != ".npz":
+        # b.tif became b.tif.npz, while -o a.png is refused
+        raise SsemnetError(f"--fields {args.fields}: the fields are a NumPy .npz archive; "
+                           "give it a .npz name (a name without a suffix gets .npz added).")
     fields = _follow(fields_file_name(args.fields)) if args.fields else None
     # every file the run reads: the stack, and the weights and parameters files it was given
     inputs = [args.input, params.weights if params.features == "custom" else None,
@@ -1407,7 +1413,8 @@ def cmd_train(args: argparse.Namespace, out: TextIO) -> int:
         raise SsemnetError(f"--seed must be from 0 to {2**31 - 1}; got {args.seed}.")
     if args.init and not Path(args.init).is_file():
         raise SsemnetError(f"The --init weights file {args.init} does not exist.")
-    if Path(args.output).suffix.lower() == ".safetensors":  # other tools would misread it
+    if Path(args.output).suffix.lower() in (".safetensors", ".tif", ".tiff", ".npz", ".json"):
+        # other tools (or a later command of ours) would take it for what its name says
         raise SsemnetError(f"Weights are written in PyTorch's format; name the file .pt, not "
                            f"{Path(args.output).name}.")
     target = _follow(Path(args.output))
