@@ -1162,6 +1162,7 @@ class ApplyFieldsWidget(QWidget):
         """
         from napari.qt.threading import create_worker
 
+        self.last_result = None  # also when refused at once: it is the result of this press
         name = self.layer_combo.currentText()
         if not name or name not in self.viewer.layers:
             return self._refuse("Choose a 3D Image or Labels layer to apply the fields to.")
@@ -1176,7 +1177,6 @@ class ApplyFieldsWidget(QWidget):
             return self._refuse(f"'{name}' is a Labels layer: linear interpolation would blend "
                                 "label ids into values that are not labels. Choose 'auto' or "
                                 "'nearest'.")
-        self.last_result = None
         self.apply_btn.setEnabled(False)
         self.status.setText(f"Applying {Path(path).name} to '{name}'…")
         # layer.data may be lazy (dask, zarr): it is read in the worker, not here
