@@ -99,6 +99,8 @@ def usable_reason(layer: Any) -> str | None:
     if layer.ndim != 3:
         return (f"'{layer.name}' is {layer.ndim}D; a stack of sections (Z, H, W) is needed"
                 if layer.ndim != 2 else f"'{layer.name}' is a single 2D image, not a stack")
+    if np.dtype(getattr(layer.data, "dtype", np.float32)) == bool:  # offered, then refused
+        return f"'{layer.name}' is a boolean mask, not an image (Apply fields takes masks)"
     return None
 
 

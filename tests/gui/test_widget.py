@@ -46,6 +46,7 @@ def test_layer_chooser_lists_only_3d_grayscale(viewer_widget, stack):
     viewer.add_image(stack[0], name="single")
     viewer.add_image(np.zeros((4, 40, 40, 3), np.uint8), name="rgb", rgb=True)
     viewer.add_labels(np.zeros((4, 40, 40), np.uint8), name="labels")
+    viewer.add_image(stack > 128, name="mask")  # listed, then refused by Align
     assert widget.layer_combo.count() == 0
     viewer.add_image(stack, name="em")
     items = [widget.layer_combo.itemText(i) for i in range(widget.layer_combo.count())]
@@ -297,10 +298,12 @@ def test_cancel_stops_quickly_and_restores(qtbot, viewer_widget):
     assert "cancelled" in widget.status.text().lower()
 
 
-@pytest.mark.parametrize("kind", ["2d", "rgb", "small", "none"])
+@pytest.mark.parametrize("kind", ["2d", "rgb", "small", "mask", "none"])
 def test_bad_layer_shows_error(qtbot, viewer_widget, kind):
     viewer, widget = viewer_widget
-    if kind == "2d":
+    if kind == "mask":
+        viewer.add_image(make_stack() > 128, name="bad")
+    elif kind == "2d":
         viewer.add_image(make_stack()[0], name="bad")
     elif kind == "rgb":
         viewer.add_image(np.zeros((4, 64, 64, 3), np.uint8), name="bad", rgb=True)
@@ -312,6 +315,7 @@ def test_bad_layer_shows_error(qtbot, viewer_widget, kind):
     errors = error_messages(start)
     assert len(errors) == 1, errors
     expected = {"2d": "single 2D image", "rgb": "RGB", "small": "too small",
+                "mask": "boolean mask",
                 "none": "No 3D grayscale Image layer"}[kind]
     assert expected in errors[0]
     assert not widget.running and widget.align_btn.isEnabled()
