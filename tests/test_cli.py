@@ -142,6 +142,10 @@ def test_fields_and_weights_names_say_what_the_file_is(tiny_tif, tmp_path, capsy
              "name the file .pt")]:
         assert cli.main(argv) == 2 and words in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # a dot in a name is no suffix of another format: run.v2 still becomes run.v2.npz
+    assert cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "a.tif"), "--fields",
+                     str(tmp_path / "run.v2"), *TINY, "-q"]) == 0
+    assert (tmp_path / "run.v2.npz").is_file()
 
 
 def test_params_file_is_loaded_and_overridden(tiny_tif, tmp_path):

@@ -478,6 +478,9 @@ class AlignWidget(QWidget):
             return None
         try:
             params = self.form.params()
+            if params.features != "custom" and params.weights:
+                # the form keeps a greyed-out path: it must not be recorded as if used
+                params = params.replace(weights="")
             if (what != "Training" and params.features == "custom"
                     and not Path(params.weights).is_file()):
                 raise SsemnetError(f"The weights file {params.weights!r} does not exist; "
@@ -611,7 +614,7 @@ class AlignWidget(QWidget):
                 self.progress.setRange(0, 1000)
                 self.progress.setValue(int(round(frac * 1000)))
                 self.progress.setFormat(f"%p% — {event.stage}")
-            text = f"{job['kind'].capitalize()} on {self._device_text()} — {event.stage}"
+            text = f"{_ACTIONS[job['kind']]} on {self._device_text()} — {event.stage}"
             if event.message:
                 text += f": {event.message}"
             text += f" — {elapsed:.0f} s"
@@ -897,8 +900,9 @@ class AlignWidget(QWidget):
         if not mags.size or not np.nanmax(mags) > 0.05:  # a 0.0 px colour scale read as a bug
             return " No section moved by more than 0.05 px, so the arrows have no length."
         hi = float(np.asarray(vectors.edge_contrast_limits)[1])
+        shown = f"{hi:.2g}" if hi < 10 else f"{hi:.0f}"  # not 1.5e+02
         return (f" Arrows drawn {meta['arrow_scale']:g}x their length; colour: shift from 0 "
-                f"(dark purple) to {hi:.2g} px or more (yellow).")
+                f"(dark purple) to {shown} px or more (yellow).")
 
     @staticmethod
     def _stale_text(job: dict[str, Any], source: str) -> str:

@@ -376,6 +376,10 @@ class _PipeSafe:
 # -- commands --------------------------------------------------------------------------
 
 
+_NOT_FIELDS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".json", ".pt", ".npy", ".h5",
+               ".zarr", ".csv", ".txt")
+
+
 def _tiff_name(output: str) -> None:
     """The output is always a TIFF: a name like ``aligned.png`` got a TIFF under it (a folder
     is left to the target checks, which say so)."""
@@ -403,10 +407,10 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
         from .core.device import pick_device
 
         pick_device(params.device)
-    if args.fields and Path(args.fields).suffix and Path(args.fields).suffix.lower() != ".npz":
-        # b.tif became b.tif.npz, while -o a.png is refused
+    if args.fields and Path(args.fields).suffix.lower() in _NOT_FIELDS:
+        # b.tif became b.tif.npz, while -o a.png is refused (run.v2 still gets .npz added)
         raise SsemnetError(f"--fields {args.fields}: the fields are a NumPy .npz archive; "
-                           "give it a .npz name (a name without a suffix gets .npz added).")
+                           "give it a .npz name (other names get .npz added).")
     fields = _follow(fields_file_name(args.fields)) if args.fields else None
     # every file the run reads: the stack, and the weights and parameters files it was given
     inputs = [args.input, params.weights if params.features == "custom" else None,

@@ -507,13 +507,14 @@ def test_as_dtype_rounds_and_saturates_without_wrapping(dtype):
     # the type's extremes as float32 holds them (2**32 - 1 is stored as 2**32), beyond them,
     # and ordinary values: the brightest pixels of 32- and 64-bit stacks came out black
     values = np.array([float(info.max), float(info.max) * 2, float(info.min),
-                       float(info.min) - 1e3, 2.4, 2.6], np.float32)
+                       float(info.min) - 1e3, 2.4, 2.6, np.nan, np.inf], np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # numpy's "invalid value encountered in cast"
-        out = as_dtype(values.reshape(2, 3), dtype)
-    assert out.dtype == dtype and out.shape == (2, 3)
+        out = as_dtype(values.reshape(2, 4), dtype)
+    assert out.dtype == dtype and out.shape == (2, 4)
+    # NaN is 0 in every type (it was 2**31 in uint32, the minimum in int32)
     np.testing.assert_array_equal(out.ravel(), np.array(
-        [info.max, info.max, info.min, info.min, 2, 3], dtype))
+        [info.max, info.max, info.min, info.min, 2, 3, 0, info.max], dtype))
 
 
 def test_a_pipe_is_refused_not_read(tmp_path):
@@ -570,3 +571,18 @@ def test_a_truncated_file_is_one_error_without_tifffile_log_lines(tmp_path, capf
         open_stack(tmp_path / "cut.tif")  # block-wise runs and apply-fields open it so
     printed = capfd.readouterr().err
     assert "invalid page offset" not in printed + caplog.text
+
+
+def test_running_out_of_memory_while_reading_a_page_is_not_called_damage(tmp_path):
+    tifffile.imwrite(tmp_path / "z.tif", np.zeros((3, 64, 64), np.uint8),
+                     compression="zlib", photometric="minisblack")
+    stack = open_stack(tmp_path / "z.tif")
+
+    class Page:
+        def asarray(self):
+            raise MemoryError("Unable to allocate 4.0 GiB")
+
+    stack._pages = [Page()] * 3
+    with pytest.raises(MemoryError):  # "not a readable TIFF file" sent users to a good file
+        stack[1]
+    stack.close()

@@ -151,6 +151,11 @@ def test_align_makes_three_layers(qtbot, viewer_widget, stack):
     still = vectors.features.copy()
     vectors.features = {"magnitude": np.zeros(len(vectors.data))}  # read "0 to 0.0 px"
     assert "have no length" in widget._arrow_text("em")
+    limits = vectors.edge_contrast_limits
+    vectors.features = {"magnitude": np.full(len(vectors.data), 150.0)}
+    vectors.edge_contrast_limits = (0.0, 150.0)
+    assert "to 150 px" in widget._arrow_text("em")  # read "1.5e+02 px"
+    vectors.edge_contrast_limits = limits
     vectors.features = still
     seen.append(elapsed)
     print(f"align 4x96x96 via widget: {elapsed:.2f} s")
@@ -207,10 +212,13 @@ def test_preview_then_realign(qtbot, viewer_widget, stack, tmp_path):
     assert not widget.running and "is the reference section" in widget.status.text()
     viewer.dims.set_current_step(0, 2)
     assert not widget.realign_btn.isEnabled()  # nothing to re-align yet
+    # a path left in the greyed-out Weights box is not recorded as if it had been used
+    widget.form.set_value("weights", str(tmp_path / "old.pt"))
     assert run_and_wait(qtbot, widget, widget.preview) == "done", error_messages()
     aligned = viewer.layers["em aligned"]
     meta = aligned.metadata[L.META_KEY]
     assert meta["state"] == "preview" and meta["section"] == 2
+    assert meta["params"]["weights"] == "" and meta["params"]["features"] != "custom"
     # sections other than the previewed one are the unaligned input
     np.testing.assert_allclose(aligned.data[0], stack[0])
     vec = viewer.layers["em displacement"].data

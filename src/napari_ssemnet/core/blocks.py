@@ -114,7 +114,8 @@ class BlockState:
     @classmethod
     def start(cls, z_count: int) -> BlockState:
         return cls(0, [FLAG_OK] * z_count, np.zeros(z_count, bool),
-                   timings={"prepare": 0.0, "prealign": 0.0, "fit": 0.0, "render": 0.0})
+                   timings={"check": 0.0, "prepare": 0.0, "prealign": 0.0, "fit": 0.0,
+                            "render": 0.0})
 
     def save(self, path: str | Path, **extra: str) -> None:
         """Write to a ``.npz`` (plain arrays, no pickles), replacing ``path`` only once
@@ -378,16 +379,16 @@ def iter_align_blocks(
                    for k in ("check", "prepare", "prealign", "fit", "render"))
     (lo, hi), later = block_plan(z_count, params.reference, b, params.window)
     n_blocks = 1 + len(later)
-    if isinstance(stack, SectionReader):
+    if isinstance(stack, SectionReader) and st.next_block < n_blocks:
         # a compressed page that does not decode, or a NaN in the last section, ended a
         # run after hours of blocks, whose --resume then met it again
         t0 = time.perf_counter()
         for z in range(z_count):
             if z % 8 == 0:
                 stop_check()
-                yield Progress("read", z, z_count, "checking that every section reads")
+                yield Progress("check", z, z_count, "checking that every section reads")
             _read_sections(stack, [z])
-        yield Progress("read", z_count, z_count, "checking that every section reads")
+        yield Progress("check", z_count, z_count, "checking that every section reads")
         timings["check"] = timings.get("check", 0.0) + time.perf_counter() - t0
 
     for k in range(st.next_block, n_blocks):

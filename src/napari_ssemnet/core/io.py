@@ -293,6 +293,8 @@ class PageStack(SectionReader):
         try:
             with _TiffWarnings():
                 page = self._pages[z].asarray()
+        except MemoryError:  # the out-of-memory advice applies, not "damaged file"
+            raise
         except Exception as exc:  # a page that does not decode, or a file cut short
             path = Path(getattr(self._tif.filehandle, "path", "") or "the TIFF file")
             raise InputError(f"Section {z}: {_unreadable(path, exc)}") from None
@@ -507,14 +509,16 @@ def as_dtype(arr: np.ndarray, dtype: Any) -> np.ndarray:
     info = np.iinfo(dtype)
     arr = np.asarray(arr)
     if dtype.itemsize < 4:  # its whole range is exact in float32
-        return np.clip(np.rint(arr), info.min, info.max).astype(dtype)
+        v = np.rint(arr)
+        np.nan_to_num(v, copy=False, nan=0.0)  # NaN (an edited layer) is 0 in every type
+        return np.clip(v, info.min, info.max).astype(dtype)
     # float(2**32 - 1) rounds up to 2**32 in float32, and 2**63 - 1 in float64: clipped to
     # that, the brightest pixels wrapped to the type's minimum (black)
     out = np.empty(arr.shape, dtype)
     flat_in, flat_out = arr.reshape(-1), out.reshape(-1)
     step = 1 << 22  # float64 copies of a few MB, not of the whole stack
     for i in range(0, flat_in.size, step):
-        v = np.rint(flat_in[i:i + step].astype(np.float64))
+        v = np.nan_to_num(np.rint(flat_in[i:i + step].astype(np.float64)), nan=0.0)
         top, bottom = v >= float(info.max), v <= float(info.min)
         chunk = np.where(top | bottom, 0, v).astype(dtype)
         chunk[top], chunk[bottom] = info.max, info.min
