@@ -82,26 +82,31 @@ def write_tiff(path: str, data: Any, meta: dict) -> list[str]:
     return [path]
 
 
-# pint's names (napari layer units) as ImageJ writes them
-_IMAGEJ_UNITS = {"nanometer": "nm", "micrometer": "micron", "millimeter": "mm",
-                 "centimeter": "cm", "meter": "m", "angstrom": "A"}
+# pint's names (napari layer units) as read_resolution gives them ("Å" is written as nm)
+_IMAGEJ_UNITS = {"nanometer": "nm", "micrometer": "um", "millimeter": "mm",
+                 "centimeter": "cm", "meter": "m", "angstrom": "Å", "picometer": "pm"}
 
 
 def layer_resolution(meta: dict) -> dict[str, Any]:
     """The layer's (Z, Y, X) ``scale`` (and ``units``) as :func:`core.io.read_resolution`'s
-    pixel size and section spacing, so that a saved stack keeps them; empty for scale 1."""
+    pixel size and section spacing (in the X axis' unit), so that a saved stack keeps them;
+    empty for scale 1 without units."""
+    from .core.io import _LENGTH_IN_UM
+
     scale = meta.get("scale")
     if scale is None or len(scale) != 3:
         return {}
     sz, sy, sx = (float(v) for v in scale)
-    if (sz, sy, sx) == (1.0, 1.0, 1.0) or min(sz, sy, sx) <= 0:
+    units = [_IMAGEJ_UNITS.get(str(u), str(u)) for u in (meta.get("units") or ())]
+    unit = units[-1] if len(units) == 3 and units[-1] != "pixel" else ""
+    if ((sz, sy, sx) == (1.0, 1.0, 1.0) and not unit) or min(sz, sy, sx) <= 0:
         return {}
+    if unit and units[0] != unit and {units[0], unit} <= set(_LENGTH_IN_UM):
+        sz *= _LENGTH_IN_UM[units[0]] / _LENGTH_IN_UM[unit]  # 0.05 um sections in nm: 50
     out: dict[str, Any] = {"resolution": (1.0 / sx, 1.0 / sy), "resolutionunit": 1,
                            "spacing": sz}
-    units = meta.get("units") or ()
-    unit = str(units[-1]) if len(units) == 3 else ""
-    if unit and unit != "pixel":
-        out["unit"] = _IMAGEJ_UNITS.get(unit, unit)
+    if unit:
+        out["unit"] = unit
     return out
 
 

@@ -21,6 +21,7 @@ from napari_ssemnet.core.io import (
     read_resolution,
     read_stack,
     save_fields,
+    tiff_write_kwargs,
     write_stack,
 )
 from napari_ssemnet.core.params import AlignParams
@@ -45,10 +46,18 @@ def test_pixel_size_and_spacing_round_trip(tmp_path):
     out = write_stack(tmp_path / "out.tif", np.ones((4, 40, 40), np.uint16), resolution=res)
     assert read_resolution(out) == res
     np.testing.assert_array_equal(read_stack(out), 1)
-    # a type ImageJ cannot hold keeps the pixel size only
+    # a type ImageJ cannot hold: a plain TIFF, the pixel size in centimetre tags that other
+    # readers understand, unit and spacing in tifffile's description (both were lost)
     out = write_stack(tmp_path / "f64.tif", np.ones((4, 40, 40)), resolution=res)
-    assert read_resolution(out) == {"resolution": (250.0, 250.0), "resolutionunit": 1}
+    assert read_resolution(out) == res
+    with tifffile.TiffFile(out) as tif:
+        assert tif.pages.first.resolutionunit == 3  # CENTIMETER
+        assert tif.pages.first.resolution == pytest.approx((2.5e6, 2.5e6))
+        assert tif.series[0].axes == "ZYX"  # tifffile read "QYX" without it
     assert read_resolution(write_stack(tmp_path / "plain.tif", np.ones((4, 40, 40)))) == {}
+    # over 4 GB ImageJ files come out as one page for other readers: BigTIFF instead
+    kw = tiff_write_kwargs(res, np.uint8, 5 * 2**30)
+    assert kw["bigtiff"] and "imagej" not in kw and kw["metadata"]["spacing"] == 0.05
 
 
 def test_three_section_stack_is_not_written_as_rgb(tmp_path):
@@ -586,3 +595,21 @@ def test_running_out_of_memory_while_reading_a_page_is_not_called_damage(tmp_pat
     with pytest.raises(MemoryError):  # "not a readable TIFF file" sent users to a good file
         stack[1]
     stack.close()
+
+
+def test_fiji_zunit_and_a_folder_of_sections_keep_their_units(tmp_path):
+    a = np.zeros((3, 32, 32), np.uint8)
+    # Fiji's zunit: 0.05 micron sections with nm pixels were written as 0.05 nm
+    tifffile.imwrite(tmp_path / "zu.tif", a, imagej=True, resolution=(0.25, 0.25),
+                     metadata={"axes": "ZYX", "unit": "nm", "spacing": 0.05,
+                               "zunit": "micron"})
+    res = read_resolution(tmp_path / "zu.tif")
+    assert res["unit"] == "nm" and res["spacing"] == pytest.approx(50.0)
+    # sections saved one by one from Fiji: the unit was dropped, leaving 0.25 px per nothing
+    folder = tmp_path / "secs"
+    folder.mkdir()
+    for k in range(3):
+        tifffile.imwrite(folder / f"s{k}.tif", a[k], imagej=True, resolution=(0.25, 0.25),
+                         metadata={"unit": "nm", "spacing": 50.0})
+    res = read_resolution(folder)
+    assert res["unit"] == "nm" and res["resolution"] == (0.25, 0.25)

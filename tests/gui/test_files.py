@@ -123,8 +123,18 @@ def test_writers(tmp_path, stack):
                           {"scale": [50.0, 4.0, 5.0], "units": ("nanometer",) * 3})[0]
         res = read_resolution(path)
         assert res["resolution"] == pytest.approx((0.2, 0.25))
-        if dtype is np.uint8:
-            assert res["spacing"] == 50.0 and res["unit"] == "nm"
+        # int16: unit and spacing were lost (plain tags, no unit); now kept in the
+        # description, with the tags in centimetres
+        assert res["spacing"] == 50.0 and res["unit"] == "nm"
+    for scale, units, want in [
+            ([0.05, 4.0, 4.0], ("micrometer", "nanometer", "nanometer"), (50.0, "nm", 0.25)),
+            ([500.0, 40.0, 40.0], ("angstrom",) * 3, (50.0, "nm", 0.25)),  # was unit "A"
+            ([1.0, 1.0, 1.0], ("nanometer",) * 3, (1.0, "nm", 1.0))]:  # was no unit at all
+        path = write_tiff(str(tmp_path / "u.tif"), stack, {"scale": scale, "units": units})[0]
+        res = read_resolution(path)
+        assert (res["spacing"], res["unit"]) == pytest.approx(want[:2])
+        # 1 px per unit is ImageJ's default: the file may leave the tags out
+        assert res.get("resolution", (1.0, 1.0)) == pytest.approx((want[2], want[2]))
     disp = np.ones((4, 2, 96, 96), np.float32)
     meta = L.result_metadata(L.ROLE_DISPLACEMENT, "em", params={"window": 2},
                              extra={"displacement": disp})
@@ -134,6 +144,22 @@ def test_writers(tmp_path, stack):
     np.testing.assert_array_equal(back, disp)
     # vectors layers this plugin did not make are refused
     assert write_fields(str(tmp_path / "g.npz"), np.zeros((1, 2, 3)), {"metadata": {}}) == []
+
+
+def test_a_labels_layer_saves_with_the_plugins_tiff_writer(make_napari_viewer, tmp_path):
+    # only image layers were registered: napari's own writer then dropped the pixel size
+    viewer = make_napari_viewer()
+    labels = np.zeros((3, 40, 40), np.uint32)
+    labels[:, 5:20, 5:20] = 4_000_000_000
+    viewer.add_labels(labels, name="seg", scale=(50, 4, 4), units=("nm",) * 3)
+    viewer.layers.selection = {viewer.layers["seg"]}
+    paths = viewer.layers.save(str(tmp_path / "seg.tif"), selected=True,
+                               plugin="napari-ssemnet")
+    assert paths == [str(tmp_path / "seg.tif")]
+    np.testing.assert_array_equal(tifffile.imread(paths[0]), labels)
+    res = read_resolution(paths[0])
+    assert res["unit"] == "nm" and res["spacing"] == 50.0
+    assert res["resolution"] == pytest.approx((0.25, 0.25))
 
 
 def test_apply_refuses_linear_on_labels_and_skips_multiscale(qtbot, make_napari_viewer, tmp_path):

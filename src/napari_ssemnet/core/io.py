@@ -486,6 +486,10 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
 def _unreadable(p: Path, exc: BaseException) -> str:
     """The error line for a TIFF tifffile could not read."""
     text = str(exc).splitlines()[0] if str(exc) else "no details"
+    if isinstance(exc, IndexError):  # its description names more pages than are left
+        return (f"{str(p)!r} is not a readable TIFF file: it could only be read in part, "
+                f"having fewer pages than its own description says; is the file complete? "
+                f"({text})")
     if isinstance(exc, ImportError) or "imagecodecs" in text:
         return (f"{str(p)!r} is compressed with a codec that needs the 'imagecodecs' package "
                 f"(pip install imagecodecs), or save it uncompressed ({type(exc).__name__}: "
@@ -546,8 +550,7 @@ def read_resolution(path: str | os.PathLike) -> dict[str, Any]:
             files = section_files(p)
         except OSError:
             return {}
-        return {k: v for k, v in read_resolution(files[0]).items()
-                if k in ("resolution", "resolutionunit", "photometric")} if files else {}
+        return read_resolution(files[0]) if files else {}
     if not p.is_file():
         return {}
     out: dict[str, Any] = {}
@@ -565,8 +568,14 @@ def read_resolution(path: str | os.PathLike) -> dict[str, Any]:
                 out["spacing"] = float(ij["spacing"])
             if "unit" in ij:
                 out["unit"] = str(ij["unit"])
+            zunit = str(ij.get("zunit", out.get("unit", "")))
+            if "spacing" in out and zunit != out.get("unit") and zunit in _LENGTH_IN_UM \
+                    and out.get("unit") in _LENGTH_IN_UM:  # Fiji's zunit: 0.05 micron
+                out["spacing"] *= _LENGTH_IN_UM[zunit] / _LENGTH_IN_UM[out["unit"]]
             if tif.is_ome and not ij:
                 out.update(_ome_pixel_size(tif.ome_metadata))
+            shaped = (tif.shaped_metadata or ({},))[0] if not ij and not tif.is_ome else {}
+            out.update(_shaped_pixel_size(shaped or {}, out))
     except Exception:  # metadata is a courtesy: never a reason to fail
         return {}
     return _in_ascii_unit(out)
@@ -592,6 +601,23 @@ def _in_ascii_unit(res: dict[str, Any]) -> dict[str, Any]:
         out["spacing"] = float(out["spacing"]) * factor
     if "resolution" in out and int(out.get("resolutionunit", 1)) == 1:  # pixels per unit
         out["resolution"] = tuple(float(v) / factor for v in out["resolution"])
+    return out
+
+
+def _shaped_pixel_size(meta: dict[str, Any], tags: dict[str, Any]) -> dict[str, Any]:
+    """Spacing and unit from tifffile's JSON description (as :func:`tiff_write_kwargs`
+    writes them for non-ImageJ types), with resolution tags in centimetres restated per
+    that unit."""
+    out: dict[str, Any] = {}
+    if isinstance(meta.get("spacing"), int | float):
+        out["spacing"] = float(meta["spacing"])
+    unit = meta.get("unit")
+    if isinstance(unit, str) and unit:
+        out["unit"] = unit
+        if "resolution" in tags and tags.get("resolutionunit") == 3 and unit in _LENGTH_IN_UM:
+            per_cm = 1e4 / _LENGTH_IN_UM[unit]
+            out.update(resolution=tuple(float(v) / per_cm for v in tags["resolution"]),
+                       resolutionunit=1)
     return out
 
 
@@ -631,31 +657,51 @@ def _ome_pixel_size(xml: str | None) -> dict[str, Any]:
     return out
 
 
-def tiff_write_kwargs(resolution: dict[str, Any] | None, dtype: Any, nbytes: int
-                      ) -> dict[str, Any]:
+def tiff_write_kwargs(resolution: dict[str, Any] | None, dtype: Any, nbytes: int,
+                      ndim: int = 3) -> dict[str, Any]:
     """``tifffile.imwrite`` arguments for a (Z, H, W) stack with :func:`read_resolution`'s
-    metadata: ImageJ's (spacing, unit) when the data type allows it, else plain TIFF tags."""
+    metadata.
+
+    ImageJ's form (pixels per ``unit``, ``spacing``) for uint8, uint16 and float32 below
+    the classic TIFF's 4 GB. Otherwise a plain TIFF (BigTIFF when large): the resolution
+    tags in centimetres when the unit is a length, and ``axes``, ``spacing`` and ``unit``
+    in tifffile's JSON description, which :func:`read_resolution` reads back. (tifffile
+    writes an ImageJ file over 4 GB with a single page that other readers see; other data
+    types lost their unit and spacing.)
+    """
     kw: dict[str, Any] = {"photometric": "minisblack"}
-    if not resolution:
-        return {**kw, "bigtiff": nbytes > _BIGTIFF_BYTES}
-    resolution = _in_ascii_unit(resolution)
-    if resolution.get("photometric") == "miniswhite":
+    res = _in_ascii_unit(dict(resolution or {}))
+    big = nbytes > _BIGTIFF_BYTES
+    if res.get("photometric") == "miniswhite":
         kw["photometric"] = "miniswhite"
-    if "resolution" in resolution:
-        kw.update(resolution=tuple(resolution["resolution"]),
-                  resolutionunit=int(resolution.get("resolutionunit", 1)))
-    imagej_ok = np.dtype(dtype) in (np.dtype(np.uint8), np.dtype(np.uint16),
-                                    np.dtype(np.float32))
-    if ("spacing" in resolution or "unit" in resolution) and imagej_ok:
-        meta = {"axes": "ZYX"}
-        meta.update({k: resolution[k] for k in ("spacing", "unit") if k in resolution})
-        if "unit" in meta and not str(meta["unit"]).isascii():  # the description is ASCII
-            meta.pop("unit")  # metadata is a courtesy: never a reason to fail a write
+    if "resolution" in res:
+        kw.update(resolution=tuple(float(v) for v in res["resolution"]),
+                  resolutionunit=int(res.get("resolutionunit", 1)))
+    unit = res.get("unit")
+    if unit is not None and not str(unit).isascii():  # the description is ASCII
+        unit = None  # metadata is a courtesy: never a reason to fail a write
+    imagej_ok = not big and np.dtype(dtype) in (np.dtype(np.uint8), np.dtype(np.uint16),
+                                                np.dtype(np.float32))
+    if imagej_ok and ("spacing" in res or unit is not None):
+        meta: dict[str, Any] = {"axes": "ZYX"}
+        if "spacing" in res:
+            meta["spacing"] = float(res["spacing"])
+        if unit is not None:
+            meta["unit"] = unit
         kw.update(imagej=True, metadata=meta)
         if kw["photometric"] == "minisblack":  # ImageJ's own default
             kw.pop("photometric")
         return kw
-    return {**kw, "bigtiff": nbytes > _BIGTIFF_BYTES}
+    meta = {"axes": "ZYX"} if ndim == 3 else {}
+    if "spacing" in res:
+        meta["spacing"] = float(res["spacing"])
+    if unit is not None:
+        meta["unit"] = unit
+        if "resolution" in res and kw["resolutionunit"] == 1 and unit in _LENGTH_IN_UM:
+            per_cm = 1e4 / _LENGTH_IN_UM[unit]  # units in a centimetre
+            kw.update(resolution=tuple(v * per_cm for v in kw["resolution"]),
+                      resolutionunit=3)
+    return {**kw, "metadata": meta or None, "bigtiff": big}
 
 
 def write_stack(path: str | os.PathLike, arr: np.ndarray, *, compression: str | None = None,
@@ -685,7 +731,7 @@ def write_stack(path: str | os.PathLike, arr: np.ndarray, *, compression: str | 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     # minisblack: otherwise tifffile stores (3|4, H, W) stacks as one planar RGB(A) image.
-    kw = tiff_write_kwargs(resolution if a.ndim == 3 else None, a.dtype, a.nbytes)
+    kw = tiff_write_kwargs(resolution if a.ndim == 3 else None, a.dtype, a.nbytes, a.ndim)
     tifffile.imwrite(p, a, compression=compression, **kw)
     return p
 
