@@ -476,3 +476,21 @@ def test_weights_without_custom_features_are_refused_or_not_recorded():
         align_stack(stack, weights="nonexistent.pt", **FAST)
     r = align_stack(stack, AlignParams(weights="from_an_old_run.pt"), **FAST)
     assert r.params.weights == "" and r.params.features == FAST.get("features", "shipped")
+
+
+def test_align_section_takes_numpy_indices_and_refuses_what_it_cannot_use():
+    stack = em(slice(0, 4), 64)
+    r = align_stack(stack, reference=1, **FAST)
+    worst = np.int64(2)  # np.argmin(r.ncc_after): crashed after the whole fit
+    sec = align_section(stack, worst, previous_displacement=r.displacement, reference=1,
+                        **FAST)
+    assert sec.z == 2 and sec.displacement.shape == (2, 64, 64)
+    for bad in (2.0, True, "2"):
+        with pytest.raises(InputError, match="section index must be an integer"):
+            align_section(stack, bad, **FAST)
+    # the run's reference, even when the caller does not repeat reference=1 (it moved 1.45 px)
+    with pytest.raises(InputError, match="did not move in that run"):
+        align_section(stack, 1, previous_displacement=r.displacement, **FAST)
+    for hook in ("progress", "should_stop"):  # a bare "'int' object is not callable"
+        with pytest.raises(InputError, match=f"{hook} must be a function"):
+            align_stack(stack, **{hook: 5}, **FAST)

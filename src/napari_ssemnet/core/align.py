@@ -202,6 +202,7 @@ StopCallback = Callable[[], bool]
 
 def run_generator(gen: Generator[Any, None, Any], progress: ProgressCallback | None) -> Any:
     """Drive one of the ``iter_*`` generators to its return value, passing events on."""
+    _check_callable(progress=progress)
     while True:
         try:
             event = next(gen)
@@ -339,6 +340,14 @@ def check_reference(reference: int, z_count: int) -> None:
                          f"sections 0 to {z_count - 1}.")
 
 
+def _check_callable(**hooks: Any) -> None:
+    """A hook that is not callable failed with a bare TypeError at its first call."""
+    for name, hook in hooks.items():
+        if hook is not None and not callable(hook):
+            raise InputError(f"{name} must be a function (or None); got "
+                             f"{type(hook).__name__}.")
+
+
 def _check_encoder(encoder: Any) -> None:
     if encoder is not None:  # torch is imported only when one is given
         from .features import check_encoder
@@ -459,7 +468,10 @@ def align_stack(
     encoder : torch.nn.Module, optional
         A feature encoder to use instead of the one named by ``params.features``: a module
         with an ``encode(x)`` method mapping sections (B, 1, H, W) float32 to finite
-        features (B, C, h, w), as :class:`~napari_ssemnet.core.features.CAE` does.
+        features (B, C, h, w), as :class:`~napari_ssemnet.core.features.CAE` does. The
+        result's ``params`` cannot name it (``features`` stays as given): to make a run
+        reproducible from its fields, save a CAE with ``save_weights`` and run with
+        ``features='custom', weights=...`` instead.
     **overrides
         Field values of :class:`AlignParams`, e.g. ``reference=3, grid_spacing=32``.
 
@@ -512,6 +524,7 @@ def iter_align_stack(
     arr = check_stack(stack)
     params = resolve_params(params, overrides)
     _check_encoder(encoder)
+    _check_callable(should_stop=should_stop)
     if 0 < params.block_size < arr.shape[0]:
         from .blocks import held_shape
 
@@ -686,6 +699,10 @@ def iter_align_section(
     arr = check_stack(stack)
     params = resolve_params(params, overrides)
     _check_encoder(encoder)
+    _check_callable(should_stop=should_stop)
+    if isinstance(z, bool) or not isinstance(z, int | np.integer):  # np.int64 crashed late
+        raise InputError(f"The section index must be an integer; got {z!r}.")
+    z = int(z)
     held = (min(arr.shape[0], 2 * params.window + 1), *arr.shape[1:])
     return (yield from memory.guard(_iter_align_section(
         arr, z, params, previous_displacement=previous_displacement, should_stop=should_stop,
@@ -717,11 +734,13 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
             raise InputError(f"The previous displacement has NaN or infinite values in "
                              f"{_ranges([int(b) for b in bad])}; use the fields of a finished "
                              "run.")
-        # the array cannot say which section was the run's reference; its field is exactly 0
-        if z == params.reference and not previous_displacement[z].any():
-            raise InputError(f"Section {z} is the reference: it stays where it is. Pick "
-                             "another section, or align the stack again with another "
-                             "reference.")
+        # the array cannot say which section was the run's reference; its field is exactly
+        # 0 (as a blank one's, left where it was), whatever params.reference says
+        if not previous_displacement[z].any():
+            raise InputError(f"Section {z} did not move in that run: it is its reference "
+                             "(or a blank section, left where it was), which stays where it "
+                             "is. Pick another section, or align the stack again with "
+                             "another reference.")
     device = pick_device(params.device)
     lo, hi = max(0, z - params.window), min(z_count, z + params.window + 1)
     check_binning(params, h, w)
@@ -767,7 +786,7 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
         return float(np.mean(vals)) if vals else float("nan")
 
     before_disp = (None if previous_displacement is None
-                   else torch.from_numpy(previous_displacement[z]).to(device))
+                   else torch.from_numpy(np.array(previous_displacement[z])).to(device))
     ncc_before = mean_adjacent_ncc(*neighbours_state(before_disp))
     usable_nb = [i for i in range(hi - lo) if i != local and not blank[i]]
     if blank[local] or not usable_nb:
@@ -786,7 +805,8 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
             held[i, 0] = norm[i]
         else:
             im, _ = warp.warp_image(torch.from_numpy(norm[i]).to(device),
-                                    torch.from_numpy(previous_displacement[lo + i]).to(device))
+                                    torch.from_numpy(np.array(previous_displacement[lo + i]))
+                                    .to(device))
             held[i, 0] = im.cpu().numpy()
     anchor = min(usable_nb, key=lambda i: abs(i - local))
     matrices = np.tile(np.eye(3), (hi - lo, 1, 1))
