@@ -293,3 +293,18 @@ def test_weights_load_whatever_the_file_is_called(tmp_path):
 
     shutil.copyfile(shipped_weights_path(), tmp_path / "w.safetensors")
     assert isinstance(load_weights(tmp_path / "w.safetensors"), CAE)
+
+
+def test_training_and_saving_refuse_what_torch_would_fail_on(tmp_path):
+    from napari_ssemnet.core.align import run_generator
+    from napari_ssemnet.core.params import ParameterError
+
+    stack = em(slice(0, 2), 96)
+    for kwargs in ({"patch": 2}, {"width": 0}, {"learning_rate": float("nan")},
+                   {"init": "cae.pt"}):  # raw RuntimeError / ValueError / AttributeError
+        with pytest.raises(ParameterError):
+            run_generator(train_encoder([stack], steps=2, **kwargs), None)
+    with pytest.raises(WeightsError, match="Only a CAE"):
+        save_weights(torch.nn.Linear(2, 2), tmp_path / "w.pt")
+    with pytest.raises(WeightsError, match="is a folder"):
+        save_weights(CAE(8), tmp_path)

@@ -102,3 +102,9 @@ def test_numpy_scalars_are_taken_as_plain_numbers():
 def test_json_that_is_not_an_object_of_parameters_is_refused(text):
     with pytest.raises(ParameterError, match="JSON|mapping"):
         AlignParams.from_json(text)
+
+
+def test_params_with_a_numpy_scalar_set_later_still_serialise():
+    p = AlignParams()
+    p.reference = np.int64(1)  # to_json raised "int64 is not JSON serializable"
+    assert AlignParams.from_json(p.to_json()).reference == 1

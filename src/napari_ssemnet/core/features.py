@@ -104,7 +104,8 @@ def encode_tiled(extractor: nn.Module, imgs: torch.Tensor,
 
     def encode(x: torch.Tensor) -> torch.Tensor:
         f = extractor.encode(x)
-        if not isinstance(f, torch.Tensor) or f.ndim != 4 or f.shape[0] != x.shape[0]:
+        if (not isinstance(f, torch.Tensor) or f.ndim != 4 or f.shape[0] != x.shape[0]
+                or 0 in f.shape):
             raise WeightsError(f"The feature encoder returned "
                                f"{tuple(f.shape) if hasattr(f, 'shape') else type(f).__name__}"
                                f" for sections of shape {tuple(x.shape)}; it must return "
@@ -158,7 +159,12 @@ def shipped_weights_path() -> Path:
 def save_weights(model: CAE, path: str | os.PathLike, *, info: dict[str, str] | None = None
                  ) -> Path:
     """Save encoder weights as a plain tensor dictionary (loadable with weights_only=True)."""
+    if not isinstance(model, CAE):
+        raise WeightsError(f"Only a CAE can be saved as napari-ssemnet weights; got "
+                           f"{type(model).__name__}.")
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{str(path)!r} is a folder; give the weights file's name (.pt).")
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": "napari-ssemnet-cae",
@@ -317,10 +323,19 @@ def train_encoder(
     from .device import pick_device
     from .params import ParameterError
 
-    for name, value in (("steps", steps), ("batch", batch), ("patch", patch)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-            raise ParameterError(f"{name} must be a whole number of at least 1; got {value!r}.")
-    steps, batch, patch = int(steps), int(batch), int(patch)
+    # raw torch errors otherwise (padding larger than the patch, a 0-channel weight, ...)
+    for name, value, least in (("steps", steps, 1), ("batch", batch, 1), ("patch", patch, 16),
+                               ("width", width, 1)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+            raise ParameterError(f"{name} must be a whole number of at least {least}; got "
+                                 f"{value!r}.")
+    steps, batch, patch, width = int(steps), int(batch), int(patch), int(width)
+    if not isinstance(learning_rate, numbers.Real) or not 0 < float(learning_rate) < 1:
+        raise ParameterError(f"learning_rate must be a number between 0 and 1; got "
+                             f"{learning_rate!r}.")
+    if init is not None and not isinstance(init, CAE):
+        raise ParameterError(f"init must be a CAE (e.g. from load_weights); got "
+                             f"{type(init).__name__}.")
     stacks = [check_stack(s, name=f"training stack {i}", min_sections=1)
               for i, s in enumerate(stacks)]
     if not stacks:

@@ -186,7 +186,9 @@ class AlignParams:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # a numpy scalar set on a field after construction broke to_json
+        return {k: v.item() if hasattr(v, "item") else v
+                for k, v in dataclasses.asdict(self).items()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
