@@ -594,7 +594,8 @@ def test_apply_fields_bad_input_is_one_error_line(tiny_tif, tmp_path, capsys):
     (tmp_path / "junk.npz").write_text("not a zip")
     nan = np.zeros((4, 2, 96, 96), np.float32)
     nan[3, 0, 50, 50] = np.inf
-    nan = save_fields(tmp_path / "nan.npz", nan)  # the last section: after others are written
+    np.savez(tmp_path / "nan.npz", displacement=nan)  # the last section: after the others
+    nan = tmp_path / "nan.npz"
     for fields, words in [(wrong, "for a stack of 3 sections of 96x96 px"),
                           (nan, "section 3 has NaN or infinite values"),
                           (tmp_path / "junk.npz", "is not a fields file"),

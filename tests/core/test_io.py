@@ -339,12 +339,21 @@ def test_load_fields_errors(tmp_path):
             reader(tmp_path / "plain.npy")
     nan = np.zeros((3, 2, 8, 8), np.float32)
     nan[2, 1, 3, 3] = np.nan  # was applied, its pixels filled with 0 without a word
-    save_fields(tmp_path / "nan.npz", nan)
+    with pytest.raises(InputError, match="section 2 has NaN"):  # nor is it written
+        save_fields(tmp_path / "nan.npz", nan)
+    np.savez(tmp_path / "nan.npz", displacement=nan)
     with pytest.raises(InputError, match="section 2 has NaN"):
         load_fields(tmp_path / "nan.npz")
     with pytest.raises(InputError, match="section 2 has NaN"), \
             FieldSections(tmp_path / "nan.npz") as sections:
         list(sections)
+    disp = np.zeros((3, 2, 8, 8), np.float32)
+    with pytest.raises(InputError, match="not a string"):  # stored as 'b', 'l', 'a', ...
+        save_fields(tmp_path / "f.npz", disp, flags="blank")
+    with pytest.raises(InputError, match="must be an AlignParams"):
+        save_fields(tmp_path / "f.npz", disp, params=[1, 2])
+    save_fields(tmp_path / "f.npz", disp, params={"reference": np.int64(1)})  # TypeError
+    assert load_fields(tmp_path / "f.npz")[1] == {"reference": 1}
     np.savez(tmp_path / "shape.npz", displacement=np.zeros((2, 3, 4, 4), np.float32))
     with pytest.raises(InputError, match=r"\(Z, 2, H, W\)"):
         load_fields(tmp_path / "shape.npz")

@@ -748,7 +748,20 @@ def _params_json(params: Any) -> str:
         return params
     if hasattr(params, "to_dict"):
         params = params.to_dict()
-    return json.dumps(dict(params), sort_keys=True)
+    if not isinstance(params, dict):
+        raise InputError(f"The parameters to save with the fields must be an AlignParams, a "
+                         f"dict or a JSON string; got {type(params).__name__}.")
+
+    def plain(v: Any) -> Any:  # numpy scalars, e.g. reference=np.argmax(...)
+        if hasattr(v, "item"):
+            return v.item()
+        raise TypeError(f"{type(v).__name__} is not JSON")
+
+    try:
+        return json.dumps(params, sort_keys=True, default=plain)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"The parameters to save with the fields are not plain values "
+                         f"({exc}).") from None
 
 
 def fields_file_name(path: str | os.PathLike) -> Path:
@@ -795,6 +808,10 @@ def save_fields(path: str | os.PathLike, displacement: np.ndarray, params: Any =
     disp = np.asarray(displacement, np.float32)
     if disp.ndim != 4 or disp.shape[1] != 2:
         raise InputError(f"Displacement has shape {disp.shape}; expected (Z, 2, H, W).")
+    for z in range(disp.shape[0]):  # load_fields refuses them: never write what cannot be read
+        _check_field_section(disp[z], z, Path(path))
+    if isinstance(flags, str):  # "blank" was stored as five one-letter flags
+        raise InputError("flags must be a list with one flag per section, not a string.")
     flags = [str(f) for f in (flags or [])]
     if flags and len(flags) != disp.shape[0]:
         raise InputError(f"{len(flags)} flags given for {disp.shape[0]} sections.")
@@ -807,10 +824,10 @@ def save_fields(path: str | os.PathLike, displacement: np.ndarray, params: Any =
         if value is None:
             continue
         if key in arrays:
-            raise ValueError(f"extra key {key!r} clashes with a standard field")
+            raise InputError(f"extra key {key!r} clashes with a standard field")
         a = np.asarray(value)
         if a.dtype == object:
-            raise ValueError(f"extra array {key!r} has dtype object; only plain arrays are "
+            raise InputError(f"extra array {key!r} has dtype object; only plain arrays are "
                              "stored (no pickles)")
         arrays[key] = a
     p = fields_file_name(path)
