@@ -8,7 +8,7 @@ import torch
 from emtools import em, interior, rigid_fields
 
 from napari_ssemnet.core import memory, warp
-from napari_ssemnet.core.align import SectionResult, align_stack, iter_align_stack
+from napari_ssemnet.core.align import SectionResult, align_stack, iter_align_stack, run_generator
 from napari_ssemnet.core.blocks import block_plan, iter_align_blocks
 from napari_ssemnet.core.errors import InputError, MemoryLimitError
 from napari_ssemnet.core.metrics import adjacent_ncc, normalise_stack
@@ -284,3 +284,19 @@ def test_an_all_blank_first_block_says_so_rather_than_asking_for_another_referen
     # "choose another reference" cannot help when the reference's whole block is blank
     with pytest.raises(InputError, match="the reference's block, are all blank"):
         align_stack(np.full((8, 64, 64), 7, np.uint8), block_size=4, window=1, device="cpu")
+
+
+def test_blockwise_api_takes_a_dict_and_refuses_read_only_outputs(tmp_path):
+    stack = em(slice(0, 4), 64)
+    params = {**FAST, "block_size": 3, "window": 1}
+    disp = np.zeros((4, 2, 64, 64), np.float32)
+    aligned = np.zeros((4, 64, 64), np.float32)
+    # a dict of parameters raised an AttributeError
+    summary = run_generator(iter_align_blocks(stack, params, displacement=disp,
+                                              aligned=aligned), None)
+    assert len(summary.flags) == 4 and np.abs(disp).max() > 0
+    np.save(tmp_path / "d.npy", disp)
+    read_only = np.load(tmp_path / "d.npy", mmap_mode="r")
+    with pytest.raises(InputError, match="read-only"):  # failed at the first block's write
+        run_generator(iter_align_blocks(stack, params, displacement=read_only,
+                                        aligned=aligned), None)

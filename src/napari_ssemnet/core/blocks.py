@@ -40,6 +40,7 @@ from .align import (
     on_tissue,
     placed_doubtfully,
     render_section,
+    resolve_params,
     section_flag,
     stopper,
 )
@@ -346,6 +347,7 @@ def iter_align_blocks(
     from .device import pick_device
     from .features import check_encoder, load_feature_extractor
 
+    params = resolve_params(params, {})  # a dict, too (it raised an AttributeError)
     z_count, h, w = (int(s) for s in stack.shape)
     b = params.block_size
     if not b or b < params.window + 2:
@@ -361,6 +363,10 @@ def iter_align_blocks(
         if arr is not None and tuple(int(n) for n in arr.shape) != want:
             raise InputError(f"The {name} output has shape {tuple(arr.shape)}; a stack of "
                              f"shape {(z_count, h, w)} needs {want}.")
+        flags = getattr(arr, "flags", None)
+        if flags is not None and not flags.writeable:  # failed at the first block's write
+            raise InputError(f"The {name} output is read-only (a memory map opened with "
+                             "mode 'r'?); give a writable array.")
     stop_check = stopper(should_stop)
     t_start = time.perf_counter()
     device = pick_device(params.device)
