@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from emtools import em
 
 from napari_ssemnet.core import metrics
@@ -136,3 +137,16 @@ def test_a_large_offset_in_float64_keeps_its_grey_levels():
     plain, _ = metrics.normalise_stack(stack)
     offset, _ = metrics.normalise_stack(stack + 1e9)
     np.testing.assert_allclose(offset, plain, atol=1e-5)
+
+
+def test_ncc_takes_a_0_1_mask_as_a_mask():
+    from napari_ssemnet.core.errors import InputError
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random((32, 32)), rng.random((32, 32))
+    mask = np.zeros((32, 32), bool)
+    mask[4:20, 4:20] = True
+    # uint8 0/1 was used as row indices: 0.526 on data that share nothing
+    assert metrics.ncc(a, b, mask.astype(np.uint8)) == metrics.ncc(a, b, mask)
+    with pytest.raises(InputError, match="of one shape"):
+        metrics.ncc(a, b[:16])

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .errors import InputError
+
 # Ratio of the 4x4-block-mean std to the pixel std: about 0.25 for white noise, 0.5-0.9 for
 # EM images. Below this a section is treated as blank (no usable structure).
 STRUCTURE_THRESHOLD = 0.35
@@ -234,7 +236,12 @@ def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, *,
     """
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
+    if a.shape != b.shape or (mask is not None and np.shape(mask) != a.shape):
+        raise InputError(f"ncc needs two images of one shape and a mask of that shape; got "
+                         f"{a.shape}, {b.shape}"
+                         + ("" if mask is None else f" and {np.shape(mask)}") + ".")
     if mask is not None:
+        mask = np.asarray(mask, bool)  # a 0/1 uint8 mask was used as row indices
         a = a[mask]
         b = b[mask]
     else:
