@@ -103,6 +103,8 @@ def layer_resolution(meta: dict) -> dict[str, Any]:
         return {}
     if unit and units[0] != unit and {units[0], unit} <= set(_LENGTH_IN_UM):
         sz *= _LENGTH_IN_UM[units[0]] / _LENGTH_IN_UM[unit]  # 0.05 um sections in nm: 50
+    if unit and units[1] != unit and {units[1], unit} <= set(_LENGTH_IN_UM):
+        sy *= _LENGTH_IN_UM[units[1]] / _LENGTH_IN_UM[unit]
     out: dict[str, Any] = {"resolution": (1.0 / sx, 1.0 / sy), "resolutionunit": 1,
                            "spacing": sz}
     if unit:

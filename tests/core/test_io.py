@@ -58,6 +58,7 @@ def test_pixel_size_and_spacing_round_trip(tmp_path):
     # over 4 GB ImageJ files come out as one page for other readers: BigTIFF instead
     kw = tiff_write_kwargs(res, np.uint8, 5 * 2**30)
     assert kw["bigtiff"] and "imagej" not in kw and kw["metadata"]["spacing"] == 0.05
+    assert tiff_write_kwargs(res, np.uint8, 3 * 2**30)["imagej"]  # ImageJ's form up to 4 GB
 
 
 def test_three_section_stack_is_not_written_as_rgb(tmp_path):
@@ -353,6 +354,9 @@ def test_load_fields_errors(tmp_path):
     with pytest.raises(InputError, match="must be an AlignParams"):
         save_fields(tmp_path / "f.npz", disp, params=[1, 2])
     save_fields(tmp_path / "f.npz", disp, params={"reference": np.int64(1)})  # TypeError
+    import types
+
+    save_fields(tmp_path / "m.npz", disp, params=types.MappingProxyType({"reference": 1}))
     assert load_fields(tmp_path / "f.npz")[1] == {"reference": 1}
     np.savez(tmp_path / "shape.npz", displacement=np.zeros((2, 3, 4, 4), np.float32))
     with pytest.raises(InputError, match=r"\(Z, 2, H, W\)"):

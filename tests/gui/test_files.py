@@ -128,6 +128,7 @@ def test_writers(tmp_path, stack):
         assert res["spacing"] == 50.0 and res["unit"] == "nm"
     for scale, units, want in [
             ([0.05, 4.0, 4.0], ("micrometer", "nanometer", "nanometer"), (50.0, "nm", 0.25)),
+            ([0.05, 0.004, 4.0], ("micrometer",) * 2 + ("nanometer",), (50.0, "nm", 0.25)),
             ([500.0, 40.0, 40.0], ("angstrom",) * 3, (50.0, "nm", 0.25)),  # was unit "A"
             ([1.0, 1.0, 1.0], ("nanometer",) * 3, (1.0, "nm", 1.0))]:  # was no unit at all
         path = write_tiff(str(tmp_path / "u.tif"), stack, {"scale": scale, "units": units})[0]

@@ -735,12 +735,11 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
                              f"{_ranges([int(b) for b in bad])}; use the fields of a finished "
                              "run.")
         # the array cannot say which section was the run's reference; its field is exactly
-        # 0 (as a blank one's, left where it was), whatever params.reference says
+        # 0, whatever params.reference says
         if not previous_displacement[z].any():
-            raise InputError(f"Section {z} did not move in that run: it is its reference "
-                             "(or a blank section, left where it was), which stays where it "
-                             "is. Pick another section, or align the stack again with "
-                             "another reference.")
+            raise InputError(f"Section {z} did not move in that run: it is its reference, "
+                             "which stays where it is. Pick another section, or align the "
+                             "stack again with another reference.")
     device = pick_device(params.device)
     lo, hi = max(0, z - params.window), min(z_count, z + params.window + 1)
     check_binning(params, h, w)

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import numpy as np
 from .errors import InputError
 
 _BIGTIFF_BYTES = 2**31 - 2**25  # leave headroom for tags/offsets below the 4 GB/2 GB limits
+_IMAGEJ_BYTES = 2**32 - 2**25  # ImageJ's one-page trick goes to the classic TIFF's 4 GB
 
 
 class _TiffWarnings(logging.Handler):
@@ -680,8 +682,8 @@ def tiff_write_kwargs(resolution: dict[str, Any] | None, dtype: Any, nbytes: int
     unit = res.get("unit")
     if unit is not None and not str(unit).isascii():  # the description is ASCII
         unit = None  # metadata is a courtesy: never a reason to fail a write
-    imagej_ok = not big and np.dtype(dtype) in (np.dtype(np.uint8), np.dtype(np.uint16),
-                                                np.dtype(np.float32))
+    imagej_ok = nbytes <= _IMAGEJ_BYTES and np.dtype(dtype) in (
+        np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
     if imagej_ok and ("spacing" in res or unit is not None):
         meta: dict[str, Any] = {"axes": "ZYX"}
         if "spacing" in res:
@@ -748,6 +750,8 @@ def _params_json(params: Any) -> str:
         return params
     if hasattr(params, "to_dict"):
         params = params.to_dict()
+    if isinstance(params, Mapping):
+        params = dict(params)
     if not isinstance(params, dict):
         raise InputError(f"The parameters to save with the fields must be an AlignParams, a "
                          f"dict or a JSON string; got {type(params).__name__}.")
