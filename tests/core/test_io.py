@@ -537,6 +537,7 @@ def test_as_dtype_rounds_and_saturates_without_wrapping(dtype):
     # NaN is 0 in every type (it was 2**31 in uint32, the minimum in int32)
     np.testing.assert_array_equal(out.ravel(), np.array(
         [info.max, info.max, info.min, info.min, 2, 3, 0, info.max], dtype))
+    assert as_dtype(np.asarray(np.nan, np.float32), dtype) == 0  # 0-d: a ValueError
 
 
 def test_a_pipe_is_refused_not_read(tmp_path):

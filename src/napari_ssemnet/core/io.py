@@ -516,7 +516,8 @@ def as_dtype(arr: np.ndarray, dtype: Any) -> np.ndarray:
     arr = np.asarray(arr)
     if dtype.itemsize < 4:  # its whole range is exact in float32
         # NaN (an edited layer) is 0 in every type
-        v = np.nan_to_num(np.rint(arr), copy=False, nan=0.0)
+        v = np.asarray(np.rint(arr))  # a 0-d input gives a scalar, which cannot be written
+        v = np.nan_to_num(v, copy=False, nan=0.0)
         return np.clip(v, info.min, info.max).astype(dtype)
     # float(2**32 - 1) rounds up to 2**32 in float32, and 2**63 - 1 in float64: clipped to
     # that, the brightest pixels wrapped to the type's minimum (black)
