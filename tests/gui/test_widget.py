@@ -229,12 +229,17 @@ def test_preview_then_realign(qtbot, viewer_widget, stack, tmp_path):
 
     assert run_and_wait(qtbot, widget, widget.align) == "done"
     full = widget.results["em"].aligned.copy()
+    input_ncc = np.array(widget.results["em"].ncc_before, float)
     assert widget.realign_btn.isEnabled()
     viewer.dims.set_current_step(0, 1)
     widget.form.set_value("grid_spacing", 24)
     assert run_and_wait(qtbot, widget, widget.realign) == "done", error_messages()
     res = widget.results["em"]
     np.testing.assert_array_equal(res.aligned[3], full[3])  # other sections kept
+    # "before" is still the input's NCC: it took the previous result's, and the plot's
+    # grey curve jumped up to the orange one
+    np.testing.assert_array_equal(np.array(res.ncc_before, float), input_ncc)
+    np.testing.assert_array_equal(widget.plot.before, input_ncc)
     # the run's parameters stay the run's; section 1's own are recorded beside them
     assert res.params.grid_spacing == FAST["grid_spacing"]
     assert res.section_params[1].grid_spacing == 24

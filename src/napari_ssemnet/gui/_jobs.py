@@ -189,7 +189,9 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
         keep = base is not None and base.flags[z] == "duplicate" and section.flag in (
             "", "low_confidence")
         flags[z] = "duplicate" if keep else section.flag
-        ncc_before[z] = float(getattr(section, "ncc_before", np.nan))
+        if base is None:  # after a run, "before" stays the input's NCC (the plot's grey
+            # curve); this section's previous value is in the status line
+            ncc_before[z] = float(getattr(section, "ncc_before", np.nan))
         ncc_after[z] = float(getattr(section, "ncc_after", np.nan))
         result = None
         if base is not None:
