@@ -150,3 +150,19 @@ def test_ncc_takes_a_0_1_mask_as_a_mask():
     assert metrics.ncc(a, b, mask.astype(np.uint8)) == metrics.ncc(a, b, mask)
     with pytest.raises(InputError, match="of one shape"):
         metrics.ncc(a, b[:16])
+
+
+def test_local_ncc_and_field_stats_refuse_what_they_cannot_measure():
+    from napari_ssemnet.core.errors import InputError
+
+    a = np.random.default_rng(0).random((32, 32))
+    with pytest.raises(InputError, match="sigma above 0"):  # an all-NaN map
+        metrics.local_ncc(a, a, sigma=0)
+    with pytest.raises(InputError, match="one shape"):
+        metrics.local_ncc(a, a[:16])
+    disp = np.zeros((3, 2, 32, 32), np.float32)
+    with pytest.raises(InputError, match=r"\(Z, 2, H, W\)"):  # one section's field: nonsense
+        metrics.field_stats(disp[0])
+    with pytest.raises(InputError, match="valid has shape"):
+        metrics.field_stats(disp, np.ones((32, 32), bool))
+    assert metrics.field_stats(disp, np.ones((3, 32, 32), np.uint8))["max"] == 0.0

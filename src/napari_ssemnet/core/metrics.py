@@ -372,6 +372,11 @@ def local_ncc(a: np.ndarray, b: np.ndarray, sigma: float = 8.0) -> np.ndarray:
     """
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise InputError(f"local_ncc needs two 2D images of one shape; got {a.shape} and "
+                         f"{b.shape}.")
+    if not sigma > 0:  # sigma 0 gave an all-NaN map
+        raise InputError(f"local_ncc needs a window sigma above 0 px; got {sigma!r}.")
     ma, mb = _gauss_blur(a, sigma), _gauss_blur(b, sigma)
     va = _gauss_blur(a * a, sigma) - ma * ma
     vb = _gauss_blur(b * b, sigma) - mb * mb
@@ -417,9 +422,17 @@ def local_ncc_error(aligned: np.ndarray, valid: np.ndarray | None = None, *,
 
 
 def field_stats(displacement: np.ndarray, valid: np.ndarray | None = None) -> dict[str, float]:
-    """Magnitude statistics of a (Z, 2, H, W) displacement (pixels)."""
+    """Magnitude statistics of a (Z, 2, H, W) displacement (pixels), on ``valid`` (Z, H, W)
+    when given."""
+    displacement = np.asarray(displacement)
+    if displacement.ndim != 4 or displacement.shape[1] != 2:  # a (2, H, W) field passed
+        raise InputError(f"field_stats needs a (Z, 2, H, W) displacement; got shape "
+                         f"{displacement.shape}.")
     mag = np.hypot(displacement[:, 0], displacement[:, 1])
-    vals = mag[valid] if valid is not None else mag.ravel()
+    if valid is not None and np.shape(valid) != mag.shape:
+        raise InputError(f"field_stats: valid has shape {np.shape(valid)}; the displacement "
+                         f"needs {mag.shape}.")
+    vals = mag[np.asarray(valid, bool)] if valid is not None else mag.ravel()
     if vals.size == 0:
         return {"mean": float("nan"), "median": float("nan"), "p95": float("nan"),
                 "max": float("nan")}
