@@ -200,7 +200,7 @@ def load_weights(path: str | os.PathLike) -> CAE:
     except Exception as exc:
         # torch's own text is about its weights_only switch, and the exception's name
         # ("error", "UnpicklingError") says nothing to a user
-        log.debug("torch.load(%s) failed: %r", path, exc)
+        log.debug("loading the weights %s failed: %r", path, exc)
         raise WeightsError(f"{str(path)!r} is not a readable napari-ssemnet weights file: it "
                            "is damaged, cut short or not a PyTorch weights file (a file that "
                            "holds other Python objects is refused, since loading it could run "
