@@ -42,7 +42,14 @@ from qtpy.QtWidgets import (
 )
 
 from . import _layers as L
-from .core.align import AlignmentResult, Progress, SectionResult, check_layout, check_stack
+from .core.align import (
+    AlignmentResult,
+    Progress,
+    SectionResult,
+    check_layout,
+    check_stack,
+    resolve_params,
+)
 from .core.errors import SsemnetError
 from .core.io import as_dtype
 from .core.params import TRAIN_STEPS, AlignParams
@@ -478,9 +485,8 @@ class AlignWidget(QWidget):
             return None
         try:
             params = self.form.params()
-            if params.features != "custom" and params.weights:
-                # the form keeps a greyed-out path: it must not be recorded as if used
-                params = params.replace(weights="")
+            # the form keeps a greyed-out weights path: resolved, it is not recorded as used
+            params = resolve_params(params, {})
             if (what != "Training" and params.features == "custom"
                     and not Path(params.weights).is_file()):
                 raise SsemnetError(f"The weights file {params.weights!r} does not exist; "

@@ -101,10 +101,13 @@ def layer_resolution(meta: dict) -> dict[str, Any]:
     unit = units[-1] if len(units) == 3 and units[-1] != "pixel" else ""
     if ((sz, sy, sx) == (1.0, 1.0, 1.0) and not unit) or min(sz, sy, sx) <= 0:
         return {}
-    if unit and units[0] != unit and {units[0], unit} <= set(_LENGTH_IN_UM):
-        sz *= _LENGTH_IN_UM[units[0]] / _LENGTH_IN_UM[unit]  # 0.05 um sections in nm: 50
-    if unit and units[1] != unit and {units[1], unit} <= set(_LENGTH_IN_UM):
-        sy *= _LENGTH_IN_UM[units[1]] / _LENGTH_IN_UM[unit]
+    def in_x_unit(size: float, axis_unit: str) -> float:  # 0.05 um sections in nm: 50
+        if unit and axis_unit != unit and {axis_unit, unit} <= set(_LENGTH_IN_UM):
+            return size * _LENGTH_IN_UM[axis_unit] / _LENGTH_IN_UM[unit]
+        return size
+
+    if unit:
+        sz, sy = in_x_unit(sz, units[0]), in_x_unit(sy, units[1])
     out: dict[str, Any] = {"resolution": (1.0 / sx, 1.0 / sy), "resolutionunit": 1,
                            "spacing": sz}
     if unit:

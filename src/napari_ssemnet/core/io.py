@@ -451,8 +451,7 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
             simple = (real and len(shape) == 3 and not _is_rgb(series) and not split
                       and min(shape[1:]) >= MIN_SIZE and shape[0] >= min_sections)
             if simple:
-                with _TiffWarnings():
-                    mismatch = _page_mismatch(series)
+                mismatch = _page_mismatch(series)
                 if mismatch:
                     raise InputError(f"{str(p)!r}: {mismatch}; {SAME_SIZE}.")
             if simple and series.dataoffset is not None and not mask:  # masks are bit-packed
@@ -461,8 +460,7 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
                 check_stack(mm, name=f"stack in {p.name}", min_sections=min_sections)
                 return mm  # check_stack's result is a plain ndarray view of the same pages
             if split and not mask:  # e.g. one series per page
-                with _TiffWarnings():
-                    pages = _split_pages(tif, p)
+                pages = _split_pages(tif, p)
                 shape = (len(pages), *tuple(int(n) for n in pages[0].shape))
                 if len(shape) == 3 and shape[0] >= min_sections and min(shape[1:]) >= MIN_SIZE:
                     pages[0].asarray()  # a codec that is not installed fails here
@@ -637,10 +635,9 @@ def _ome_pixel_size(xml: str | None) -> dict[str, Any]:
     if pixels is None or "PhysicalSizeX" not in pixels.attrib:
         return {}
     a = pixels.attrib
-    given = a.get("PhysicalSizeXUnit", "µm")
-    if given not in _LENGTH_IN_UM:
+    unit = a.get("PhysicalSizeXUnit", "µm")  # read_resolution restates 40 Å as 4 nm
+    if unit not in _LENGTH_IN_UM:
         return {}
-    unit = given  # read_resolution restates 40 Å as 4 nm
 
     def size(axis: str) -> float | None:
         if f"PhysicalSize{axis}" not in a:
