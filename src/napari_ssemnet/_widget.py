@@ -152,6 +152,8 @@ class AlignWidget(QWidget):
         self._ctl = _RunControl()
         self._job: dict[str, Any] | None = None
         self.results: dict[str, AlignmentResult] = {}
+        # per source: the result and layers from before its last Re-align (one level)
+        self._undo: dict[str, dict[str, Any]] = {}
         self.last_outcome: str | None = None
         self._build_ui()
         self._connect_viewer()
@@ -223,10 +225,15 @@ class AlignWidget(QWidget):
                              "parameters above, neighbours fixed at the result, and keep it in "
                              "the result.")
         self.realign_btn.setToolTip(self._realign_tip)
-        buttons.addWidget(self.align_btn, 0, 0)
-        buttons.addWidget(self.cancel_btn, 0, 1)
+        self.undo_btn = QPushButton("Undo")
+        self._undo_tip = ("Undo the last Re-align of this layer: the section, its arrows, "
+                          "the NCC and the saved fields go back to how they were before it.")
+        self.undo_btn.setToolTip(self._undo_tip)
+        buttons.addWidget(self.align_btn, 0, 0, 1, 2)
+        buttons.addWidget(self.cancel_btn, 0, 2)
         buttons.addWidget(self.preview_btn, 1, 0)
         buttons.addWidget(self.realign_btn, 1, 1)
+        buttons.addWidget(self.undo_btn, 1, 2)
         lay.addLayout(buttons)
 
         self.progress = QProgressBar()
@@ -257,6 +264,7 @@ class AlignWidget(QWidget):
         self.cancel_btn.clicked.connect(self.cancel)
         self.preview_btn.clicked.connect(self.preview)
         self.realign_btn.clicked.connect(self.realign)
+        self.undo_btn.clicked.connect(self.undo_realign)
         self.train_btn.clicked.connect(self.train_features)
         self.save_btn.clicked.connect(self._save_fields_dialog)
         self.apply_btn.clicked.connect(self._open_apply_widget)
@@ -300,6 +308,7 @@ class AlignWidget(QWidget):
             name = event.value.name
             self._names.pop(str(event.value.unique_id), None)
             self.results.pop(name, None)
+            self._undo.pop(name, None)
             if self._job is not None and self._job.get("source") == name:
                 self._job["stale"] = "removed"
         self._refresh_layers()
@@ -319,6 +328,8 @@ class AlignWidget(QWidget):
         """Results of a renamed source layer stay its results (and keep matching names)."""
         if old in self.results:
             self.results[new] = self.results.pop(old)
+        if old in self._undo:
+            self._undo[new] = self._undo.pop(old)
         if self._job is not None and self._job.get("source") == old:
             self._job["source"] = new
         for role in L.ROLES:
@@ -336,6 +347,7 @@ class AlignWidget(QWidget):
         # new data, even of the same shape: the stored result (fields, Re-align's base) is
         # for the old data and must not be saved or mixed with the new
         stale = self.results.pop(name, None) is not None
+        self._undo.pop(name, None)
         if self._job is not None and self._job.get("source") == name:
             self._job["stale"] = "changed"
             stale = True
@@ -437,8 +449,8 @@ class AlignWidget(QWidget):
         return self._job is not None
 
     def _set_running(self, running: bool) -> None:
-        for w in (self.align_btn, self.preview_btn, self.realign_btn, self.train_btn,
-                  self.form, self.layer_combo, self.save_btn, self.train_steps):
+        for w in (self.align_btn, self.preview_btn, self.realign_btn, self.undo_btn,
+                  self.train_btn, self.form, self.layer_combo, self.save_btn, self.train_steps):
             w.setEnabled(not running)
         self.cancel_btn.setEnabled(running)
         if not running:
@@ -451,6 +463,12 @@ class AlignWidget(QWidget):
         has_result = layer is not None and self._result_for(layer) is not None
         self.realign_btn.setEnabled(has_result)
         self.save_btn.setEnabled(has_result)
+        undo = self._undo.get(layer.name) if has_result else None
+        can_undo = undo is not None and undo["after"] is self.results.get(layer.name)
+        self.undo_btn.setEnabled(can_undo)
+        self.undo_btn.setToolTip(self._undo_tip + (
+            f"\n\nUndoes the Re-align of section {undo['z']}." if can_undo else
+            "\n\nDisabled: no Re-align of this layer to undo."))
         why = ""  # Qt shows a disabled button's tooltip: say why it is disabled
         if layer is not None and not has_result:
             shown = L.find_result_layer(self.viewer, layer.name, L.ROLE_DISPLACEMENT)
@@ -705,33 +723,50 @@ class AlignWidget(QWidget):
 
     def _snapshot(self, job: dict[str, Any], roles: tuple[str, ...]) -> None:
         """Remember the result layers' state so a cancelled run can put it back."""
+        job["snapshots"].extend(self._layer_states(job["source"], roles))
+
+    def _layer_states(self, source: str, roles: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
+        states = []
         for role in roles:
-            layer = L.find_result_layer(self.viewer, job["source"], role)
+            layer = L.find_result_layer(self.viewer, source, role)
             state = None
             if layer is not None:
                 # a copy: napari's metadata setter empties the dict it is given back, and
                 # streaming updates the nested entry in place
                 state = {"data": layer.data, "metadata": _copy_dicts(layer.metadata)}
                 if L.layer_kind(layer) == "vectors":
-                    state.update(features=layer.features.copy(), length=layer.length)
-            job["snapshots"].append((role, layer, state))
+                    state.update(features=layer.features.copy(), length=layer.length,
+                                 edge_contrast_limits=tuple(layer.edge_contrast_limits))
+                else:
+                    state["contrast_limits"] = list(layer.contrast_limits)
+            states.append((role, layer, state))
+        return states
 
     def _rollback(self, job: dict[str, Any]) -> None:
+        self._restore_layers(job["source"], job.get("snapshots", []))
+        job["snapshots"] = []
+
+    def _restore_layers(self, source: str, states: list[tuple[str, Any, Any]]) -> None:
+        """Put result layers back as ``_layer_states`` found them; layers that did not exist
+        then are removed (those the user removed since stay removed)."""
         created = []
-        for role, layer, state in job.get("snapshots", []):
-            current = L.find_result_layer(self.viewer, job["source"], role)
+        for role, layer, state in states:
+            current = L.find_result_layer(self.viewer, source, role)
             if state is None:
-                if current is not None:  # created by this run: remove the partial layer
+                if current is not None:  # created since: remove it
                     created.append(current)
                 continue
-            if layer is not None and layer in self.viewer.layers:
-                layer.data = state["data"]
-                if "features" in state:
-                    layer.features = state["features"]
-                    layer.length = state["length"]
-                    layer.edge_color = "magnitude"
-                layer.metadata = state["metadata"]
-        job["snapshots"] = []
+            if layer is None or layer not in self.viewer.layers:
+                continue
+            layer.data = state["data"]
+            if "features" in state:
+                layer.features = state["features"]
+                layer.length = state["length"]
+                layer.edge_color = "magnitude"
+                layer.edge_contrast_limits = state["edge_contrast_limits"]
+            else:
+                layer.contrast_limits = state["contrast_limits"]
+            layer.metadata = _copy_dicts(state["metadata"])
         for layer in created:
             L.remove_layer(self.viewer, layer)
 
@@ -828,6 +863,7 @@ class AlignWidget(QWidget):
     def _finish_align(self, job: dict[str, Any], outcome: jobs.AlignOutcome) -> None:
         res = outcome.result
         source = job["source"]
+        self._undo.pop(source, None)  # its layers are replaced: nothing left to go back to
         self._show_layers(
             source, transform=job["transform"], aligned=res.aligned, valid=res.valid,
             displacement=res.displacement,
@@ -873,6 +909,11 @@ class AlignWidget(QWidget):
             extra.update(timings=dict(out.result.timings), device=out.result.device)
             extra["section_params"] = {str(k): p.to_dict()
                                        for k, p in sorted(out.result.section_params.items())}
+        keep = commit and not job.get("stale")
+        if keep:
+            undo = {"before": self.results.get(source), "after": out.result, "z": out.z,
+                    "states": self._layer_states(source, (L.ROLE_ALIGNED, L.ROLE_DISPLACEMENT,
+                                                          L.ROLE_NCC_ERROR))}
         self._show_layers(
             source, transform=job["transform"], aligned=out.aligned, valid=out.valid,
             displacement=out.displacement,
@@ -880,8 +921,9 @@ class AlignWidget(QWidget):
             meta_kw={"ncc_before": out.ncc_before, "ncc_after": out.ncc_after,
                      "flags": out.flags, "params": params, "state": state,
                      "complete": out.result is not None, "extra": extra})
-        if commit and not job.get("stale"):
+        if keep:
             self.results[source] = out.result
+            self._undo[source] = undo
         self._update_plot()
         sec = out.section
         b = getattr(sec, "ncc_before", float("nan"))
@@ -892,8 +934,33 @@ class AlignWidget(QWidget):
                             + (f" {self._stale_text(job, source)} meanwhile: not kept."
                                if job.get("stale") else "")
                             + (" The NCC went down; the section is kept as re-aligned: "
-                               "re-align it with other parameters, or press Align."
-                               if commit and not job.get("stale") and a < b else ""))
+                               "press Undo to go back, or re-align it with other parameters."
+                               if keep and a < b else ""))
+
+    def undo_realign(self) -> None:
+        """Put back the result and layers from before the last Re-align of the selected
+        layer (the Undo button; one level)."""
+        if self.running:
+            return
+        layer = self.selected_layer()
+        undo = self._undo.get(layer.name) if layer is not None else None
+        if undo is None or undo["after"] is not self.results.get(layer.name):
+            self._refuse("Undo", "there is no Re-align of this layer to undo.")
+            return
+        source, z = layer.name, undo["z"]
+        del self._undo[source]
+        self._restore_layers(source, undo["states"])
+        if undo["before"] is None:
+            self.results.pop(source, None)
+        else:
+            self.results[source] = undo["before"]
+        self._update_plot()
+        self._update_buttons()
+        self._select(source)
+        back, gone = (float(r.ncc_after[z]) if r is not None else float("nan")
+                      for r in (undo["before"], undo["after"]))
+        self.status.setText(f"Undid the Re-align of section {z}: its NCC with neighbours is "
+                            f"{back:.3f} again ({gone:.3f} after the Re-align).")
 
     def _arrow_text(self, source: str) -> str:
         """How to read the arrows (their scale and colours are otherwise only in the layer's

@@ -286,6 +286,50 @@ def test_preview_then_realign(qtbot, viewer_widget, stack, tmp_path):
     assert "changed" in widget.status.text()
 
 
+def test_undo_puts_back_the_result_from_before_a_realign(qtbot, viewer_widget, stack,
+                                                        tmp_path):
+    viewer, widget = viewer_widget
+    viewer.add_image(stack, name="em")
+    set_fast(widget)
+    assert not widget.undo_btn.isEnabled()
+    assert run_and_wait(qtbot, widget, widget.align) == "done"
+    full = widget.results["em"]
+    shown = {role: np.array(L.find_result_layer(viewer, "em", role).data)
+             for role in (L.ROLE_ALIGNED, L.ROLE_DISPLACEMENT, L.ROLE_NCC_ERROR)}
+    ncc_meta = list(viewer.layers["em aligned"].metadata[L.META_KEY]["ncc_after"])
+    assert not widget.undo_btn.isEnabled()  # a full run is not undone: Align again
+    viewer.dims.set_current_step(0, 2)
+    widget.form.set_value("grid_spacing", 16)
+    widget.form.set_value("smoothness", 0.0)
+    assert run_and_wait(qtbot, widget, widget.realign) == "done", error_messages()
+    assert widget.results["em"] is not full
+    assert not np.array_equal(widget.results["em"].displacement[2], full.displacement[2])
+    assert widget.undo_btn.isEnabled() and "section 2" in widget.undo_btn.toolTip()
+
+    widget.undo_btn.click()
+    assert widget.results["em"] is full
+    for role, data in shown.items():
+        np.testing.assert_array_equal(L.find_result_layer(viewer, "em", role).data, data)
+    assert viewer.layers["em aligned"].metadata[L.META_KEY]["ncc_after"] == ncc_meta
+    assert "section_params" not in viewer.layers["em aligned"].metadata[L.META_KEY]
+    np.testing.assert_array_equal(widget.plot.after, np.array(full.ncc_after, float))
+    assert "Undid the Re-align of section 2" in widget.status.text()
+    saved = np.load(widget.save_fields(tmp_path / "f.npz"))
+    np.testing.assert_array_equal(saved["displacement"], full.displacement)
+    assert not widget.undo_btn.isEnabled()  # one level
+    widget.undo_realign()
+    assert widget.results["em"] is full and "no Re-align" in widget.status.text()
+
+    # a full run after a Re-align leaves nothing to undo; so does new data
+    assert run_and_wait(qtbot, widget, widget.realign) == "done", error_messages()
+    assert widget.undo_btn.isEnabled()
+    assert run_and_wait(qtbot, widget, widget.align) == "done"
+    assert not widget.undo_btn.isEnabled()
+    assert run_and_wait(qtbot, widget, widget.realign) == "done", error_messages()
+    viewer.layers["em"].data = stack[::-1].copy()
+    assert not widget.undo_btn.isEnabled() and "em" not in widget._undo
+
+
 def test_cancel_stops_quickly_and_restores(qtbot, viewer_widget):
     viewer, widget = viewer_widget
     big = make_stack(z=6, size=160, seed=1)
