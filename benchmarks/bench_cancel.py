@@ -94,6 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_arg(ap)
     args = ap.parse_args()
+    machine = machine_info()  # before the runs: their load average is the machine's
     rows = []
     for label, (name, z, size) in CASES.items():
         stack = make_stack(args.data, name, z, size)
@@ -104,7 +105,7 @@ def main() -> None:
         print(f"| {label} | " + ", ".join(f"{k} {v:.2f}" for k, v in gaps.items()) + " | "
               + ", ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in delays.items())
               + " |", flush=True)
-    finish("cancel_cpu.json", {"machine": machine_info(), "rows": rows})
+    finish("cancel_cpu.json", {"machine": machine, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--out", default="chain_isbi.json")
     args = ap.parse_args()
+    machine = machine_info()  # before the runs: their load average is the machine's
     full = load_stack(args.data, ISBI)[:8]
     stranger = tifffile.imread(args.data / VNC, key=5)[300:556, 300:556]  # another animal
     rows = []
@@ -79,7 +80,7 @@ def main() -> None:
                          "flags": list(r.flags), "off_by_10px": off, "off_unflagged": silent})
             print(f"seed {seed} {name:9s} {rows[-1]['per_section']} flags {r.flags} "
                   f"off>10px {off} unflagged {silent}", flush=True)
-    finish(args.out, {"code": code_version(), "machine": machine_info(), "rows": rows})
+    finish(args.out, {"code": code_version(), "machine": machine, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from common import (
     code_version,
     evaluate,
     load_stack,
+    machine_info,
     make_case,
     run_ours,
 )
@@ -112,6 +113,7 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=None,
                     help="run only the cases whose name contains one of these words")
     args = ap.parse_args()
+    machine = machine_info()  # before the runs: their load average is the machine's
     full = load_stack(args.data, ISBI)[:args.sections]
     rows = []
     for seed in args.seeds:
@@ -167,8 +169,8 @@ def main() -> None:
               f"{b['median']:.2f} / {b['p95']:.2f} | {max(b['per_section']):.1f} | "
               f"{a['adjacent_ncc']:.3f} / {b['adjacent_ncc']:.3f} | {flags} |")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / args.out).write_text(json.dumps({"code": code_version(), "rows": rows}, indent=1,
-                                               default=float))
+    payload = {"code": code_version(), "machine": machine, "rows": rows}
+    (RESULTS / args.out).write_text(json.dumps(payload, indent=1, default=float))
 
 
 if __name__ == "__main__":

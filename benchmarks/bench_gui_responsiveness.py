@@ -31,6 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="Align presses without scrolling")
     args = ap.parse_args()
+    load_before = os.getloadavg()
     os.environ["NAPARI_CONFIG"] = str(Path(tempfile.mkdtemp()) / "settings.yaml")
     import napari
     from napari.settings import get_settings
@@ -129,6 +130,7 @@ def main() -> None:
         "scrolling_align_wall_s": round(wall, 2),
         "tick_gap_ms": {"median": float(np.median(gaps)), "p99": float(np.percentile(gaps, 99)),
                         "max": float(gaps.max()), "n": int(gaps.size)},
+        "load_avg_before": [round(x, 2) for x in load_before],
         "load_avg_after": [round(x, 2) for x in load],
     }
     viewer.close()

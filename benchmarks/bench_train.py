@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    machine = machine_info()  # before the run: its load average is the machine's, not ours
     stack = load_sample(misaligned=False)
     stamps: list[tuple[int, float]] = []
     t0 = time.perf_counter()
@@ -49,7 +50,7 @@ def main() -> None:
     print(f"{args.steps} steps on {args.device}: {total:.1f} s in all, {per_step * 1000:.0f} ms "
           f"per step ({1 / per_step:.1f} steps/s); the default {TRAIN_STEPS} steps: about "
           f"{per_step * TRAIN_STEPS:.0f} s; final loss {row['final_loss']}")
-    finish(f"train_{args.device}.json", {"machine": machine_info(), "row": row})
+    finish(f"train_{args.device}.json", {"machine": machine, "row": row})
 
 
 if __name__ == "__main__":

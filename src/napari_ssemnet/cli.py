@@ -1510,8 +1510,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Align the shipped sample (8 sections of real EM with a known "
                          "misalignment) instead of INPUT.")
     al.add_argument("--params", metavar="PARAMS.json",
-                    help="Load parameters from a JSON file (or the params of a fields .npz); "
-                         "options given on the command line override them.")
+                    help="Load parameters from a JSON file: a params file, a --summary-json "
+                         "file, or the params of a fields .npz; options given on the command "
+                         "line override them.")
     al.add_argument("--output-dtype", choices=["input", "float32"], default="input",
                     help="Data type of the aligned TIFF: that of the input (rounded) or "
                          "float32. (default: input)")

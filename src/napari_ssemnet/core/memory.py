@@ -21,7 +21,7 @@ from .errors import MemoryLimitError
 # 90 bytes per input pixel of the stack plus about 320 MB that does not depend on the size
 # (8 x 256^2 to 16 x 1024^2). Rounded so that the estimate is at or above those measurements
 # (all but 4 x 1024^2 at binning 2, which it misses by 2 %). A few sections of 512^2 need
-# more than it says: 4 x 512^2 took 482-505 MB against 410 (benchmarks/results/
+# more than it says: 4 x 512^2 took 432-505 MB against 410 (benchmarks/results/
 # memory_cpu_small.json), about 100 MB that no machine this runs on would miss.
 PEAK_BYTES_PER_PIXEL = 90
 PEAK_BYTES_FIXED = 320 * 2**20

@@ -83,16 +83,16 @@ class AlignParams:
     levels: int = _knob(
         4, "Pyramid levels (coarse to fine). Each level halves the resolution of the one "
            "above; levels under 32 px are skipped. Fewer levels spend more iterations at "
-           "full resolution (2: about 1.7x slower); 4 was the best trade of consistency and "
-           "speed on real ssTEM.",
+           "full resolution (2: about 1.5-2x slower than 4); 4 was the best trade of "
+           "consistency and speed on real ssTEM.",
         minimum=1, maximum=6, label="pyramid levels")
     fit_binning: int = _knob(
         1, "Fit the deformation on sections binned by this factor, then apply it at full "
            "resolution. For large sections (2048 px and up) 2 or 4 fit on 4x or 16x fewer "
-           "pixels (measured at 8 x 2048^2: 4.6x or 9.7x less time; a whole 16 x 1024^2 "
-           "run added 2.3x or 3.1x less memory); detail finer than that many pixels is no "
-           "longer fitted "
-           "(the grid spacing stays as set). 1 fits at full resolution.",
+           "pixels (measured at 8 x 2048^2: 4.6x or about 10x less time; a whole "
+           "16 x 1024^2 run added 2.3x or about 3x less memory); detail finer than that "
+           "many pixels is no longer fitted (the grid spacing stays as set). 1 fits at full "
+           "resolution.",
         minimum=1, maximum=8, label="fit binning", advanced=True)
     block_size: int = _knob(
         0, "Align at most this many sections at a time instead of the whole stack in one "
