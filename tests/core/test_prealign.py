@@ -133,22 +133,39 @@ def test_a_torn_section_does_not_throw_off_the_sections_after_it():
     e = random_misalignment(stack.shape, rotation_deg=4, shift_frac=0.06, scale=0.0,
                             shear=0.0, elastic_px=0, seed=0)
     mis = apply_misalignment(stack, e)
+    torn = mis.copy()
     yy, xx = np.mgrid[:320, :320].astype(float)
     ang = np.degrees(np.arctan2(yy, xx - 320))
-    mis[3][(ang > 110) & (ang < 140)] = 0  # torn from a corner
-    norm, blank, fill = metrics.normalise_stack(mis, fill=True)
-    assert fill is not None and fill[3].mean() > 0.3 and not fill[[0, 1, 2, 4]].any()
-    mats, conf = run_generator(prealign.prealign_stack(
-        norm, blank, reference=0, kind="rigid", max_rotation=12, device="cpu"), None)
-    q = np.array([160.0, 160.0])  # the centre: where it lands, and where it should
-    errors = []
-    for z in range(4, 8):
-        est = mats[z][:2, :2] @ q + mats[z][:2, 2]
-        iy, ix = (int(round(v)) for v in est)
-        errors.append(float(np.hypot(*(est + e[z][:, iy, ix] - q))))
-    print("centre error of sections 4-7 (px)", np.round(errors, 1), "confidence", conf)
-    assert max(errors) < 20.0, errors  # measured 50-52 px before the fix
-
+    torn[3][(ang > 110) & (ang < 140)] = 0  # torn from a corner
+    placed = {}
+    for name, data in (("untouched", stack), ("intact", mis), ("torn", torn)):
+        norm, blank, fill = metrics.normalise_stack(data, fill=True)
+        if name == "torn":
+            assert fill is not None and fill[3].mean() > 0.3 and not fill[[0, 1, 2, 4]].any()
+        placed[name], _ = run_generator(prealign.prealign_stack(
+            norm, blank, reference=0, kind="rigid", max_rotation=12, device="cpu"), None)
+    # the nominal truth holds the ISBI neighbours' own motion (the untouched chain moves
+    # section 7 by 13 px), so the score is consistency: where each run puts a point of the
+    # untouched section z, against the run on the untouched stack
+    points = np.array([[160.0, 160.0], [60, 60], [60, 260], [260, 60], [260, 260]])
+    worst = {}
+    for name in ("intact", "torn"):
+        errs = []
+        for z in range(4, 8):
+            for q in points:
+                m, u = placed[name][z], placed["untouched"][z]
+                est = m[:2, :2] @ q + m[:2, 2]
+                iy, ix = (int(round(v)) for v in np.clip(est, 0, 319))
+                errs.append(float(np.hypot(*(est + e[z][:, iy, ix] - (u[:2, :2] @ q + u[:2, 2])))))
+        worst[name] = max(errs)
+    print("sections 4-7, worst inconsistency (px)", worst)
+    # measured: intact 4.0 px, torn 10.8 px (the torn section's own match to section 4 is
+    # not confident, so section 4 is placed on section 2 across it, as across a blank
+    # section: ISBI sections 2 and 4 disagree with the chain through 3 by about 10 px);
+    # 50-52 px at the centre before the fix. A pre-alignment that does nothing: 12.6 px in
+    # both, which the intact bound catches.
+    assert worst["intact"] < 6.0, worst
+    assert worst["torn"] < 15.0, worst
 
 
 def test_every_section_placed_through_a_doubtful_match_is_reported_doubtful():
