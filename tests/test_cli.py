@@ -1554,7 +1554,7 @@ def test_a_stopped_runs_differences_read_as_a_list():
 
 
 def test_weights_are_stored_as_absolute_paths_and_need_custom_features(tiny_tif, tmp_path,
-                                                                       monkeypatch):
+                                                                       monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = cli.build_parser().parse_args(["align", str(tiny_tif), "-o", "o.tif",
                                           "--features", "custom", "--weights", "w.pt"])
@@ -1562,6 +1562,7 @@ def test_weights_are_stored_as_absolute_paths_and_need_custom_features(tiny_tif,
     # ignored before, yet stored with the fields as if it had been used
     code = cli.main(["align", str(tiny_tif), "-o", "o.tif", "--weights", "w.pt", *TINY])
     assert code == cli.EXIT_ERROR and not (tmp_path / "o.tif").exists()
+    assert "--weights is used only with --features custom" in capsys.readouterr().err
 
 
 def test_the_output_must_be_named_as_a_tiff(tiny_tif, tmp_path, capsys):
@@ -1572,6 +1573,8 @@ def test_the_output_must_be_named_as_a_tiff(tiny_tif, tmp_path, capsys):
 
 
 def test_python_m_runs_the_command_line():
+    from napari_ssemnet import __version__
+
     res = subprocess.run([sys.executable, "-m", "napari_ssemnet", "--version"],
                          capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and res.stdout.strip()
+    assert res.returncode == 0 and res.stdout.strip() == f"napari-ssemnet {__version__}"

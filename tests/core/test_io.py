@@ -403,6 +403,12 @@ def test_apply_displacement_nearest_keeps_labels(dtype, big):
     assert out.dtype == dtype
     assert set(np.unique(out).tolist()) <= {0, 7, big}
     assert (out == big).sum() > 100
+    # an integer shift moves every label exactly; what comes from outside is 0
+    shift = np.zeros((2, 2, 40, 40), np.float32)
+    shift[:, 0], shift[:, 1] = 2.0, -3.0  # out(y, x) = labels(y + 2, x - 3)
+    moved = apply_displacement(labels, shift, order=0)
+    np.testing.assert_array_equal(moved[:, :-2, 3:], labels[:, 2:, :-3])
+    assert not moved[:, -2:].any() and not moved[:, :, :3].any()
 
 
 def test_apply_displacement_shape_mismatch():

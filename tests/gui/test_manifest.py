@@ -36,3 +36,7 @@ def test_sample_data(make_napari_viewer):
     assert len(layers) == 1
     data = np.asarray(layers[0].data)
     assert data.ndim == 3 and data.shape[0] >= 2 and data.dtype == np.uint8
+    from napari_ssemnet.core.sample import load_sample
+
+    np.testing.assert_array_equal(data, load_sample(misaligned=True))
+    assert not np.array_equal(data, load_sample(misaligned=False))

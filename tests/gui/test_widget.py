@@ -122,6 +122,10 @@ def test_align_makes_three_layers(qtbot, viewer_widget, stack):
     assert aligned.data.dtype == np.uint8  # the source's type, as the CLI writes it
     assert err.data.shape == (z, h, w)
     assert err.colormap.name == "magma"
+    res = widget.results["em"]
+    np.testing.assert_allclose(err.data, L.local_ncc_error(res.aligned, res.valid,
+                                                           flags=res.flags), atol=1e-6)
+    assert err.data.max() > 0.1  # real neighbours never match everywhere
     assert disp.data.ndim == 3 and disp.data.shape[1:] == (2, 3)
     # every section has its own arrows, on its own slice
     assert sorted(np.unique(disp.data[:, 0, 0]).astype(int)) == list(range(z))
@@ -229,6 +233,7 @@ def test_preview_then_realign(qtbot, viewer_widget, stack, tmp_path):
 
     assert run_and_wait(qtbot, widget, widget.align) == "done"
     full = widget.results["em"].aligned.copy()
+    full_disp = widget.results["em"].displacement.copy()
     input_ncc = np.array(widget.results["em"].ncc_before, float)
     assert widget.realign_btn.isEnabled()
     viewer.dims.set_current_step(0, 1)
@@ -236,6 +241,9 @@ def test_preview_then_realign(qtbot, viewer_widget, stack, tmp_path):
     assert run_and_wait(qtbot, widget, widget.realign) == "done", error_messages()
     res = widget.results["em"]
     np.testing.assert_array_equal(res.aligned[3], full[3])  # other sections kept
+    assert np.abs(res.displacement[1] - full_disp[1]).max() > 0.05  # and section 1 is new
+    np.testing.assert_array_equal(viewer.layers["em displacement"].metadata[L.META_KEY]
+                                  ["displacement"][1], res.displacement[1])
     # "before" is still the input's NCC: it took the previous result's, and the plot's
     # grey curve jumped up to the orange one
     np.testing.assert_array_equal(np.array(res.ncc_before, float), input_ncc)
