@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from napari_ssemnet import __version__, cli
 from napari_ssemnet.core.errors import SsemnetError
@@ -709,6 +710,38 @@ def test_a_restaged_input_still_resumes_and_other_options_never_discard_blocks(
     assert cli.main(["align", str(restaged), "-o", str(out), *opts, "--resume"]) == 0
     assert "resuming at block 2 of 2" in capsys.readouterr().out
     np.testing.assert_array_equal(read_stack(out), read_stack(full))
+
+
+def test_a_resumed_run_sees_every_byte_of_the_input_and_the_weights(tmp_path):
+    # a digest of 16 sampled chunks let a resume take an input with 3000 pixels changed
+    # between them, and other weights under the same file name went unnoticed
+    import argparse
+
+    from napari_ssemnet.core.features import CAE, save_weights
+    from napari_ssemnet.core.params import AlignParams
+
+    data = np.random.default_rng(0).integers(0, 255, (8, 512, 512), np.uint8)
+    path = tmp_path / "in.tif"
+    write_stack(path, data)
+    assert path.stat().st_size > 16 * 65536  # the old sampling did not read all of it
+    weights = tmp_path / "w.pt"
+    torch.manual_seed(0)
+    save_weights(CAE(), weights)
+    args = argparse.Namespace(sample=False, input=str(path))
+    params = AlignParams(features="custom", weights=str(weights))
+
+    def ident() -> str:
+        return cli._run_identity(args, params, data.shape, np.dtype(np.uint8))
+
+    first = ident()
+    assert ident() == first
+    data[2, 200:210, 300:600] ^= 1  # 3000 pixels between the old sample points
+    write_stack(path, data)
+    changed = ident()
+    assert changed != first and "input's content changed" in cli._what_changed(first, changed)
+    torch.manual_seed(1)
+    save_weights(CAE(), weights)  # other weights, same name
+    assert "other weights" in cli._what_changed(changed, ident())
 
 
 def test_a_second_blockwise_run_on_the_same_output_is_refused(tiny_tif, tmp_path, capsys):

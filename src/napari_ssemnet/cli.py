@@ -1137,32 +1137,32 @@ def _link_lock(out_path: Path, lock: Path) -> Iterator[None]:
 def _run_identity(args: argparse.Namespace, params: AlignParams, shape: tuple[int, ...],
                   dtype: np.dtype) -> str:
     """What a resumed run must share with the one that stopped (JSON). The input counts by
-    its content (sizes and a digest of sampled bytes), not its path or time: a job that
-    copies its input to scratch again before it is requeued can still resume."""
+    its content (sizes and a digest of every byte), not its path or time: a job that
+    copies its input to scratch again before it is requeued can still resume. So do custom
+    weights: the same file name with other weights in it is another run."""
     src: Any = "sample"
     if not args.sample:
         path = Path(args.input)
         # a folder's sections only: a notes file or .DS_Store beside them does not count
         files = section_files(path) if path.is_dir() else [path]
-        samples = 4 if path.is_dir() else 16  # a folder may hold thousands of sections
-        src = [[f.name if path.is_dir() else "", f.stat().st_size,
-                _sampled_digest(f, samples)] for f in files if f.is_file()]
-    return json.dumps({"params": params.to_dict(), "input": src, "shape": list(shape),
-                       "dtype": str(dtype)}, sort_keys=True)
+        src = [[f.name if path.is_dir() else "", f.stat().st_size, file_digest(f)]
+               for f in files if f.is_file()]
+    ident = {"params": params.to_dict(), "input": src, "shape": list(shape),
+             "dtype": str(dtype)}
+    if params.features == "custom" and Path(params.weights).is_file():
+        ident["weights"] = file_digest(Path(params.weights))
+    return json.dumps(ident, sort_keys=True)
 
 
-def _sampled_digest(path: Path, samples: int = 16, chunk: int = 65536) -> str:
-    """SHA-256 of ``samples`` chunks spread over a file (all of it when it is small)."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
+def file_digest(path: Path, chunk: int = 8 << 20) -> str:
+    """BLAKE2b of a whole file (32 hex digits). A sample of its bytes let a resumed run take
+    an input with 3000 pixels changed between the samples; all of it takes 1.4 s per GB on
+    the 2-core dev box (file in the page cache)."""
+    h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as fh:
-        if size <= samples * chunk:
-            h.update(fh.read())
-        else:
-            for i in range(samples):
-                fh.seek((size - chunk) * i // (samples - 1))
-                h.update(fh.read(chunk))
-    return h.hexdigest()[:32]
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _what_changed(old: str | None, new: str) -> str:
@@ -1179,6 +1179,8 @@ def _what_changed(old: str | None, new: str) -> str:
                      "other parameters")
     if a.get("input") != b.get("input"):
         parts.append("another input (or the input's content changed since)")
+    if a.get("weights") != b.get("weights"):
+        parts.append("other weights in the weights file")
     if a.get("dtype") != b.get("dtype") or a.get("shape") != b.get("shape"):
         parts.append("another output type or shape")
     if len(parts) > 1:
