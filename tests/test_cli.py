@@ -87,6 +87,11 @@ def test_align_writes_tiff_and_fields(tiny_tif, tmp_path, capsys):
     _, _, extra = load_fields(fields, with_extra=True)
     assert extra["flags"].shape == (4,) and extra["ncc_after"].shape == (4,)
     assert str(extra["version"]) == __version__ and str(extra["device_used"]) == "cpu"
+    env = json.loads(str(extra["environment"]))  # what a methods section needs
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads()
+    assert env["napari_ssemnet"] == __version__ and env["device"] == "cpu"
+    assert env["command"][:3] == ["napari-ssemnet", "align", str(tiny_tif)]
+    assert "weights_digest" not in env  # the shipped or pixel features: nothing to digest
     text = capsys.readouterr().out
     assert "mean adjacent NCC" in text and "stages: prepare" in text
     assert "reading and writing included" in text.splitlines()[-1]
@@ -104,6 +109,9 @@ def test_summary_json_for_pipelines(tiny_tif, tmp_path, capsys):
         assert data["params"]["iterations"] == 5 and len(data["flags"]) == 4
         assert len(data["ncc_after"]) == 4 and data["wall_seconds"] > 0
         assert data["blocks"] == (2 if extra else None)
+        assert data["output_dtype"] == "input" and data["resumed"] is False
+        assert data["environment"]["torch_threads"] == torch.get_num_threads()
+        assert data["environment"]["date"].endswith("Z")
     assert sorted(p.name for p in summary.parent.iterdir()) == ["run.json"]
     # the summary gives the run's parameters back (it was refused: 15 unknown "parameters")
     assert cli.load_params_file(summary) == AlignParams.from_dict(data["params"])
@@ -310,9 +318,14 @@ def test_train_features_writes_loadable_weights(tiny_tif, tmp_path, capsys):
     assert "tiny.tif sha256:" in model.info["inputs"]
     assert model.info["steps"] == "3"
     # and it can be used for alignment straight away
-    code = cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "o.tif"),
-                     *TINY[:4], "--features", "custom", "--weights", str(out), "-q"])
+    fields = tmp_path / "o.npz"
+    code = cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "o.tif"), "--fields",
+                     str(fields), *TINY[:4], "--features", "custom", "--weights", str(out),
+                     "-q"])
     assert code == 0
+    # the path alone says nothing once the file is overwritten: its content is recorded
+    env = json.loads(str(load_fields(fields, with_extra=True)[2]["environment"]))
+    assert env["weights_digest"] == cli.file_digest(out)
     # a folder of sections trains too (its digest covers the section files)
     folder = tmp_path / "sections"
     folder.mkdir()

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
 import time
@@ -871,7 +872,8 @@ class AlignWidget(QWidget):
             meta_kw={"ncc_before": res.ncc_before, "ncc_after": res.ncc_after,
                      "flags": res.flags, "params": res.params.to_dict(),
                      "extra": {"timings": dict(res.timings), "device": res.device,
-                               "source_dtype": job["dtype"]}})
+                               "source_dtype": job["dtype"],
+                               "environment": dict(res.environment)}})
         if not job.get("stale"):
             self.results[source] = res
         self._update_plot()
@@ -906,7 +908,8 @@ class AlignWidget(QWidget):
         params = out.params.to_dict()
         if commit:  # the run's parameters, and those of its re-aligned sections
             params = out.result.params.to_dict()
-            extra.update(timings=dict(out.result.timings), device=out.result.device)
+            extra.update(timings=dict(out.result.timings), device=out.result.device,
+                         environment=dict(out.result.environment))
             extra["section_params"] = {str(k): p.to_dict()
                                        for k, p in sorted(out.result.section_params.items())}
         keep = commit and not job.get("stale")
@@ -1006,7 +1009,9 @@ class AlignWidget(QWidget):
         try:
             return save_fields(path, result.displacement, params=result.params,
                                flags=result.flags,
-                               section_params=result.section_params_json())
+                               section_params=result.section_params_json(),
+                               environment=json.dumps(result.environment)
+                               if result.environment else None)
         except (OSError, SsemnetError, ValueError) as exc:
             show_error(f"Could not save fields to {path}: {exc}")
             return None

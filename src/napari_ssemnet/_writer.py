@@ -17,7 +17,8 @@ from .core.errors import SsemnetError
 
 
 def save_fields(path: str | Path, displacement: np.ndarray, params: Any = None,
-                flags: list[str] | None = None, section_params: str = "") -> str:
+                flags: list[str] | None = None, section_params: str = "",
+                environment: str | None = None) -> str:
     """Write a displacement field (Z, 2, H, W) to an ``.npz`` (key ``displacement``).
 
     Parameters
@@ -30,6 +31,9 @@ def save_fields(path: str | Path, displacement: np.ndarray, params: Any = None,
     section_params : str
         JSON of the sections re-aligned with their own parameters
         (``AlignmentResult.section_params_json()``); stored under that key when not empty.
+    environment : str, optional
+        JSON of the run's ``AlignmentResult.environment`` (versions, threads, device, date);
+        stored under that key when given.
 
     Returns
     -------
@@ -39,6 +43,8 @@ def save_fields(path: str | Path, displacement: np.ndarray, params: Any = None,
     from .core import io
 
     extra = {"section_params": np.array(section_params)} if section_params else {}
+    if environment:
+        extra["environment"] = np.array(environment)
     return str(io.save_fields(path, displacement, params=params, flags=flags, **extra))
 
 
@@ -137,9 +143,11 @@ def write_fields(path: str, data: Any, meta: dict) -> list[str]:
                          "Align, then save.")
     sections = entry.get("section_params") or {}
     try:
+        env = entry.get("environment")
         path = save_fields(path, disp, params=entry.get("params") or None,
                            flags=entry.get("flags"),
-                           section_params=json.dumps(sections) if sections else "")
+                           section_params=json.dumps(sections) if sections else "",
+                           environment=json.dumps(env) if env else None)
     except SsemnetError as exc:  # e.g. an InputError (a ValueError) for a bad name
         raise SsemnetError(str(exc)) from None
     return [path]

@@ -520,6 +520,7 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
 
 
 _STARTED = [time.monotonic()]  # when the command started (main sets it)
+_ARGV: list[str] = []  # the command's arguments (main sets them), for the records
 
 
 def _report(args: argparse.Namespace, out: TextIO, shape: tuple[int, int, int], dtype: Any,
@@ -540,7 +541,8 @@ def _report(args: argparse.Namespace, out: TextIO, shape: tuple[int, int, int], 
                              res.flags) + "\n")
     out.write(_wall_line())
     _write_summary(args, shape, dtype, res.device, params, res.timings, res.ncc_before,
-                   res.ncc_after, res.flags, out_path, fields, blocks=blocks)
+                   res.ncc_after, res.flags, out_path, fields, blocks=blocks,
+                   resumed=resumed, environment=_environment(res, params))
     return EXIT_OK
 
 
@@ -570,16 +572,31 @@ def _refuse_orphaned_blocks(out_path: Path) -> None:
             + f" in {out_path.parent}) to start over.")
 
 
-def _provenance(device: str) -> dict[str, np.ndarray]:
+def _provenance(res: Any, params: AlignParams) -> dict[str, np.ndarray]:
     """Stored with the fields: the version and the device that made them (the parameters
-    say only what was asked for, e.g. device "auto")."""
-    return {"version": np.array(__version__), "device_used": np.array(str(device))}
+    say only what was asked for, e.g. device "auto"), and the environment of the run."""
+    return {"version": np.array(__version__), "device_used": np.array(str(res.device)),
+            "environment": np.array(json.dumps(_environment(res, params)))}
+
+
+def _environment(res: Any, params: AlignParams) -> dict[str, Any]:
+    """The run's environment (:func:`core.device.run_environment`) with the command line
+    and, for custom weights, a digest of the weights file (its path alone says nothing
+    once the file is overwritten)."""
+    from .core.device import run_environment
+
+    env = dict(getattr(res, "environment", None) or run_environment(res.device))
+    env["command"] = ["napari-ssemnet", *_ARGV]
+    if params.features == "custom" and Path(params.weights).is_file():
+        env["weights_digest"] = file_digest(Path(params.weights))
+    return env
 
 
 def _write_summary(args: argparse.Namespace, shape: tuple[int, int, int], dtype: Any,
                    device: str, params: AlignParams, timings: dict[str, float],
                    ncc_before: Any, ncc_after: Any, flags: list[str], output: Path,
-                   fields: Path | None, blocks: int | None = None) -> None:
+                   fields: Path | None, blocks: int | None = None,
+                   resumed: bool = False, environment: dict[str, Any] | None = None) -> None:
     """``--summary-json``: the run's figures for a pipeline (JSON; NaN written as null)."""
     if not getattr(args, "summary_json", None):
         return
@@ -598,6 +615,8 @@ def _write_summary(args: argparse.Namespace, shape: tuple[int, int, int], dtype:
         "wall_seconds": time.monotonic() - _STARTED[0],
         "ncc_before": numbers(ncc_before), "ncc_after": numbers(ncc_after),
         "flags": list(flags),
+        "output_dtype": args.output_dtype, "resumed": resumed,
+        "environment": environment,
     }
     tmp = _partial(path, "partial.json")
     try:
@@ -790,7 +809,7 @@ def _fields_writer(displacement: Any, params: AlignParams, res: Any) -> Callable
     def write(path: Path) -> None:
         save_fields(path, displacement, params=params, flags=res.flags,
                     ncc_before=res.ncc_before, ncc_after=res.ncc_after,
-                    **_provenance(res.device))
+                    **_provenance(res, params))
     return write
 
 
@@ -1575,6 +1594,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``napari-ssemnet`` console script; returns the exit code."""
     parser = build_parser()
+    _ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     if extra:  # named by the subcommand's parser, so that the hint points at its --help
         choices = parser._subparsers._group_actions[0].choices if parser._subparsers else {}

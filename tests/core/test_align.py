@@ -503,6 +503,16 @@ def test_weights_without_custom_features_are_refused_or_not_recorded():
     assert r.params.weights == "" and r.params.features == FAST.get("features", "shipped")
 
 
+def test_a_relative_weights_path_is_recorded_absolute(tmp_path, monkeypatch):
+    # stored with the fields as given, it named another file when read from elsewhere
+    from napari_ssemnet.core.align import resolve_params
+
+    monkeypatch.chdir(tmp_path)
+    p = resolve_params(AlignParams(features="custom", weights="w.pt"), {})
+    assert p.weights == str(tmp_path / "w.pt")
+    assert resolve_params(p, {}).weights == str(tmp_path / "w.pt")
+
+
 def test_align_section_takes_numpy_indices_and_refuses_what_it_cannot_use():
     stack = em(slice(0, 4), 64)
     r = align_stack(stack, reference=1, **FAST)

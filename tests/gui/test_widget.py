@@ -258,6 +258,8 @@ def test_preview_then_realign(qtbot, viewer_widget, stack, tmp_path):
     assert "Re-aligned section 1" in widget.status.text()
     saved = np.load(widget.save_fields(tmp_path / "f.npz"))
     assert json.loads(str(saved["section_params"]))["1"]["grid_spacing"] == 24
+    assert json.loads(str(saved["environment"])) == res.environment  # the run's, from Align
+    assert res.environment["torch_threads"] >= 1 and res.environment["device"] == "cpu"
     # the napari writer (File > Save Selected Layer) writes what Save fields writes
     from napari_ssemnet._writer import write_fields
 
@@ -266,6 +268,7 @@ def test_preview_then_realign(qtbot, viewer_widget, stack, tmp_path):
                                    {"metadata": vectors.metadata})[0])
     np.testing.assert_array_equal(written["displacement"], saved["displacement"])
     assert json.loads(str(written["section_params"])) == json.loads(str(saved["section_params"]))
+    assert json.loads(str(written["environment"])) == res.environment
 
     # the reference stays put: re-aligning it would move it (1.2 px in a review)
     viewer.dims.set_current_step(0, 0)

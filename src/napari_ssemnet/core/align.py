@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .device import run_environment
 from .errors import AlignmentCancelled, InputError
 from .params import AlignParams, ParameterError
 
@@ -122,6 +123,9 @@ class AlignmentResult:
     section_params : dict of int to AlignParams
         Sections aligned again on their own afterwards (the widget's Re-align section),
         with the parameters used there.
+    environment : dict
+        Versions, CPU thread count, device and date of the run
+        (:func:`core.device.run_environment`); stored with saved fields.
     """
 
     aligned: np.ndarray
@@ -134,6 +138,7 @@ class AlignmentResult:
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     section_params: dict[int, AlignParams] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
 
     def section_params_json(self) -> str:
         """``section_params`` as a JSON object keyed by section ("" when there are none)."""
@@ -330,6 +335,10 @@ def resolve_params(params: AlignParams | dict[str, Any] | None, overrides: dict[
     if out.weights and out.features != "custom":
         # stored with the results, which must not name a file that was not used
         out = out.replace(weights="")
+    elif out.weights and not os.path.isabs(out.weights):
+        # stored with the results: relative, it named another file from another folder
+        # (the command line already stored it absolute)
+        out = out.replace(weights=os.path.abspath(out.weights))
     return out
 
 
@@ -553,7 +562,8 @@ def _iter_align_stack_blocks(arr: np.ndarray, params: AlignParams, *,
     return AlignmentResult(aligned=aligned, displacement=displacement, valid=valid,
                            ncc_before=summary.ncc_before, ncc_after=summary.ncc_after,
                            flags=summary.flags, params=params, timings=summary.timings,
-                           device=summary.device)
+                           device=summary.device,
+                           environment=run_environment(summary.device))
 
 
 def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
@@ -647,7 +657,8 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     timings["total"] = time.perf_counter() - t_start
     return AlignmentResult(aligned=aligned, displacement=displacement, valid=valid,
                            ncc_before=ncc_before, ncc_after=ncc_after, flags=flags,
-                           params=params, timings=timings, device=str(device))
+                           params=params, timings=timings, device=str(device),
+                           environment=run_environment(device))
 
 
 def align_section(stack: np.ndarray, z: int, params: AlignParams | None = None, *,

@@ -48,3 +48,36 @@ def _cuda_problem() -> str:
         text = str(exc).strip().splitlines()
         return text[0] if text else type(exc).__name__
     return ""
+
+
+def run_environment(device: object | None = None) -> dict[str, object]:
+    """What a methods section (or a rerun) needs besides the parameters: versions, the CPU
+    thread count (CPU results differ in the last bits between thread counts) and the
+    device, with the date (UTC).
+
+    Returns
+    -------
+    dict
+        JSON-serialisable: ``napari_ssemnet``, ``python``, ``torch``, ``numpy``,
+        ``torch_threads``, ``platform``, ``device`` (if given) and ``date``.
+    """
+    import datetime
+    import platform
+
+    import numpy as np
+    import torch
+
+    from .. import __version__
+
+    env: dict[str, object] = {
+        "napari_ssemnet": __version__, "python": platform.python_version(),
+        "torch": torch.__version__, "numpy": np.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    if device is not None:
+        env["device"] = str(device)
+        if str(device).startswith("cuda") and torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name()
+    return env

@@ -797,7 +797,7 @@ def save_fields(path: str | os.PathLike, displacement: np.ndarray, params: Any =
     flags : list of str, optional
         One per section.
     **extra : ndarray
-        More arrays (numeric), e.g. ``ncc_before=..., ncc_after=...``.
+        More arrays (numeric or strings), e.g. ``ncc_before=..., ncc_after=...``.
 
     Returns
     -------

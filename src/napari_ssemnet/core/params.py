@@ -136,7 +136,8 @@ class AlignParams:
     seed: int = _knob(
         0, "Random seed. No step of the alignment draws random numbers at present, so the "
            "result does not depend on it: the same input and parameters on the same device "
-           "give the same result. Recorded with the parameters.",
+           "with the same number of CPU threads give the same result. Recorded with the "
+           "parameters.",
         minimum=0, maximum=2**31 - 1, advanced=True)
 
     def __post_init__(self) -> None:
