@@ -469,7 +469,8 @@ class AlignWidget(QWidget):
         self.undo_btn.setEnabled(can_undo)
         self.undo_btn.setToolTip(self._undo_tip + (
             f"\n\nUndoes the Re-align of section {undo['z']}." if can_undo else
-            "\n\nDisabled: no Re-align of this layer to undo."))
+            "\n\nDisabled: nothing to undo (Undo takes back the last Re-align only, "
+            "once; Align and new data clear it)."))
         why = ""  # Qt shows a disabled button's tooltip: say why it is disabled
         if layer is not None and not has_result:
             shown = L.find_result_layer(self.viewer, layer.name, L.ROLE_DISPLACEMENT)
@@ -768,6 +769,9 @@ class AlignWidget(QWidget):
             else:
                 layer.contrast_limits = state["contrast_limits"]
             layer.metadata = _copy_dicts(state["metadata"])
+            entry = layer.metadata.get(L.META_KEY)
+            if isinstance(entry, dict):  # the source may have been renamed since
+                entry["source"] = source
         for layer in created:
             L.remove_layer(self.viewer, layer)
 
@@ -948,7 +952,8 @@ class AlignWidget(QWidget):
         layer = self.selected_layer()
         undo = self._undo.get(layer.name) if layer is not None else None
         if undo is None or undo["after"] is not self.results.get(layer.name):
-            self._refuse("Undo", "there is no Re-align of this layer to undo.")
+            self._refuse("Undo", "there is no Re-align of this layer to undo (Undo takes "
+                                 "back the last Re-align only, once).")
             return
         source, z = layer.name, undo["z"]
         del self._undo[source]

@@ -53,7 +53,7 @@ import numpy as np
 from . import __version__
 from .core.align import ProgressRate
 from .core.errors import AlignmentCancelled, MemoryLimitError, SsemnetError
-from .core.io import SectionReader, as_dtype, fields_file_name, section_files
+from .core.io import SectionReader, as_dtype, fields_file_name, file_digest, section_files
 from .core.params import TRAIN_STEPS, AlignParams, ParameterError, knobs
 
 EXIT_OK = 0
@@ -1167,21 +1167,14 @@ def _run_identity(args: argparse.Namespace, params: AlignParams, shape: tuple[in
         src = [[f.name if path.is_dir() else "", f.stat().st_size, file_digest(f)]
                for f in files if f.is_file()]
     ident = {"params": params.to_dict(), "input": src, "shape": list(shape),
-             "dtype": str(dtype)}
+             "dtype": str(dtype), "identity": IDENTITY_VERSION}
     if params.features == "custom" and Path(params.weights).is_file():
         ident["weights"] = file_digest(Path(params.weights))
     return json.dumps(ident, sort_keys=True)
 
 
-def file_digest(path: Path, chunk: int = 8 << 20) -> str:
-    """BLAKE2b of a whole file (32 hex digits). A sample of its bytes let a resumed run take
-    an input with 3000 pixels changed between the samples; all of it takes 1.4 s per GB on
-    the 2-core dev box (file in the page cache)."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+IDENTITY_VERSION = 2
+"""Of :func:`_run_identity`'s record; 2: whole-file digests and the weights' content."""
 
 
 def _what_changed(old: str | None, new: str) -> str:
@@ -1190,6 +1183,9 @@ def _what_changed(old: str | None, new: str) -> str:
         a, b = json.loads(old or "{}"), json.loads(new)
     except ValueError:
         return "another input or other options"
+    if a.get("identity") != b.get("identity"):
+        return ("a record of its input from another napari-ssemnet version, which this one "
+                "cannot compare (resume it with that version)")
     parts = []
     if a.get("params") != b.get("params"):
         changed = sorted(k for k in set(a.get("params", {})) | set(b["params"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -511,6 +512,21 @@ def test_a_relative_weights_path_is_recorded_absolute(tmp_path, monkeypatch):
     p = resolve_params(AlignParams(features="custom", weights="w.pt"), {})
     assert p.weights == str(tmp_path / "w.pt")
     assert resolve_params(p, {}).weights == str(tmp_path / "w.pt")
+
+
+def test_the_result_records_its_environment_and_the_weights_content(tmp_path):
+    from napari_ssemnet.core.features import CAE, save_weights
+    from napari_ssemnet.core.io import file_digest
+
+    stack = em(slice(0, 2), 64)
+    r = align_stack(stack, **FAST)
+    env = r.environment
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads()
+    assert env["device"] == "cpu" and env["date"].endswith("Z") and "weights_digest" not in env
+    json.dumps(env)  # stored as JSON with the fields
+    save_weights(CAE(), tmp_path / "w.pt")
+    r = align_stack(stack, **{**FAST, "features": "custom", "weights": str(tmp_path / "w.pt")})
+    assert r.environment["weights_digest"] == file_digest(tmp_path / "w.pt")
 
 
 def test_align_section_takes_numpy_indices_and_refuses_what_it_cannot_use():

@@ -337,8 +337,19 @@ def test_undo_puts_back_the_result_from_before_a_realign(qtbot, viewer_widget, s
     assert run_and_wait(qtbot, widget, widget.align) == "done"
     assert not widget.undo_btn.isEnabled()
     assert run_and_wait(qtbot, widget, widget.realign) == "done", error_messages()
-    viewer.layers["em"].data = stack[::-1].copy()
-    assert not widget.undo_btn.isEnabled() and "em" not in widget._undo
+    # renamed after the Re-align: the restored layers stay the renamed stack's (they went
+    # back to the old name in their metadata, and the next Re-align made a second set)
+    viewer.layers["em"].name = "em2"
+    widget.undo_btn.click()
+    assert "Undid" in widget.status.text()
+    for role in (L.ROLE_ALIGNED, L.ROLE_DISPLACEMENT, L.ROLE_NCC_ERROR):
+        assert L.find_result_layer(viewer, "em2", role) is not None, role
+    assert widget.plot.after.size == stack.shape[0]
+    n_layers = len(viewer.layers)
+    assert run_and_wait(qtbot, widget, widget.realign) == "done", error_messages()
+    assert len(viewer.layers) == n_layers
+    viewer.layers["em2"].data = stack[::-1].copy()
+    assert not widget.undo_btn.isEnabled() and "em2" not in widget._undo
 
 
 def test_cancel_stops_quickly_and_restores(qtbot, viewer_widget):

@@ -342,6 +342,17 @@ def resolve_params(params: AlignParams | dict[str, Any] | None, overrides: dict[
     return out
 
 
+def _environment(params: AlignParams, device: Any) -> dict[str, Any]:
+    """:func:`core.device.run_environment`, and for custom weights a digest of the weights
+    file: its path alone says nothing once the file is overwritten."""
+    env = run_environment(device)
+    if params.features == "custom" and params.weights and os.path.isfile(params.weights):
+        from .io import file_digest
+
+        env["weights_digest"] = file_digest(params.weights)
+    return env
+
+
 def check_reference(reference: int, z_count: int) -> None:
     """Raise :class:`InputError` if ``reference`` is not a section of a ``z_count`` stack."""
     if not 0 <= reference < z_count:
@@ -563,7 +574,7 @@ def _iter_align_stack_blocks(arr: np.ndarray, params: AlignParams, *,
                            ncc_before=summary.ncc_before, ncc_after=summary.ncc_after,
                            flags=summary.flags, params=params, timings=summary.timings,
                            device=summary.device,
-                           environment=run_environment(summary.device))
+                           environment=_environment(params, summary.device))
 
 
 def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
@@ -658,7 +669,7 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     return AlignmentResult(aligned=aligned, displacement=displacement, valid=valid,
                            ncc_before=ncc_before, ncc_after=ncc_after, flags=flags,
                            params=params, timings=timings, device=str(device),
-                           environment=run_environment(device))
+                           environment=_environment(params, device))
 
 
 def align_section(stack: np.ndarray, z: int, params: AlignParams | None = None, *,

@@ -79,5 +79,5 @@ def run_environment(device: object | None = None) -> dict[str, object]:
     if device is not None:
         env["device"] = str(device)
         if str(device).startswith("cuda") and torch.cuda.is_available():
-            env["gpu"] = torch.cuda.get_device_name()
+            env["gpu"] = torch.cuda.get_device_name(torch.device(str(device)))
     return env
