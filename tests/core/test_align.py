@@ -233,14 +233,19 @@ def test_recovers_known_rigid_misalignment_of_real_em():
     assert r.flags == ["", "", "", ""]
 
 
+def _elastic_copies(size: int, elastic_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Four copies of one real section, each but the first moved by a small rotation,
+    shift and a smooth elastic field: (misaligned stack, its known fields e)."""
+    stack = np.stack([em(slice(3, 4), size)[0]] * 4)
+    e = random_misalignment(stack.shape, rotation_deg=2, shift_frac=0.02, scale=0.0,
+                            shear=0.0, elastic_px=elastic_px, seed=1)
+    return apply_misalignment(stack, e), e
+
+
 def test_the_fit_removes_elastic_motion_that_the_pre_alignment_leaves():
     # the rigid cases above are solved by the pre-alignment alone: here the deformable fit
     # must do the work (copies of one section, so the truth is exact)
-    section = em(slice(3, 4), 192)[0]
-    stack = np.stack([section] * 4)
-    e = random_misalignment(stack.shape, rotation_deg=2, shift_frac=0.02, scale=0.0,
-                            shear=0.0, elastic_px=2.5, seed=1)
-    mis = apply_misalignment(stack, e)
+    mis, e = _elastic_copies(192, elastic_px=2.5)
     kw = {"levels": 2, "iterations": 60, "grid_spacing": 32, "device": "cpu"}
     med = {}
     for name, extra in (("fit", {}), ("frozen", {"magnitude_penalty": 1e4,
@@ -323,11 +328,7 @@ def test_cuda_matches_cpu():
 def test_fit_binning_fits_on_binned_sections_and_applies_at_full_resolution():
     # copies of one section, known rotation + shift + smooth elastic field: exact truth.
     # Unregularised and run to convergence, so that the fit itself is what is measured.
-    section = em(slice(3, 4), 256)[0]
-    stack = np.stack([section] * 4)
-    e = random_misalignment(stack.shape, rotation_deg=2, shift_frac=0.02, scale=0.0,
-                            shear=0.0, elastic_px=1.5, seed=1)
-    mis = apply_misalignment(stack, e)
+    mis, e = _elastic_copies(256, elastic_px=1.5)
     r = align_stack(mis, levels=3, iterations=300, tolerance=0.0, smoothness=0.0,
                     magnitude_penalty=0.0, device="cpu", fit_binning=2)
     assert r.displacement.shape == (4, 2, 256, 256) and r.params.fit_binning == 2
