@@ -168,6 +168,38 @@ def test_a_torn_section_does_not_throw_off_the_sections_after_it():
     assert worst["torn"] < 15.0, worst
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_confident_wrong_match_to_a_torn_section_is_caught_by_the_section_two_back(seed):
+    # with the benchmark's misalignment (scale, shear, elastic) the torn section's match to
+    # the next one was wrong but confident (5.7-6.0): sections 4-7 ended 55-91 px off
+    # (a review: 80-150 px after the fit), unflagged
+    from napari_ssemnet.core.synth import random_misalignment
+
+    stack = em(slice(0, 8), 320)
+    e = random_misalignment(stack.shape, seed=seed)
+    torn = apply_misalignment(stack, e)
+    yy, xx = np.mgrid[:320, :320].astype(float)
+    ang = np.degrees(np.arctan2(yy, xx - 320))
+    torn[3][(ang > 110) & (ang < 140)] = 0
+    placed, conf = {}, None
+    for name, data in (("untouched", stack), ("torn", torn)):
+        norm, blank = metrics.normalise_stack(data)
+        placed[name], conf = run_generator(prealign.prealign_stack(
+            norm, blank, reference=0, kind="rigid", max_rotation=12, device="cpu"), None)
+    points = np.array([[160.0, 160.0], [40, 40], [40, 280], [280, 40], [280, 280]])
+    errs = []
+    for z in range(4, 8):
+        m, u = placed["torn"][z], placed["untouched"][z]
+        for q in points:
+            est = m[:2, :2] @ q + m[:2, 2]
+            iy, ix = (int(round(v)) for v in np.clip(est, 0, 319))
+            errs.append(float(np.hypot(*(est + e[z][:, iy, ix] - (u[:2, :2] @ q + u[:2, 2])))))
+    print("worst inconsistency of sections 4-7 (px)", round(max(errs), 1), "confidence", conf)
+    # measured 14.5 and 4.6 px (the intact stack: 8.0 and 8.3 px); 55 and 91 px before
+    assert max(errs) < 25.0, errs
+    assert (conf[4:] >= prealign.MIN_CONFIDENCE).all()  # placed confidently, and rightly
+
+
 def test_every_section_placed_through_a_doubtful_match_is_reported_doubtful():
     # after two lost sections only the first section past the gap was flagged; the ones
     # after it, placed confidently on it, were not, though a wrong bridge moves them all

@@ -50,6 +50,14 @@ MEMBRANE_BAND = (1.0, 8.0)  # band-pass sigmas, work px
 # than (2, 16); 4 hypotheses on every pair did not help the clean case.
 GAP_BAND = (2.0, 16.0)
 GAP_HYPOTHESES = 4
+CHECK_BELOW = 6.5
+"""A confident match to the previous section with a confidence below this is checked
+against a match to the section two back: a torn neighbour gave a wrong match at 5.7-6.0
+(clean ISBI neighbours: 6.6-9.0), which moved every later section by 80-150 px."""
+DISAGREE_FRAC = 0.1
+"""Two confident maps of a section (through its neighbour and two back) that put a corner
+further apart than this fraction of the section's side: one of them is wrong (clean ISBI
+crops: at most 4.4 %; through a torn neighbour: 24-44 %), and the one two back is taken."""
 AGREE_WORK_PX = 3.0
 """Two doubtful matches of a section (to its two anchors) whose maps put every corner of
 the section within this many work pixels of each other confirm each other."""
@@ -538,7 +546,7 @@ def prealign_stack(
             if blank[zz]:
                 mats[zz] = mats[placed[-1]]
                 continue
-            best, tried = None, []
+            best, tried, confident, passed_over = None, [], {}, None
             for cand in placed[-1:-3:-1]:
                 if should_stop is not None:
                     should_stop()
@@ -558,7 +566,18 @@ def prealign_stack(
                 if best is None or score > best[0]:
                     best = (score, tried[-1][1], c, cand)
                 if c >= MIN_CONFIDENCE:
-                    break
+                    confident[cand] = (tried[-1][1], c)
+                    checked = (cand == placed[-1] and zz - cand in (1, -1) and c < CHECK_BELOW
+                               and len(placed) > 1 and abs(zz - placed[-2]) == 2)
+                    if not checked:
+                        break
+            if len(confident) == 2:
+                (near, _), (far, c_far) = (confident[placed[-1]], confident[placed[-2]])
+                corners = np.array([[0, 0, h - 1, h - 1], [0, w - 1, 0, w - 1], [1, 1, 1, 1]],
+                                   float)
+                if float(np.abs((near - far) @ corners)[:2].max()) > DISAGREE_FRAC * max(h, w):
+                    best = (None, far, c_far, placed[-2])
+                    passed_over = placed[-1]
             _, mats[zz], own, anchor = best
             if own < MIN_CONFIDENCE and any(
                     _agree(mats[zz], other, (h, w), AGREE_WORK_PX * k)
@@ -569,6 +588,10 @@ def prealign_stack(
             # every later section is misplaced with it, though each of their own matches is
             # sound
             conf[zz] = min(own, conf[anchor])
+            if passed_over is not None:
+                # placed past its neighbour, which may be the one in the wrong place (two
+                # swapped sections): no more certain than that neighbour
+                conf[zz] = min(conf[zz], conf[passed_over])
             placed.append(zz)
     yield Progress("prealign", total, total, "pre-alignment done")
     return mats, conf
