@@ -218,3 +218,51 @@ def test_every_section_placed_through_a_doubtful_match_is_reported_doubtful():
     assert (conf[[1, 2]] >= prealign.MIN_CONFIDENCE).all() and (conf[[3, 4]] == 0).all()
     assert conf[5] < prealign.MIN_CONFIDENCE  # 150 nm across: measured 3.5
     assert (conf[6:] <= conf[5]).all()  # their own matches are confident (7.2 and 7.8)
+
+
+def _scripted_chain(monkeypatch, pairs: dict[tuple[int, int], tuple[float, float]],
+                    z_count: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """prealign_stack with estimate_pair scripted: ``pairs[(fixed, moving)] = (shift in px
+    along y, confidence)``; each map is a pure shift, so a section's placement is the sum of
+    the shifts along its chain. Returns (y shift of each section, confidence)."""
+    rng = np.random.default_rng(0)
+    norm = rng.normal(size=(z_count, 64, 64)).astype(np.float32)
+    bands = [prealign.work_images(torch.from_numpy(norm), band)[0]
+             for band in (prealign.MEMBRANE_BAND, prealign.GAP_BAND)]
+
+    def index(img: torch.Tensor) -> int:
+        return next(i for b in bands for i in range(z_count) if torch.equal(b[i], img))
+
+    def scripted(fixed, moving, **_):
+        dy, c = pairs[(index(fixed), index(moving))]
+        m = np.eye(3)
+        m[0, 2] = dy
+        return m, c
+
+    monkeypatch.setattr(prealign, "estimate_pair", scripted)
+    mats, conf = run_generator(prealign.prealign_stack(
+        norm, np.zeros(z_count, bool), reference=0, kind="rigid", max_rotation=12,
+        device="cpu"), None)
+    return mats[:, 0, 2], conf
+
+
+def test_the_two_back_check_keeps_the_neighbours_map_unless_they_disagree(monkeypatch):
+    # a review: an agreeing map two back with a higher score replaced the neighbour's, and
+    # a disagreeing one was taken even when the section two back was itself in doubt
+    good = {(z - 1, z): (2.0, 8.0) for z in range(1, 6)}
+    far = {(z - 2, z): (4.0, 8.0) for z in range(2, 6)}  # agrees with two steps of 2 px
+    # weak neighbour match, 6 px off (9 % of 64 px: they agree), strong map two back
+    shifts, conf = _scripted_chain(monkeypatch, {**good, **far, (2, 3): (8.0, 5.2),
+                                                 (1, 3): (5.0, 7.0)})
+    np.testing.assert_allclose(shifts[3], shifts[2] + 8.0)  # the neighbour's map stays
+    assert conf[3] == pytest.approx(5.2)
+    # they disagree (20 px) and the section two back is sound: the map two back is taken
+    shifts, conf = _scripted_chain(monkeypatch, {**good, **far, (2, 3): (24.0, 5.5)})
+    np.testing.assert_allclose(shifts[3], shifts[1] + 4.0)
+    assert conf[3] >= prealign.MIN_CONFIDENCE
+    # they disagree, but the section two back is in doubt: the neighbour's map stays
+    weak = {(0, 1): (30.0, 4.0), (0, 2): (4.0, 3.0)}  # section 1: doubtful, 30 px off
+    shifts, conf = _scripted_chain(monkeypatch, {**good, **far, **weak,
+                                                 (1, 3): (-26.0, 8.0), (2, 3): (2.0, 5.5)})
+    assert conf[1] < prealign.MIN_CONFIDENCE
+    np.testing.assert_allclose(shifts[3], shifts[2] + 2.0)

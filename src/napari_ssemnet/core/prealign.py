@@ -572,12 +572,16 @@ def prealign_stack(
                     if not checked:
                         break
             if len(confident) == 2:
-                (near, _), (far, c_far) = (confident[placed[-1]], confident[placed[-2]])
+                (near, c_near), (far, c_far) = confident[placed[-1]], confident[placed[-2]]
                 corners = np.array([[0, 0, h - 1, h - 1], [0, w - 1, 0, w - 1], [1, 1, 1, 1]],
                                    float)
-                if float(np.abs((near - far) @ corners)[:2].max()) > DISAGREE_FRAC * max(h, w):
+                apart = float(np.abs((near - far) @ corners)[:2].max())
+                if apart > DISAGREE_FRAC * max(h, w) and conf[placed[-2]] >= MIN_CONFIDENCE:
                     best = (None, far, c_far, placed[-2])
                     passed_over = placed[-1]
+                else:  # only a check: the neighbour's map stays (it lost on score to an
+                    # agreeing map two back, or the section two back is itself in doubt)
+                    best = (None, near, c_near, placed[-1])
             _, mats[zz], own, anchor = best
             if own < MIN_CONFIDENCE and any(
                     _agree(mats[zz], other, (h, w), AGREE_WORK_PX * k)
