@@ -57,7 +57,8 @@ against a match to the section two back: a torn neighbour gave a wrong match at 
 DISAGREE_FRAC = 0.1
 """Two confident maps of a section (through its neighbour and two back) that put a corner
 further apart than this fraction of the section's side: one of them is wrong (clean ISBI
-crops: at most 4.4 %; through a torn neighbour: 24-44 %), and the one two back is taken."""
+crops: at most 4.4 %, 6.3 % in a review's forced checks; through a torn neighbour: 24-44 %),
+and the one two back is taken if the section two back is confident."""
 AGREE_WORK_PX = 3.0
 """Two doubtful matches of a section (to its two anchors) whose maps put every corner of
 the section within this many work pixels of each other confirm each other."""
