@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import threading
 import time
@@ -464,11 +463,10 @@ class AlignWidget(QWidget):
         has_result = layer is not None and self._result_for(layer) is not None
         self.realign_btn.setEnabled(has_result)
         self.save_btn.setEnabled(has_result)
-        undo = self._undo.get(layer.name) if has_result else None
-        can_undo = undo is not None and undo["after"] is self.results.get(layer.name)
-        self.undo_btn.setEnabled(can_undo)
+        undo = self._undo_entry(layer) if has_result else None
+        self.undo_btn.setEnabled(undo is not None)
         self.undo_btn.setToolTip(self._undo_tip + (
-            f"\n\nUndoes the Re-align of section {undo['z']}." if can_undo else
+            f"\n\nUndoes the Re-align of section {undo['z']}." if undo is not None else
             "\n\nDisabled: nothing to undo (Undo takes back the last Re-align only, "
             "once; Align and new data clear it)."))
         why = ""  # Qt shows a disabled button's tooltip: say why it is disabled
@@ -487,6 +485,13 @@ class AlignWidget(QWidget):
                 why = f"\n\nDisabled: press Align to align '{layer.name}' first."
         self.realign_btn.setToolTip(self._realign_tip + why)
         self.save_btn.setToolTip(self._save_tip + why)
+
+    def _undo_entry(self, layer: Any) -> dict[str, Any] | None:
+        """What Undo would put back for ``layer``: only while the result it undoes is still
+        the layer's result."""
+        undo = self._undo.get(layer.name)
+        return undo if undo is not None and undo["after"] is self.results.get(layer.name) \
+            else None
 
     def _result_for(self, layer: Any) -> AlignmentResult | None:
         result = self.results.get(layer.name)
@@ -950,23 +955,20 @@ class AlignWidget(QWidget):
         if self.running:
             return
         layer = self.selected_layer()
-        undo = self._undo.get(layer.name) if layer is not None else None
-        if undo is None or undo["after"] is not self.results.get(layer.name):
+        undo = self._undo_entry(layer) if layer is not None else None
+        if undo is None:
             self._refuse("Undo", "there is no Re-align of this layer to undo (Undo takes "
                                  "back the last Re-align only, once).")
             return
         source, z = layer.name, undo["z"]
         del self._undo[source]
         self._restore_layers(source, undo["states"])
-        if undo["before"] is None:
-            self.results.pop(source, None)
-        else:
-            self.results[source] = undo["before"]
+        # a Re-align needs a full run first: there is always a result to go back to
+        self.results[source] = undo["before"]
         self._update_plot()
         self._update_buttons()
         self._select(source)
-        back, gone = (float(r.ncc_after[z]) if r is not None else float("nan")
-                      for r in (undo["before"], undo["after"]))
+        back, gone = (float(r.ncc_after[z]) for r in (undo["before"], undo["after"]))
         self.status.setText(f"Undid the Re-align of section {z}: its NCC with neighbours is "
                             f"{back:.3f} again ({gone:.3f} after the Re-align).")
 
@@ -1015,8 +1017,7 @@ class AlignWidget(QWidget):
             return save_fields(path, result.displacement, params=result.params,
                                flags=result.flags,
                                section_params=result.section_params_json(),
-                               environment=json.dumps(result.environment)
-                               if result.environment else None)
+                               environment=result.environment)
         except (OSError, SsemnetError, ValueError) as exc:
             show_error(f"Could not save fields to {path}: {exc}")
             return None

@@ -7,6 +7,7 @@ Also thin wrappers over :mod:`napari_ssemnet.core.io` (``save_fields``, ``load_f
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from .core.errors import SsemnetError
 
 def save_fields(path: str | Path, displacement: np.ndarray, params: Any = None,
                 flags: list[str] | None = None, section_params: str = "",
-                environment: str | None = None) -> str:
+                environment: dict[str, Any] | None = None) -> str:
     """Write a displacement field (Z, 2, H, W) to an ``.npz`` (key ``displacement``).
 
     Parameters
@@ -31,9 +32,9 @@ def save_fields(path: str | Path, displacement: np.ndarray, params: Any = None,
     section_params : str
         JSON of the sections re-aligned with their own parameters
         (``AlignmentResult.section_params_json()``); stored under that key when not empty.
-    environment : str, optional
-        JSON of the run's ``AlignmentResult.environment`` (versions, threads, device, date);
-        stored under that key when given.
+    environment : dict, optional
+        The run's ``AlignmentResult.environment`` (versions, threads, device, date); stored
+        as JSON under that key when not empty.
 
     Returns
     -------
@@ -44,7 +45,7 @@ def save_fields(path: str | Path, displacement: np.ndarray, params: Any = None,
 
     extra = {"section_params": np.array(section_params)} if section_params else {}
     if environment:
-        extra["environment"] = np.array(environment)
+        extra["environment"] = np.array(json.dumps(environment))
     return str(io.save_fields(path, displacement, params=params, flags=flags, **extra))
 
 
@@ -128,8 +129,6 @@ def write_fields(path: str, data: Any, meta: dict) -> list[str]:
     kept in the layer metadata and that is what is written. Returns an empty list (napari's
     "writer could not write") for vectors layers this plugin did not make.
     """
-    import json
-
     entry = (meta.get("metadata") or {}).get(META_KEY) or {}
     disp = entry.get("displacement")
     if entry.get("role") != ROLE_DISPLACEMENT or disp is None:
@@ -143,11 +142,10 @@ def write_fields(path: str, data: Any, meta: dict) -> list[str]:
                          "Align, then save.")
     sections = entry.get("section_params") or {}
     try:
-        env = entry.get("environment")
         path = save_fields(path, disp, params=entry.get("params") or None,
                            flags=entry.get("flags"),
                            section_params=json.dumps(sections) if sections else "",
-                           environment=json.dumps(env) if env else None)
+                           environment=entry.get("environment"))
     except SsemnetError as exc:  # e.g. an InputError (a ValueError) for a bad name
         raise SsemnetError(str(exc)) from None
     return [path]

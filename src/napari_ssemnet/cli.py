@@ -542,7 +542,7 @@ def _report(args: argparse.Namespace, out: TextIO, shape: tuple[int, int, int], 
     out.write(_wall_line())
     _write_summary(args, shape, dtype, res.device, params, res.timings, res.ncc_before,
                    res.ncc_after, res.flags, out_path, fields, blocks=blocks,
-                   resumed=resumed, environment=_environment(res, params))
+                   resumed=resumed, environment=_environment(res))
     return EXIT_OK
 
 
@@ -572,24 +572,17 @@ def _refuse_orphaned_blocks(out_path: Path) -> None:
             + f" in {out_path.parent}) to start over.")
 
 
-def _provenance(res: Any, params: AlignParams) -> dict[str, np.ndarray]:
+def _provenance(res: Any) -> dict[str, np.ndarray]:
     """Stored with the fields: the version and the device that made them (the parameters
     say only what was asked for, e.g. device "auto"), and the environment of the run."""
     return {"version": np.array(__version__), "device_used": np.array(str(res.device)),
-            "environment": np.array(json.dumps(_environment(res, params)))}
+            "environment": np.array(json.dumps(_environment(res)))}
 
 
-def _environment(res: Any, params: AlignParams) -> dict[str, Any]:
-    """The run's environment (:func:`core.device.run_environment`) with the command line
-    and, for custom weights, a digest of the weights file (its path alone says nothing
-    once the file is overwritten)."""
-    from .core.device import run_environment
-
-    env = dict(getattr(res, "environment", None) or run_environment(res.device))
-    env["command"] = ["napari-ssemnet", *_ARGV]
-    if params.features == "custom" and Path(params.weights).is_file():
-        env["weights_digest"] = file_digest(Path(params.weights))
-    return env
+def _environment(res: Any) -> dict[str, Any]:
+    """The run's ``environment`` (an AlignmentResult's or a block-wise summary's) with the
+    command line."""
+    return {**res.environment, "command": ["napari-ssemnet", *_ARGV]}
 
 
 def _write_summary(args: argparse.Namespace, shape: tuple[int, int, int], dtype: Any,
@@ -809,7 +802,7 @@ def _fields_writer(displacement: Any, params: AlignParams, res: Any) -> Callable
     def write(path: Path) -> None:
         save_fields(path, displacement, params=params, flags=res.flags,
                     ncc_before=res.ncc_before, ncc_after=res.ncc_after,
-                    **_provenance(res, params))
+                    **_provenance(res))
     return write
 
 

@@ -342,9 +342,10 @@ def resolve_params(params: AlignParams | dict[str, Any] | None, overrides: dict[
     return out
 
 
-def _environment(params: AlignParams, device: Any) -> dict[str, Any]:
+def result_environment(params: AlignParams, device: Any) -> dict[str, Any]:
     """:func:`core.device.run_environment`, and for custom weights a digest of the weights
-    file: its path alone says nothing once the file is overwritten."""
+    file (its path alone says nothing once the file is overwritten): what a result records
+    as ``environment``."""
     env = run_environment(device)
     if params.features == "custom" and params.weights and os.path.isfile(params.weights):
         from .io import file_digest
@@ -573,8 +574,7 @@ def _iter_align_stack_blocks(arr: np.ndarray, params: AlignParams, *,
     return AlignmentResult(aligned=aligned, displacement=displacement, valid=valid,
                            ncc_before=summary.ncc_before, ncc_after=summary.ncc_after,
                            flags=summary.flags, params=params, timings=summary.timings,
-                           device=summary.device,
-                           environment=_environment(params, summary.device))
+                           device=summary.device, environment=summary.environment)
 
 
 def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
@@ -669,7 +669,7 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     return AlignmentResult(aligned=aligned, displacement=displacement, valid=valid,
                            ncc_before=ncc_before, ncc_after=ncc_after, flags=flags,
                            params=params, timings=timings, device=str(device),
-                           environment=_environment(params, device))
+                           environment=result_environment(params, device))
 
 
 def align_section(stack: np.ndarray, z: int, params: AlignParams | None = None, *,

@@ -41,6 +41,7 @@ from .align import (
     placed_doubtfully,
     render_section,
     resolve_params,
+    result_environment,
     section_flag,
     stopper,
 )
@@ -63,6 +64,8 @@ class BlockRunSummary:
         The sections of each block, in the order the blocks ran (fixed ones included).
     timings : dict of str to float
     device : str
+    environment : dict
+        As :attr:`~napari_ssemnet.core.align.AlignmentResult.environment`.
     """
 
     ncc_before: np.ndarray
@@ -71,6 +74,7 @@ class BlockRunSummary:
     blocks: list[list[int]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
+    environment: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -543,7 +547,8 @@ def iter_align_blocks(
     ncc_after = metrics.mean_of_pairs(pairs_after, usable)
     timings = {**timings, "total": t_before + time.perf_counter() - t_start}
     return BlockRunSummary(ncc_before=ncc_before, ncc_after=ncc_after, flags=flags,
-                           blocks=blocks, timings=timings, device=str(device))
+                           blocks=blocks, timings=timings, device=str(device),
+                           environment=result_environment(params, device))
 
 
 def _restrict(pairs: dict[tuple[int, int], float], usable: np.ndarray

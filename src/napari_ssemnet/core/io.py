@@ -681,27 +681,22 @@ def tiff_write_kwargs(resolution: dict[str, Any] | None, dtype: Any, nbytes: int
     unit = res.get("unit")
     if unit is not None and not str(unit).isascii():  # the description is ASCII
         unit = None  # metadata is a courtesy: never a reason to fail a write
+    sizes: dict[str, Any] = {}  # the same keys in ImageJ's and tifffile's descriptions
+    if "spacing" in res:
+        sizes["spacing"] = float(res["spacing"])
+    if unit is not None:
+        sizes["unit"] = unit
     imagej_ok = nbytes <= _IMAGEJ_BYTES and np.dtype(dtype) in (
         np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
-    if imagej_ok and ("spacing" in res or unit is not None):
-        meta: dict[str, Any] = {"axes": "ZYX"}
-        if "spacing" in res:
-            meta["spacing"] = float(res["spacing"])
-        if unit is not None:
-            meta["unit"] = unit
-        kw.update(imagej=True, metadata=meta)
+    if imagej_ok and sizes:
+        kw.update(imagej=True, metadata={"axes": "ZYX", **sizes})
         if kw["photometric"] == "minisblack":  # ImageJ's own default
             kw.pop("photometric")
         return kw
-    meta = {"axes": "ZYX"} if ndim == 3 else {}
-    if "spacing" in res:
-        meta["spacing"] = float(res["spacing"])
-    if unit is not None:
-        meta["unit"] = unit
-        if "resolution" in res and kw["resolutionunit"] == 1 and unit in _LENGTH_IN_UM:
-            per_cm = 1e4 / _LENGTH_IN_UM[unit]  # units in a centimetre
-            kw.update(resolution=tuple(v * per_cm for v in kw["resolution"]),
-                      resolutionunit=3)
+    meta = {"axes": "ZYX", **sizes} if ndim == 3 else dict(sizes)
+    if unit in _LENGTH_IN_UM and "resolution" in res and kw["resolutionunit"] == 1:
+        per_cm = 1e4 / _LENGTH_IN_UM[unit]  # units in a centimetre
+        kw.update(resolution=tuple(v * per_cm for v in kw["resolution"]), resolutionunit=3)
     return {**kw, "metadata": meta or None, "bigtiff": big}
 
 

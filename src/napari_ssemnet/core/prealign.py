@@ -470,11 +470,17 @@ def _refine_on_patches(fixed: torch.Tensor, moving: torch.Tensor, m: np.ndarray,
     return m, conf, support
 
 
-def _agree(a: np.ndarray, b: np.ndarray, size: tuple[int, int], tol: float) -> bool:
-    """Whether two maps put the corners of an ``size`` (h, w) section within ``tol`` px."""
+def _corner_gap(a: np.ndarray, b: np.ndarray, size: tuple[int, int]) -> float:
+    """How far apart (px, largest coordinate) two maps put the corners of a ``size`` (h, w)
+    section."""
     h, w = size
     corners = np.array([[0, 0, h - 1, h - 1], [0, w - 1, 0, w - 1], [1, 1, 1, 1]], float)
-    return float(np.abs((a - b) @ corners)[:2].max()) <= tol
+    return float(np.abs((a - b) @ corners)[:2].max())
+
+
+def _agree(a: np.ndarray, b: np.ndarray, size: tuple[int, int], tol: float) -> bool:
+    """Whether two maps put the corners of an ``size`` (h, w) section within ``tol`` px."""
+    return _corner_gap(a, b, size) <= tol
 
 
 def prealign_stack(
@@ -574,10 +580,8 @@ def prealign_stack(
                         break
             if len(confident) == 2:
                 (near, c_near), (far, c_far) = confident[placed[-1]], confident[placed[-2]]
-                corners = np.array([[0, 0, h - 1, h - 1], [0, w - 1, 0, w - 1], [1, 1, 1, 1]],
-                                   float)
-                apart = float(np.abs((near - far) @ corners)[:2].max())
-                if apart > DISAGREE_FRAC * max(h, w) and conf[placed[-2]] >= MIN_CONFIDENCE:
+                if (_corner_gap(near, far, (h, w)) > DISAGREE_FRAC * max(h, w)
+                        and conf[placed[-2]] >= MIN_CONFIDENCE):
                     best = (None, far, c_far, placed[-2])
                     passed_over = placed[-1]
                 else:  # only a check: the neighbour's map stays (it lost on score to an
