@@ -185,7 +185,10 @@ def test_progress_and_one_section_result_per_section(small):
     assert [s.z for s in sections] == list(range(small.shape[0]))
     for s in sections:
         np.testing.assert_array_equal(s.displacement, r.displacement[s.z])
-        assert s.aligned.shape == small.shape[1:] and s.flag == r.flags[s.z]
+        assert s.aligned.shape == small.shape[1:]
+        # the check of the links after rendering can only add its flags
+        assert s.flag == r.flags[s.z] or (s.flag in ("", "low_confidence") and r.flags[
+            s.z] in ("poor_match", "low_confidence"))
 
 
 def test_cancel_stops_promptly():
@@ -546,3 +549,70 @@ def test_align_section_takes_numpy_indices_and_refuses_what_it_cannot_use():
     for hook in ("progress", "should_stop"):  # a bare "'int' object is not callable"
         with pytest.raises(InputError, match=f"{hook} must be a function"):
             align_stack(stack, **{hook: 5}, **FAST)
+
+
+# -- checking the links after alignment ---------------------------------------------------
+
+
+def _chain(values: list[float]) -> dict[tuple[int, int], float]:
+    return {(i, i + 1): v for i, v in enumerate(values)}
+
+
+def test_poor_links_leave_an_intact_stack_alone():
+    from napari_ssemnet.core.align import flag_poor_links
+
+    def never(a, c):
+        raise AssertionError("no skip pair is needed")
+
+    pairs = _chain([0.31, 0.23, 0.40, 0.36, 0.29, 0.38])  # ISBI: lowest 0.64 of the median
+    assert flag_poor_links([""] * 7, pairs, 0, never) == [""] * 7
+    # too few pairs for a yardstick, and a pair across a blank section is not judged
+    assert flag_poor_links([""] * 3, _chain([0.35, 0.02]), 0, never) == [""] * 3
+    flags = ["", "", "", "blank", "", "", ""]
+    pairs = {(0, 1): 0.35, (1, 2): 0.37, (2, 4): 0.05, (4, 5): 0.36, (5, 6): 0.33}
+    assert flag_poor_links(flags, pairs, 0, never) == flags
+
+
+def test_a_section_off_on_its_own_is_told_from_a_bad_link_that_moves_all_beyond():
+    from napari_ssemnet.core.align import flag_poor_links
+
+    pairs = _chain([0.35, 0.38, 0.40, 0.11, 0.09, 0.33, 0.36])  # section 4 is foreign
+    seen = []
+
+    def skip(a, c):
+        seen.append((a, c))
+        return {(3, 5): 0.21, (5, 3): 0.21}.get((a, c), 0.0)
+
+    assert flag_poor_links([""] * 8, pairs, 0, skip) == [""] * 4 + ["poor_match"] + [""] * 3
+    assert seen == [(3, 5)]
+    # the same low pair, but section 5 does not match section 3 either: 4 and all beyond
+    # were placed through the bad link (an existing flag other than "" stays)
+    flags = ["", "", "", "", "", "", "blank", ""]
+    pairs = {(0, 1): 0.35, (1, 2): 0.38, (2, 3): 0.40, (3, 4): 0.11, (4, 5): 0.33,
+             (5, 7): 0.30}
+    assert flag_poor_links(flags, pairs, 0, lambda a, c: 0.02) == [
+        "", "", "", "", "poor_match", "low_confidence", "blank", "low_confidence"]
+    # with the reference at 4 the walk goes down from it: the link 4-3 is the bad one
+    pairs = _chain([0.35, 0.38, 0.40, 0.07, 0.33, 0.36, 0.31])
+    assert flag_poor_links([""] * 8, pairs, 4, lambda a, c: 0.01) == [
+        "low_confidence", "low_confidence", "low_confidence", "poor_match"] + [""] * 4
+    # a low link at the end of the stack flags the last section only
+    assert flag_poor_links(["", "low_confidence", "", "", ""], _chain([0.35, 0.38, 0.4, 0.1]),
+                           0, lambda a, c: 0.0) == ["", "low_confidence", "", "", "poor_match"]
+
+
+def test_a_section_turned_by_90_degrees_is_flagged_alone_joint_and_block_wise(monkeypatch):
+    # the pre-alignment placed it confidently enough (no flag at all before the check of
+    # the links after the fit), and the sections after it were fine
+    from napari_ssemnet.core import align as align_module
+    from napari_ssemnet.core.sample import load_sample
+
+    stack = load_sample()
+    stack[4] = np.rot90(stack[4])
+    r = align_stack(stack, device="cpu")
+    assert r.flags == [""] * 4 + ["poor_match"] + [""] * 3
+    assert "poor_match means that after alignment" in r.summary()
+    blocks = align_stack(stack, device="cpu", block_size=5)
+    assert blocks.flags == r.flags
+    monkeypatch.setattr(align_module, "flag_poor_links", lambda flags, *a: list(flags))
+    assert align_stack(stack, device="cpu").flags == [""] * 8

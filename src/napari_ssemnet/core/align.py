@@ -29,7 +29,14 @@ FLAG_BLANK = "blank"
 FLAG_NO_OVERLAP = "no_overlap"
 FLAG_LOW_CONFIDENCE = "low_confidence"
 FLAG_DUPLICATE = "duplicate"
-USABLE_FLAGS = (FLAG_OK, FLAG_LOW_CONFIDENCE)
+FLAG_POOR_MATCH = "poor_match"
+USABLE_FLAGS = (FLAG_OK, FLAG_LOW_CONFIDENCE, FLAG_POOR_MATCH)
+
+POOR_MATCH_RATIO = 0.5
+"""A pair of adjacent aligned sections whose NCC is under this share of the median over the
+stack's adjacent pairs is a bad link (:func:`flag_poor_links`). Intact ISBI and VNC pairs
+measured 0.64 or more of their stack's median; foreign, turned or misplaced sections 0.35
+or less (docs/benchmarks.md, "A bad section in the chain")."""
 
 MIN_SIZE = 32
 """Smallest section side the pyramid and the encoder can work with (pixels)."""
@@ -80,6 +87,9 @@ class SectionResult:
     displacement : ndarray, shape (2, H, W), float32 (dy, dx)
     valid : ndarray, shape (H, W), bool
     flag : str
+        As known when the section is rendered; in full runs the check of the links once
+        all are rendered (:func:`flag_poor_links`) can still make ``""`` or
+        ``"low_confidence"`` into ``"poor_match"`` or ``"low_confidence"`` in the result.
     ncc_before, ncc_after : float
         Mean NCC with the adjacent sections before and after (set by
         :func:`iter_align_section`; NaN in full runs, whose result holds them).
@@ -112,9 +122,11 @@ class AlignmentResult:
     flags : list of str, length Z
         ``""`` for a normal section, else ``"blank"``, ``"no_overlap"``,
         ``"low_confidence"`` (no confident chain of pre-alignment matches links it to the
-        reference: a doubtful match flags every section placed through it) or
-        ``"duplicate"`` (the same image as its neighbour on the side of the reference, saved
-        twice; left out of the NCC).
+        reference: a doubtful match flags every section placed through it),
+        ``"poor_match"`` (after alignment it matches its neighbour on the side of the
+        reference far worse than the stack's other pairs match; see
+        :func:`flag_poor_links`) or ``"duplicate"`` (the same image as its neighbour on the
+        side of the reference, saved twice; left out of the NCC).
     params : AlignParams
         Those of the run.
     timings : dict of str to float
@@ -182,6 +194,13 @@ def format_summary(shape: tuple[int, ...], device: str, timings: dict[str, float
             "matches links the section to the reference; a wrong match moves every section "
             "placed after it together, so look at these (a section out of order or from "
             "elsewhere, or lost sections just before them, are the usual causes)")
+    poor = [zz for zz, f in enumerate(flags) if f == FLAG_POOR_MATCH]
+    if poor:
+        lines.append(
+            f"{_ranges(poor)}: {FLAG_POOR_MATCH} means that after alignment the section "
+            "matches its neighbour towards the reference at less than half the stack's usual "
+            "NCC; it may be off, damaged or from elsewhere (sections placed through it are "
+            f"flagged {FLAG_LOW_CONFIDENCE})")
     return "\n".join(lines)
 
 
@@ -452,6 +471,63 @@ def section_flag(blank: bool, valid: np.ndarray, confidence: float, prealign: st
     return FLAG_OK
 
 
+def flag_poor_links(flags: list[str], pairs: dict[tuple[int, int], float], reference: int,
+                    skip_ncc: Callable[[int, int], float]) -> list[str]:
+    """Flags after a check of the aligned stack's links, walking out from the reference.
+
+    A pair of adjacent sections (a, b), b the farther from the reference, whose NCC after
+    alignment is under :data:`POOR_MATCH_RATIO` of the median over all adjacent pairs is a
+    bad link: b gets ``poor_match``. If the next usable section c beyond b matches a
+    (``skip_ncc(a, c)``) no worse than a matches b and at least half that limit, b alone is
+    off; otherwise c and every section beyond it were placed through the bad link and get
+    ``low_confidence``. Pairs that skip a section (across a blank one) are not judged: they
+    span more tissue and measured 0.17-0.26 where adjacent pairs had 0.29-0.43.
+
+    Parameters
+    ----------
+    flags : list of str, length Z
+        The sections' flags so far; only usable ones (:data:`USABLE_FLAGS`) change.
+    pairs : dict of (int, int) to float
+        NCC after alignment of consecutive usable sections a < b.
+    reference : int
+    skip_ncc : callable
+        NCC after alignment of two usable sections (a, c); called only for bad links.
+
+    Returns
+    -------
+    list of str, length Z
+    """
+    out = list(flags)
+    adjacent = [v for (a, b), v in pairs.items() if b - a == 1 and np.isfinite(v)]
+    if len(adjacent) < 3:  # no stack-wide yardstick
+        return out
+    limit = POOR_MATCH_RATIO * float(np.median(adjacent))
+    if limit <= 0:
+        return out
+    usable = [z for z, f in enumerate(flags) if f in USABLE_FLAGS]
+    for side in (1, -1):
+        path = [reference] + sorted((z for z in usable if (z - reference) * side > 0),
+                                    key=lambda z: abs(z - reference))
+        i = 1
+        while i < len(path):
+            a, b = path[i - 1], path[i]
+            lo, hi = min(a, b), max(a, b)
+            v = pairs.get((lo, hi), np.nan)
+            i += 1
+            if hi - lo != 1 or not v < limit:
+                continue
+            out[b] = FLAG_POOR_MATCH
+            if i == len(path):
+                break
+            if not skip_ncc(a, path[i]) >= max(limit / 2, v):  # the sections beyond follow b
+                for z in path[i:]:
+                    if out[z] == FLAG_OK:
+                        out[z] = FLAG_LOW_CONFIDENCE
+                break
+            i += 1  # b alone is off: its link onwards says nothing about the next section
+    return out
+
+
 def check_binning(params: AlignParams, h: int, w: int) -> None:
     """Raise :class:`InputError` if ``params.fit_binning`` leaves sections too small to fit."""
     b = params.fit_binning
@@ -663,8 +739,12 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
             stop_check()
             pairs_before[(int(a), int(c))] = metrics.raw_pair_ncc(arr[a], arr[c])
     ncc_before = metrics.mean_of_pairs(pairs_before, usable)
-    ncc_after = metrics.adjacent_ncc(aligned, valid if fill is None else ~fill, usable,
-                                     robust=True, should_stop=stop_check)
+    tissue = valid if fill is None else ~fill
+    pairs_after = metrics.adjacent_pairs(aligned, tissue, usable, robust=True,
+                                         should_stop=stop_check)
+    flags = flag_poor_links(flags, pairs_after, params.reference, lambda a, c: metrics.ncc(
+        aligned[a], aligned[c], tissue[a] & tissue[c], robust=True))
+    ncc_after = metrics.mean_of_pairs(pairs_after, usable)
     timings["total"] = time.perf_counter() - t_start
     return AlignmentResult(aligned=aligned, displacement=displacement, valid=valid,
                            ncc_before=ncc_before, ncc_after=ncc_after, flags=flags,

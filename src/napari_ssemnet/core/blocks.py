@@ -36,6 +36,7 @@ from .align import (
     SectionResult,
     check_binning,
     check_reference,
+    flag_poor_links,
     map_events,
     on_tissue,
     placed_doubtfully,
@@ -264,6 +265,18 @@ def _rewarp(section: Any, disp: Any, device: Any) -> tuple[np.ndarray, np.ndarra
 
     im, ok = warp.warp_image(warp.float_tensor(section, device), warp.float_tensor(disp, device))
     return im.cpu().numpy(), ok.cpu().numpy()
+
+
+def _skip_ncc(stack: Any, displacement: Any, a: int, c: int, device: Any) -> float:
+    """NCC of finished sections ``a`` and ``c`` as aligned, on the tissue of both."""
+    from . import metrics
+
+    img, ok = {}, {}
+    for z in (a, c):
+        raw = np.asarray(stack[z])
+        img[z], ok[z] = _rewarp(raw, displacement[z], device)
+        ok[z] = on_tissue(ok[z], metrics.fill_mask(raw), displacement[z], device)
+    return metrics.ncc(img[a], img[c], ok[a] & ok[c], robust=True)
 
 
 def _read_sections(stack: Any, zs: Sequence[int]) -> np.ndarray:
@@ -542,6 +555,8 @@ def iter_align_blocks(
         if on_block is not None:
             on_block(st)
 
+    flags[:] = flag_poor_links(flags, pairs_after, params.reference,
+                               lambda a, c: _skip_ncc(stack, displacement, a, c, device))
     usable = np.array([f in USABLE_FLAGS for f in flags])
     ncc_before = metrics.mean_of_pairs(_restrict(pairs_before, usable), usable)
     ncc_after = metrics.mean_of_pairs(pairs_after, usable)

@@ -160,7 +160,7 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
     Returns :class:`SectionOutcome`, :class:`Cancelled` or :class:`Failure`.
     """
     try:
-        from ..core.align import iter_align_section
+        from ..core.align import USABLE_FLAGS, iter_align_section
 
         t0 = time.perf_counter()
         previous = None if base is None else base.displacement
@@ -186,8 +186,8 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
         valid[z] = section.valid
         displacement[z] = section.displacement
         # the section alone cannot tell that it repeats its neighbour: the full run's flag
-        keep = base is not None and base.flags[z] == "duplicate" and section.flag in (
-            "", "low_confidence")
+        keep = (base is not None and base.flags[z] == "duplicate"
+                and section.flag in USABLE_FLAGS)
         flags[z] = "duplicate" if keep else section.flag
         if base is None:  # after a run, "before" stays the input's NCC (the plot's grey
             # curve); this section's previous value is in the status line
