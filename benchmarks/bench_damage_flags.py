@@ -9,7 +9,14 @@ section 4 turned by 90 deg. Each section is scored as bench_chain scores it (med
 against our run on the untouched crop with the same reference); a section more than 10 px
 off with no flag is a silent failure, a flagged section within 5 px a false alarm.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_damage_flags.py [--crops 256 320] [--seeds 0 1]
+``--part intact`` runs stacks with no damaged section instead (ISBI 6 x 384^2 seeds 0-15
+with and without the hard case, VNC 8 x 512^2 seeds 0-3 likewise, 30 ISBI sections at
+384^2 misaligned and untouched, and the shipped sample), for the false alarms of the check
+of the links after the fit. Both parts record each run's pair NCCs after alignment as
+ratios of its yardstick (``core.align.link_yardstick``), the numbers behind
+``POOR_MATCH_RATIO`` and ``GAP_MATCH_RATIO``.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_damage_flags.py [--part damage|intact|both]
 """
 
 from __future__ import annotations
@@ -73,11 +80,55 @@ def cases(base, hard, stranger: np.ndarray, c_run: np.ndarray, ref: int) -> dict
     return out
 
 
+def link_ratios(r) -> dict[str, float]:
+    """The run's pair NCCs after alignment over its yardstick, by "a-b"."""
+    from napari_ssemnet.core import align
+
+    if not hasattr(align, "link_yardstick"):  # code from before the check (a "before" run)
+        return {}
+    y = align.link_yardstick(r.pair_ncc)
+    return {f"{a}-{b}": (round(v / y, 3) if y else None) for (a, b), v in r.pair_ncc.items()}
+
+
+def intact(args) -> list[dict]:
+    """Runs on stacks without a damaged section: which sections get flagged, and how low
+    their pairs go against the yardstick."""
+    from napari_ssemnet import align_stack
+    from napari_ssemnet.core.sample import load_sample
+
+    isbi, vnc = load_stack(args.data, ISBI), load_stack(args.data, VNC)
+    stacks = [("sample", load_sample()),
+              ("isbi 30 x 384 misaligned", make_case("c", isbi, 384, seed=0).mis),
+              ("isbi 30 x 384 untouched", make_case("c", isbi, 384, seed=0).clean)]
+    for seed in range(4):
+        stacks.append((f"vnc 8 x 512 seed {seed}", make_case("c", vnc[:8], 512, seed=seed).mis))
+        stacks.append((f"vnc 8 x 512 hard seed {seed}",
+                       make_case("h", vnc[:8], 512, seed=seed, **HARD).mis))
+    for seed in range(16):
+        stacks.append((f"isbi 6 x 384 seed {seed}", make_case("c", isbi[:6], 384, seed=seed).mis))
+        stacks.append((f"isbi 6 x 384 hard seed {seed}",
+                       make_case("h", isbi[:6], 384, seed=seed, **HARD).mis))
+    rows = []
+    for name, stack in stacks:
+        r = align_stack(stack, device="cpu")
+        ratios = link_ratios(r)
+        adjacent = [v for k, v in ratios.items() if int(k.split("-")[1]) - int(k.split("-")[0])
+                    == 1]
+        gaps = [v for k, v in ratios.items() if int(k.split("-")[1]) - int(k.split("-")[0]) > 1]
+        rows.append({"stack": name, "flags": list(r.flags), "link_ratios": ratios,
+                     "lowest_adjacent": min(adjacent), "lowest_gap": min(gaps, default=None),
+                     "poor_match": [z for z, f in enumerate(r.flags) if f == "poor_match"]})
+        print(f"{name:28s} lowest adjacent {min(adjacent):.2f} gap {min(gaps, default=None)} "
+              f"flags {[f or '-' for f in r.flags]}", flush=True)
+    return rows
+
+
 def main() -> None:
     from napari_ssemnet import align_stack
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_arg(ap)
+    ap.add_argument("--part", choices=("damage", "intact", "both"), default="both")
     ap.add_argument("--crops", type=int, nargs="+", default=[256, 320])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--refs", type=int, nargs="+", default=[0, 4])
@@ -86,6 +137,8 @@ def main() -> None:
     machine = machine_info()  # before the runs: their load average is the machine's
     full = load_stack(args.data, ISBI)[:8]
     rows = []
+    if args.part == "intact":
+        args.crops = []  # no damaged cases
     for crop in args.crops:
         stranger = tifffile.imread(args.data / VNC, key=5)[300:300 + crop, 300:300 + crop]
         for seed in args.seeds:
@@ -108,6 +161,7 @@ def main() -> None:
                              and r.flags[z]]
                     rows.append({"crop": crop, "seed": seed, "reference": ref, "case": name,
                                  "per_section": err, "flags": list(r.flags),
+                                 "link_ratios": link_ratios(r),
                                  "off_unflagged": silent, "flagged_within_5px": alarm,
                                  "seconds": round(secs, 1)})
                     print(f"{crop} seed {seed} ref {ref} {name:8s} {err} "
@@ -118,9 +172,10 @@ def main() -> None:
     n_alarm = sum(len(r["flagged_within_5px"]) for r in rows)
     print(f"{n_silent} of {n_off} sections more than 10 px off carry no flag; "
           f"{n_alarm} flagged sections are within 5 px")
+    intact_rows = intact(args) if args.part != "damage" else []
     finish(args.out, {"code": code_version(), "machine": machine, "rows": rows,
                       "off_by_10px": n_off, "off_unflagged": n_silent,
-                      "flagged_within_5px": n_alarm})
+                      "flagged_within_5px": n_alarm, "intact": intact_rows})
 
 
 if __name__ == "__main__":

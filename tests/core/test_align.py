@@ -558,19 +558,36 @@ def _chain(values: list[float]) -> dict[tuple[int, int], float]:
     return {(i, i + 1): v for i, v in enumerate(values)}
 
 
+def _never(a, c):
+    raise AssertionError("no skip pair is needed")
+
+
 def test_poor_links_leave_an_intact_stack_alone():
-    from napari_ssemnet.core.align import flag_poor_links
+    from napari_ssemnet.core.align import flag_poor_links, link_yardstick
 
-    def never(a, c):
-        raise AssertionError("no skip pair is needed")
-
-    pairs = _chain([0.31, 0.23, 0.40, 0.36, 0.29, 0.38])  # ISBI: lowest 0.64 of the median
-    assert flag_poor_links([""] * 7, pairs, 0, never) == [""] * 7
-    # too few pairs for a yardstick, and a pair across a blank section is not judged
-    assert flag_poor_links([""] * 3, _chain([0.35, 0.02]), 0, never) == [""] * 3
+    # the lowest pairs of a 30-section ISBI run are 0.61 of its yardstick
+    pairs = _chain([0.31, 0.227, 0.40, 0.36, 0.29, 0.38])
+    assert flag_poor_links([""] * 7, pairs, 0, _never) == [""] * 7
+    # too few adjacent pairs for a yardstick, or none above 0
+    assert link_yardstick(_chain([0.35, 0.02])) is None
+    assert flag_poor_links([""] * 3, _chain([0.35, 0.02]), 0, _never) == [""] * 3
+    assert flag_poor_links([""] * 5, _chain([-0.1, -0.2, -0.1, -0.3]), 0, _never) == [""] * 5
+    # a pair across a blank section is held to a lower bar (it spans twice the tissue)
     flags = ["", "", "", "blank", "", "", ""]
-    pairs = {(0, 1): 0.35, (1, 2): 0.37, (2, 4): 0.05, (4, 5): 0.36, (5, 6): 0.33}
-    assert flag_poor_links(flags, pairs, 0, never) == flags
+    pairs = {(0, 1): 0.40, (1, 2): 0.40, (2, 4): 0.11, (4, 5): 0.40, (5, 6): 0.40}
+    assert flag_poor_links(flags, pairs, 0, _never) == flags
+    # the edge of the bar: 0.5 of the yardstick (0.4) passes, anything under it does not
+    assert flag_poor_links([""] * 6, _chain([0.4, 0.4, 0.2, 0.4, 0.4]), 0, _never) == [""] * 6
+    assert flag_poor_links([""] * 6, _chain([0.4, 0.4, 0.199, 0.4, 0.4]), 0,
+                           lambda a, c: 0.0)[3] == "poor_match"
+    # a pair not computed is not judged; one computed as NaN (no tissue in common) is poor
+    # and does not switch the check off
+    pairs = _chain([0.4, 0.4, 0.4, 0.4, 0.4])
+    del pairs[(2, 3)]
+    assert flag_poor_links([""] * 6, pairs, 0, _never) == [""] * 6
+    assert flag_poor_links([""] * 6, _chain([0.4, 0.4, np.nan, 0.4, 0.4]), 0,
+                           lambda a, c: 0.0) == ["", "", "", "poor_match", "low_confidence",
+                                                 "low_confidence"]
 
 
 def test_a_section_off_on_its_own_is_told_from_a_bad_link_that_moves_all_beyond():
@@ -581,24 +598,72 @@ def test_a_section_off_on_its_own_is_told_from_a_bad_link_that_moves_all_beyond(
 
     def skip(a, c):
         seen.append((a, c))
-        return {(3, 5): 0.21, (5, 3): 0.21}.get((a, c), 0.0)
+        return {(3, 5): 0.21}.get((a, c), 0.0)
 
     assert flag_poor_links([""] * 8, pairs, 0, skip) == [""] * 4 + ["poor_match"] + [""] * 3
     assert seen == [(3, 5)]
+    # two strangers in eight sections spoil four of seven pairs: both are still found, and
+    # the walk goes on after the first (its pair onwards is not held against section 5)
+    pairs = _chain([0.35, 0.06, 0.07, 0.36, 0.05, 0.06, 0.37])
+    seen.clear()
+    assert flag_poor_links([""] * 8, pairs, 0, lambda a, c: seen.append((a, c)) or 0.3) == [
+        "", "", "poor_match", "", "", "poor_match", "", ""]
+    assert seen == [(1, 3), (4, 6)]
     # the same low pair, but section 5 does not match section 3 either: 4 and all beyond
-    # were placed through the bad link (an existing flag other than "" stays)
-    flags = ["", "", "", "", "", "", "blank", ""]
+    # were placed through the bad link (a blank stays blank, low_confidence becomes
+    # poor_match only where the link is)
+    flags = ["", "", "", "", "low_confidence", "", "blank", ""]
     pairs = {(0, 1): 0.35, (1, 2): 0.38, (2, 3): 0.40, (3, 4): 0.11, (4, 5): 0.33,
              (5, 7): 0.30}
     assert flag_poor_links(flags, pairs, 0, lambda a, c: 0.02) == [
         "", "", "", "", "poor_match", "low_confidence", "blank", "low_confidence"]
-    # with the reference at 4 the walk goes down from it: the link 4-3 is the bad one
-    pairs = _chain([0.35, 0.38, 0.40, 0.07, 0.33, 0.36, 0.31])
-    assert flag_poor_links([""] * 8, pairs, 4, lambda a, c: 0.01) == [
-        "low_confidence", "low_confidence", "low_confidence", "poor_match"] + [""] * 4
+    # the bar for the skip pair: a quarter of the yardstick (0.4 here), and no lower than
+    # the poor pair itself
+    for v, skip_value, alone in ((0.08, 0.10, True), (0.08, 0.099, False),
+                                 (0.15, 0.149, False), (0.15, 0.15, True)):
+        got = flag_poor_links([""] * 7, _chain([0.4, 0.4, v, 0.4, 0.4, 0.4]), 0,
+                              lambda a, c, s=skip_value: s)
+        assert got[3] == "poor_match" and (got[4:] == [""] * 3) == alone, (v, skip_value)
+    # with the reference in the middle the walk goes both ways from it
+    pairs = _chain([0.35, 0.38, 0.07, 0.36, 0.40, 0.05, 0.31])
+    assert flag_poor_links([""] * 8, pairs, 3, lambda a, c: 0.01) == [
+        "low_confidence", "low_confidence", "poor_match", "", "", "", "poor_match",
+        "low_confidence"]
+    # a section from elsewhere just after a blank one is judged over the gap
+    flags = ["", "", "", "blank", "", "", "", ""]
+    pairs = {(0, 1): 0.35, (1, 2): 0.37, (2, 4): 0.04, (4, 5): 0.06, (5, 6): 0.35,
+             (6, 7): 0.36}
+    seen.clear()
+    assert flag_poor_links(flags, pairs, 0, lambda a, c: seen.append((a, c)) or 0.2) == [
+        "", "", "", "blank", "poor_match", "", "", ""]
+    assert seen == [(2, 5)]
     # a low link at the end of the stack flags the last section only
     assert flag_poor_links(["", "low_confidence", "", "", ""], _chain([0.35, 0.38, 0.4, 0.1]),
-                           0, lambda a, c: 0.0) == ["", "low_confidence", "", "", "poor_match"]
+                           0, _never) == ["", "low_confidence", "", "", "poor_match"]
+
+
+def test_the_link_of_a_section_moved_alone_is_judged_again():
+    from napari_ssemnet.core.align import link_flag
+
+    flags = ["", "", "blank", "low_confidence", "", ""]
+    pairs = {(0, 1): 0.4, (1, 3): 0.05, (3, 4): 0.4, (4, 5): 0.4}
+    assert link_flag(flags, pairs, 3, 0) == "poor_match"  # judged over the blank section
+    pairs[(1, 3)] = 0.3
+    assert link_flag(flags, pairs, 3, 0) == "low_confidence"  # its own flag otherwise
+    assert link_flag(flags, pairs, 2, 0) == "blank" and link_flag(flags, pairs, 0, 0) == ""
+    # towards a reference above it, the link is the one to the section after it
+    assert link_flag(["", "", "", ""], _chain([0.05, 0.4, 0.4]), 0, 3) == "poor_match"
+    assert link_flag(["", "", "", ""], _chain([0.05, 0.4, 0.4]), 1, 3) == ""
+
+
+def test_block_wise_skip_pairs_are_the_ncc_of_the_aligned_sections(small):
+    from napari_ssemnet.core.blocks import _skip_ncc
+
+    stack = small.copy()
+    stack[:, :, :20] = 0  # padding: both ways must leave it out
+    r = align_stack(stack, **FAST)
+    for a, c in r.pair_ncc:  # the joint run's pairs, on its aligned sections and tissue
+        assert abs(_skip_ncc(stack, r.displacement, a, c, "cpu") - r.pair_ncc[(a, c)]) < 1e-3
 
 
 def test_a_section_turned_by_90_degrees_is_flagged_alone_joint_and_block_wise(monkeypatch):

@@ -57,8 +57,8 @@ def test_closing_the_throttled_job_closes_the_run_inside():
 def test_the_ncc_curve_after_a_realign_equals_a_full_recompute_on_tissue():
     # only the values that section z moving changes are computed again (a padded stack's
     # full recompute took 2.8 s for 20 x 1024^2), and they are those of a full recompute
-    from napari_ssemnet.core.align import align_stack, tissue_after
-    from napari_ssemnet.core.metrics import adjacent_ncc, fill_mask
+    from napari_ssemnet.core.align import USABLE_FLAGS, align_stack, tissue_after
+    from napari_ssemnet.core.metrics import adjacent_ncc, fill_mask, mean_of_pairs
     from napari_ssemnet.core.sample import load_sample
     from napari_ssemnet.gui._jobs import _adjacent_ncc
 
@@ -75,10 +75,44 @@ def test_the_ncc_curve_after_a_realign_equals_a_full_recompute_on_tissue():
 
     im, ok = warp.warp_image(warp.float_tensor(stack[z]), torch.from_numpy(disp[z]))
     aligned[z], valid[z] = im.numpy(), ok.numpy()
-    got = _adjacent_ncc(aligned, valid, r.flags, stack, disp, z, r.ncc_after)
+    got, pairs = _adjacent_ncc(aligned, valid, r.flags, stack, disp, z, r.ncc_after,
+                               r.pair_ncc)
     tissue = np.stack([valid[i] & tissue_after(~fill_mask(stack[i]), disp[i], "cpu")
                        for i in range(6)])
-    full = adjacent_ncc(aligned, tissue, np.array([f in ("", "low_confidence")
-                                                   for f in r.flags]), robust=True)
+    usable = np.array([f in USABLE_FLAGS for f in r.flags])
+    full = adjacent_ncc(aligned, tissue, usable, robust=True)
     np.testing.assert_allclose(got, full)
+    # the pairs behind the curve are redone too, the others kept as the run had them
+    np.testing.assert_allclose(mean_of_pairs(pairs, usable), full)
+    assert pairs.keys() == r.pair_ncc.keys() and pairs[(0, 1)] == r.pair_ncc[(0, 1)]
+    assert pairs[(z - 1, z)] != r.pair_ncc[(z - 1, z)]
     assert not np.allclose(got[2:5], r.ncc_after[2:5])  # z and its neighbours did change
+
+
+def test_re_aligning_a_turned_section_keeps_its_poor_match_and_a_good_one_loses_it():
+    # the section job cannot see the whole stack's check; it judges the moved section's
+    # own link again (Re-align used to clear poor_match whatever the result)
+    import threading
+
+    from napari_ssemnet.core.align import align_stack, run_generator
+    from napari_ssemnet.core.params import AlignParams
+    from napari_ssemnet.core.sample import load_sample
+    from napari_ssemnet.gui._jobs import SectionOutcome, section_job
+
+    stack = load_sample()
+    stack[4] = np.rot90(stack[4])
+    r = align_stack(stack, device="cpu")
+    assert r.flags[4] == "poor_match"
+    params = AlignParams(device="cpu")
+    out = run_generator(section_job(stack, 4, params, r, threading.Event()), None)
+    assert isinstance(out, SectionOutcome)
+    assert out.flags[4] == "poor_match" and out.result.flags == out.flags
+    assert out.flags[:4] == ["", "", "", ""] and out.flags[5:] == ["", "", ""]
+    # a section whose re-aligned link is fine loses the flag (here: an intact stack's run
+    # with section 4 marked as the check would have marked it)
+    good = load_sample()
+    g = align_stack(good, device="cpu")
+    g.flags[4] = "poor_match"
+    out = run_generator(section_job(good, 4, params, g, threading.Event()), None)
+    assert out.flags == [""] * 8, out.flags
+    assert out.result.pair_ncc[(3, 4)] > 0.2 > r.pair_ncc[(3, 4)]

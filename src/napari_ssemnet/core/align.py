@@ -33,10 +33,14 @@ FLAG_POOR_MATCH = "poor_match"
 USABLE_FLAGS = (FLAG_OK, FLAG_LOW_CONFIDENCE, FLAG_POOR_MATCH)
 
 POOR_MATCH_RATIO = 0.5
-"""A pair of adjacent aligned sections whose NCC is under this share of the median over the
-stack's adjacent pairs is a bad link (:func:`flag_poor_links`). Intact ISBI and VNC pairs
-measured 0.64 or more of their stack's median; foreign, turned or misplaced sections 0.35
-or less (docs/benchmarks.md, "A bad section in the chain")."""
+"""A pair of adjacent aligned sections whose NCC is under this share of the stack's usual
+NCC (:func:`link_yardstick`) is a bad link (:func:`flag_poor_links`). Pairs of intact ISBI
+and VNC sections measured 0.61 or more of it, foreign, turned and misplaced sections
+mostly under 0.45 (docs/benchmarks.md, "Checking the links after the fit")."""
+
+GAP_MATCH_RATIO = 0.25
+"""The same for a pair that skips sections that are not used (blank, no overlap, repeated):
+it spans more tissue, and such pairs of intact sections measured 0.39 or more."""
 
 MIN_SIZE = 32
 """Smallest section side the pyramid and the encoder can work with (pixels)."""
@@ -122,7 +126,8 @@ class AlignmentResult:
     flags : list of str, length Z
         ``""`` for a normal section, else ``"blank"``, ``"no_overlap"``,
         ``"low_confidence"`` (no confident chain of pre-alignment matches links it to the
-        reference: a doubtful match flags every section placed through it),
+        reference: a doubtful match flags every section placed through it, as does a
+        ``poor_match`` section that the ones beyond it follow),
         ``"poor_match"`` (after alignment it matches its neighbour on the side of the
         reference far worse than the stack's other pairs match; see
         :func:`flag_poor_links`) or ``"duplicate"`` (the same image as its neighbour on the
@@ -138,6 +143,9 @@ class AlignmentResult:
     environment : dict
         Versions, CPU thread count, device and date of the run
         (:func:`core.device.run_environment`); stored with saved fields.
+    pair_ncc : dict of (int, int) to float
+        NCC after alignment of each pair of consecutive usable sections (a, b), a < b: the
+        values behind ``ncc_after`` and the ``poor_match`` check.
     """
 
     aligned: np.ndarray
@@ -151,6 +159,7 @@ class AlignmentResult:
     device: str = "cpu"
     section_params: dict[int, AlignParams] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
+    pair_ncc: dict[tuple[int, int], float] = field(default_factory=dict)
 
     def section_params_json(self) -> str:
         """``section_params`` as a JSON object keyed by section ("" when there are none)."""
@@ -191,7 +200,8 @@ def format_summary(shape: tuple[int, ...], device: str, timings: dict[str, float
     if doubtful:
         lines.append(
             f"{_ranges(doubtful)}: {FLAG_LOW_CONFIDENCE} means that no confident chain of "
-            "matches links the section to the reference; a wrong match moves every section "
+            "matches links the section to the reference (a doubtful pre-alignment match, or "
+            f"a {FLAG_POOR_MATCH} section on the way); a wrong match moves every section "
             "placed after it together, so look at these (a section out of order or from "
             "elsewhere, or lost sections just before them, are the usual causes)")
     poor = [zz for zz, f in enumerate(flags) if f == FLAG_POOR_MATCH]
@@ -199,8 +209,9 @@ def format_summary(shape: tuple[int, ...], device: str, timings: dict[str, float
         lines.append(
             f"{_ranges(poor)}: {FLAG_POOR_MATCH} means that after alignment the section "
             "matches its neighbour towards the reference at less than half the stack's usual "
-            "NCC; it may be off, damaged or from elsewhere (sections placed through it are "
-            f"flagged {FLAG_LOW_CONFIDENCE})")
+            "NCC: it may be off, damaged or from elsewhere; if the section after it does not "
+            "match the one before it either, the sections beyond were placed through it and "
+            f"are flagged {FLAG_LOW_CONFIDENCE}")
     return "\n".join(lines)
 
 
@@ -471,38 +482,64 @@ def section_flag(blank: bool, valid: np.ndarray, confidence: float, prealign: st
     return FLAG_OK
 
 
+def link_yardstick(pairs: dict[tuple[int, int], float]) -> float | None:
+    """The stack's usual NCC between adjacent aligned sections: the median over sections of
+    each one's better adjacent pair, so that a few bad sections (each spoils two pairs) do
+    not lower it. None with fewer than 3 adjacent pairs, or when it is not positive."""
+    best: dict[int, float] = {}
+    n = 0
+    for (a, b), v in pairs.items():
+        if b - a == 1 and np.isfinite(v):
+            n += 1
+            for z in (a, b):
+                best[z] = max(best.get(z, -np.inf), float(v))
+    if n < 3:
+        return None
+    y = float(np.median(list(best.values())))
+    return y if y > 0 else None
+
+
+def poor_link(pairs: dict[tuple[int, int], float], a: int, b: int, yardstick: float) -> bool:
+    """Whether the pair of usable sections ``a`` and ``b`` matches under
+    :data:`POOR_MATCH_RATIO` (:data:`GAP_MATCH_RATIO` when it skips sections) of
+    ``yardstick``; a pair with no NCC (no tissue in common) is poor, one not in ``pairs``
+    is not judged."""
+    lo, hi = min(a, b), max(a, b)
+    if (lo, hi) not in pairs:
+        return False
+    ratio = POOR_MATCH_RATIO if hi - lo == 1 else GAP_MATCH_RATIO
+    return not pairs[(lo, hi)] >= ratio * yardstick
+
+
 def flag_poor_links(flags: list[str], pairs: dict[tuple[int, int], float], reference: int,
                     skip_ncc: Callable[[int, int], float]) -> list[str]:
     """Flags after a check of the aligned stack's links, walking out from the reference.
 
-    A pair of adjacent sections (a, b), b the farther from the reference, whose NCC after
-    alignment is under :data:`POOR_MATCH_RATIO` of the median over all adjacent pairs is a
-    bad link: b gets ``poor_match``. If the next usable section c beyond b matches a
-    (``skip_ncc(a, c)``) no worse than a matches b and at least half that limit, b alone is
-    off; otherwise c and every section beyond it were placed through the bad link and get
-    ``low_confidence``. Pairs that skip a section (across a blank one) are not judged: they
-    span more tissue and measured 0.17-0.26 where adjacent pairs had 0.29-0.43.
+    On each side of the reference, the first poor link (:func:`poor_link`) between a usable
+    section a and the next usable one b, farther out, gives b ``poor_match``. If the usable
+    section c after b matches a (``skip_ncc(a, c)``) at least as well as a matches b, and at
+    :data:`GAP_MATCH_RATIO` of the yardstick, b alone is off (a section from elsewhere or
+    turned) and the walk goes on from c; otherwise c and every section beyond it were placed
+    through the bad link and get ``low_confidence``.
 
     Parameters
     ----------
     flags : list of str, length Z
-        The sections' flags so far; only usable ones (:data:`USABLE_FLAGS`) change.
+        The sections' flags so far; only usable ones (:data:`USABLE_FLAGS`) change, and
+        ``low_confidence`` only to ``poor_match``.
     pairs : dict of (int, int) to float
         NCC after alignment of consecutive usable sections a < b.
     reference : int
     skip_ncc : callable
-        NCC after alignment of two usable sections (a, c); called only for bad links.
+        NCC after alignment of two usable sections (a, c); called only after a poor link.
 
     Returns
     -------
     list of str, length Z
     """
     out = list(flags)
-    adjacent = [v for (a, b), v in pairs.items() if b - a == 1 and np.isfinite(v)]
-    if len(adjacent) < 3:  # no stack-wide yardstick
-        return out
-    limit = POOR_MATCH_RATIO * float(np.median(adjacent))
-    if limit <= 0:
+    yardstick = link_yardstick(pairs)
+    if yardstick is None:
         return out
     usable = [z for z, f in enumerate(flags) if f in USABLE_FLAGS]
     for side in (1, -1):
@@ -511,21 +548,38 @@ def flag_poor_links(flags: list[str], pairs: dict[tuple[int, int], float], refer
         i = 1
         while i < len(path):
             a, b = path[i - 1], path[i]
-            lo, hi = min(a, b), max(a, b)
-            v = pairs.get((lo, hi), np.nan)
             i += 1
-            if hi - lo != 1 or not v < limit:
+            if not poor_link(pairs, a, b, yardstick):
                 continue
             out[b] = FLAG_POOR_MATCH
             if i == len(path):
                 break
-            if not skip_ncc(a, path[i]) >= max(limit / 2, v):  # the sections beyond follow b
+            v = pairs[(min(a, b), max(a, b))]
+            floor = max(GAP_MATCH_RATIO * yardstick, v if np.isfinite(v) else -np.inf)
+            if not skip_ncc(a, path[i]) >= floor:  # the sections beyond follow b
                 for z in path[i:]:
                     if out[z] == FLAG_OK:
                         out[z] = FLAG_LOW_CONFIDENCE
                 break
             i += 1  # b alone is off: its link onwards says nothing about the next section
     return out
+
+
+def link_flag(flags: list[str], pairs: dict[tuple[int, int], float], z: int,
+              reference: int) -> str:
+    """Section ``z``'s flag once it alone has moved (Re-align section): ``flags[z]`` (as
+    its own alignment gave it), or ``poor_match`` if its link to the next usable section
+    towards the reference is poor (:func:`poor_link`). The flags that the run's check gave
+    the sections beyond it stay: they have not moved."""
+    if z == reference or flags[z] not in USABLE_FLAGS:
+        return flags[z]
+    yardstick = link_yardstick(pairs)
+    if yardstick is None:
+        return flags[z]
+    side = 1 if z > reference else -1
+    inner = [c for c in range(reference + side, z, side) if flags[c] in USABLE_FLAGS]
+    a = inner[-1] if inner else reference
+    return FLAG_POOR_MATCH if poor_link(pairs, a, z, yardstick) else flags[z]
 
 
 def check_binning(params: AlignParams, h: int, w: int) -> None:
@@ -650,7 +704,8 @@ def _iter_align_stack_blocks(arr: np.ndarray, params: AlignParams, *,
     return AlignmentResult(aligned=aligned, displacement=displacement, valid=valid,
                            ncc_before=summary.ncc_before, ncc_after=summary.ncc_after,
                            flags=summary.flags, params=params, timings=summary.timings,
-                           device=summary.device, environment=summary.environment)
+                           device=summary.device, environment=summary.environment,
+                           pair_ncc=dict(summary.pair_ncc))
 
 
 def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
@@ -749,7 +804,8 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     return AlignmentResult(aligned=aligned, displacement=displacement, valid=valid,
                            ncc_before=ncc_before, ncc_after=ncc_after, flags=flags,
                            params=params, timings=timings, device=str(device),
-                           environment=result_environment(params, device))
+                           environment=result_environment(params, device),
+                           pair_ncc=pairs_after)
 
 
 def align_section(stack: np.ndarray, z: int, params: AlignParams | None = None, *,

@@ -67,6 +67,8 @@ class BlockRunSummary:
     device : str
     environment : dict
         As :attr:`~napari_ssemnet.core.align.AlignmentResult.environment`.
+    pair_ncc : dict of (int, int) to float
+        As :attr:`~napari_ssemnet.core.align.AlignmentResult.pair_ncc`.
     """
 
     ncc_before: np.ndarray
@@ -76,6 +78,7 @@ class BlockRunSummary:
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     environment: dict[str, Any] = field(default_factory=dict)
+    pair_ncc: dict[tuple[int, int], float] = field(default_factory=dict)
 
 
 @dataclass
@@ -563,7 +566,8 @@ def iter_align_blocks(
     timings = {**timings, "total": t_before + time.perf_counter() - t_start}
     return BlockRunSummary(ncc_before=ncc_before, ncc_after=ncc_after, flags=flags,
                            blocks=blocks, timings=timings, device=str(device),
-                           environment=result_environment(params, device))
+                           environment=result_environment(params, device),
+                           pair_ncc=_restrict(pairs_after, usable))
 
 
 def _restrict(pairs: dict[tuple[int, int], float], usable: np.ndarray

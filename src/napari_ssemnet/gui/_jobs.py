@@ -133,11 +133,13 @@ def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event
 
 def _adjacent_ncc(aligned: np.ndarray, valid: np.ndarray, flags: list[str],
                   stack: np.ndarray, displacement: np.ndarray, z: int,
-                  before: np.ndarray) -> np.ndarray:
+                  before: np.ndarray, pairs: dict[tuple[int, int], float] | None = None
+                  ) -> tuple[np.ndarray, dict[tuple[int, int], float]]:
     """The run's NCC curve ``before`` with the values that section ``z`` moving changes
-    (its own and its usable neighbours') computed again, on tissue only as the core does."""
+    (its own and its usable neighbours') computed again, on tissue only as the core does;
+    and the run's ``pairs`` (:attr:`AlignmentResult.pair_ncc`) with those around z redone."""
     from ..core.align import USABLE_FLAGS, on_tissue
-    from ..core.metrics import adjacent_ncc, fill_mask
+    from ..core.metrics import adjacent_pairs, fill_mask, mean_of_pairs
 
     usable = np.array([f in USABLE_FLAGS for f in flags])
     order = [int(i) for i in np.nonzero(usable | (np.arange(len(flags)) == z))[0]]
@@ -145,12 +147,16 @@ def _adjacent_ncc(aligned: np.ndarray, valid: np.ndarray, flags: list[str],
     window = order[max(0, k - 2):k + 3]  # z, its neighbours, and theirs beyond
     sub_valid = np.stack([on_tissue(valid[i], fill_mask(np.asarray(stack[i])),
                                     displacement[i], "cpu") for i in window])
-    sub = adjacent_ncc(aligned[window], sub_valid, usable[window], robust=True)
+    local = adjacent_pairs(aligned[window], sub_valid, usable[window], robust=True)
+    around = {(window[a], window[b]): v for (a, b), v in local.items()}
+    sub = mean_of_pairs(local, usable[window])
     out = np.array(before, dtype=float)
     for n, i in enumerate(window):
         if abs(n - window.index(z)) <= 1:
             out[i] = sub[n]
-    return out
+    lo, hi = window[0], window[-1]  # pairs inside the window are replaced, not added to
+    kept = {key: v for key, v in (pairs or {}).items() if not (lo <= key[0] and key[1] <= hi)}
+    return out, {**kept, **around}
 
 
 def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentResult | None,
@@ -160,7 +166,7 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
     Returns :class:`SectionOutcome`, :class:`Cancelled` or :class:`Failure`.
     """
     try:
-        from ..core.align import USABLE_FLAGS, iter_align_section
+        from ..core.align import USABLE_FLAGS, iter_align_section, link_flag
 
         t0 = time.perf_counter()
         previous = None if base is None else base.displacement
@@ -196,12 +202,13 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
         result = None
         if base is not None:
             # neighbours' NCC changes too when z moves; recompute the whole curve
-            ncc_after = _adjacent_ncc(aligned, valid, flags, stack, displacement, z,
-                                      base.ncc_after)
+            ncc_after, pair_ncc = _adjacent_ncc(aligned, valid, flags, stack, displacement,
+                                                z, base.ncc_after, base.pair_ncc)
+            flags[z] = link_flag(flags, pair_ncc, z, base.params.reference)
             # the run's parameters stay; this section's own are recorded beside them
             result = dataclasses.replace(base, aligned=aligned, valid=valid,
                                          displacement=displacement, flags=flags,
-                                         ncc_after=ncc_after,
+                                         ncc_after=ncc_after, pair_ncc=pair_ncc,
                                          section_params={**base.section_params, z: params})
         error = local_ncc_error(aligned, valid, flags=flags)
         yield Progress("metrics", 1, 1, "local NCC error map")
