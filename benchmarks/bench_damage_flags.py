@@ -115,10 +115,13 @@ def intact(args) -> list[dict]:
         adjacent = [v for k, v in ratios.items() if int(k.split("-")[1]) - int(k.split("-")[0])
                     == 1]
         gaps = [v for k, v in ratios.items() if int(k.split("-")[1]) - int(k.split("-")[0]) > 1]
+        adjacent = [v for v in adjacent if v is not None]  # None: no yardstick
+        gaps = [v for v in gaps if v is not None]
+        low, low_gap = min(adjacent, default=None), min(gaps, default=None)
         rows.append({"stack": name, "flags": list(r.flags), "link_ratios": ratios,
-                     "lowest_adjacent": min(adjacent), "lowest_gap": min(gaps, default=None),
+                     "lowest_adjacent": low, "lowest_gap": low_gap,
                      "poor_match": [z for z, f in enumerate(r.flags) if f == "poor_match"]})
-        print(f"{name:28s} lowest adjacent {min(adjacent):.2f} gap {min(gaps, default=None)} "
+        print(f"{name:28s} lowest adjacent {low} gap {low_gap} "
               f"flags {[f or '-' for f in r.flags]}", flush=True)
     return rows
 

@@ -942,7 +942,8 @@ class AlignWidget(QWidget):
         a = getattr(sec, "ncc_after", float("nan"))
         verb = "Re-aligned" if commit else "Preview of"
         self.status.setText(f"{verb} section {out.z} in {out.seconds:.1f} s: NCC with neighbours "
-                            f"{b:.3f} → {a:.3f}" + (f" ({sec.flag})" if sec.flag else "") + "."
+                            f"{b:.3f} → {a:.3f}"
+                            + (f" ({out.flags[out.z]})" if out.flags[out.z] else "") + "."
                             + (f" {self._stale_text(job, source)} meanwhile: not kept."
                                if job.get("stale") else "")
                             + (" The NCC went down; the section is kept as re-aligned: "

@@ -637,23 +637,14 @@ def test_a_section_off_on_its_own_is_told_from_a_bad_link_that_moves_all_beyond(
     assert flag_poor_links(flags, pairs, 0, lambda a, c: seen.append((a, c)) or 0.2) == [
         "", "", "", "blank", "poor_match", "", "", ""]
     assert seen == [(2, 5)]
+    # a repeated section adds no tissue: the pair across it is held to the full bar
+    flags = ["", "", "", "duplicate", "", "", "", ""]
+    pairs = {(0, 1): 0.4, (1, 2): 0.4, (2, 4): 0.12, (4, 5): 0.12, (5, 6): 0.4, (6, 7): 0.4}
+    assert flag_poor_links(flags, pairs, 0, lambda a, c: 0.4) == [
+        "", "", "", "duplicate", "poor_match", "", "", ""]
     # a low link at the end of the stack flags the last section only
     assert flag_poor_links(["", "low_confidence", "", "", ""], _chain([0.35, 0.38, 0.4, 0.1]),
                            0, _never) == ["", "low_confidence", "", "", "poor_match"]
-
-
-def test_the_link_of_a_section_moved_alone_is_judged_again():
-    from napari_ssemnet.core.align import link_flag
-
-    flags = ["", "", "blank", "low_confidence", "", ""]
-    pairs = {(0, 1): 0.4, (1, 3): 0.05, (3, 4): 0.4, (4, 5): 0.4}
-    assert link_flag(flags, pairs, 3, 0) == "poor_match"  # judged over the blank section
-    pairs[(1, 3)] = 0.3
-    assert link_flag(flags, pairs, 3, 0) == "low_confidence"  # its own flag otherwise
-    assert link_flag(flags, pairs, 2, 0) == "blank" and link_flag(flags, pairs, 0, 0) == ""
-    # towards a reference above it, the link is the one to the section after it
-    assert link_flag(["", "", "", ""], _chain([0.05, 0.4, 0.4]), 0, 3) == "poor_match"
-    assert link_flag(["", "", "", ""], _chain([0.05, 0.4, 0.4]), 1, 3) == ""
 
 
 def test_block_wise_skip_pairs_are_the_ncc_of_the_aligned_sections(small):

@@ -89,9 +89,9 @@ def test_the_ncc_curve_after_a_realign_equals_a_full_recompute_on_tissue():
     assert not np.allclose(got[2:5], r.ncc_after[2:5])  # z and its neighbours did change
 
 
-def test_re_aligning_a_turned_section_keeps_its_poor_match_and_a_good_one_loses_it():
-    # the section job cannot see the whole stack's check; it judges the moved section's
-    # own link again (Re-align used to clear poor_match whatever the result)
+def test_re_aligning_runs_the_check_of_the_links_again_from_the_run_s_placement():
+    # Re-align once cleared poor_match, dropped the low_confidence the check had given, and
+    # judged the section after a lone stranger against it
     import threading
 
     from napari_ssemnet.core.align import align_stack, run_generator
@@ -99,20 +99,19 @@ def test_re_aligning_a_turned_section_keeps_its_poor_match_and_a_good_one_loses_
     from napari_ssemnet.core.sample import load_sample
     from napari_ssemnet.gui._jobs import SectionOutcome, section_job
 
-    stack = load_sample()
-    stack[4] = np.rot90(stack[4])
-    r = align_stack(stack, device="cpu")
-    assert r.flags[4] == "poor_match"
     params = AlignParams(device="cpu")
-    out = run_generator(section_job(stack, 4, params, r, threading.Event()), None)
+    lone = load_sample()
+    lone[4] = np.rot90(lone[4])
+    r = align_stack(lone, device="cpu")
+    assert r.flags == [""] * 4 + ["poor_match"] + [""] * 3 and r.placed_flags == [""] * 8
+    out = run_generator(section_job(lone, 5, params, r, threading.Event()), None)
     assert isinstance(out, SectionOutcome)
-    assert out.flags[4] == "poor_match" and out.result.flags == out.flags
-    assert out.flags[:4] == ["", "", "", ""] and out.flags[5:] == ["", "", ""]
-    # a section whose re-aligned link is fine loses the flag (here: an intact stack's run
-    # with section 4 marked as the check would have marked it)
-    good = load_sample()
-    g = align_stack(good, device="cpu")
-    g.flags[4] = "poor_match"
-    out = run_generator(section_job(good, 4, params, g, threading.Event()), None)
-    assert out.flags == [""] * 8, out.flags
-    assert out.result.pair_ncc[(3, 4)] > 0.2 > r.pair_ncc[(3, 4)]
+    assert out.flags == r.flags and out.result.flags == out.flags
+    assert out.result.placed_flags == [""] * 8
+    # sections 4-7 all turned: the stack breaks at 4 and 5-7 follow it
+    broken = load_sample()
+    broken[4:] = np.rot90(broken[4:], axes=(1, 2))
+    r = align_stack(broken, device="cpu")
+    assert r.flags == [""] * 4 + ["poor_match"] + ["low_confidence"] * 3
+    out = run_generator(section_job(broken, 5, params, r, threading.Event()), None)
+    assert out.flags == r.flags

@@ -39,8 +39,9 @@ and VNC sections measured 0.61 or more of it, foreign, turned and misplaced sect
 mostly under 0.45 (docs/benchmarks.md, "Checking the links after the fit")."""
 
 GAP_MATCH_RATIO = 0.25
-"""The same for a pair that skips sections that are not used (blank, no overlap, repeated):
-it spans more tissue, and such pairs of intact sections measured 0.39 or more."""
+"""The same for a pair that skips a blank section or one with no overlap: it spans more
+tissue, and such pairs of intact sections measured 0.39 or more (a pair across a repeated
+section is held to :data:`POOR_MATCH_RATIO`: the repeat adds no tissue)."""
 
 MIN_SIZE = 32
 """Smallest section side the pyramid and the encoder can work with (pixels)."""
@@ -146,6 +147,9 @@ class AlignmentResult:
     pair_ncc : dict of (int, int) to float
         NCC after alignment of each pair of consecutive usable sections (a, b), a < b: the
         values behind ``ncc_after`` and the ``poor_match`` check.
+    placed_flags : list of str, length Z
+        The flags before that check (:func:`flag_poor_links`), for running it again after
+        a section moved (Re-align section).
     """
 
     aligned: np.ndarray
@@ -160,6 +164,7 @@ class AlignmentResult:
     section_params: dict[int, AlignParams] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     pair_ncc: dict[tuple[int, int], float] = field(default_factory=dict)
+    placed_flags: list[str] = field(default_factory=list)
 
     def section_params_json(self) -> str:
         """``section_params`` as a JSON object keyed by section ("" when there are none)."""
@@ -209,9 +214,9 @@ def format_summary(shape: tuple[int, ...], device: str, timings: dict[str, float
         lines.append(
             f"{_ranges(poor)}: {FLAG_POOR_MATCH} means that after alignment the section "
             "matches its neighbour towards the reference at less than half the stack's usual "
-            "NCC: it may be off, damaged or from elsewhere; if the section after it does not "
-            "match the one before it either, the sections beyond were placed through it and "
-            f"are flagged {FLAG_LOW_CONFIDENCE}")
+            "NCC (a quarter across a blank section): it may be off, damaged or from "
+            "elsewhere; if the section after it does not match the one before it either, the "
+            f"sections beyond were placed through it and are flagged {FLAG_LOW_CONFIDENCE}")
     return "\n".join(lines)
 
 
@@ -499,15 +504,17 @@ def link_yardstick(pairs: dict[tuple[int, int], float]) -> float | None:
     return y if y > 0 else None
 
 
-def poor_link(pairs: dict[tuple[int, int], float], a: int, b: int, yardstick: float) -> bool:
+def poor_link(pairs: dict[tuple[int, int], float], a: int, b: int, yardstick: float,
+              flags: list[str]) -> bool:
     """Whether the pair of usable sections ``a`` and ``b`` matches under
-    :data:`POOR_MATCH_RATIO` (:data:`GAP_MATCH_RATIO` when it skips sections) of
-    ``yardstick``; a pair with no NCC (no tissue in common) is poor, one not in ``pairs``
-    is not judged."""
+    :data:`POOR_MATCH_RATIO` of ``yardstick`` (:data:`GAP_MATCH_RATIO` when a section
+    between them is blank or has no overlap; a repeated one adds no tissue); a pair with no
+    NCC (no tissue in common) is poor, one not in ``pairs`` is not judged."""
     lo, hi = min(a, b), max(a, b)
     if (lo, hi) not in pairs:
         return False
-    ratio = POOR_MATCH_RATIO if hi - lo == 1 else GAP_MATCH_RATIO
+    gap = any(flags[z] != FLAG_DUPLICATE for z in range(lo + 1, hi))
+    ratio = GAP_MATCH_RATIO if gap else POOR_MATCH_RATIO
     return not pairs[(lo, hi)] >= ratio * yardstick
 
 
@@ -549,7 +556,7 @@ def flag_poor_links(flags: list[str], pairs: dict[tuple[int, int], float], refer
         while i < len(path):
             a, b = path[i - 1], path[i]
             i += 1
-            if not poor_link(pairs, a, b, yardstick):
+            if not poor_link(pairs, a, b, yardstick, flags):
                 continue
             out[b] = FLAG_POOR_MATCH
             if i == len(path):
@@ -563,23 +570,6 @@ def flag_poor_links(flags: list[str], pairs: dict[tuple[int, int], float], refer
                 break
             i += 1  # b alone is off: its link onwards says nothing about the next section
     return out
-
-
-def link_flag(flags: list[str], pairs: dict[tuple[int, int], float], z: int,
-              reference: int) -> str:
-    """Section ``z``'s flag once it alone has moved (Re-align section): ``flags[z]`` (as
-    its own alignment gave it), or ``poor_match`` if its link to the next usable section
-    towards the reference is poor (:func:`poor_link`). The flags that the run's check gave
-    the sections beyond it stay: they have not moved."""
-    if z == reference or flags[z] not in USABLE_FLAGS:
-        return flags[z]
-    yardstick = link_yardstick(pairs)
-    if yardstick is None:
-        return flags[z]
-    side = 1 if z > reference else -1
-    inner = [c for c in range(reference + side, z, side) if flags[c] in USABLE_FLAGS]
-    a = inner[-1] if inner else reference
-    return FLAG_POOR_MATCH if poor_link(pairs, a, z, yardstick) else flags[z]
 
 
 def check_binning(params: AlignParams, h: int, w: int) -> None:
@@ -705,7 +695,8 @@ def _iter_align_stack_blocks(arr: np.ndarray, params: AlignParams, *,
                            ncc_before=summary.ncc_before, ncc_after=summary.ncc_after,
                            flags=summary.flags, params=params, timings=summary.timings,
                            device=summary.device, environment=summary.environment,
-                           pair_ncc=dict(summary.pair_ncc))
+                           pair_ncc=dict(summary.pair_ncc),
+                           placed_flags=list(summary.placed_flags))
 
 
 def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
@@ -797,6 +788,7 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     tissue = valid if fill is None else ~fill
     pairs_after = metrics.adjacent_pairs(aligned, tissue, usable, robust=True,
                                          should_stop=stop_check)
+    placed_flags = flags
     flags = flag_poor_links(flags, pairs_after, params.reference, lambda a, c: metrics.ncc(
         aligned[a], aligned[c], tissue[a] & tissue[c], robust=True))
     ncc_after = metrics.mean_of_pairs(pairs_after, usable)
@@ -805,7 +797,7 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
                            ncc_before=ncc_before, ncc_after=ncc_after, flags=flags,
                            params=params, timings=timings, device=str(device),
                            environment=result_environment(params, device),
-                           pair_ncc=pairs_after)
+                           pair_ncc=pairs_after, placed_flags=placed_flags)
 
 
 def align_section(stack: np.ndarray, z: int, params: AlignParams | None = None, *,

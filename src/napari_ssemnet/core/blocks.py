@@ -67,8 +67,8 @@ class BlockRunSummary:
     device : str
     environment : dict
         As :attr:`~napari_ssemnet.core.align.AlignmentResult.environment`.
-    pair_ncc : dict of (int, int) to float
-        As :attr:`~napari_ssemnet.core.align.AlignmentResult.pair_ncc`.
+    pair_ncc, placed_flags
+        As in :class:`~napari_ssemnet.core.align.AlignmentResult`.
     """
 
     ncc_before: np.ndarray
@@ -79,6 +79,7 @@ class BlockRunSummary:
     device: str = "cpu"
     environment: dict[str, Any] = field(default_factory=dict)
     pair_ncc: dict[tuple[int, int], float] = field(default_factory=dict)
+    placed_flags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -558,6 +559,7 @@ def iter_align_blocks(
         if on_block is not None:
             on_block(st)
 
+    placed_flags = list(flags)
     flags[:] = flag_poor_links(flags, pairs_after, params.reference,
                                lambda a, c: _skip_ncc(stack, displacement, a, c, device))
     usable = np.array([f in USABLE_FLAGS for f in flags])
@@ -567,7 +569,7 @@ def iter_align_blocks(
     return BlockRunSummary(ncc_before=ncc_before, ncc_after=ncc_after, flags=flags,
                            blocks=blocks, timings=timings, device=str(device),
                            environment=result_environment(params, device),
-                           pair_ncc=_restrict(pairs_after, usable))
+                           pair_ncc=_restrict(pairs_after, usable), placed_flags=placed_flags)
 
 
 def _restrict(pairs: dict[tuple[int, int], float], usable: np.ndarray

@@ -159,6 +159,17 @@ def _adjacent_ncc(aligned: np.ndarray, valid: np.ndarray, flags: list[str],
     return out, {**kept, **around}
 
 
+def _skip_ncc(aligned: np.ndarray, valid: np.ndarray, stack: np.ndarray,
+              displacement: np.ndarray, a: int, c: int) -> float:
+    """NCC of aligned sections ``a`` and ``c`` on the tissue of both, as the core's pairs."""
+    from ..core.align import on_tissue
+    from ..core.metrics import fill_mask, ncc
+
+    ok = [on_tissue(valid[i], fill_mask(np.asarray(stack[i])), displacement[i], "cpu")
+          for i in (a, c)]
+    return ncc(aligned[a], aligned[c], ok[0] & ok[1], robust=True)
+
+
 def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentResult | None,
                 stop: threading.Event) -> Generator[Any, None, Any]:
     """Align section ``z`` only (neighbours fixed at ``base`` or identity).
@@ -166,7 +177,7 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
     Returns :class:`SectionOutcome`, :class:`Cancelled` or :class:`Failure`.
     """
     try:
-        from ..core.align import USABLE_FLAGS, iter_align_section, link_flag
+        from ..core.align import USABLE_FLAGS, flag_poor_links, iter_align_section
 
         t0 = time.perf_counter()
         previous = None if base is None else base.displacement
@@ -178,7 +189,8 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
             aligned = base.aligned.copy()
             valid = base.valid.copy()
             displacement = base.displacement.copy()
-            flags = list(base.flags)
+            # the check of the links runs again below, from the flags it started from
+            flags = list(base.placed_flags or base.flags)
             ncc_before = np.array(base.ncc_before, dtype=float)
             ncc_after = np.array(base.ncc_after, dtype=float)
         else:
@@ -204,11 +216,15 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
             # neighbours' NCC changes too when z moves; recompute the whole curve
             ncc_after, pair_ncc = _adjacent_ncc(aligned, valid, flags, stack, displacement,
                                                 z, base.ncc_after, base.pair_ncc)
-            flags[z] = link_flag(flags, pair_ncc, z, base.params.reference)
+            placed = list(flags)
+            flags = flag_poor_links(placed, pair_ncc, base.params.reference,
+                                    lambda a, c: _skip_ncc(aligned, valid, stack, displacement,
+                                                           a, c))
             # the run's parameters stay; this section's own are recorded beside them
             result = dataclasses.replace(base, aligned=aligned, valid=valid,
                                          displacement=displacement, flags=flags,
                                          ncc_after=ncc_after, pair_ncc=pair_ncc,
+                                         placed_flags=placed,
                                          section_params={**base.section_params, z: params})
         error = local_ncc_error(aligned, valid, flags=flags)
         yield Progress("metrics", 1, 1, "local NCC error map")
