@@ -11,9 +11,14 @@ def test_the_current_sections_flag_is_named_and_its_tick_stays_visible(qtbot):
     plot.resize(300, 130)
     plot.set_data([0.1, 0.1, 0.2], [0.3, None, 0.35], flags=["", "blank", ""])
     plot.set_current(1)
-    assert plot.readout() == "z=1  before 0.100  flagged: blank"
+    assert plot.readout() == "z=1 blank: before 0.100"
     plot.set_current(2)
-    assert "flagged" not in plot.readout()
+    assert plot.readout() == "z=2: NCC 0.200 → 0.350"
+    # the flag comes first: the line is cut to the room left of the legend, and on the
+    # panel's plot "flagged: poor_match" was cut to "flagged: po"
+    plot.set_data([0.1, -0.054], [0.3, 0.026], flags=["", "low_confidence"])
+    plot.set_current(1)
+    assert plot.readout().startswith("z=1 low_confidence: NCC -0.054 → 0.026")
     # on the section shown, the current-section line was drawn over the red tick and hid it
     plot.set_current(1)
     image = plot.grab().toImage()

@@ -149,8 +149,9 @@ class NccPlot(QWidget):
             p.setPen(QPen(CURRENT_COLOR, 1.5, Qt.DashLine))
             p.drawLine(QPointF(x, rect.top()), QPointF(x, rect.bottom()))
             p.setPen(QPen(text, 1))
-            p.drawText(QRectF(rect.left(), 2, rect.width() - 100, 14), Qt.AlignLeft,
-                       self.readout())
+            room = rect.width() - 100
+            p.drawText(QRectF(rect.left(), 2, room, 14), Qt.AlignLeft,
+                       p.fontMetrics().elidedText(self.readout(), Qt.ElideRight, int(room)))
         # over the current-section line, which hid the tick of the section being looked at
         for i, flag in enumerate(self.flags):
             if flag:
@@ -165,16 +166,20 @@ class NccPlot(QWidget):
         p.end()
 
     def readout(self) -> str:
-        """The line above the plot: the current section, its NCC before and after, its flag."""
-        if self.current is None or not 0 <= self.current < self.n_sections():
+        """The line above the plot: the current section, its flag, its NCC before and after
+        (the flag first: a narrow panel cuts the end of the line off)."""
+        z = self.current
+        if z is None or not 0 <= z < self.n_sections():
             return ""
-        label = f"z={self.current}"
-        for name, values in (("before", self.before), ("after", self.after)):
-            if self.current < values.size and np.isfinite(values[self.current]):
-                label += f"  {name} {values[self.current]:.3f}"
-        if self.current < len(self.flags) and self.flags[self.current]:
-            label += f"  flagged: {self.flags[self.current]}"
-        return label
+        label = f"z={z}"
+        if z < len(self.flags) and self.flags[z]:
+            label += f" {self.flags[z]}"
+        found = {name: values[z] for name, values in (("before", self.before),
+                                                       ("after", self.after))
+                 if z < values.size and np.isfinite(values[z])}
+        if len(found) == 2:
+            return label + f": NCC {found['before']:.3f} → {found['after']:.3f}"
+        return label + "".join(f": {k} {v:.3f}" for k, v in found.items())
 
     def mousePressEvent(self, event) -> None:  # noqa: N802 - Qt API
         n = self.n_sections()
