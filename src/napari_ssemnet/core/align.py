@@ -789,8 +789,12 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     pairs_after = metrics.adjacent_pairs(aligned, tissue, usable, robust=True,
                                          should_stop=stop_check)
     placed_flags = flags
-    flags = flag_poor_links(flags, pairs_after, params.reference, lambda a, c: metrics.ncc(
-        aligned[a], aligned[c], tissue[a] & tissue[c], robust=True))
+
+    def skip_ncc(a: int, c: int) -> float:
+        stop_check()
+        return metrics.ncc(aligned[a], aligned[c], tissue[a] & tissue[c], robust=True)
+
+    flags = flag_poor_links(flags, pairs_after, params.reference, skip_ncc)
     ncc_after = metrics.mean_of_pairs(pairs_after, usable)
     timings["total"] = time.perf_counter() - t_start
     return AlignmentResult(aligned=aligned, displacement=displacement, valid=valid,

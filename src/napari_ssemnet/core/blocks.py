@@ -560,8 +560,12 @@ def iter_align_blocks(
             on_block(st)
 
     placed_flags = list(flags)
-    flags[:] = flag_poor_links(flags, pairs_after, params.reference,
-                               lambda a, c: _skip_ncc(stack, displacement, a, c, device))
+
+    def skip_ncc(a: int, c: int) -> float:
+        stop_check()  # each call resamples two whole sections
+        return _skip_ncc(stack, displacement, a, c, device)
+
+    flags[:] = flag_poor_links(flags, pairs_after, params.reference, skip_ncc)
     usable = np.array([f in USABLE_FLAGS for f in flags])
     ncc_before = metrics.mean_of_pairs(_restrict(pairs_before, usable), usable)
     ncc_after = metrics.mean_of_pairs(pairs_after, usable)
