@@ -164,6 +164,8 @@ def main() -> None:
                              and r.flags[z]]
                     rows.append({"crop": crop, "seed": seed, "reference": ref, "case": name,
                                  "per_section": err, "flags": list(r.flags),
+                                 "replaced_unflagged": [z for z in bad if not r.flags[z]
+                                                        and name != "hard"],
                                  "link_ratios": link_ratios(r),
                                  "off_unflagged": silent, "flagged_within_5px": alarm,
                                  "seconds": round(secs, 1)})
@@ -173,12 +175,16 @@ def main() -> None:
     n_silent = sum(len(r["off_unflagged"]) for r in rows)
     n_off = sum(sum(v is not None and v > 10 for v in r["per_section"]) for r in rows)
     n_alarm = sum(len(r["flagged_within_5px"]) for r in rows)
+    n_replaced = sum(r["case"] in ("foreign4", "rot90_4") for r in rows)
+    n_replaced_silent = sum(len(r["replaced_unflagged"]) for r in rows)
     print(f"{n_silent} of {n_off} sections more than 10 px off carry no flag; "
-          f"{n_alarm} flagged sections are within 5 px")
+          f"{n_alarm} flagged sections are within 5 px; {n_replaced_silent} of {n_replaced} "
+          "foreign or turned sections carry no flag")
     intact_rows = intact(args) if args.part != "damage" else []
     finish(args.out, {"code": code_version(), "machine": machine, "rows": rows,
                       "off_by_10px": n_off, "off_unflagged": n_silent,
-                      "flagged_within_5px": n_alarm, "intact": intact_rows})
+                      "flagged_within_5px": n_alarm, "replaced_sections": n_replaced,
+                      "replaced_unflagged": n_replaced_silent, "intact": intact_rows})
 
 
 if __name__ == "__main__":

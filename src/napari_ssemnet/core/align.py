@@ -35,8 +35,9 @@ USABLE_FLAGS = (FLAG_OK, FLAG_LOW_CONFIDENCE, FLAG_POOR_MATCH)
 POOR_MATCH_RATIO = 0.5
 """A pair of adjacent aligned sections whose NCC is under this share of the stack's usual
 NCC (:func:`link_yardstick`) is a bad link (:func:`flag_poor_links`). Pairs of intact ISBI
-and VNC sections measured 0.61 or more of it, foreign, turned and misplaced sections
-mostly under 0.45 (docs/benchmarks.md, "Checking the links after the fit")."""
+and VNC sections measured 0.61 or more of it (43 runs), the pair that links a foreign or
+turned section to its stack 0.45 or less (8 runs; docs/benchmarks.md, "Checking the links
+after the fit")."""
 
 GAP_MATCH_RATIO = 0.25
 """The same for a pair that skips a blank section or one with no overlap: it spans more
