@@ -108,6 +108,10 @@ def test_summary_json_for_pipelines(tiny_tif, tmp_path, capsys):
         assert (data["sections"], data["height"], data["width"]) == (4, 96, 96)
         assert data["params"]["iterations"] == 5 and len(data["flags"]) == 4
         assert len(data["ncc_after"]) == 4 and data["wall_seconds"] > 0
+        # the links behind ncc_after: section 1's value is the mean of its two pairs
+        pairs = {(a, b): v for a, b, v in data["pair_ncc"]}
+        assert list(pairs) == [(0, 1), (1, 2), (2, 3)]
+        assert abs((pairs[(0, 1)] + pairs[(1, 2)]) / 2 - data["ncc_after"][1]) < 1e-9
         assert data["blocks"] == (2 if extra else None)
         assert data["output_dtype"] == "input" and data["resumed"] is False
         assert data["environment"]["torch_threads"] == torch.get_num_threads()

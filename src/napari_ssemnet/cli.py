@@ -542,7 +542,7 @@ def _report(args: argparse.Namespace, out: TextIO, shape: tuple[int, int, int], 
     out.write(_wall_line())
     _write_summary(args, shape, dtype, res.device, params, res.timings, res.ncc_before,
                    res.ncc_after, res.flags, out_path, fields, blocks=blocks,
-                   resumed=resumed, environment=_environment(res))
+                   resumed=resumed, environment=_environment(res), pair_ncc=res.pair_ncc)
     return EXIT_OK
 
 
@@ -589,7 +589,8 @@ def _write_summary(args: argparse.Namespace, shape: tuple[int, int, int], dtype:
                    device: str, params: AlignParams, timings: dict[str, float],
                    ncc_before: Any, ncc_after: Any, flags: list[str], output: Path,
                    fields: Path | None, blocks: int | None = None,
-                   resumed: bool = False, environment: dict[str, Any] | None = None) -> None:
+                   resumed: bool = False, environment: dict[str, Any] | None = None,
+                   pair_ncc: dict[tuple[int, int], float] | None = None) -> None:
     """``--summary-json``: the run's figures for a pipeline (JSON; NaN written as null)."""
     if not getattr(args, "summary_json", None):
         return
@@ -608,6 +609,9 @@ def _write_summary(args: argparse.Namespace, shape: tuple[int, int, int], dtype:
         "wall_seconds": time.monotonic() - _STARTED[0],
         "ncc_before": numbers(ncc_before), "ncc_after": numbers(ncc_after),
         "flags": list(flags),
+        # [a, b, NCC] of consecutive usable sections after alignment (the poor_match check)
+        "pair_ncc": [[int(a), int(b), *numbers([v])]
+                     for (a, b), v in sorted((pair_ncc or {}).items())],
         "output_dtype": args.output_dtype, "resumed": resumed,
         "environment": environment,
     }
