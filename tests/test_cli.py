@@ -86,6 +86,10 @@ def test_align_writes_tiff_and_fields(tiny_tif, tmp_path, capsys):
     assert params == expected.to_dict()
     _, _, extra = load_fields(fields, with_extra=True)
     assert extra["flags"].shape == (4,) and extra["ncc_after"].shape == (4,)
+    # the pairs behind ncc_after (and the poor_match check): rows (a, b, NCC)
+    assert extra["pair_ncc"].shape == (3, 3) and extra["pair_ncc"][:, :2].tolist() == [
+        [0, 1], [1, 2], [2, 3]]
+    assert abs(extra["pair_ncc"][0, 2] - extra["ncc_after"][0]) < 1e-9
     assert str(extra["version"]) == __version__ and str(extra["device_used"]) == "cpu"
     env = json.loads(str(extra["environment"]))  # what a methods section needs
     assert env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads()

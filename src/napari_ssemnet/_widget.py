@@ -882,7 +882,8 @@ class AlignWidget(QWidget):
                      "flags": res.flags, "params": res.params.to_dict(),
                      "extra": {"timings": dict(res.timings), "device": res.device,
                                "source_dtype": job["dtype"],
-                               "environment": dict(res.environment)}})
+                               "environment": dict(res.environment),
+                               "pair_ncc": L.pair_list(res.pair_ncc)}})
         if not job.get("stale"):
             self.results[source] = res
         self._update_plot()
@@ -893,6 +894,8 @@ class AlignWidget(QWidget):
                 f"Mean NCC {np.nanmean(res.ncc_before):.3f} → {np.nanmean(res.ncc_after):.3f}.")
         if res.flagged:
             text += " Flagged: " + ", ".join(f"{i} ({res.flags[i]})" for i in res.flagged[:6])
+            more = len(res.flagged) - 6
+            text += (f" and {more} more (red ticks in the plot)." if more > 0 else ".")
         text += self._arrow_text(source)
         if job.get("stale") == "removed":  # the layers stay: they may be all the user has
             text += (f" {self._stale_text(job, source)} during the run: these layers hold "
@@ -918,7 +921,8 @@ class AlignWidget(QWidget):
         if commit:  # the run's parameters, and those of its re-aligned sections
             params = out.result.params.to_dict()
             extra.update(timings=dict(out.result.timings), device=out.result.device,
-                         environment=dict(out.result.environment))
+                         environment=dict(out.result.environment),
+                         pair_ncc=L.pair_list(out.result.pair_ncc))
             extra["section_params"] = {str(k): p.to_dict()
                                        for k, p in sorted(out.result.section_params.items())}
         keep = commit and not job.get("stale")
@@ -1008,6 +1012,7 @@ class AlignWidget(QWidget):
     def save_fields(self, path: str | Path) -> str | None:
         """Write the selected layer's last displacement fields to ``path`` (.npz)."""
         from ._writer import save_fields
+        from .core.io import pair_array
 
         layer = self.selected_layer()
         result = self._result_for(layer) if layer is not None else None
@@ -1018,7 +1023,9 @@ class AlignWidget(QWidget):
             return save_fields(path, result.displacement, params=result.params,
                                flags=result.flags,
                                section_params=result.section_params_json(),
-                               environment=result.environment)
+                               environment=result.environment,
+                               ncc_before=result.ncc_before, ncc_after=result.ncc_after,
+                               pair_ncc=pair_array(result.pair_ncc))
         except (OSError, SsemnetError, ValueError) as exc:
             show_error(f"Could not save fields to {path}: {exc}")
             return None

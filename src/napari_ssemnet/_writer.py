@@ -19,7 +19,7 @@ from .core.errors import SsemnetError
 
 def save_fields(path: str | Path, displacement: np.ndarray, params: Any = None,
                 flags: list[str] | None = None, section_params: str = "",
-                environment: dict[str, Any] | None = None) -> str:
+                environment: dict[str, Any] | None = None, **arrays: np.ndarray) -> str:
     """Write a displacement field (Z, 2, H, W) to an ``.npz`` (key ``displacement``).
 
     Parameters
@@ -35,6 +35,9 @@ def save_fields(path: str | Path, displacement: np.ndarray, params: Any = None,
     environment : dict, optional
         The run's ``AlignmentResult.environment`` (versions, threads, device, date); stored
         as JSON under that key when not empty.
+    **arrays : ndarray
+        More arrays to store as they are (the widget: ``ncc_before``, ``ncc_after``,
+        ``pair_ncc``).
 
     Returns
     -------
@@ -44,6 +47,7 @@ def save_fields(path: str | Path, displacement: np.ndarray, params: Any = None,
     from .core import io
 
     extra = {"section_params": np.array(section_params)} if section_params else {}
+    extra.update(arrays)
     if environment:
         extra["environment"] = np.array(json.dumps(environment))
     return str(io.save_fields(path, displacement, params=params, flags=flags, **extra))
@@ -141,11 +145,17 @@ def write_fields(path: str, data: Any, meta: dict) -> list[str]:
                          "an alignment; press Re-align section to keep it (after Align), or "
                          "Align, then save.")
     sections = entry.get("section_params") or {}
+    arrays = {k: np.array([np.nan if v is None else v for v in entry[k]], np.float64)
+              for k in ("ncc_before", "ncc_after") if entry.get(k) is not None}
+    if entry.get("pair_ncc") is not None:  # rows [a, b, NCC] as Save fields writes them
+        arrays["pair_ncc"] = np.array([[a, b, np.nan if v is None else v]
+                                       for a, b, v in entry["pair_ncc"]],
+                                      np.float64).reshape(-1, 3)
     try:
         path = save_fields(path, disp, params=entry.get("params") or None,
                            flags=entry.get("flags"),
                            section_params=json.dumps(sections) if sections else "",
-                           environment=entry.get("environment"))
+                           environment=entry.get("environment"), **arrays)
     except SsemnetError as exc:  # e.g. an InputError (a ValueError) for a bad name
         raise SsemnetError(str(exc)) from None
     return [path]

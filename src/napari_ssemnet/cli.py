@@ -538,7 +538,7 @@ def _report(args: argparse.Namespace, out: TextIO, shape: tuple[int, int, int], 
         if resumed:  # else "7.9 s on cpu" beside "wall time 4.8 s" reads as a mistake
             out.write("(resumed: the times below include the blocks of the stopped run)\n")
     out.write(format_summary(shape, res.device, res.timings, res.ncc_before, res.ncc_after,
-                             res.flags) + "\n")
+                             res.flags, reference=params.reference) + "\n")
     out.write(_wall_line())
     _write_summary(args, shape, dtype, res.device, params, res.timings, res.ncc_before,
                    res.ncc_after, res.flags, out_path, fields, blocks=blocks,
@@ -801,12 +801,12 @@ def _fields_partial(fields: Path | None) -> Path | None:
 def _fields_writer(displacement: Any, params: AlignParams, res: Any) -> Callable[[Path], None]:
     """Writes ``displacement`` with the run's parameters, flags, NCC and provenance
     (``res``: an :class:`AlignmentResult` or a block-wise summary) to a path."""
-    from .core.io import save_fields
+    from .core.io import pair_array, save_fields
 
     def write(path: Path) -> None:
         save_fields(path, displacement, params=params, flags=res.flags,
                     ncc_before=res.ncc_before, ncc_after=res.ncc_after,
-                    **_provenance(res))
+                    pair_ncc=pair_array(res.pair_ncc), **_provenance(res))
     return write
 
 

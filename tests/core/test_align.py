@@ -668,6 +668,12 @@ def test_a_section_turned_by_90_degrees_is_flagged_alone_joint_and_block_wise(mo
     r = align_stack(stack, device="cpu")
     assert r.flags == [""] * 4 + ["poor_match"] + [""] * 3
     assert "poor_match means that after alignment" in r.summary()
+    assert "the reference section itself may be" not in r.summary()
+    # the stranger as the reference: every other section is flagged, and the summary says
+    # where to look
+    turned_ref = align_stack(stack, device="cpu", reference=4)
+    assert all(f for z, f in enumerate(turned_ref.flags) if z != 4), turned_ref.flags
+    assert "the reference section itself may be damaged" in turned_ref.summary()
     blocks = align_stack(stack, device="cpu", block_size=5)
     assert blocks.flags == r.flags
     monkeypatch.setattr(align_module, "flag_poor_links", lambda flags, *a: list(flags))

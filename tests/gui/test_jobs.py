@@ -115,3 +115,25 @@ def test_re_aligning_runs_the_check_of_the_links_again_from_the_run_s_placement(
     assert r.flags == [""] * 4 + ["poor_match"] + ["low_confidence"] * 3
     out = run_generator(section_job(broken, 5, params, r, threading.Event()), None)
     assert out.flags == r.flags
+
+
+def test_re_aligning_keeps_the_sections_own_doubtful_placement():
+    # started from the run's field, Re-align does not place the section again: it dropped
+    # its low_confidence and kept that of the sections placed through it
+    import dataclasses
+    import threading
+
+    from napari_ssemnet.core.align import align_stack, run_generator
+    from napari_ssemnet.core.params import AlignParams
+    from napari_ssemnet.core.sample import load_sample
+    from napari_ssemnet.gui._jobs import section_job
+
+    stack = load_sample()
+    r = align_stack(stack, device="cpu")
+    assert r.flags == [""] * 8
+    doubtful = [""] * 5 + ["low_confidence"] * 3  # as a doubtful match of section 5 gives
+    r = dataclasses.replace(r, flags=list(doubtful), placed_flags=list(doubtful))
+    out = run_generator(section_job(stack, 5, AlignParams(device="cpu"), r,
+                                    threading.Event()), None)
+    assert out.flags == doubtful and out.result.placed_flags == doubtful
+    assert list(out.result.pair_ncc) == sorted(out.result.pair_ncc)

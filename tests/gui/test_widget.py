@@ -269,6 +269,12 @@ def test_preview_then_realign(qtbot, viewer_widget, stack, tmp_path):
     np.testing.assert_array_equal(written["displacement"], saved["displacement"])
     assert json.loads(str(written["section_params"])) == json.loads(str(saved["section_params"]))
     assert json.loads(str(written["environment"])) == res.environment
+    # and the links after the re-align (the numbers behind poor_match), both ways alike
+    from napari_ssemnet.core.io import pair_array
+
+    np.testing.assert_array_equal(saved["pair_ncc"], pair_array(res.pair_ncc))
+    np.testing.assert_array_equal(written["pair_ncc"], saved["pair_ncc"])
+    np.testing.assert_array_equal(written["ncc_after"], saved["ncc_after"])
 
     # the reference stays put: re-aligning it would move it (1.2 px in a review)
     viewer.dims.set_current_step(0, 0)

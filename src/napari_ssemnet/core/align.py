@@ -181,11 +181,12 @@ class AlignmentResult:
     def summary(self) -> str:
         """A few human-readable lines about the run."""
         return format_summary(self.aligned.shape, self.device, self.timings, self.ncc_before,
-                              self.ncc_after, self.flags)
+                              self.ncc_after, self.flags, reference=self.params.reference)
 
 
 def format_summary(shape: tuple[int, ...], device: str, timings: dict[str, float],
-                   ncc_before: np.ndarray, ncc_after: np.ndarray, flags: list[str]) -> str:
+                   ncc_before: np.ndarray, ncc_after: np.ndarray, flags: list[str], *,
+                   reference: int | None = None) -> str:
     """The lines of :meth:`AlignmentResult.summary` for a run of a (Z, H, W) stack."""
     finite_b = np.nanmean(ncc_before) if np.isfinite(ncc_before).any() else np.nan
     finite_a = np.nanmean(ncc_after) if np.isfinite(ncc_after).any() else np.nan
@@ -218,6 +219,12 @@ def format_summary(shape: tuple[int, ...], device: str, timings: dict[str, float
             "NCC (a quarter across a blank section): it may be off, damaged or from "
             "elsewhere; if the section after it does not match the one before it either, the "
             f"sections beyond were placed through it and are flagged {FLAG_LOW_CONFIDENCE}")
+        others = [zz for zz, f in enumerate(flags) if f in USABLE_FLAGS and zz != reference]
+        if reference is not None and others and all(flags[zz] != FLAG_OK for zz in others):
+            lines.append(
+                f"every section but the reference ({reference}) is flagged: the reference "
+                "section itself may be damaged or from elsewhere; look at it, and align "
+                "again with another reference if it is")
     return "\n".join(lines)
 
 

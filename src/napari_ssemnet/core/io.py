@@ -778,6 +778,13 @@ def fields_file_name(path: str | os.PathLike) -> Path:
     return p if p.suffix.lower() == ".npz" else p.with_name(p.name + ".npz")
 
 
+def pair_array(pairs: dict[tuple[int, int], float]) -> np.ndarray:
+    """``AlignmentResult.pair_ncc`` as an (N, 3) float64 array of rows (a, b, NCC), sorted,
+    for a fields file."""
+    rows = [(a, b, v) for (a, b), v in sorted(pairs.items())]
+    return np.array(rows, np.float64).reshape(-1, 3)
+
+
 def save_fields(path: str | os.PathLike, displacement: np.ndarray, params: Any = None,
                 flags: list[str] | None = None, **extra: np.ndarray) -> Path:
     """Write displacement fields to a compressed ``.npz``.

@@ -156,7 +156,7 @@ def _adjacent_ncc(aligned: np.ndarray, valid: np.ndarray, flags: list[str],
             out[i] = sub[n]
     lo, hi = window[0], window[-1]  # pairs inside the window are replaced, not added to
     kept = {key: v for key, v in (pairs or {}).items() if not (lo <= key[0] and key[1] <= hi)}
-    return out, {**kept, **around}
+    return out, dict(sorted({**kept, **around}.items()))
 
 
 def _skip_ncc(aligned: np.ndarray, valid: np.ndarray, stack: np.ndarray,
@@ -191,6 +191,7 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
             displacement = base.displacement.copy()
             # the check of the links runs again below, from the flags it started from
             flags = list(base.placed_flags or base.flags)
+            flags_of_run = list(flags)
             ncc_before = np.array(base.ncc_before, dtype=float)
             ncc_after = np.array(base.ncc_after, dtype=float)
         else:
@@ -207,6 +208,9 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
         keep = (base is not None and base.flags[z] == "duplicate"
                 and section.flag in USABLE_FLAGS)
         flags[z] = "duplicate" if keep else section.flag
+        if base is not None and flags[z] == "" and flags_of_run[z] == "low_confidence":
+            # started from the run's field, the section's placement was not estimated again
+            flags[z] = "low_confidence"
         if base is None:  # after a run, "before" stays the input's NCC (the plot's grey
             # curve); this section's previous value is in the status line
             ncc_before[z] = float(getattr(section, "ncc_before", np.nan))
