@@ -57,12 +57,6 @@ def _as_list(values: Any) -> list[float | None]:
     return out
 
 
-def pair_list(pairs: dict[tuple[int, int], float]) -> list[list[Any]]:
-    """``AlignmentResult.pair_ncc`` as JSON-friendly ``[a, b, NCC]`` rows (NaN as None)."""
-    return [[int(a), int(b), float(v) if np.isfinite(v) else None]
-            for (a, b), v in sorted(pairs.items())]
-
-
 def result_metadata(
     role: str,
     source_name: str,

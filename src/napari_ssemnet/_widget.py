@@ -51,7 +51,7 @@ from .core.align import (
     resolve_params,
 )
 from .core.errors import SsemnetError
-from .core.io import as_dtype
+from .core.io import as_dtype, pair_array, pair_rows
 from .core.params import TRAIN_STEPS, AlignParams
 from .gui import _jobs as jobs
 from .gui._ncc_plot import NccPlot
@@ -883,7 +883,7 @@ class AlignWidget(QWidget):
                      "extra": {"timings": dict(res.timings), "device": res.device,
                                "source_dtype": job["dtype"],
                                "environment": dict(res.environment),
-                               "pair_ncc": L.pair_list(res.pair_ncc)}})
+                               "pair_ncc": pair_rows(res.pair_ncc)}})
         if not job.get("stale"):
             self.results[source] = res
         self._update_plot()
@@ -922,7 +922,7 @@ class AlignWidget(QWidget):
             params = out.result.params.to_dict()
             extra.update(timings=dict(out.result.timings), device=out.result.device,
                          environment=dict(out.result.environment),
-                         pair_ncc=L.pair_list(out.result.pair_ncc))
+                         pair_ncc=pair_rows(out.result.pair_ncc))
             extra["section_params"] = {str(k): p.to_dict()
                                        for k, p in sorted(out.result.section_params.items())}
         keep = commit and not job.get("stale")
@@ -1012,7 +1012,6 @@ class AlignWidget(QWidget):
     def save_fields(self, path: str | Path) -> str | None:
         """Write the selected layer's last displacement fields to ``path`` (.npz)."""
         from ._writer import save_fields
-        from .core.io import pair_array
 
         layer = self.selected_layer()
         result = self._result_for(layer) if layer is not None else None

@@ -144,13 +144,13 @@ def write_fields(path: str, data: Any, meta: dict) -> list[str]:
         raise SsemnetError(f"This layer shows a Preview of section {entry.get('section')}, not "
                          "an alignment; press Re-align section to keep it (after Align), or "
                          "Align, then save.")
+    from .core import io
+
     sections = entry.get("section_params") or {}
     arrays = {k: np.array([np.nan if v is None else v for v in entry[k]], np.float64)
               for k in ("ncc_before", "ncc_after") if entry.get(k) is not None}
-    if entry.get("pair_ncc") is not None:  # rows [a, b, NCC] as Save fields writes them
-        arrays["pair_ncc"] = np.array([[a, b, np.nan if v is None else v]
-                                       for a, b, v in entry["pair_ncc"]],
-                                      np.float64).reshape(-1, 3)
+    if entry.get("pair_ncc") is not None:  # as Save fields writes them
+        arrays["pair_ncc"] = io.pair_array(entry["pair_ncc"])
     try:
         path = save_fields(path, disp, params=entry.get("params") or None,
                            flags=entry.get("flags"),

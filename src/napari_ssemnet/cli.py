@@ -540,9 +540,8 @@ def _report(args: argparse.Namespace, out: TextIO, shape: tuple[int, int, int], 
     out.write(format_summary(shape, res.device, res.timings, res.ncc_before, res.ncc_after,
                              res.flags, reference=params.reference) + "\n")
     out.write(_wall_line())
-    _write_summary(args, shape, dtype, res.device, params, res.timings, res.ncc_before,
-                   res.ncc_after, res.flags, out_path, fields, blocks=blocks,
-                   resumed=resumed, environment=_environment(res), pair_ncc=res.pair_ncc)
+    _write_summary(args, shape, dtype, params, res, out_path, fields, blocks=blocks,
+                   resumed=resumed)
     return EXIT_OK
 
 
@@ -586,12 +585,12 @@ def _environment(res: Any) -> dict[str, Any]:
 
 
 def _write_summary(args: argparse.Namespace, shape: tuple[int, int, int], dtype: Any,
-                   device: str, params: AlignParams, timings: dict[str, float],
-                   ncc_before: Any, ncc_after: Any, flags: list[str], output: Path,
-                   fields: Path | None, blocks: int | None = None,
-                   resumed: bool = False, environment: dict[str, Any] | None = None,
-                   pair_ncc: dict[tuple[int, int], float] | None = None) -> None:
-    """``--summary-json``: the run's figures for a pipeline (JSON; NaN written as null)."""
+                   params: AlignParams, res: Any, output: Path, fields: Path | None,
+                   blocks: int | None = None, resumed: bool = False) -> None:
+    """``--summary-json``: the figures of the run ``res`` (an AlignmentResult or a
+    block-wise summary) for a pipeline (JSON; NaN written as null)."""
+    from .core.io import pair_rows
+
     if not getattr(args, "summary_json", None):
         return
     path = _follow(Path(args.summary_json))
@@ -604,16 +603,15 @@ def _write_summary(args: argparse.Namespace, shape: tuple[int, int, int], dtype:
         "output": str(output), "fields": None if fields is None else str(fields),
         "sections": shape[0], "height": shape[1], "width": shape[2],
         "input_dtype": str(dtype),
-        "device": str(device), "blocks": blocks, "params": params.to_dict(),
-        "timings": {k: float(v) for k, v in timings.items()},
+        "device": str(res.device), "blocks": blocks, "params": params.to_dict(),
+        "timings": {k: float(v) for k, v in res.timings.items()},
         "wall_seconds": time.monotonic() - _STARTED[0],
-        "ncc_before": numbers(ncc_before), "ncc_after": numbers(ncc_after),
-        "flags": list(flags),
+        "ncc_before": numbers(res.ncc_before), "ncc_after": numbers(res.ncc_after),
+        "flags": list(res.flags),
         # [a, b, NCC] of consecutive usable sections after alignment (the poor_match check)
-        "pair_ncc": [[int(a), int(b), *numbers([v])]
-                     for (a, b), v in sorted((pair_ncc or {}).items())],
+        "pair_ncc": pair_rows(res.pair_ncc),
         "output_dtype": args.output_dtype, "resumed": resumed,
-        "environment": environment,
+        "environment": _environment(res),
     }
     tmp = _partial(path, "partial.json")
     try:

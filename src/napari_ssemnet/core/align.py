@@ -497,8 +497,9 @@ def section_flag(blank: bool, valid: np.ndarray, confidence: float, prealign: st
 
 def link_yardstick(pairs: dict[tuple[int, int], float]) -> float | None:
     """The stack's usual NCC between adjacent aligned sections: the median over sections of
-    each one's better adjacent pair, so that a few bad sections (each spoils two pairs) do
-    not lower it. None with fewer than 3 adjacent pairs, or when it is not positive."""
+    each one's better adjacent pair, so that a few bad sections (each spoils two pairs)
+    lower it less than they lower the median of the pairs. None with fewer than 3 adjacent
+    pairs, or when it is not positive."""
     best: dict[int, float] = {}
     n = 0
     for (a, b), v in pairs.items():

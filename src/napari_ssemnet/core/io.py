@@ -778,11 +778,20 @@ def fields_file_name(path: str | os.PathLike) -> Path:
     return p if p.suffix.lower() == ".npz" else p.with_name(p.name + ".npz")
 
 
-def pair_array(pairs: dict[tuple[int, int], float]) -> np.ndarray:
-    """``AlignmentResult.pair_ncc`` as an (N, 3) float64 array of rows (a, b, NCC), sorted,
-    for a fields file."""
-    rows = [(a, b, v) for (a, b), v in sorted(pairs.items())]
-    return np.array(rows, np.float64).reshape(-1, 3)
+def pair_rows(pairs: dict[tuple[int, int], float]) -> list[list[Any]]:
+    """``AlignmentResult.pair_ncc`` as sorted ``[a, b, NCC]`` rows for JSON (NaN as None):
+    the summary JSON and the layer metadata."""
+    return [[int(a), int(b), float(v) if np.isfinite(v) else None]
+            for (a, b), v in sorted(pairs.items())]
+
+
+def pair_array(rows: dict[tuple[int, int], float] | list[list[Any]]) -> np.ndarray:
+    """``AlignmentResult.pair_ncc`` (or its :func:`pair_rows`) as an (N, 3) float64 array of
+    rows (a, b, NCC), NaN where there is none, for a fields file."""
+    if isinstance(rows, dict):
+        rows = pair_rows(rows)
+    return np.array([[a, b, np.nan if v is None else v] for a, b, v in rows],
+                    np.float64).reshape(-1, 3)
 
 
 def save_fields(path: str | os.PathLike, displacement: np.ndarray, params: Any = None,

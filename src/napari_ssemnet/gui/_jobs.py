@@ -138,15 +138,14 @@ def _adjacent_ncc(aligned: np.ndarray, valid: np.ndarray, flags: list[str],
     """The run's NCC curve ``before`` with the values that section ``z`` moving changes
     (its own and its usable neighbours') computed again, on tissue only as the core does;
     and the run's ``pairs`` (:attr:`AlignmentResult.pair_ncc`) with those around z redone."""
-    from ..core.align import USABLE_FLAGS, on_tissue
-    from ..core.metrics import adjacent_pairs, fill_mask, mean_of_pairs
+    from ..core.align import USABLE_FLAGS
+    from ..core.metrics import adjacent_pairs, mean_of_pairs
 
     usable = np.array([f in USABLE_FLAGS for f in flags])
     order = [int(i) for i in np.nonzero(usable | (np.arange(len(flags)) == z))[0]]
     k = order.index(z)
     window = order[max(0, k - 2):k + 3]  # z, its neighbours, and theirs beyond
-    sub_valid = np.stack([on_tissue(valid[i], fill_mask(np.asarray(stack[i])),
-                                    displacement[i], "cpu") for i in window])
+    sub_valid = np.stack([_tissue(valid, stack, displacement, i) for i in window])
     local = adjacent_pairs(aligned[window], sub_valid, usable[window], robust=True)
     around = {(window[a], window[b]): v for (a, b), v in local.items()}
     sub = mean_of_pairs(local, usable[window])
@@ -159,15 +158,23 @@ def _adjacent_ncc(aligned: np.ndarray, valid: np.ndarray, flags: list[str],
     return out, dict(sorted({**kept, **around}.items()))
 
 
+def _tissue(valid: np.ndarray, stack: np.ndarray, displacement: np.ndarray,
+            i: int) -> np.ndarray:
+    """Aligned section ``i``'s valid pixels that come from tissue, as the core's NCC takes
+    them."""
+    from ..core.align import on_tissue
+    from ..core.metrics import fill_mask
+
+    return on_tissue(valid[i], fill_mask(np.asarray(stack[i])), displacement[i], "cpu")
+
+
 def _skip_ncc(aligned: np.ndarray, valid: np.ndarray, stack: np.ndarray,
               displacement: np.ndarray, a: int, c: int) -> float:
     """NCC of aligned sections ``a`` and ``c`` on the tissue of both, as the core's pairs."""
-    from ..core.align import on_tissue
-    from ..core.metrics import fill_mask, ncc
+    from ..core.metrics import ncc
 
-    ok = [on_tissue(valid[i], fill_mask(np.asarray(stack[i])), displacement[i], "cpu")
-          for i in (a, c)]
-    return ncc(aligned[a], aligned[c], ok[0] & ok[1], robust=True)
+    ok = _tissue(valid, stack, displacement, a) & _tissue(valid, stack, displacement, c)
+    return ncc(aligned[a], aligned[c], ok, robust=True)
 
 
 def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentResult | None,
