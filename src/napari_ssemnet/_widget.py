@@ -948,6 +948,9 @@ class AlignWidget(QWidget):
         self.status.setText(f"{verb} section {out.z} in {out.seconds:.1f} s: NCC with neighbours "
                             f"{b:.3f} → {a:.3f}"
                             + (f" ({out.flags[out.z]})" if out.flags[out.z] else "") + "."
+                            + (" Placed again from scratch: the run's placement matched the "
+                               "neighbour towards the reference less than half as well."
+                               if getattr(sec, "placed_again", False) else "")
                             + (f" {self._stale_text(job, source)} meanwhile: not kept."
                                if job.get("stale") else "")
                             + (" The NCC went down; the section is kept as re-aligned: "

@@ -678,3 +678,29 @@ def test_a_section_turned_by_90_degrees_is_flagged_alone_joint_and_block_wise(mo
     assert blocks.flags == r.flags
     monkeypatch.setattr(align_module, "flag_poor_links", lambda flags, *a: list(flags))
     assert align_stack(stack, device="cpu").flags == [""] * 8
+
+
+def test_re_align_places_a_section_again_when_the_run_placed_it_poorly():
+    # the right image put back after a run that aligned a turned one: starting from the
+    # run's field left it (-51, 37) px off
+    from napari_ssemnet.core.sample import load_sample, load_sample_truth
+
+    good = load_sample()
+    turned = good.copy()
+    turned[4] = np.rot90(good[4])
+    r = align_stack(turned, device="cpu")
+    assert r.flags[4] == "poor_match"
+    sec = align_section(good, 4, previous_displacement=r.displacement, device="cpu")
+    assert sec.placed_again and sec.ncc_before < 0.1 and sec.ncc_after > 0.3
+    # against the known misalignment, as well as the run placed its neighbours
+    e = load_sample_truth()
+    err = {z: np.median(_recovery_error(e[z:z + 1], d[None]))
+           for z, d in ((3, r.displacement[3]), (4, sec.displacement), (5, r.displacement[5]))}
+    assert err[4] < max(err[3], err[5]) + 1.5, err
+    # a well-placed section keeps the run's start, and so does the one after the turned
+    # section (its neighbour towards the reference is the bad one: a chance match there
+    # must not beat the run's good match on the other side)
+    for z in (3, 5):
+        again = align_section(turned, z, previous_displacement=r.displacement, device="cpu")
+        assert not again.placed_again
+        assert np.median(np.hypot(*(again.displacement - r.displacement[z]))) < 1.5

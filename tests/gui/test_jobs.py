@@ -137,3 +137,27 @@ def test_re_aligning_keeps_the_sections_own_doubtful_placement():
                                     threading.Event()), None)
     assert out.flags == doubtful and out.result.placed_flags == doubtful
     assert list(out.result.pair_ncc) == sorted(out.result.pair_ncc)
+
+
+def test_a_section_placed_again_is_judged_by_its_new_placement():
+    # the run doubted section 4 (low_confidence) and placed it wrongly; with the right image
+    # back, Re-align places it again, and the run's doubt about the old placement goes
+    import dataclasses
+    import threading
+
+    from napari_ssemnet.core.align import align_stack, run_generator
+    from napari_ssemnet.core.params import AlignParams
+    from napari_ssemnet.core.sample import load_sample
+    from napari_ssemnet.gui._jobs import section_job
+
+    good = load_sample()
+    turned = good.copy()
+    turned[4] = np.rot90(good[4])
+    r = align_stack(turned, device="cpu")
+    doubtful = [""] * 4 + ["low_confidence"] + [""] * 3
+    r = dataclasses.replace(r, flags=[""] * 4 + ["poor_match"] + [""] * 3,
+                            placed_flags=list(doubtful))
+    out = run_generator(section_job(good, 4, AlignParams(device="cpu"), r,
+                                    threading.Event()), None)
+    assert out.section.placed_again
+    assert out.flags == [""] * 8 and out.result.placed_flags == [""] * 8

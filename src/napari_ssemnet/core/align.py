@@ -99,6 +99,9 @@ class SectionResult:
     ncc_before, ncc_after : float
         Mean NCC with the adjacent sections before and after (set by
         :func:`iter_align_section`; NaN in full runs, whose result holds them).
+    placed_again : bool
+        Set by :func:`iter_align_section` after a run: the run's placement of the section
+        was dropped for a new one (``flag`` then judges the new placement).
     """
 
     z: int
@@ -108,6 +111,7 @@ class SectionResult:
     flag: str = FLAG_OK
     ncc_before: float = float("nan")
     ncc_after: float = float("nan")
+    placed_again: bool = False
 
 
 @dataclass
@@ -849,7 +853,10 @@ def iter_align_section(
         A full run's result: the neighbours are held where it put them and section ``z`` is
         aligned onto them. Without it the neighbours stay as they are in ``stack``. With
         it, ``z`` must not be the run's reference (``params.reference`` with an all-zero
-        field there), which stays put.
+        field there), which stays put. The section starts from the run's field, unless
+        that placement was poor: then it is placed again from scratch with ``params`` (see
+        ``SectionResult.placed_again``), so that a higher ``max_rotation``, another
+        ``prealign`` or the right image put back can take effect.
 
     Returns
     -------
@@ -870,6 +877,24 @@ def iter_align_section(
     return (yield from memory.guard(_iter_align_section(
         arr, z, params, previous_displacement=previous_displacement, should_stop=should_stop,
         encoder=encoder), held, params.fit_binning))
+
+
+def _towards_reference(usable: list[int], z: int, reference: int) -> int:
+    """The usable section nearest to ``z`` on the side of ``reference`` (the one a full run
+    placed ``z`` through); the nearest of all when that side has none."""
+    side = [i for i in usable if (i < z if reference < z else i > z)]
+    return min(side or usable, key=lambda i: abs(i - z))
+
+
+def _matrix_displacement(matrix: np.ndarray, size: tuple[int, int], device: Any) -> Any:
+    """The backward displacement (2, H, W) of a (3, 3) map (reference frame -> section)."""
+    import torch
+
+    from . import warp
+
+    q = warp.level_points(*size, device=device)
+    m = torch.from_numpy(np.asarray(matrix, np.float32)[None]).to(device)
+    return (warp.apply_matrix(m, q)[0] - q).permute(2, 0, 1).contiguous()
 
 
 def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
@@ -973,7 +998,53 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
     anchor = min(usable_nb, key=lambda i: abs(i - local))
     matrices = np.tile(np.eye(3), (hi - lo, 1, 1))
     conf = float("inf")
+
+    def estimate(towards: int) -> tuple[np.ndarray, float]:
+        """Place section z onto neighbour ``towards`` (as held) from scratch."""
+        band, pair_kind, hypotheses = prealign.pair_settings(params.prealign, local - towards)
+        low, k = prealign.work_images(
+            torch.from_numpy(np.stack([held[towards, 0], norm[local]])).to(device), band)
+        with torch.no_grad():
+            return prealign.estimate_pair(
+                low[0], low[1], kind=pair_kind, k=k, max_rotation=params.max_rotation,
+                full_size=(h, w), hypotheses=hypotheses)
+
+    def better_placement() -> tuple[np.ndarray, float] | None:
+        """A placement from scratch with these parameters, if the run's was poor.
+
+        A run's placement can be wrong: a turned section, *Max rotation* too low, or the
+        right image put back in the layer since. It is dropped when it matches the
+        neighbour towards the reference at under half the NCC of the new one, and the new
+        one matches there at least half as well as the run's does on the other side (a
+        neighbour that is bad itself offers no more than a chance match).
+        """
+        towards = _towards_reference(usable_nb, local, params.reference - lo)
+        fresh, fresh_conf = estimate(towards)
+        states = {"run": neighbours_state(before_disp),
+                  "new": neighbours_state(_matrix_displacement(fresh, (h, w), device))}
+
+        def pair(state: str, j: int) -> float:
+            imgs, ok = states[state]
+            return metrics.ncc(imgs[local], imgs[j], ok[local] & ok[j], robust=True)
+
+        run_ncc, new_ncc = pair("run", towards), pair("new", towards)
+        other = [i for i in usable_nb if (i - local) * (towards - local) < 0]
+        floor = 0.0
+        if other:
+            beyond = pair("run", min(other, key=lambda i: abs(i - local)))
+            floor = POOR_MATCH_RATIO * beyond if np.isfinite(beyond) else 0.0
+        if np.isfinite(new_ncc) and new_ncc > max(floor, 0.0) \
+                and not run_ncc >= POOR_MATCH_RATIO * new_ncc:  # NaN: no overlap at all
+            return fresh, fresh_conf
+        return None
+
+    better = None
     if params.prealign != "none" and previous_displacement is not None:
+        better = better_placement()
+    placed_again = better is not None
+    if better is not None:
+        matrices[local], conf = better
+    elif params.prealign != "none" and previous_displacement is not None:
         # start from the previous result (its global part here, its grid below); the fit
         # then refines it against the held neighbours, so a re-align with the same
         # parameters ends near, not at, the full run's answer (0.8-1.5 px median in a
@@ -986,13 +1057,7 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
         matrices[local] = prealign.fit_points(np.stack([iy, ix], 1).astype(float), p,
                                               np.ones(len(q)), params.prealign)
     elif params.prealign != "none":
-        band, pair_kind, hypotheses = prealign.pair_settings(params.prealign, local - anchor)
-        low, k = prealign.work_images(
-            torch.from_numpy(np.stack([held[anchor, 0], norm[local]])).to(device), band)
-        with torch.no_grad():
-            matrices[local], conf = prealign.estimate_pair(
-                low[0], low[1], kind=pair_kind, k=k, max_rotation=params.max_rotation,
-                full_size=(h, w), hypotheses=hypotheses)
+        matrices[local], conf = estimate(anchor)
     stop_check()
     images = torch.from_numpy(held).to(device)
     valid = torch.from_numpy(held_ok).to(device)
@@ -1004,7 +1069,7 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
     free[local] = True
     fit_params = params.replace(reference=anchor)
     init_grid = None
-    if previous_displacement is not None:
+    if previous_displacement is not None and not placed_again:
         # keep the previous deformable part as the starting grid (v = L^-1 (q + d(q) - P q)
         # at the nodes) and refine at full resolution only: the section is already close
         gshape = warp.control_grid_shape((h, w), params.grid_spacing)
@@ -1028,4 +1093,4 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
     ok_np = ok.cpu().numpy()
     return SectionResult(z, img.cpu().numpy(), disp.cpu().numpy(), ok_np,
                          section_flag(False, ok_np, conf, params.prealign), ncc_before,
-                         ncc_after)
+                         ncc_after, placed_again)

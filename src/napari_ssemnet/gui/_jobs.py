@@ -215,7 +215,8 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
         keep = (base is not None and base.flags[z] == "duplicate"
                 and section.flag in USABLE_FLAGS)
         flags[z] = "duplicate" if keep else section.flag
-        if base is not None and flags[z] == "" and flags_of_run[z] == "low_confidence":
+        if (base is not None and flags[z] == "" and flags_of_run[z] == "low_confidence"
+                and not section.placed_again):
             # started from the run's field, the section's placement was not estimated again
             flags[z] = "low_confidence"
         if base is None:  # after a run, "before" stays the input's NCC (the plot's grey
