@@ -205,3 +205,51 @@ def test_apply_on_a_boolean_image_gives_0_1_not_a_dilated_mask(qtbot, make_napar
     assert out.dtype == np.uint8 and set(np.unique(out)) <= {0, 1}
     want = as_dtype(apply_displacement(mask.astype(np.uint8), disp, order=1), np.uint8)
     np.testing.assert_array_equal(out, want)
+
+
+def test_fields_from_the_command_line_open_as_arrows_and_save_back(make_napari_viewer,
+                                                                   stack, tmp_path):
+    import json
+
+    from napari_ssemnet import cli
+    from napari_ssemnet._reader import get_reader
+
+    src = tmp_path / "em.tif"
+    tifffile.imwrite(src, stack, photometric="minisblack")
+    fields = tmp_path / "em_fields.npz"
+    assert cli.main(["align", str(src), "-o", str(tmp_path / "em_aligned.tif"), "--fields",
+                     str(fields), "--iterations", "5", "--levels", "1", "--features",
+                     "pixels", "--prealign", "translation", "--grid-spacing", "32",
+                     "--device", "cpu"]) == 0
+    viewer = make_napari_viewer()
+    # napari's builtin reader also takes *.npz: a user picks this one in napari's dialog
+    layers = viewer.open(str(fields), plugin="napari-ssemnet")
+    assert [ly.name for ly in layers] == ["em_fields displacement"]
+    vec = layers[0]
+    entry = vec.metadata[L.META_KEY]
+    saved = np.load(fields)
+    np.testing.assert_array_equal(entry["displacement"], saved["displacement"])
+    assert entry["params"] == json.loads(str(saved["params"]))
+    assert entry["flags"] == [str(f) for f in saved["flags"]]
+    assert entry["environment"]["command"][:2] == ["napari-ssemnet", "align"]
+    assert len(entry["pair_ncc"]) == len(saved["pair_ncc"]) > 0
+    # one arrow grid per section, pointing along the stored field (arrows are (z, y, x))
+    assert set(np.unique(vec.data[:, 0, 0]).astype(int)) == set(range(stack.shape[0]))
+    z, y, x = vec.data[-1, 0].astype(int)
+    np.testing.assert_allclose(vec.data[-1, 1, 1:], saved["displacement"][z, :, y, x],
+                               atol=1e-5)
+    # the napari writer saves the layer back to the same arrays
+    viewer.layers.selection = {vec}
+    viewer.layers.save(str(tmp_path / "again.npz"), selected=True, plugin="napari-ssemnet")
+    again = np.load(tmp_path / "again.npz")
+    for key in ("displacement", "flags", "ncc_before", "ncc_after", "pair_ncc"):
+        np.testing.assert_array_equal(again[key], saved[key])
+    assert json.loads(str(again["params"])) == json.loads(str(saved["params"]))
+    # other .npz files are left to other readers, and a damaged fields file says what it is
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    assert get_reader(str(tmp_path / "other.npz")) is None
+    assert get_reader(str(tmp_path / "em_aligned.tif")) is None
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, displacement=np.zeros((2, 3)))
+    with pytest.raises(Exception, match="expected"):
+        viewer.open(str(bad), plugin="napari-ssemnet")

@@ -19,11 +19,14 @@ def test_manifest_validates_and_commands_import():
         assert callable(getattr(importlib.import_module(module), attr)), cmd.id
     assert [s.display_name for s in mf.contributions.sample_data] == [
         "EM stack with known misalignment"]
+    readers = mf.contributions.readers
+    assert [(r.command, r.filename_patterns) for r in readers] == [
+        ("napari-ssemnet.get_fields_reader", ["*.npz", "*.NPZ"])]
 
 
 def test_widget_module_does_not_import_torch():
     code = ("import sys, napari_ssemnet._widget, napari_ssemnet._layers, "
-            "napari_ssemnet._writer, napari_ssemnet._sample_data; "
+            "napari_ssemnet._writer, napari_ssemnet._reader, napari_ssemnet._sample_data; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     import subprocess
 
