@@ -108,6 +108,10 @@ def usable_reason(layer: Any) -> str | None:
                 if layer.ndim != 2 else f"'{layer.name}' is a single 2D image, not a stack")
     if np.dtype(getattr(layer.data, "dtype", np.float32)) == bool:  # offered, then refused
         return f"'{layer.name}' is a boolean mask, not an image (Apply fields takes masks)"
+    try:  # too few or too small sections: offered, then refused by Align
+        check_layout(layer.data.shape, layer.data.dtype, name=f"layer '{layer.name}'")
+    except SsemnetError as exc:
+        return str(exc).rstrip(".")
     return None
 
 
@@ -351,7 +355,10 @@ class AlignWidget(QWidget):
         if self._job is not None and self._job.get("source") == name:
             self._job["stale"] = "changed"
             stale = True
-        if name == self.layer_combo.currentText():  # maybe another number of sections
+        listed = name in [self.layer_combo.itemText(i) for i in range(self.layer_combo.count())]
+        if listed != (usable_reason(event.source) is None):  # e.g. now a single section
+            self._refresh_layers()
+        elif name == self.layer_combo.currentText():  # maybe another number of sections
             self._on_layer_changed(name)
         if stale:  # after the range check, whose note it would otherwise hide
             self.status.setText(f"The data of '{name}' changed: its alignment result no longer "
@@ -397,7 +404,8 @@ class AlignWidget(QWidget):
         reasons = [r for r in (usable_reason(ly) for ly in self.viewer.layers) if r]
         msg = "No 3D grayscale Image layer to align: open a stack of sections (Z, H, W) first"
         if reasons:
-            msg += " (" + "; ".join(reasons[:4]) + ")"
+            more = f"; and {len(reasons) - 6} more" if len(reasons) > 6 else ""
+            msg += " (" + "; ".join(reasons[:6]) + more + ")"
         return msg + "."
 
     # -- slice tracking ------------------------------------------------------------

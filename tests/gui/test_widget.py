@@ -47,7 +47,14 @@ def test_layer_chooser_lists_only_3d_grayscale(viewer_widget, stack):
     viewer.add_image(np.zeros((4, 40, 40, 3), np.uint8), name="rgb", rgb=True)
     viewer.add_labels(np.zeros((4, 40, 40), np.uint8), name="labels")
     viewer.add_image(stack > 128, name="mask")  # listed, then refused by Align
+    viewer.add_image(stack[:, :20, :20], name="tiny")  # as were these two
+    viewer.add_image(stack[:1], name="one section")
     assert widget.layer_combo.count() == 0
+    # Align says why none is offered
+    widget.align()
+    assert not widget.running
+    assert "Sections of 20x20 px are too small" in widget.status.text()
+    assert "'one section' has 1 section(s)" in widget.status.text()
     viewer.add_image(stack, name="em")
     items = [widget.layer_combo.itemText(i) for i in range(widget.layer_combo.count())]
     assert items == ["em"]
@@ -60,6 +67,10 @@ def test_layer_chooser_lists_only_3d_grayscale(viewer_widget, stack):
     # the stack replaced in place by a shorter one: the range follows
     viewer.layers["em"].data = stack[:2]
     assert widget.form.controls["reference"].maximum() == 1
+    viewer.layers["em"].data = stack[:1]  # no longer a stack: no longer offered
+    assert widget.layer_combo.count() == 0
+    viewer.layers["em"].data = stack[:2]
+    assert widget.layer_combo.currentText() == "em"
     viewer.layers.remove("em")
     assert widget.layer_combo.count() == 0
 
