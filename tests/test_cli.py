@@ -69,6 +69,14 @@ def test_every_param_has_an_option_with_the_same_default():
         if f.default != "":
             argv += [cli.option_name(f.name), str(f.default)]
     assert cli.params_from_args(parser.parse_args(argv)) == AlignParams()
+    # whole numbers written as floats, as AlignParams(reference=2.0) and --params take them
+    args = parser.parse_args(["align", "in.tif", "-o", "o.tif", "--reference", "2.0",
+                              "--grid-spacing", "3.2e1"])
+    assert (args.reference, args.grid_spacing) == (2, 32)
+    assert AlignParams(reference=2.0).reference == 2
+    for bad in ("2.5", "two", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["align", "in.tif", "-o", "o.tif", "--reference", bad])
 
 
 def test_align_writes_tiff_and_fields(tiny_tif, tmp_path, capsys):

@@ -34,6 +34,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -87,6 +88,22 @@ def _help_text(f: dataclasses.Field) -> str:
     return " ".join(p for p in parts if p).replace("%", "%%")
 
 
+def whole_number(text: str) -> int:
+    """An integer option's value: ``32``, or a whole number written as a float (``32.0``),
+    as :class:`AlignParams` and a ``--params`` file take it."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(value)
+
+
 def add_param_options(parser: argparse.ArgumentParser) -> None:
     """Add one option per :class:`AlignParams` field.
 
@@ -101,7 +118,7 @@ def add_param_options(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = kind
+            kwargs["type"] = whole_number if kind is int else kind
             if f.metadata.get("choices"):
                 kwargs["choices"] = list(f.metadata["choices"])
             else:
