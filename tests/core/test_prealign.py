@@ -221,10 +221,12 @@ def test_every_section_placed_through_a_doubtful_match_is_reported_doubtful():
 
 
 def _scripted_chain(monkeypatch, pairs: dict[tuple[int, int], tuple[float, float]],
-                    z_count: int = 6) -> tuple[np.ndarray, np.ndarray]:
+                    z_count: int = 6, split: tuple[tuple[int, int], ...] = ()
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """prealign_stack with estimate_pair scripted: ``pairs[(fixed, moving)] = (shift in px
     along y, confidence)``; each map is a pure shift, so a section's placement is the sum of
-    the shifts along its chain. Returns (y shift of each section, confidence)."""
+    the shifts along its chain. Pairs in ``split`` report a split match. Returns (y shift of
+    each section, confidence)."""
     rng = np.random.default_rng(0)
     norm = rng.normal(size=(z_count, 64, 64)).astype(np.float32)
     bands = [prealign.work_images(torch.from_numpy(norm), band)[0]
@@ -233,8 +235,11 @@ def _scripted_chain(monkeypatch, pairs: dict[tuple[int, int], tuple[float, float
     def index(img: torch.Tensor) -> int:
         return next(i for b in bands for i in range(z_count) if torch.equal(b[i], img))
 
-    def scripted(fixed, moving, **_):
-        dy, c = pairs[(index(fixed), index(moving))]
+    def scripted(fixed, moving, report=None, **_):
+        key = (index(fixed), index(moving))
+        dy, c = pairs[key]
+        if report is not None:
+            report["split"] = key in split
         m = np.eye(3)
         m[0, 2] = dy
         return m, c
@@ -266,3 +271,41 @@ def test_the_two_back_check_keeps_the_neighbours_map_unless_they_disagree(monkey
                                                  (1, 3): (-26.0, 8.0), (2, 3): (2.0, 5.5)})
     assert conf[1] < prealign.MIN_CONFIDENCE
     np.testing.assert_allclose(shifts[3], shifts[2] + 2.0)
+
+
+def _patch_grid(n: int = 8, step: float = 40.0) -> np.ndarray:
+    ys, xs = np.meshgrid(np.arange(n) * step, np.arange(n) * step, indexing="ij")
+    return np.stack([ys.ravel(), xs.ravel()], 1)
+
+
+def test_a_match_whose_patches_moved_in_two_parts_is_a_split():
+    rng = np.random.default_rng(0)
+    points = _patch_grid()
+    noise = rng.normal(scale=2.5, size=points.shape)  # intact pairs: 2-5 px per patch
+    lower = points[:, 0] >= 160  # the lower half moved 22 px, as at a fold
+    folded = noise + np.where(lower[:, None], [11.0, 0.0], [-11.0, 0.0])
+    assert prealign.split_match(points, folded, k=2.0)
+    assert not prealign.split_match(points, noise, k=2.0)  # one group
+    # the same two groups, but scattered over the section: tissue change, not a fold
+    assert not prealign.split_match(points, folded[rng.permutation(len(points))], k=2.0)
+    # a clean step, but under 6 work px (12 px at k=2), or too few patches to tell
+    small = 0.2 * noise + np.where(lower[:, None], [4.5, 0.0], [-4.5, 0.0])
+    assert prealign.split_match(points, small, k=1.0)
+    assert not prealign.split_match(points, small, k=2.0)
+    assert not prealign.split_match(points[:20], folded[:20], k=2.0)
+
+
+def test_sections_beyond_a_split_match_are_matched_past_it(monkeypatch):
+    good = {(z - 1, z): (2.0, 8.0) for z in range(1, 6)}
+    far = {(z - 2, z): (4.0, 7.0) for z in range(2, 6)}
+    # section 3: the match to 2 splits (a fold); the one two back agrees with it
+    pairs = {**good, **far, (2, 3): (13.0, prealign.SPLIT_CONFIDENCE), (1, 3): (15.0, 6.0),
+             (3, 4): (-11.0, 7.5)}
+    shifts, conf = _scripted_chain(monkeypatch, pairs, split=((2, 3),))
+    assert conf[3] <= prealign.SPLIT_CONFIDENCE  # doubtful, whatever confirms it
+    np.testing.assert_allclose(shifts[4], shifts[2] + 4.0)  # past section 3, from 2
+    np.testing.assert_allclose(shifts[5], shifts[4] + 2.0)
+    assert conf[4] >= prealign.MIN_CONFIDENCE and conf[5] >= prealign.MIN_CONFIDENCE
+    # without the split, section 4 follows section 3
+    shifts, conf = _scripted_chain(monkeypatch, {**pairs, (2, 3): (13.0, 7.5)})
+    np.testing.assert_allclose(shifts[4], shifts[3] - 11.0)

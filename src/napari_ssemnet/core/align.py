@@ -211,7 +211,8 @@ def format_summary(shape: tuple[int, ...], device: str, timings: dict[str, float
     if doubtful:
         lines.append(
             f"{_ranges(doubtful)}: {FLAG_LOW_CONFIDENCE} means that no confident chain of "
-            "matches links the section to the reference (a doubtful pre-alignment match, or "
+            "matches links the section to the reference (a doubtful pre-alignment match, "
+            "parts of the section that match at different places, as at a fold, or "
             f"a {FLAG_POOR_MATCH} section on the way); a wrong match moves every section "
             "placed after it together, so look at these (a section out of order or from "
             "elsewhere, or lost sections just before them, are the usual causes)")
@@ -536,7 +537,10 @@ def flag_poor_links(flags: list[str], pairs: dict[tuple[int, int], float], refer
     """Flags after a check of the aligned stack's links, walking out from the reference.
 
     On each side of the reference, the first poor link (:func:`poor_link`) between a usable
-    section a and the next usable one b, farther out, gives b ``poor_match``. If the usable
+    section a and the next usable one b, farther out, gives b ``poor_match``; unless a was
+    placed doubtfully (``low_confidence``) and the section before a matches b as well as a
+    does and at :data:`GAP_MATCH_RATIO` of the yardstick: then a gets ``poor_match`` and the
+    walk goes on from b. If the usable
     section c after b matches a (``skip_ncc(a, c)``) at least as well as a matches b, and at
     :data:`GAP_MATCH_RATIO` of the yardstick, b alone is off (a section from elsewhere or
     turned) and the walk goes on from c; otherwise c and every section beyond it were placed
@@ -571,11 +575,17 @@ def flag_poor_links(flags: list[str], pairs: dict[tuple[int, int], float], refer
             i += 1
             if not poor_link(pairs, a, b, yardstick, flags):
                 continue
+            v = pairs[(min(a, b), max(a, b))]
+            floor = max(GAP_MATCH_RATIO * yardstick, v if np.isfinite(v) else -np.inf)
+            if (flags[a] == FLAG_LOW_CONFIDENCE and i >= 3
+                    and skip_ncc(path[i - 3], b) >= floor):
+                # a doubtfully placed section (e.g. a fold: no one map fits it) between two
+                # that match each other: it is the odd one, not the section after it
+                out[a] = FLAG_POOR_MATCH
+                continue
             out[b] = FLAG_POOR_MATCH
             if i == len(path):
                 break
-            v = pairs[(min(a, b), max(a, b))]
-            floor = max(GAP_MATCH_RATIO * yardstick, v if np.isfinite(v) else -np.inf)
             if not skip_ncc(a, path[i]) >= floor:  # the sections beyond follow b
                 for z in path[i:]:
                     if out[z] == FLAG_OK:
