@@ -683,8 +683,8 @@ def prealign_stack(
                 # swapped sections): no more certain than that neighbour
                 conf[zz] = min(conf[zz], conf[passed_over])
             if split:
-                # two parts of the section match its neighbour at places 20 px or more
-                # apart (a fold): any one map of it is a compromise, so it is doubtful and
+                # two parts of the section match its neighbour at places far apart
+                # (a fold): any one map of it is a compromise, so it is doubtful and
                 # the sections beyond are matched past it, as past a blank one (a fold
                 # placed through misplaced the four sections after it by 23-32 px)
                 conf[zz] = min(conf[zz], SPLIT_CONFIDENCE)
