@@ -984,7 +984,8 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
 
     before_disp = (None if previous_displacement is None
                    else torch.from_numpy(np.array(previous_displacement[z])).to(device))
-    ncc_before = mean_adjacent_ncc(*neighbours_state(before_disp))
+    run_state = neighbours_state(before_disp)
+    ncc_before = mean_adjacent_ncc(*run_state)
     usable_nb = [i for i in range(hi - lo) if i != local and not blank[i]]
     if blank[local] or not usable_nb:
         disp = before_disp if before_disp is not None else torch.zeros(2, h, w, device=device)
@@ -1030,7 +1031,7 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
         """
         towards = _towards_reference(usable_nb, local, params.reference - lo)
         fresh, fresh_conf = estimate(towards)
-        states = {"run": neighbours_state(before_disp),
+        states = {"run": run_state,
                   "new": neighbours_state(_matrix_displacement(fresh, (h, w), device))}
 
         def pair(state: str, j: int) -> float:
@@ -1048,9 +1049,8 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
             return fresh, fresh_conf
         return None
 
-    better = None
-    if params.prealign != "none" and previous_displacement is not None:
-        better = better_placement()
+    better = (better_placement() if params.prealign != "none"
+              and previous_displacement is not None else None)
     placed_again = better is not None
     if better is not None:
         matrices[local], conf = better
