@@ -735,3 +735,19 @@ def test_re_align_places_a_section_again_when_the_run_placed_it_poorly():
         again = align_section(turned, z, previous_displacement=r.displacement, device="cpu")
         assert not again.placed_again
         assert np.median(np.hypot(*(again.displacement - r.displacement[z]))) < 1.5
+
+
+def test_re_align_of_the_last_section_keeps_its_run_placement_past_a_bad_neighbour():
+    # the last section has no other side to check a new placement against; onto a turned
+    # neighbour a chance match won and moved it 161 px, though the run had placed it well
+    # against the section beyond
+    from napari_ssemnet.core.sample import load_sample
+
+    turned = load_sample()
+    last = len(turned) - 1
+    turned[last - 1] = np.rot90(turned[last - 1], 3)
+    r = align_stack(turned, device="cpu")
+    assert r.flags[last - 1] == "poor_match" and r.flags[last] == ""
+    again = align_section(turned, last, previous_displacement=r.displacement, device="cpu")
+    assert not again.placed_again
+    assert np.median(np.hypot(*(again.displacement - r.displacement[last]))) < 1.5

@@ -1027,7 +1027,10 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
         right image put back in the layer since. It is dropped when it matches the
         neighbour towards the reference at under half the NCC of the new one, and the new
         one matches there at least half as well as the run's does on the other side (a
-        neighbour that is bad itself offers no more than a chance match).
+        neighbour that is bad itself offers no more than a chance match). Where there is a
+        usable section beyond that neighbour, the new placement must also match it at least
+        half as well as the run's: this is the bar for the end of a stack, which has no
+        other side.
         """
         towards = _towards_reference(usable_nb, local, params.reference - lo)
         fresh, fresh_conf = estimate(towards)
@@ -1044,6 +1047,13 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
         if other:
             beyond = pair("run", min(other, key=lambda i: abs(i - local)))
             floor = POOR_MATCH_RATIO * beyond if np.isfinite(beyond) else 0.0
+        far = [i for i in usable_nb if (i - towards) * (towards - local) > 0]
+        if far:
+            # a run that placed this section past a bad neighbour matched the one beyond
+            witness = min(far, key=lambda i: abs(i - towards))
+            run_far, new_far = pair("run", witness), pair("new", witness)
+            if np.isfinite(run_far) and not new_far >= POOR_MATCH_RATIO * run_far:
+                return None
         if np.isfinite(new_ncc) and new_ncc > max(floor, 0.0) \
                 and not run_ncc >= POOR_MATCH_RATIO * new_ncc:  # NaN: no overlap at all
             return fresh, fresh_conf
