@@ -136,6 +136,40 @@ def test_summary_json_for_pipelines(tiny_tif, tmp_path, capsys):
     assert code == 2 and "--summary-json name the same file" in capsys.readouterr().err
 
 
+def test_a_rerun_from_results_made_on_another_device_says_it_will_differ(tiny_tif, tmp_path,
+                                                                       capsys):
+    # device "auto" in a GPU run's files sent the rerun to the CPU without a word
+    summary, fields, out = tmp_path / "s.json", tmp_path / "f.npz", tmp_path / "o.tif"
+    no_device = TINY[:-2]
+    assert TINY[-2:] == ["--device", "cpu"]
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), "--summary-json", str(summary),
+                     "--fields", str(fields), *no_device, "-q"]) == 0
+    assert json.loads(summary.read_text())["params"]["device"] == "auto"
+    from napari_ssemnet.core.device import pick_device
+
+    here = pick_device("auto").type
+    other = "cuda" if here == "cpu" else "cpu"
+    assert cli.recorded_device(summary) == cli.recorded_device(fields) == here
+    assert cli.recorded_device(tmp_path / "none.json") is None
+    capsys.readouterr()
+    for params_file in (summary, fields):  # made here: no note
+        assert cli.main(["align", str(tiny_tif), "-o", str(out), "--params", str(params_file),
+                         *no_device, "-q"]) == 0
+        assert "device" not in capsys.readouterr().err
+    data = json.loads(summary.read_text())
+    data["device"] = "cuda:0" if other == "cuda" else "cpu"  # as another machine wrote it
+    gpu = tmp_path / "other.json"
+    gpu.write_text(json.dumps(data))
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), "--params", str(gpu),
+                     *no_device, "-q"]) == 0
+    err = capsys.readouterr().err
+    assert f"made with device {other} and this run uses {here}" in err
+    assert f"add --device {other}" in err
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), "--params", str(gpu), *TINY,
+                     "-q"]) == 0  # a device typed: the user chose it
+    assert "device" not in capsys.readouterr().err
+
+
 def test_a_params_path_that_is_no_params_file_says_what_it_is(tmp_path):
     with pytest.raises(SsemnetError, match="is a folder"):
         cli.load_params_file(tmp_path)  # it said "does not exist"

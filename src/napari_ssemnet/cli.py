@@ -183,6 +183,39 @@ def params_from_args(args: argparse.Namespace) -> AlignParams:
     return params
 
 
+def recorded_device(path: str | Path) -> str | None:
+    """The device type (``cpu``, ``cuda``) that made a fields ``.npz`` or a
+    ``--summary-json`` file; None for a plain parameters file or one that does not say."""
+    p = Path(path)
+    found: Any = None
+    try:
+        if p.suffix.lower() == ".npz":
+            from .core.io import load_fields
+
+            found = load_fields(p, with_extra=True)[2].get("device_used")
+        else:
+            data = json.loads(p.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and "sections" in data and "version" in data:
+                found = data.get("device")
+    except (OSError, ValueError, SsemnetError):
+        return None  # load_params_file has read it already; nothing to add here
+    text = str(found) if found is not None else ""
+    return text.split(":")[0] or None
+
+
+def _note_other_device(params_path: str) -> None:
+    """With device "auto" from a results file, say so when this run lands on another kind
+    of device than the run that made the file: the same seed matches only on the same
+    device."""
+    from .core.device import pick_device
+
+    before, now = recorded_device(params_path), pick_device("auto").type
+    if before is not None and before != now:
+        _say(sys.stderr, f"note: {params_path} was made with device {before} and this run "
+                         f"uses {now} (device auto): the results will differ a little; add "
+                         f"--device {before} to repeat that run.\n")
+
+
 # -- progress --------------------------------------------------------------------------
 
 
@@ -424,6 +457,8 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
         from .core.device import pick_device
 
         pick_device(params.device)
+    elif args.params and args.device is None:
+        _note_other_device(args.params)
     if args.fields and Path(args.fields).suffix.lower() in _NOT_FIELDS:
         # b.tif became b.tif.npz, while -o a.png is refused (run.v2 still gets .npz added)
         raise SsemnetError(f"--fields {args.fields}: the fields are a NumPy .npz archive; "
