@@ -170,6 +170,25 @@ def test_a_rerun_from_results_made_on_another_device_says_it_will_differ(tiny_ti
     assert "device" not in capsys.readouterr().err
 
 
+def test_a_rerun_from_a_summary_writes_the_same_data_type(tiny_tif, tmp_path):
+    summary, out = tmp_path / "s.json", tmp_path / "o.tif"
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), "--summary-json", str(summary),
+                     "--output-dtype", "float32", *TINY, "-q"]) == 0
+    assert tifffile.imread(out).dtype == np.float32
+    again = tmp_path / "again.tif"
+    assert cli.main(["align", str(tiny_tif), "-o", str(again), "--params", str(summary),
+                     *TINY, "-q"]) == 0  # it wrote the input's uint8
+    assert tifffile.imread(again).dtype == np.float32
+    assert cli.main(["align", str(tiny_tif), "-o", str(again), "--params", str(summary),
+                     "--output-dtype", "input", *TINY, "-q"]) == 0
+    assert tifffile.imread(again).dtype == tifffile.imread(tiny_tif).dtype != np.float32
+    plain = tmp_path / "p.json"  # a parameters file says nothing of the output
+    plain.write_text(AlignParams().to_json())
+    assert cli.main(["align", str(tiny_tif), "-o", str(again), "--params", str(plain),
+                     *TINY, "-q"]) == 0
+    assert tifffile.imread(again).dtype == tifffile.imread(tiny_tif).dtype
+
+
 def test_a_params_path_that_is_no_params_file_says_what_it_is(tmp_path):
     with pytest.raises(SsemnetError, match="is a folder"):
         cli.load_params_file(tmp_path)  # it said "does not exist"
@@ -651,6 +670,41 @@ def test_apply_fields_reproduces_the_aligned_stack_and_keeps_labels(tiny_tif, tm
     assert set(np.unique(got)) <= set(np.unique(labels)) | {0}
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "again.tif", "al.tif", "f.npz", "labels.tif", "labels_aligned.tif"]
+
+
+def _codec(path: Path) -> int:
+    with tifffile.TiffFile(path) as tif:
+        return int(tif.pages.first.compression)
+
+
+def test_the_written_tiff_keeps_the_input_compression(tiny_tif, tmp_path):
+    # a zlib stack came back uncompressed, three times its size on disk
+    zlib_in = write_stack(tmp_path / "in" / "z.tif", read_stack(tiny_tif), compression="zlib")
+    assert _codec(zlib_in) == 8 and _codec(tiny_tif) == 1
+    runs = {"joint": [], "blocks": ["--block-size", "3", "--window", "1"]}
+    for name, extra in runs.items():
+        out = tmp_path / f"{name}.tif"
+        assert cli.main(["align", str(zlib_in), "-o", str(out), "--fields",
+                         str(tmp_path / f"{name}.npz"), *TINY, *extra, "-q"]) == 0
+        assert _codec(out) == 8, name
+        plain = tmp_path / f"{name}_plain.tif"
+        assert cli.main(["align", str(zlib_in), "-o", str(plain), "--compression", "none",
+                         *TINY, *extra, "-q"]) == 0
+        assert _codec(plain) == 1
+        np.testing.assert_array_equal(read_stack(out), read_stack(plain))
+        packed = tmp_path / f"{name}_packed.tif"
+        assert cli.main(["align", str(tiny_tif), "-o", str(packed), "--compression", "zlib",
+                         *TINY, *extra, "-q"]) == 0
+        assert _codec(packed) == 8
+    # the block-wise run's uncompressed working copy is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["in"] + [f"{n}{x}" for n in runs for x in (".tif", ".npz", "_plain.tif",
+                                                    "_packed.tif")])
+    applied = tmp_path / "applied.tif"
+    assert cli.main(["apply-fields", str(tmp_path / "joint.npz"), str(zlib_in), "-o",
+                     str(applied), "-q"]) == 0
+    assert _codec(applied) == 8
+    np.testing.assert_array_equal(read_stack(applied), read_stack(tmp_path / "joint.tif"))
 
 
 def test_apply_fields_bad_input_is_one_error_line(tiny_tif, tmp_path, capsys):

@@ -203,6 +203,19 @@ def recorded_device(path: str | Path) -> str | None:
     return text.split(":")[0] or None
 
 
+def _recorded_output_dtype(path: str | Path) -> str | None:
+    """``output_dtype`` of the run that wrote a ``--summary-json`` file (None for other
+    files): repeating a run from its summary writes the same type."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and "sections" in data and "version" in data \
+            and data.get("output_dtype") in ("input", "float32"):
+        return str(data["output_dtype"])
+    return None
+
+
 def _note_other_device(params_path: str) -> None:
     """With device "auto" from a results file, say so when this run lands on another kind
     of device than the run that made the file: the same seed matches only on the same
@@ -459,6 +472,9 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
         pick_device(params.device)
     elif args.params and args.device is None:
         _note_other_device(args.params)
+    if args.output_dtype is None:
+        args.output_dtype = (_recorded_output_dtype(args.params) if args.params else None) \
+            or "input"
     if args.fields and Path(args.fields).suffix.lower() in _NOT_FIELDS:
         # b.tif became b.tif.npz, while -o a.png is refused (run.v2 still gets .npz added)
         raise SsemnetError(f"--fields {args.fields}: the fields are a NumPy .npz archive; "
@@ -560,7 +576,7 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
     tmp = _partial(out_path, "joint-partial.tif")
     try:
         try:
-            write_stack(tmp, aligned,
+            write_stack(tmp, aligned, compression=_compression(args),
                         resolution=read_resolution(args.input) if args.input else None)
         except (OSError, ValueError) as exc:
             raise _write_failure(f"the aligned stack {out_path}", tmp, exc) from None
@@ -662,7 +678,8 @@ def _write_summary(args: argparse.Namespace, shape: tuple[int, int, int], dtype:
         "flags": list(res.flags),
         # [a, b, NCC] of consecutive usable sections after alignment (the poor_match check)
         "pair_ncc": pair_rows(res.pair_ncc),
-        "output_dtype": args.output_dtype, "resumed": resumed,
+        "output_dtype": args.output_dtype, "compression": _compression(args),
+        "resumed": resumed,
         "environment": _environment(res),
     }
     tmp = _partial(path, "partial.json")
@@ -858,6 +875,20 @@ def _fields_writer(displacement: Any, params: AlignParams, res: Any) -> Callable
                     ncc_before=res.ncc_before, ncc_after=res.ncc_after,
                     pair_ncc=pair_array(res.pair_ncc), **_provenance(res))
     return write
+
+
+_COMPRESSION_HELP = ("Compression of the written TIFF: input (that of the input file: the "
+                     "same lossless codec, zlib for a lossy one or one that cannot be "
+                     "written here; none for the sample), none, or zlib. (default: input)")
+
+
+def _compression(args: argparse.Namespace) -> str | None:
+    """The codec for tifffile (None: uncompressed) that ``--compression`` asks for."""
+    from .core.io import read_compression
+
+    if args.compression == "input":
+        return read_compression(None if getattr(args, "sample", False) else args.input)
+    return None if args.compression == "none" else args.compression
 
 
 def _output_dtype(input_dtype: Any, choice: str) -> np.dtype:
@@ -1268,6 +1299,7 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
     work = [_partial(out_path, x) for x in _BLOCK_WORK]
     tmp_tif, tmp_disp, state_path = work
     run_id = _run_identity(args, params, (z, h, w), dtype)
+    codec = _compression(args)  # the blocks go to an uncompressed map: compressed at the end
     n_blocks = 1 + len(block_plan(z, params.reference, params.block_size, params.window)[1])
     state = None
     left = [f for f in work if f.exists()]
@@ -1314,7 +1346,8 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
             _unlink_quietly(*work)  # before the space check: they are being replaced
             # the TIFF and a working copy of the displacement (8 bytes a pixel) beside -o,
             # the fields' .npz (as much again, uncompressed) where --fields goes
-            _check_space([(out_path, z * h * w * (dtype.itemsize + 8))]
+            # (and the compressed copy the memory-mapped TIFF is written to at the end)
+            _check_space([(out_path, z * h * w * (dtype.itemsize * (2 if codec else 1) + 8))]
                          + ([(fields_path, z * h * w * 8)] if fields_path is not None else []))
             maps["aligned"] = tifffile.memmap(
                 tmp_tif, shape=(z, h, w), dtype=dtype,
@@ -1354,7 +1387,12 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
             printer.note(f"writing {out_path}"
                          + (f" and {fields_path}" if fields_path is not None else ""))
         maps.pop("aligned").flush()
-        _finish_outputs(tmp_tif, out_path, fields_path,
+        finished_tif = tmp_tif
+        if codec is not None:
+            finished_tif = _partial(out_path, "blocks-compressed.tif")
+            _compressed_copy(tmp_tif, finished_tif, codec,
+                             read_resolution(args.input) if args.input else None)
+        _finish_outputs(finished_tif, out_path, fields_path,
                         _fields_writer(maps["disp"], params, summary))
         finished = True
     except OSError as exc:
@@ -1362,6 +1400,8 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
     finally:
         printer.close()
         maps.clear()
+        if codec is not None:
+            _unlink_quietly(_partial(out_path, "blocks-compressed.tif"))
         done_blocks = (_blocks_done(state_path) if not finished
                        and all(f.is_file() for f in work) else 0)
         if not done_blocks:
@@ -1377,6 +1417,26 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
                       f"with --resume goes on from there ({where}).\n")
     return _report(args, out, (z, h, w), stack.dtype, summary, params, out_path, fields_path,
                    blocks=len(summary.blocks), resumed=state is not None)
+
+
+def _compressed_copy(src: Path, dst: Path, codec: str,
+                     resolution: dict[str, Any] | None) -> None:
+    """Write the (Z, H, W) TIFF ``src`` again as ``dst``, compressed with ``codec``, a
+    section at a time (a block-wise run's memory-mapped result stays resumable, and is
+    only read here)."""
+    import tifffile
+
+    from .core.io import tiff_write_kwargs
+
+    data = tifffile.memmap(src, mode="r")
+    try:
+        tifffile.imwrite(dst, (np.asarray(sec) for sec in data), shape=data.shape,
+                         dtype=data.dtype, compression=codec,
+                         **tiff_write_kwargs(resolution, data.dtype, data.nbytes))
+    except (OSError, ValueError) as exc:
+        raise _write_failure(f"the compressed copy {dst.name}", dst, exc) from None
+    finally:
+        del data
 
 
 def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
@@ -1447,7 +1507,7 @@ def _apply(args: argparse.Namespace, stack: Any, fields: Any, out_path: Path,
     try:
         with ctrl_c_stops() as should_stop:
             tifffile.imwrite(tmp, sections(should_stop), shape=(z, h, w), dtype=dtype,
-                             **write_kw)
+                             compression=_compression(args), **write_kw)
         _install(tmp, out_path)
     except SsemnetError:  # a bad section, a cancel: not a failed write
         raise
@@ -1577,9 +1637,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Load parameters from a JSON file: a params file, a --summary-json "
                          "file, or the params of a fields .npz; options given on the command "
                          "line override them.")
-    al.add_argument("--output-dtype", choices=["input", "float32"], default="input",
+    al.add_argument("--output-dtype", choices=["input", "float32"], default=None,
                     help="Data type of the aligned TIFF: that of the input (rounded) or "
-                         "float32. (default: input)")
+                         "float32. (default: input, or that of the run whose --summary-json "
+                         "file is the --params)")
+    al.add_argument("--compression", choices=["input", "none", "zlib"], default="input",
+                    help=_COMPRESSION_HELP)
     al.add_argument("-q", "--quiet", action="store_true", help="No progress output.")
     al.add_argument("--summary-json", metavar="SUMMARY.json",
                     help="Also write the run's figures as JSON (version, device, parameters, "
@@ -1611,6 +1674,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output-dtype", choices=["input", "float32"], default="input",
                     help="Data type of a bilinear result: that of the input (rounded) or "
                          "float32. (default: input)")
+    ap.add_argument("--compression", choices=["input", "none", "zlib"], default="input",
+                    help=_COMPRESSION_HELP)
     ap.add_argument("-q", "--quiet", action="store_true", help="No progress output.")
     ap.set_defaults(func=cmd_apply)
 

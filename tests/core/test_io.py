@@ -633,3 +633,25 @@ def test_fiji_zunit_and_a_folder_of_sections_keep_their_units(tmp_path):
                          metadata={"unit": "nm", "spacing": 50.0})
     res = read_resolution(folder)
     assert res["unit"] == "nm" and res["resolution"] == (0.25, 0.25)
+
+
+def test_read_compression_names_a_codec_to_write_the_aligned_copy_with(tmp_path):
+    from napari_ssemnet.core.io import read_compression
+
+    stack = (np.arange(2 * 40 * 40) % 251).astype(np.uint8).reshape(2, 40, 40)
+    assert read_compression(write_stack(tmp_path / "plain.tif", stack)) is None
+    for codec, code in (("zlib", 8), ("lzma", 34925)):
+        path = write_stack(tmp_path / f"{codec}.tif", stack, compression=codec)
+        with tifffile.TiffFile(path) as tif:
+            assert int(tif.pages.first.compression) == code
+        assert read_compression(path) == codec
+    folder = tmp_path / "sections"
+    folder.mkdir()
+    for i, sec in enumerate(stack):
+        tifffile.imwrite(folder / f"s{i}.tif", sec, compression="zlib")
+    assert read_compression(folder) == "zlib"
+    # no file, no TIFF, the sample: uncompressed, never an error
+    assert read_compression(tmp_path / "missing.tif") is None
+    (tmp_path / "notes.tif").write_text("not a TIFF")
+    assert read_compression(tmp_path / "notes.tif") is None
+    assert read_compression(None) is None

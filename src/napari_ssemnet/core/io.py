@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -581,6 +582,51 @@ def read_resolution(path: str | os.PathLike) -> dict[str, Any]:
     except Exception:  # metadata is a courtesy: never a reason to fail
         return {}
     return _in_ascii_unit(out)
+
+
+# lossless TIFF codecs, by tag value, as tifffile names them for writing
+_LOSSLESS_CODECS = {8: "zlib", 32946: "zlib", 5: "lzw", 34925: "lzma", 32773: "packbits",
+                    50000: "zstd"}
+
+
+@functools.cache
+def _can_write(codec: str) -> bool:
+    """Whether tifffile can encode ``codec`` here (some need imagecodecs or Python 3.14)."""
+    import tifffile
+
+    try:
+        tifffile.imwrite(io.BytesIO(), np.zeros((2, 2), np.uint8), compression=codec)
+    except Exception:  # noqa: BLE001 - a missing codec shows as KeyError, ImportError, ...
+        return False
+    return True
+
+
+def read_compression(path: str | os.PathLike | None) -> str | None:
+    """The codec to write an aligned copy of the TIFF at ``path`` with: its own when it is
+    lossless and can be written here, ``"zlib"`` for any other compressed file (a lossy codec
+    such as JPEG would degrade the data again, and cannot store float32), None for an
+    uncompressed file, a missing one, or None. For a folder of sections: the first file's.
+    """
+    import tifffile
+
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        try:
+            files = section_files(p)
+        except OSError:
+            return None
+        return read_compression(files[0]) if files else None
+    try:
+        with _TiffWarnings(), tifffile.TiffFile(p) as tif:
+            code = int(tif.pages.first.compression)
+    except Exception:  # noqa: BLE001 - metadata is a courtesy: never a reason to fail
+        return None
+    if code == 1:
+        return None
+    codec = _LOSSLESS_CODECS.get(code, "zlib")
+    return codec if _can_write(codec) else "zlib"
 
 
 _LENGTH_IN_UM = {"pm": 1e-6, "Å": 1e-4, "\\u00C5": 1e-4, "nm": 1e-3, "µm": 1.0,
