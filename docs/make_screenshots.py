@@ -63,7 +63,10 @@ def main() -> None:
     stack = load_stack(args.tif)
     viewer = napari.Viewer(show=True)
     viewer.window.resize(1500, 1000)
-    viewer.add_image(stack, name="EM stack (misaligned)")
+    if args.tif is None:  # as a user opens it (File > Open Sample), with its voxel size
+        viewer.open_sample("napari-ssemnet", "em_misaligned")
+    else:
+        viewer.add_image(stack, name="EM stack (misaligned)")
     _dock, widget = viewer.window.add_plugin_dock_widget("napari-ssemnet", "Align EM stack")
     z_show = min(3, stack.shape[0] - 1)
     viewer.dims.set_current_step(0, z_show)

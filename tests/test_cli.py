@@ -333,6 +333,12 @@ def test_align_sample_default_output(tmp_path, monkeypatch):
     aligned = read_stack(tmp_path / cli.SAMPLE_OUTPUT)
     assert aligned.shape == (8, 320, 320) and aligned.dtype == np.uint8
     assert load_fields(tmp_path / "s.npz")[0].shape == (8, 2, 320, 320)
+    # ISBI's 4 nm pixels and 50 nm sections (it was written as 1 pixel per no unit)
+    from napari_ssemnet.core.io import read_resolution
+
+    res = read_resolution(tmp_path / cli.SAMPLE_OUTPUT)
+    assert res["unit"] == "nm" and res["spacing"] == 50.0
+    assert np.allclose(res["resolution"], (0.25, 0.25))
 
 
 def test_ctrl_c_cancels_with_exit_130(tiny_tif, tmp_path, monkeypatch, capsys):

@@ -514,7 +514,7 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
 def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: Path | None,
            out: TextIO) -> int:
     from .core.align import align_stack, check_reference
-    from .core.io import open_stack, read_resolution, read_stack, section_count, write_stack
+    from .core.io import open_stack, read_stack, section_count, write_stack
 
     blockwise = params.block_size > 0
     if args.resume and not blockwise:  # before reading a stack that may not even fit
@@ -577,7 +577,7 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
     try:
         try:
             write_stack(tmp, aligned, compression=_compression(args),
-                        resolution=read_resolution(args.input) if args.input else None)
+                        resolution=_input_resolution(args))
         except (OSError, ValueError) as exc:
             raise _write_failure(f"the aligned stack {out_path}", tmp, exc) from None
         _finish_outputs(tmp, out_path, fields,
@@ -882,6 +882,16 @@ _COMPRESSION_HELP = ("Compression of the written TIFF: input (that of the input 
                      "written here; none for the sample), none, or zlib. (default: input)")
 
 
+def _input_resolution(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The pixel size and section spacing to write the aligned stack with: the input's, or
+    the sample's."""
+    from .core.io import read_resolution
+    from .core.sample import sample_resolution
+
+    return sample_resolution() if getattr(args, "sample", False) else read_resolution(
+        args.input)
+
+
 def _compression(args: argparse.Namespace) -> str | None:
     """The codec for tifffile (None: uncompressed) that ``--compression`` asks for."""
     from .core.io import read_compression
@@ -1163,7 +1173,7 @@ def _output_lock(out_path: Path) -> Iterator[None]:
 # block-wise TIFF of a run on -o a.tif.joint
 _BLOCK_WORK = ("partial.tif", "displacement.partial.npy", "blocks.npz")
 _STALE_SUFFIXES = ("joint-partial.tif", "apply-partial.tif", "partial.npz", "partial.pt",
-                   "blocks.npz.tmp.npz", "partial.json")
+                   "blocks.npz.tmp.npz", "partial.json", "blocks-compressed.tif")
 
 
 def _remove_stale_work(out_path: Path) -> None:
@@ -1291,7 +1301,7 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
 
     from .core.align import run_generator
     from .core.blocks import BlockState, block_plan, iter_align_blocks
-    from .core.io import read_resolution, tiff_write_kwargs
+    from .core.io import tiff_write_kwargs
 
     z, h, w = (int(n) for n in stack.shape)
     dtype = _output_dtype(stack.dtype, args.output_dtype)
@@ -1351,7 +1361,7 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
                          + ([(fields_path, z * h * w * 8)] if fields_path is not None else []))
             maps["aligned"] = tifffile.memmap(
                 tmp_tif, shape=(z, h, w), dtype=dtype,
-                **tiff_write_kwargs(read_resolution(args.input) if args.input else None,
+                **tiff_write_kwargs(_input_resolution(args),
                                     dtype, z * h * w * dtype.itemsize))
             maps["disp"] = np.lib.format.open_memmap(tmp_disp, mode="w+", dtype=np.float32,
                                                      shape=(z, 2, h, w))
@@ -1391,7 +1401,7 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
         if codec is not None:
             finished_tif = _partial(out_path, "blocks-compressed.tif")
             _compressed_copy(tmp_tif, finished_tif, codec,
-                             read_resolution(args.input) if args.input else None)
+                             _input_resolution(args))
         _finish_outputs(finished_tif, out_path, fields_path,
                         _fields_writer(maps["disp"], params, summary))
         finished = True

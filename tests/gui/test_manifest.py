@@ -43,3 +43,6 @@ def test_sample_data(make_napari_viewer):
 
     np.testing.assert_array_equal(data, load_sample(misaligned=True))
     assert not np.array_equal(data, load_sample(misaligned=False))
+    # ISBI's voxel size, so that a scale bar and the 3D view are true
+    assert tuple(layers[0].scale) == (50.0, 4.0, 4.0)
+    assert [str(u) for u in layers[0].units] == ["nanometer"] * 3

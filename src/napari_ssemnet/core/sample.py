@@ -26,6 +26,17 @@ SAMPLE_SHAPE = (8, 320, 320)
 MISALIGNMENT = {"rotation_deg": 3.0, "shift_frac": 0.05, "scale": 0.01, "shear": 0.01,
                 "elastic_px": 1.5, "reference": 0}
 INTENSITY_JITTER = {"gain_jitter": 0.08, "offset_jitter": 0.02}
+# (Z, Y, X) in nm: the ISBI 2012 volume's section thickness and pixel size, as its
+# publishers give them ("about 4 x 4 x 50 nm"); the TIFF itself carries no pixel size
+SAMPLE_VOXEL_NM = (50.0, 4.0, 4.0)
+
+
+def sample_resolution() -> dict:
+    """The sample's pixel size and section spacing in :func:`core.io.read_resolution`'s
+    form, so that an aligned sample is written with them."""
+    spacing, y, x = SAMPLE_VOXEL_NM
+    return {"resolution": (1.0 / x, 1.0 / y), "resolutionunit": 1, "spacing": spacing,
+            "unit": "nm"}
 
 
 def sample_path() -> Path:
