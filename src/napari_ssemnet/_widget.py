@@ -48,6 +48,7 @@ from .core.align import (
     SectionResult,
     check_layout,
     check_stack,
+    placed_through_text,
     resolve_params,
 )
 from .core.errors import SsemnetError
@@ -904,6 +905,8 @@ class AlignWidget(QWidget):
             text += " Flagged: " + ", ".join(f"{i} ({res.flags[i]})" for i in res.flagged[:6])
             more = len(res.flagged) - 6
             text += (f" and {more} more (red ticks in the plot)." if more > 0 else ".")
+            story = placed_through_text(res.flags, res.params.reference)
+            text += "".join(f" {line[0].upper()}{line[1:]}." for line in story[:2])
         text += self._arrow_text(source)
         if job.get("stale") == "removed":  # the layers stay: they may be all the user has
             text += (f" {self._stale_text(job, source)} during the run: these layers hold "

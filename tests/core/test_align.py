@@ -751,3 +751,25 @@ def test_re_align_of_the_last_section_keeps_its_run_placement_past_a_bad_neighbo
     again = align_section(turned, last, previous_displacement=r.displacement, device="cpu")
     assert not again.placed_again
     assert np.median(np.hypot(*(again.displacement - r.displacement[last]))) < 1.5
+
+
+def test_the_summary_says_whether_a_poor_section_is_off_alone_or_with_those_after_it():
+    from napari_ssemnet.core.align import format_summary, placed_through
+
+    broke = ["", "", "", "", "poor_match", "low_confidence", "low_confidence",
+             "low_confidence"]
+    alone = ["", "", "", "", "", "", "poor_match", ""]
+    assert placed_through(broke, 0) == {4: [5, 6, 7]}
+    assert placed_through(alone, 0) == {6: []}
+    # towards a reference in the middle, across a blank section, and at the end
+    assert placed_through(["low_confidence", "poor_match", "", "", ""], 3) == {1: [0]}
+    assert placed_through(["", "poor_match", "blank", "low_confidence", ""], 0) == {1: [3]}
+    assert placed_through(["", "", "poor_match", "blank"], 0) == {2: None}
+
+    def text(flags):
+        return format_summary((len(flags), 64, 64), "cpu", {"total": 1.0},
+                              np.zeros(len(flags)), np.zeros(len(flags)), flags, reference=0)
+
+    assert "section 4 matches poorly and sections 5-7 were placed through it" in text(broke)
+    assert "section 6 matches poorly on its own" in text(alone)
+    assert "on its own" not in text(["", "", "poor_match"])  # nothing after it to say so

@@ -187,6 +187,20 @@ def test_align_makes_three_layers(qtbot, viewer_widget, stack):
     assert viewer.layers["em aligned"].metadata[L.META_KEY]["params"]["grid_spacing"] == 48
 
 
+def test_the_status_says_a_poor_section_is_off_alone(qtbot, viewer_widget):
+    from napari_ssemnet.core.sample import load_sample
+
+    viewer, widget = viewer_widget
+    turned = load_sample()
+    turned[6] = np.rot90(turned[6], 3)
+    viewer.add_image(turned, name="em")
+    widget.form.set_value("device", "cpu")
+    assert run_and_wait(qtbot, widget, widget.align) == "done", error_messages()
+    assert widget.results["em"].flags[6:] == ["poor_match", ""]
+    text = widget.status.text()
+    assert "Flagged: 6 (poor_match). Section 6 matches poorly on its own" in text, text
+
+
 def test_blockwise_align_from_the_widget_matches_the_api(qtbot, viewer_widget):
     from napari_ssemnet.core.align import align_stack
 

@@ -224,6 +224,8 @@ def format_summary(shape: tuple[int, ...], device: str, timings: dict[str, float
             "NCC (a quarter across a blank section): it may be off, damaged or from "
             "elsewhere; if the section after it does not match the one before it either, the "
             f"sections beyond were placed through it and are flagged {FLAG_LOW_CONFIDENCE}")
+        if reference is not None:
+            lines.extend(placed_through_text(flags, reference))
         others = [zz for zz, f in enumerate(flags) if f in USABLE_FLAGS and zz != reference]
         if reference is not None and others and all(flags[zz] != FLAG_OK for zz in others):
             lines.append(
@@ -231,6 +233,45 @@ def format_summary(shape: tuple[int, ...], device: str, timings: dict[str, float
                 "section itself may be damaged or from elsewhere; look at it, and align "
                 "again with another reference if it is")
     return "\n".join(lines)
+
+
+def placed_through(flags: list[str], reference: int) -> dict[int, list[int] | None]:
+    """For each ``poor_match`` section, the ``low_confidence`` sections right after it on
+    the side away from the reference (blank ones passed over): those placed through it,
+    which may be off together with it. An empty list: the next usable section is not
+    flagged, i.e. it matched the section before the poor one, so that one is off alone.
+    None: no usable section follows it."""
+    out: dict[int, list[int] | None] = {}
+    for p, f in enumerate(flags):
+        if f != FLAG_POOR_MATCH or p == reference:
+            continue
+        step = 1 if p > reference else -1
+        usable = [q for q in range(p + step, len(flags) if step > 0 else -1, step)
+                  if flags[q] != FLAG_BLANK]
+        if not usable:
+            out[p] = None
+            continue
+        after = []
+        for q in usable:
+            if flags[q] != FLAG_LOW_CONFIDENCE:
+                break
+            after.append(q)
+        out[p] = sorted(after)
+    return out
+
+
+def placed_through_text(flags: list[str], reference: int) -> list[str]:
+    """One sentence per ``poor_match`` section: off alone, or with the sections after it."""
+    lines = []
+    for p, after in placed_through(flags, reference).items():
+        if after:
+            lines.append(f"section {p} matches poorly and {_ranges(after)} "
+                         f"{'were' if len(after) > 1 else 'was'} placed through it: they may "
+                         "be off together with it")
+        elif after is not None:
+            lines.append(f"section {p} matches poorly on its own: the next section matches "
+                         "the one before it, so the sections beyond are not affected")
+    return lines
 
 
 def _nearest_usable(blank: np.ndarray, params: AlignParams) -> str:
