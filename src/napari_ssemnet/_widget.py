@@ -159,6 +159,10 @@ class AlignWidget(QWidget):
         self.results: dict[str, AlignmentResult] = {}
         # per source: the result and layers from before its last Re-align (one level)
         self._undo: dict[str, dict[str, Any]] = {}
+        # per source: a fingerprint of each section the result was made from, and the
+        # sections whose data has changed since (their result needs a Re-align)
+        self._digests: dict[str, list[bytes]] = {}
+        self.changed: dict[str, set[int]] = {}
         self.last_outcome: str | None = None
         self._build_ui()
         self._connect_viewer()
@@ -312,8 +316,7 @@ class AlignWidget(QWidget):
             # this one's fields and Re-align base
             name = event.value.name
             self._names.pop(str(event.value.unique_id), None)
-            self.results.pop(name, None)
-            self._undo.pop(name, None)
+            self._drop_result(name)
             if self._job is not None and self._job.get("source") == name:
                 self._job["stale"] = "removed"
         self._refresh_layers()
@@ -331,10 +334,9 @@ class AlignWidget(QWidget):
 
     def _follow_rename(self, old: str, new: str) -> None:
         """Results of a renamed source layer stay its results (and keep matching names)."""
-        if old in self.results:
-            self.results[new] = self.results.pop(old)
-        if old in self._undo:
-            self._undo[new] = self._undo.pop(old)
+        for store in (self.results, self._undo, self._digests, self.changed):
+            if old in store:
+                store[new] = store.pop(old)
         if self._job is not None and self._job.get("source") == old:
             self._job["source"] = new
         for role in L.ROLES:
@@ -349,10 +351,16 @@ class AlignWidget(QWidget):
         if event is None or L.is_result_layer(event.source):
             return
         name = event.source.name
-        # new data, even of the same shape: the stored result (fields, Re-align's base) is
-        # for the old data and must not be saved or mixed with the new
-        stale = self.results.pop(name, None) is not None
-        self._undo.pop(name, None)
+        changed = self._changed_sections(name, event.source.data)
+        self._undo.pop(name, None)  # what it would put back was made from the old data
+        stale = False
+        if changed is not None:
+            if changed:
+                self.changed[name] = self.changed.get(name, set()) | set(changed)
+        else:
+            # new data, even of the same shape: the stored result (fields, Re-align's base)
+            # is for the old data and must not be saved or mixed with the new
+            stale = self._drop_result(name)
         if self._job is not None and self._job.get("source") == name:
             self._job["stale"] = "changed"
             stale = True
@@ -364,6 +372,39 @@ class AlignWidget(QWidget):
         if stale:  # after the range check, whose note it would otherwise hide
             self.status.setText(f"The data of '{name}' changed: its alignment result no longer "
                                 "applies (the result layers show the old data); press Align.")
+        elif changed and not (self._job is not None and self._job.get("source") == name):
+            self.status.setText(self._changed_text(name))
+        self._update_buttons()
+
+    def _drop_result(self, name: str) -> bool:
+        """Forget ``name``'s result and what goes with it; whether there was one."""
+        self._undo.pop(name, None)
+        self._digests.pop(name, None)
+        self.changed.pop(name, None)
+        return self.results.pop(name, None) is not None
+
+    def _changed_sections(self, name: str, data: Any) -> list[int] | None:
+        """The sections of ``name``'s new ``data`` that differ from those its result was
+        made from, when the result still holds for the others: a few sections (at most a
+        quarter) replaced in an in-memory array of the same shape and type, not the
+        reference. None: the result no longer applies."""
+        result, digests = self.results.get(name), self._digests.get(name)
+        if (result is None or not digests or not isinstance(data, np.ndarray)
+                or data.shape != result.aligned.shape or data.nbytes > CHANGE_CHECK_BYTES):
+            return None
+        changed = [z for z, d in enumerate(jobs.section_digests(data)) if d != digests[z]]
+        if result.params.reference in changed or len(changed) > max(1, len(digests) // 4):
+            return None
+        return changed
+
+    def _changed_text(self, name: str) -> str:
+        sections = sorted(self.changed.get(name, ()))
+        which = (f"Section {sections[0]}" if len(sections) == 1
+                 else "Sections " + ", ".join(map(str, sections)))
+        return (f"{which} of '{name}' changed since Align: the result layers show the old "
+                f"data there. Re-align section on {'it' if len(sections) == 1 else 'each'} "
+                "(placed again from scratch when the old placement no longer fits); Save "
+                "fields waits until then, or press Align.")
 
     def _refresh_layers(self, prefer: str | None = None) -> None:
         current = prefer or self.layer_combo.currentText()
@@ -470,8 +511,9 @@ class AlignWidget(QWidget):
             return
         layer = self.selected_layer()
         has_result = layer is not None and self._result_for(layer) is not None
+        changed = bool(layer is not None and self.changed.get(layer.name))
         self.realign_btn.setEnabled(has_result)
-        self.save_btn.setEnabled(has_result)
+        self.save_btn.setEnabled(has_result and not changed)
         undo = self._undo_entry(layer) if has_result else None
         self.undo_btn.setEnabled(undo is not None)
         self.undo_btn.setToolTip(self._undo_tip + (
@@ -493,6 +535,9 @@ class AlignWidget(QWidget):
             else:
                 why = f"\n\nDisabled: press Align to align '{layer.name}' first."
         self.realign_btn.setToolTip(self._realign_tip + why)
+        if has_result and changed:
+            why = ("\n\nDisabled: " + self._changed_text(layer.name).split(": ", 1)[0]
+                   + "; Re-align those sections (or press Align) first.")
         self.save_btn.setToolTip(self._save_tip + why)
 
     def _undo_entry(self, layer: Any) -> dict[str, Any] | None:
@@ -895,6 +940,8 @@ class AlignWidget(QWidget):
                                "pair_ncc": pair_rows(res.pair_ncc)}})
         if not job.get("stale"):
             self.results[source] = res
+            self._digests[source] = list(outcome.digests)
+            self.changed.pop(source, None)
         self._update_plot()
         z = res.aligned.shape[0]
         total = res.timings.get("total", time.perf_counter() - job["t0"])
@@ -938,7 +985,10 @@ class AlignWidget(QWidget):
                                        for k, p in sorted(out.result.section_params.items())}
         keep = commit and not job.get("stale")
         if keep:
+            digests = self._digests.get(source)
             undo = {"before": self.results.get(source), "after": out.result, "z": out.z,
+                    "changed": set(self.changed.get(source, ())),
+                    "digest": digests[out.z] if digests else None,
                     "states": self._layer_states(source, (L.ROLE_ALIGNED, L.ROLE_DISPLACEMENT,
                                                           L.ROLE_NCC_ERROR))}
         self._show_layers(
@@ -951,6 +1001,13 @@ class AlignWidget(QWidget):
         if keep:
             self.results[source] = out.result
             self._undo[source] = undo
+            if source in self._digests and out.digest:
+                self._digests[source][out.z] = out.digest  # re-aligned on the data it has now
+            left = self.changed.get(source, set()) - {out.z}
+            if left:
+                self.changed[source] = left
+            else:
+                self.changed.pop(source, None)
         self._update_plot()
         sec = out.section
         b = getattr(sec, "ncc_before", float("nan"))
@@ -984,6 +1041,10 @@ class AlignWidget(QWidget):
         self._restore_layers(source, undo["states"])
         # a Re-align needs a full run first: there is always a result to go back to
         self.results[source] = undo["before"]
+        if undo["changed"]:  # a section re-aligned after its data changed is so again
+            self.changed[source] = set(undo["changed"])
+        if undo["digest"] is not None and source in self._digests:
+            self._digests[source][z] = undo["digest"]
         self._update_plot()
         self._update_buttons()
         self._select(source)
@@ -1031,6 +1092,9 @@ class AlignWidget(QWidget):
         result = self._result_for(layer) if layer is not None else None
         if result is None:
             show_error("No alignment result for this layer yet; press Align first.")
+            return None
+        if self.changed.get(layer.name):
+            show_error(self._changed_text(layer.name))
             return None
         try:
             return save_fields(path, result.displacement, params=result.params,
@@ -1107,6 +1171,10 @@ class _Read:
     def __init__(self, stack: np.ndarray) -> None:
         self.stack = stack
 
+
+CHANGE_CHECK_BYTES = 256 * 2**20
+"""New data of a layer up to this size is compared section by section with the data of its
+result (about 0.3 s on the GUI thread here); a bigger change drops the result."""
 
 READ_CHUNK_BYTES = 64 * 2**20
 """A lazy layer is read in pieces of about this size, so that Cancel is seen between them."""

@@ -328,6 +328,50 @@ def test_preview_then_realign(qtbot, viewer_widget, stack, tmp_path):
     assert "changed" in widget.status.text()
 
 
+def test_a_few_sections_replaced_in_the_layer_keep_the_result_for_re_align(
+        qtbot, viewer_widget, stack, tmp_path):
+    # new data dropped the whole result, so a section put right in the layer needed a new
+    # Align of the whole stack instead of one Re-align
+    viewer, widget = viewer_widget
+    layer = viewer.add_image(stack, name="em")
+    set_fast(widget)
+    assert run_and_wait(qtbot, widget, widget.align) == "done", error_messages()
+    run = widget.results["em"]
+    same = stack.copy()
+    layer.data = same  # the same values in a new array: nothing changed
+    assert widget.results["em"] is run and not widget.changed
+    fixed = stack.copy()
+    fixed[2] = np.rot90(stack[2])
+    layer.data = fixed
+    assert widget.results["em"] is run and widget.changed == {"em": {2}}
+    text = widget.status.text()
+    assert "Section 2 of 'em' changed since Align" in text and "Re-align" in text
+    assert not widget.save_btn.isEnabled() and widget.realign_btn.isEnabled()
+    assert "changed since Align" in widget.save_btn.toolTip()
+    assert widget.save_fields(tmp_path / "f.npz") is None
+    assert not (tmp_path / "f.npz").exists()
+    viewer.dims.set_current_step(0, 2)
+    assert run_and_wait(qtbot, widget, widget.realign) == "done", error_messages()
+    assert not widget.changed and widget.save_btn.isEnabled()
+    assert widget.results["em"] is not run
+    assert widget.save_fields(tmp_path / "f.npz") is not None
+    # Undo puts back the old placement of section 2, which its new data does not fit
+    widget.undo_realign()
+    assert widget.results["em"] is run and widget.changed == {"em": {2}}
+    assert not widget.save_btn.isEnabled()
+    # the reference section, or more than a quarter of the stack: another stack
+    again = fixed.copy()
+    again[run.params.reference] = np.rot90(fixed[run.params.reference])
+    layer.data = again
+    assert "em" not in widget.results and not widget.changed
+    assert "no longer applies" in widget.status.text()
+    assert run_and_wait(qtbot, widget, widget.align) == "done", error_messages()
+    two = again.copy()
+    two[1:3] = again[1:3, ::-1]
+    layer.data = two
+    assert "em" not in widget.results and "no longer applies" in widget.status.text()
+
+
 def test_undo_puts_back_the_result_from_before_a_realign(qtbot, viewer_widget, stack,
                                                         tmp_path):
     viewer, widget = viewer_widget

@@ -9,6 +9,7 @@ notification for every exception). Nothing here touches a layer.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import tempfile
@@ -57,6 +58,22 @@ class AlignOutcome:
 
     result: AlignmentResult
     ncc_error: np.ndarray
+    digests: list[bytes] = field(default_factory=list)
+
+
+def section_digest(section: np.ndarray) -> bytes:
+    """A fingerprint of one section's data (type, shape and bytes): which sections of a
+    layer changed since a run, without keeping a copy of the stack."""
+    a = np.ascontiguousarray(section)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(memoryview(a).cast("B"))
+    return h.digest()
+
+
+def section_digests(stack: np.ndarray) -> list[bytes]:
+    """:func:`section_digest` of each section of a (Z, H, W) stack."""
+    return [section_digest(stack[z]) for z in range(stack.shape[0])]
 
 
 @dataclass
@@ -81,6 +98,7 @@ class SectionOutcome:
     params: AlignParams
     seconds: float
     result: AlignmentResult | None = None
+    digest: bytes = b""
 
 
 @dataclass
@@ -123,8 +141,9 @@ def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event
         result = yield from throttled(iter_align_stack(stack, params, should_stop=stop.is_set))
         yield Progress("metrics", 0, 1, "local NCC error map")
         error = local_ncc_error(result.aligned, result.valid, flags=result.flags)
+        digests = section_digests(stack)  # which sections a later change of the layer touches
         yield Progress("metrics", 1, 1, "local NCC error map")
-        return AlignOutcome(result, error)
+        return AlignOutcome(result, error, digests)
     except AlignmentCancelled:
         return Cancelled()
     except Exception as exc:  # every error reaches the user as a notification
@@ -241,7 +260,8 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
         error = local_ncc_error(aligned, valid, flags=flags)
         yield Progress("metrics", 1, 1, "local NCC error map")
         return SectionOutcome(z, section, aligned, valid, displacement, error, ncc_before,
-                              ncc_after, flags, params, time.perf_counter() - t0, result)
+                              ncc_after, flags, params, time.perf_counter() - t0, result,
+                              section_digest(stack[z]))
     except AlignmentCancelled:
         return Cancelled()
     except Exception as exc:
