@@ -1196,6 +1196,23 @@ def test_usage_errors_are_one_line(capsys, argv, cmd):
     assert lines[0].endswith(f"(see '{hint}')")
 
 
+@pytest.mark.parametrize("argv, hint", [
+    (["align", "x.tif", "-o", "y.tif", "--grid-spaceing", "32"], "; did you mean --grid-spacing?"),
+    (["align", "x.tif", "-o", "y.tif", "--smoothnes=2", "--windw", "1"],
+     "; did you mean --smoothness or --window?"),
+    (["apply-fields", "f.npz", "x.tif", "-o", "y.tif", "--label"], "; did you mean --labels?"),
+    (["align", "x.tif", "-o", "y.tif", "--bogus"], None),  # nothing close: no guess
+])
+def test_a_misspelt_option_gets_the_nearest_name(capsys, argv, hint):
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    err = capsys.readouterr().err
+    if hint is None:
+        assert "did you mean" not in err
+    else:
+        assert hint in err, err
+
+
 def test_a_second_joint_run_on_the_same_output_is_refused(tiny_tif, tmp_path, capsys,
                                                           monkeypatch):
     import napari_ssemnet.core.align as core_align

@@ -1709,6 +1709,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _did_you_mean(parser: argparse.ArgumentParser, extra: Sequence[str]) -> str:
+    """``"; did you mean --grid-spacing?"`` for a misspelt option, or ''."""
+    import difflib
+
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for word in extra:
+        if word.startswith("--"):
+            close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.75)
+            if close and close[0] not in hints:
+                hints.append(close[0])
+    return f"; did you mean {' or '.join(hints)}?" if hints else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``napari-ssemnet`` console script; returns the exit code."""
     parser = build_parser()
@@ -1716,8 +1730,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:  # named by the subcommand's parser, so that the hint points at its --help
         choices = parser._subparsers._group_actions[0].choices if parser._subparsers else {}
-        (choices.get(args.command) or parser).error(
-            f"unrecognized arguments: {' '.join(extra)}")
+        sub = choices.get(args.command) or parser
+        sub.error(f"unrecognized arguments: {' '.join(extra)}" + _did_you_mean(sub, extra))
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_ERROR
