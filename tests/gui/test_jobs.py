@@ -161,3 +161,7 @@ def test_a_section_placed_again_is_judged_by_its_new_placement():
                                     threading.Event()), None)
     assert out.section.placed_again
     assert out.flags == [""] * 8 and out.result.placed_flags == [""] * 8
+    # the run's environment stays, and the Re-align's own is beside it
+    env = out.result.environment
+    assert {k: v for k, v in env.items() if k != "re_aligned"} == r.environment
+    assert env["re_aligned"]["4"]["device"] == "cpu" and "date" in env["re_aligned"]["4"]

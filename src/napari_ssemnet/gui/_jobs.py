@@ -251,11 +251,17 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
             flags = flag_poor_links(placed, pair_ncc, base.params.reference,
                                     lambda a, c: _skip_ncc(aligned, valid, stack, displacement,
                                                            a, c))
-            # the run's parameters stay; this section's own are recorded beside them
+            # the run's parameters and environment stay; this section's own are recorded
+            # beside them (a Re-align on another device or days later says so)
+            from ..core.device import pick_device, run_environment
+
+            env = dict(base.environment)
+            env["re_aligned"] = {**env.get("re_aligned", {}),
+                                 str(z): run_environment(pick_device(params.device))}
             result = dataclasses.replace(base, aligned=aligned, valid=valid,
                                          displacement=displacement, flags=flags,
                                          ncc_after=ncc_after, pair_ncc=pair_ncc,
-                                         placed_flags=placed,
+                                         placed_flags=placed, environment=env,
                                          section_params={**base.section_params, z: params})
         error = local_ncc_error(aligned, valid, flags=flags)
         yield Progress("metrics", 1, 1, "local NCC error map")
