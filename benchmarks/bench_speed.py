@@ -42,6 +42,8 @@ PLANS = {
              ("ours", "vnc", 8, 1024), ("elastix", "isbi", 30, 512)],
     "quick": [("ours", "isbi", 4, 512), ("ours", "isbi", 8, 512), ("ours", "isbi", 8, 256),
               ("elastix", "isbi", 8, 512)],
+    # ours only (a GPU machine may have no elastix): the 1024^2 target and scaling
+    "gpu": [("ours", "isbi", 30, 512), ("ours", "vnc", 8, 1024), ("ours", "vnc", 20, 1024)],
 }
 
 
