@@ -352,11 +352,11 @@ class AlignWidget(QWidget):
             return
         name = event.source.name
         changed = self._changed_sections(name, event.source.data)
-        self._undo.pop(name, None)  # what it would put back was made from the old data
         stale = False
         if changed is not None:
             if changed:
                 self.changed[name] = self.changed.get(name, set()) | set(changed)
+                self._undo.pop(name, None)  # what it would put back fits the old data
         else:
             # new data, even of the same shape: the stored result (fields, Re-align's base)
             # is for the old data and must not be saved or mixed with the new
