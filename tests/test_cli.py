@@ -713,6 +713,39 @@ def test_the_written_tiff_keeps_the_input_compression(tiny_tif, tmp_path):
     np.testing.assert_array_equal(read_stack(applied), read_stack(tmp_path / "joint.tif"))
 
 
+def test_an_ignore_mask_from_the_command_line(tiny_tif, tmp_path, capsys):
+    stack = read_stack(tiny_tif)
+    mask = np.zeros(stack.shape, np.uint8)
+    mask[1:3, 20:60, 30:80] = 1
+    mask_tif = write_stack(tmp_path / "in" / "mask.tif", mask)
+    summary = tmp_path / "s.json"
+    blocks = ["--block-size", "3", "--window", "1"]
+    for name, extra in (("joint", []), ("blocks", blocks)):
+        out = tmp_path / f"{name}.tif"
+        assert cli.main(["align", str(tiny_tif), "-o", str(out), "--ignore", str(mask_tif),
+                         "--fields", str(tmp_path / f"{name}.npz"), "--summary-json",
+                         str(summary), *TINY, *extra, "-q"]) == 0
+        assert json.loads(summary.read_text())["ignore"] == str(mask_tif)
+        from napari_ssemnet import align_stack
+
+        api = align_stack(stack, AlignParams.from_dict(
+            json.loads(summary.read_text())["params"]), ignore=mask)
+        np.testing.assert_allclose(load_fields(tmp_path / f"{name}.npz")[0],
+                                   api.displacement, atol=1e-4)
+    plain = align_stack(stack, AlignParams.from_dict(json.loads(summary.read_text())["params"]))
+    assert np.abs(plain.displacement - api.displacement).max() > 0.01  # the mask mattered
+    capsys.readouterr()
+    short = write_stack(tmp_path / "in" / "short.tif", mask[:3])
+    assert cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "x.tif"), "--ignore",
+                     str(short), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "--ignore mask" in err and "has shape (3, 96, 96)" in err, err
+    assert not (tmp_path / "x.tif").exists()
+    assert cli.main(["align", str(tiny_tif), "-o", str(mask_tif), "--ignore", str(mask_tif),
+                     *TINY]) == 2  # it is an input: never overwritten
+    assert read_stack(mask_tif).max() == 1
+
+
 def test_apply_fields_bad_input_is_one_error_line(tiny_tif, tmp_path, capsys):
     from napari_ssemnet.core.io import save_fields
 

@@ -482,7 +482,8 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
     fields = _follow(fields_file_name(args.fields)) if args.fields else None
     # every file the run reads: the stack, and the weights and parameters files it was given
     inputs = [args.input, params.weights if params.features == "custom" else None,
-              args.params if args.params and Path(args.params).is_file() else None]
+              args.params if args.params and Path(args.params).is_file() else None,
+              args.ignore]
     summary = _follow(Path(args.summary_json)) if args.summary_json else None
     for src in inputs:
         _refuse_overwriting_input(src, output)
@@ -535,6 +536,12 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
               f"{stack.shape[2]} px, {stack.dtype}\n")
     out.flush()
     streamed = blockwise and params.block_size < stack.shape[0]
+    try:
+        ignore = _open_ignore(args, tuple(stack.shape), lazy=streamed)
+    except SsemnetError:
+        if isinstance(stack, SectionReader):
+            stack.close()
+        raise
     if args.resume and not streamed:  # e.g. a job array over stacks of several lengths
         try:
             _refuse_orphaned_blocks(Path(output))
@@ -546,12 +553,13 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
                          "--block-size smaller than its number of sections)\n")
     if streamed:
         try:
-            return _align_blocks_to_disk(stack, params, args, output, fields, out)
+            return _align_blocks_to_disk(stack, params, args, output, fields, out, ignore)
         except OSError as exc:
             raise ResourceError(f"Could not write next to {output}: {exc}") from None
         finally:
-            if isinstance(stack, SectionReader):
-                stack.close()
+            for held in (stack, ignore):
+                if isinstance(held, SectionReader):
+                    held.close()
     if isinstance(stack, SectionReader):  # one block holds it all: the joint run reads it whole
         stack.close()
         stack = read_stack(args.input)
@@ -564,7 +572,8 @@ def _align(args: argparse.Namespace, params: AlignParams, output: str, fields: P
     callback = None if args.quiet else printer
     try:
         with ctrl_c_stops() as should_stop:
-            result = align_stack(stack, params, progress=callback, should_stop=should_stop)
+            result = align_stack(stack, params, progress=callback, should_stop=should_stop,
+                                 ignore=ignore)
     finally:
         printer.close()
     aligned = as_dtype(result.aligned, out_dtype)
@@ -679,6 +688,7 @@ def _write_summary(args: argparse.Namespace, shape: tuple[int, int, int], dtype:
         # [a, b, NCC] of consecutive usable sections after alignment (the poor_match check)
         "pair_ncc": pair_rows(res.pair_ncc),
         "output_dtype": args.output_dtype, "compression": _compression(args),
+        "ignore": getattr(args, "ignore", None),
         "resumed": resumed,
         "environment": _environment(res),
     }
@@ -880,6 +890,24 @@ def _fields_writer(displacement: Any, params: AlignParams, res: Any) -> Callable
 _COMPRESSION_HELP = ("Compression of the written TIFF: input (that of the input file: the "
                      "same lossless codec, zlib for a lossy one or one that cannot be "
                      "written here; none for the sample), none, or zlib. (default: input)")
+
+
+def _open_ignore(args: argparse.Namespace, shape: tuple[int, ...], *, lazy: bool) -> Any:
+    """``--ignore``'s mask stack (None without it), checked against the stack's shape; read
+    section by section for a block-wise run."""
+    if not getattr(args, "ignore", None):
+        return None
+    from .core.align import check_ignore
+    from .core.io import open_stack, read_stack
+
+    mask = (open_stack(args.ignore, masks=True) if lazy
+            else read_stack(args.ignore, masks=True))
+    try:
+        return check_ignore(mask, shape, name=f"--ignore mask {args.ignore}")
+    except SsemnetError:
+        if isinstance(mask, SectionReader):
+            mask.close()
+        raise
 
 
 def _input_resolution(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -1258,6 +1286,11 @@ def _run_identity(args: argparse.Namespace, params: AlignParams, shape: tuple[in
              "dtype": str(dtype), "identity": IDENTITY_VERSION}
     if params.features == "custom" and Path(params.weights).is_file():
         ident["weights"] = file_digest(Path(params.weights))
+    if getattr(args, "ignore", None):  # another mask is another run
+        mask = Path(args.ignore)
+        ident["ignore"] = [[f.name if mask.is_dir() else "", f.stat().st_size, file_digest(f)]
+                           for f in (section_files(mask) if mask.is_dir() else [mask])
+                           if f.is_file()]
     return json.dumps(ident, sort_keys=True)
 
 
@@ -1284,6 +1317,8 @@ def _what_changed(old: str | None, new: str) -> str:
         parts.append("another input (or the input's content changed since)")
     if a.get("weights") != b.get("weights"):
         parts.append("other weights in the weights file")
+    if a.get("ignore") != b.get("ignore"):
+        parts.append("another --ignore mask (or none where there was one)")
     if a.get("dtype") != b.get("dtype") or a.get("shape") != b.get("shape"):
         parts.append("another output type or shape")
     if len(parts) > 1:
@@ -1292,7 +1327,8 @@ def _what_changed(old: str | None, new: str) -> str:
 
 
 def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namespace,
-                          output: str, fields_path: Path | None, out: TextIO) -> int:
+                          output: str, fields_path: Path | None, out: TextIO,
+                          ignore: Any = None) -> int:
     """Block-wise run whose sections go straight into memory-mapped files: the aligned TIFF
     (written under a working name, renamed once complete) and the displacement, which the
     later blocks read back and ``--fields`` packs into its ``.npz``. After each block the
@@ -1390,7 +1426,7 @@ def _align_blocks_to_disk(stack: Any, params: AlignParams, args: argparse.Namesp
         with ctrl_c_stops() as should_stop:
             gen = iter_align_blocks(stack, params, displacement=maps["disp"],
                                     aligned=maps["aligned"], should_stop=should_stop,
-                                    state=state, on_block=saved)
+                                    state=state, on_block=saved, ignore=ignore)
             summary = run_generator(gen, None if args.quiet else printer)
         del gen
         if not args.quiet:
@@ -1653,6 +1689,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "file is the --params)")
     al.add_argument("--compression", choices=["input", "none", "zlib"], default="input",
                     help=_COMPRESSION_HELP)
+    al.add_argument("--ignore", metavar="MASK.tif",
+                    help="A mask stack of the input's shape (TIFF or folder of sections, like "
+                         "the input): nonzero pixels (dust, a fold, a stain, a film edge) are "
+                         "left out of the alignment, as padding is; the sections are still "
+                         "warped whole. The same as the widget's Ignore mask and "
+                         "align_stack(ignore=...).")
     al.add_argument("-q", "--quiet", action="store_true", help="No progress output.")
     al.add_argument("--summary-json", metavar="SUMMARY.json",
                     help="Also write the run's figures as JSON (version, device, parameters, "

@@ -773,3 +773,54 @@ def test_the_summary_says_whether_a_poor_section_is_off_alone_or_with_those_afte
     assert "section 4 matches poorly and sections 5-7 were placed through it" in text(broke)
     assert "section 6 matches poorly on its own" in text(alone)
     assert "on its own" not in text(["", "", "poor_match"])  # nothing after it to say so
+
+
+def _dusty_sample() -> tuple[np.ndarray, np.ndarray]:
+    """The sample with the same structured blob (dust on the camera) at one place of the
+    image in sections 3-5, and the mask of it."""
+    from scipy import ndimage
+
+    from napari_ssemnet.core.sample import load_sample
+
+    stack = load_sample()
+    yy, xx = np.mgrid[:320, :320]
+    blob = (yy - 110) ** 2 / 40**2 + (xx - 200) ** 2 / 70**2 < 1
+    tex = ndimage.gaussian_filter(np.random.default_rng(0).standard_normal((320, 320)), 2)
+    tex = np.clip(60 + 400 * tex, 0, 255).astype(np.uint8)
+    mask = np.zeros(stack.shape, bool)
+    for z in (3, 4, 5):
+        stack[z][blob] = tex[blob]
+        mask[z] = blob
+    return stack, mask
+
+
+def test_an_ignore_mask_keeps_dust_from_pulling_the_sections_along():
+    from napari_ssemnet.core.sample import load_sample
+
+    clean = align_stack(load_sample(), device="cpu")
+    dusty, mask = _dusty_sample()
+    before = mask.copy()
+
+    def off(r):
+        return [float(np.median(np.hypot(*(r.displacement[z] - clean.displacement[z]))))
+                for z in range(len(dusty))]
+
+    # the dust matched itself at one place of the image: sections 5-7 17-18 px off
+    assert max(off(align_stack(dusty, device="cpu"))) > 10
+    masked = align_stack(dusty, device="cpu", ignore=mask)
+    assert max(off(masked)) < 3, off(masked)
+    np.testing.assert_array_equal(mask, before)  # never modified
+    # the same with the mask as labels, read a block at a time (blocks move the answer by
+    # a pixel or so on their own: 3.0 px here)
+    again = align_stack(dusty, device="cpu", ignore=mask.astype(np.uint16) * 7,
+                        block_size=4, window=2)
+    assert max(off(again)) < 5, off(again)
+
+
+def test_an_ignore_mask_of_the_wrong_kind_is_a_clear_error(small):
+    with pytest.raises(InputError, match=r"shape \(4, 96, 95\), but the stack is"):
+        align_stack(small, ignore=np.zeros((4, 96, 95), bool), device="cpu")
+    with pytest.raises(InputError, match="boolean or integer mask"):
+        align_stack(small, ignore=np.zeros(small.shape, np.float32), device="cpu")
+    with pytest.raises(InputError, match="boolean or integer mask"):
+        align_section(small, 1, ignore=np.zeros(small.shape, np.float32), device="cpu")

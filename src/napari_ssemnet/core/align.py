@@ -398,6 +398,35 @@ def check_stack(stack: Any, *, name: str = "stack", min_sections: int = 2,
     return arr
 
 
+def check_ignore(ignore: Any, shape: tuple[int, ...], *, name: str = "ignore mask") -> Any:
+    """Validate a mask of what to leave out (:func:`align_stack`'s ``ignore``): None, or an
+    array-like of the stack's (Z, H, W) shape, boolean or integer (nonzero: leave out), such
+    as a napari Labels layer or a memory-mapped TIFF. Returned as given (not copied: its
+    sections are read as they are needed).
+
+    Raises
+    ------
+    InputError
+    """
+    if ignore is None:
+        return None
+    if not hasattr(ignore, "shape") or not hasattr(ignore, "dtype"):
+        try:
+            ignore = np.asarray(ignore)
+        except Exception as exc:  # pragma: no cover - exotic inputs
+            raise InputError(f"The {name} could not be read as an array: {exc}") from None
+    got = tuple(int(n) for n in ignore.shape)
+    if got != tuple(shape):
+        raise InputError(f"The {name} has shape {got}, but the stack is {tuple(shape)}; it "
+                         "needs one mask section of the same size per stack section.")
+    kind = np.dtype(ignore.dtype).kind
+    if kind not in "biu":
+        raise InputError(f"The {name} has dtype {ignore.dtype}; it must be a boolean or "
+                         "integer mask (nonzero where a section is left out), e.g. a Labels "
+                         "layer.")
+    return ignore
+
+
 def resolve_params(params: AlignParams | dict[str, Any] | None, overrides: dict[str, Any]
                    ) -> AlignParams:
     """``params`` (default ``AlignParams()``; a dict is read by :meth:`AlignParams.from_dict`)
@@ -652,6 +681,7 @@ def align_stack(
     progress: ProgressCallback | None = None,
     should_stop: StopCallback | None = None,
     encoder: Any = None,
+    ignore: Any = None,
     **overrides: Any,
 ) -> AlignmentResult:
     """Align a serial-section stack onto its reference section.
@@ -677,6 +707,11 @@ def align_stack(
         result's ``params`` cannot name it (``features`` stays as given): to make a run
         reproducible from its fields, save a CAE with ``save_weights`` and run with
         ``features='custom', weights=...`` instead.
+    ignore : array_like, shape (Z, H, W), optional
+        What to leave out of the alignment: nonzero (or True) where a section has dust, a
+        fold, a film edge or a stain (:func:`check_ignore`). Those pixels count as no
+        tissue, as padding does: they add no evidence to the pre-alignment, the fit or the
+        NCC, and the sections are still warped whole. Never modified.
     **overrides
         Field values of :class:`AlignParams`, e.g. ``reference=3, grid_spacing=32``.
 
@@ -700,7 +735,8 @@ def align_stack(
     All of them are :class:`SsemnetError` (importable from ``napari_ssemnet.core``), whose
     message is written for the user.
     """
-    gen = iter_align_stack(stack, params, should_stop=should_stop, encoder=encoder, **overrides)
+    gen = iter_align_stack(stack, params, should_stop=should_stop, encoder=encoder,
+                           ignore=ignore, **overrides)
     return run_generator(gen, progress)
 
 
@@ -710,6 +746,7 @@ def iter_align_stack(
     *,
     should_stop: StopCallback | None = None,
     encoder: Any = None,
+    ignore: Any = None,
     **overrides: Any,
 ) -> Generator[Progress | SectionResult, None, AlignmentResult]:
     """Generator form of :func:`align_stack` for worker threads.
@@ -727,22 +764,25 @@ def iter_align_stack(
     from . import memory
 
     arr = check_stack(stack)
+    ignore = check_ignore(ignore, arr.shape)
     params = resolve_params(params, overrides)
     _check_encoder(encoder)
     _check_callable(should_stop=should_stop)
     if 0 < params.block_size < arr.shape[0]:
         from .blocks import held_shape
 
-        gen = _iter_align_stack_blocks(arr, params, should_stop=should_stop, encoder=encoder)
+        gen = _iter_align_stack_blocks(arr, params, should_stop=should_stop, encoder=encoder,
+                                       ignore=ignore)
         held = held_shape(params.block_size, arr.shape)
     else:
-        gen = _iter_align_stack(arr, params, should_stop=should_stop, encoder=encoder)
+        gen = _iter_align_stack(arr, params, should_stop=should_stop, encoder=encoder,
+                                ignore=ignore)
         held = arr.shape
     return (yield from memory.guard(gen, held, params.fit_binning))
 
 
 def _iter_align_stack_blocks(arr: np.ndarray, params: AlignParams, *,
-                             should_stop: StopCallback | None, encoder: Any
+                             should_stop: StopCallback | None, encoder: Any, ignore: Any = None
                              ) -> Generator[Progress | SectionResult, None, AlignmentResult]:
     """Block-wise run (``params.block_size``) into a result held in memory."""
     from .blocks import iter_align_blocks
@@ -754,7 +794,8 @@ def _iter_align_stack_blocks(arr: np.ndarray, params: AlignParams, *,
     valid = np.zeros((z_count, h, w), bool)
     summary = yield from iter_align_blocks(
         arr, params, displacement=displacement, aligned=aligned, valid=valid,
-        should_stop=should_stop, encoder=encoder, extra_bytes=RESULT_BYTES * arr.size)
+        should_stop=should_stop, encoder=encoder, extra_bytes=RESULT_BYTES * arr.size,
+        ignore=ignore)
     return AlignmentResult(aligned=aligned, displacement=displacement, valid=valid,
                            ncc_before=summary.ncc_before, ncc_after=summary.ncc_after,
                            flags=summary.flags, params=params, timings=summary.timings,
@@ -764,7 +805,7 @@ def _iter_align_stack_blocks(arr: np.ndarray, params: AlignParams, *,
 
 
 def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
-                      should_stop: StopCallback | None, encoder: Any
+                      should_stop: StopCallback | None, encoder: Any, ignore: Any = None
                       ) -> Generator[Progress | SectionResult, None, AlignmentResult]:
     from . import fit, memory, metrics, prealign  # torch is imported lazily
     from .device import pick_device
@@ -782,7 +823,8 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
 
     yield Progress("prepare", 0, 1, f"normalising {z_count} sections")
     t0 = time.perf_counter()
-    norm, blank, fill = metrics.normalise_stack(arr, fill=True, should_stop=stop_check)
+    norm, blank, fill = metrics.normalise_stack(arr, fill=True, should_stop=stop_check,
+                                                ignore=ignore)
     if blank.all():  # no other reference would help
         raise InputError("Every section of the stack is blank or has no structure; there is "
                          "nothing to align.")
@@ -872,10 +914,11 @@ def align_section(stack: np.ndarray, z: int, params: AlignParams | None = None, 
                   previous_displacement: np.ndarray | None = None,
                   progress: ProgressCallback | None = None,
                   should_stop: StopCallback | None = None, encoder: Any = None,
-                  **overrides: Any) -> SectionResult:
+                  ignore: Any = None, **overrides: Any) -> SectionResult:
     """Align one section against its neighbours; see :func:`iter_align_section`."""
     gen = iter_align_section(stack, z, params, previous_displacement=previous_displacement,
-                             should_stop=should_stop, encoder=encoder, **overrides)
+                             should_stop=should_stop, encoder=encoder, ignore=ignore,
+                             **overrides)
     return run_generator(gen, progress)
 
 
@@ -887,6 +930,7 @@ def iter_align_section(
     previous_displacement: np.ndarray | None = None,
     should_stop: StopCallback | None = None,
     encoder: Any = None,
+    ignore: Any = None,
     **overrides: Any,
 ) -> Generator[Progress, None, SectionResult]:
     """Align section ``z`` alone against its neighbours within ``params.window``.
@@ -908,6 +952,8 @@ def iter_align_section(
         that placement was poor: then it is placed again from scratch with ``params`` (see
         ``SectionResult.placed_again``), so that a higher ``max_rotation``, another
         ``prealign`` or the right image put back can take effect.
+    ignore : array_like, shape (Z, H, W), optional
+        As for :func:`align_stack`.
 
     Returns
     -------
@@ -918,6 +964,7 @@ def iter_align_section(
     from . import memory
 
     arr = check_stack(stack)
+    ignore = check_ignore(ignore, arr.shape)
     params = resolve_params(params, overrides)
     _check_encoder(encoder)
     _check_callable(should_stop=should_stop)
@@ -927,7 +974,7 @@ def iter_align_section(
     held = (min(arr.shape[0], 2 * params.window + 1), *arr.shape[1:])
     return (yield from memory.guard(_iter_align_section(
         arr, z, params, previous_displacement=previous_displacement, should_stop=should_stop,
-        encoder=encoder), held, params.fit_binning))
+        encoder=encoder, ignore=ignore), held, params.fit_binning))
 
 
 def _towards_reference(usable: list[int], z: int, reference: int) -> int:
@@ -950,7 +997,7 @@ def _matrix_displacement(matrix: np.ndarray, size: tuple[int, int], device: Any)
 
 def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
                         previous_displacement: np.ndarray | None,
-                        should_stop: StopCallback | None, encoder: Any
+                        should_stop: StopCallback | None, encoder: Any, ignore: Any = None
                         ) -> Generator[Progress, None, SectionResult]:
     import torch
 
@@ -988,7 +1035,8 @@ def _iter_align_section(arr: np.ndarray, z: int, params: AlignParams, *,
     fit.warm_up_optimiser()
     local = z - lo
     sub = arr[lo:hi]
-    norm, blank, fill = metrics.normalise_stack(sub, fill=True)
+    norm, blank, fill = metrics.normalise_stack(
+        sub, fill=True, ignore=None if ignore is None else ignore[lo:hi])
     yield Progress("prepare", 0, 1, f"section {z}: {hi - lo - 1} neighbours", section=z)
     src = warp.float_tensor(arr[z], device)
 

@@ -35,6 +35,7 @@ from .align import (
     Progress,
     SectionResult,
     check_binning,
+    check_ignore,
     check_reference,
     flag_poor_links,
     map_events,
@@ -271,7 +272,8 @@ def _rewarp(section: Any, disp: Any, device: Any) -> tuple[np.ndarray, np.ndarra
     return im.cpu().numpy(), ok.cpu().numpy()
 
 
-def _skip_ncc(stack: Any, displacement: Any, a: int, c: int, device: Any) -> float:
+def _skip_ncc(stack: Any, displacement: Any, a: int, c: int, device: Any,
+              ignore: Any = None) -> float:
     """NCC of finished sections ``a`` and ``c`` as aligned, on the tissue of both."""
     from . import metrics
 
@@ -279,7 +281,9 @@ def _skip_ncc(stack: Any, displacement: Any, a: int, c: int, device: Any) -> flo
     for z in (a, c):
         raw = np.asarray(stack[z])
         img[z], ok[z] = _rewarp(raw, displacement[z], device)
-        ok[z] = on_tissue(ok[z], metrics.fill_mask(raw), displacement[z], device)
+        ok[z] = on_tissue(ok[z], metrics.tissue_fill(raw, None if ignore is None
+                                                     else ignore[z]),
+                          displacement[z], device)
     return metrics.ncc(img[a], img[c], ok[a] & ok[c], robust=True)
 
 
@@ -328,6 +332,7 @@ def iter_align_blocks(
     extra_bytes: int = 0,
     state: BlockState | None = None,
     on_block: Callable[[BlockState], None] | None = None,
+    ignore: Any = None,
 ) -> Generator[Progress | SectionResult, None, BlockRunSummary]:
     """Align ``stack`` in blocks of ``params.block_size`` sections, writing each finished
     section into the output arrays.
@@ -353,6 +358,8 @@ def iter_align_blocks(
     on_block : callable, optional
         Called with the :class:`BlockState` after each block's sections are written (e.g.
         to flush the outputs and save the state).
+    ignore : array_like, shape (Z, H, W), optional
+        What to leave out, as for :func:`core.align.align_stack`; read a block at a time.
 
     Yields
     ------
@@ -370,6 +377,7 @@ def iter_align_blocks(
 
     params = resolve_params(params, {})  # a dict, too (it raised an AttributeError)
     z_count, h, w = (int(s) for s in stack.shape)
+    ignore = check_ignore(ignore, (z_count, h, w))
     b = params.block_size
     if not b or b < params.window + 2:
         raise InputError(f"block_size must be at least window + 2 = {params.window + 2} for a "
@@ -447,7 +455,9 @@ def iter_align_blocks(
         yield Progress("prepare", 0, 1, f"{tag}: sections {members[0]}-{members[-1]} "
                                         f"({len(new)} new)")
         raw = _read_sections(stack, members)
-        norm, blank, fill = metrics.normalise_stack(raw, fill=True, should_stop=stop_check)
+        norm, blank, fill = metrics.normalise_stack(
+            raw, fill=True, should_stop=stop_check,
+            ignore=None if ignore is None else np.stack([np.asarray(ignore[z]) for z in members]))
         if k == 0 and blank[anchor]:
             if blank.all():  # the rest of the stack is not read yet: say what is known
                 raise InputError(f"Sections {members[0]}-{members[-1]}, the reference's "
@@ -543,7 +553,9 @@ def iter_align_blocks(
             if near is not None:
                 out_img[near], out_ok[near] = _rewarp(stack[near], displacement[near], device)
                 out_ok[near] = on_tissue(out_ok[near],
-                                          metrics.fill_mask(np.asarray(stack[near])),
+                                          metrics.tissue_fill(np.asarray(stack[near]),
+                                                              None if ignore is None
+                                                              else ignore[near]),
                                           displacement[near], device)
         use = sorted(out_img)
         for a, c in zip(use[:-1], use[1:], strict=False):
@@ -563,7 +575,7 @@ def iter_align_blocks(
 
     def skip_ncc(a: int, c: int) -> float:
         stop_check()  # each call resamples two whole sections
-        return _skip_ncc(stack, displacement, a, c, device)
+        return _skip_ncc(stack, displacement, a, c, device, ignore)
 
     flags[:] = flag_poor_links(flags, pairs_after, params.reference, skip_ncc)
     usable = np.array([f in USABLE_FLAGS for f in flags])

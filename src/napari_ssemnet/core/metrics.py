@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -76,8 +77,20 @@ def fill_mask(section: np.ndarray) -> np.ndarray | None:
     return out
 
 
+def tissue_fill(section: np.ndarray, ignore: Any = None) -> np.ndarray | None:
+    """:func:`fill_mask` of ``section``, plus the pixels a user's ``ignore`` mask (H, W)
+    marks (nonzero): both count as no tissue."""
+    fm = fill_mask(section)
+    if ignore is None:
+        return fm
+    ig = np.asarray(ignore) != 0
+    if not ig.any():
+        return fm
+    return ig if fm is None else fm | ig
+
+
 def normalise_stack(stack: np.ndarray, *, fill: bool = False,
-                    should_stop: Callable[[], None] | None = None):
+                    should_stop: Callable[[], None] | None = None, ignore: Any = None):
     """Per-section robust intensity normalisation and blank detection.
 
     Each section is centred on its median and scaled by its 1-99 percentile range, then
@@ -92,6 +105,9 @@ def normalise_stack(stack: np.ndarray, *, fill: bool = False,
         Also return the fill masks.
     should_stop : callable, optional
         Called between sections (it raises to stop): a big padded section takes seconds.
+    ignore : array_like, shape (Z, H, W), optional
+        A user's mask of what to leave out (nonzero: dust, a fold, a film edge); it counts
+        as fill (:func:`tissue_fill`).
 
     Returns
     -------
@@ -113,7 +129,7 @@ def normalise_stack(stack: np.ndarray, *, fill: bool = False,
         # centred before the cast: in float32, 1e9 + (0..255) kept 5 grey levels
         wide = raw.dtype.itemsize > 4 or (raw.dtype.kind in "iu" and raw.dtype.itemsize == 4)
         s = np.asarray(raw, np.float64 if wide else np.float32)
-        fm = fill_mask(stack[i])
+        fm = tissue_fill(stack[i], None if ignore is None else ignore[i])
         if fm is not None:
             if masks is None:
                 masks = np.zeros(stack.shape, bool)
