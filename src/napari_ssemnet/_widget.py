@@ -195,6 +195,13 @@ class AlignWidget(QWidget):
         self.layer_combo.setToolTip("The 3D grayscale Image layer (Z, H, W) to align. It is "
                                     "never modified; results go to new layers.")
         top.addRow("Stack layer", self.layer_combo)
+        self.ignore_combo = _name_combo()
+        self.ignore_combo.setToolTip(
+            "Optional: a Labels layer of the stack's shape whose painted pixels (dust, a fold, "
+            "a stain, a film edge) are left out of the alignment, as padding is; the sections "
+            "are still warped whole. As the command line's --ignore MASK.tif and "
+            "align_stack(ignore=...). Paint one with Layers > New Labels Layer.")
+        top.addRow("Ignore mask", self.ignore_combo)
         lay.addLayout(top)
 
         self.form = ParamsForm()
@@ -421,6 +428,33 @@ class AlignWidget(QWidget):
         self.layer_combo.blockSignals(False)
         self._on_layer_changed(self.layer_combo.currentText())
 
+    def _refresh_ignore(self) -> None:
+        """The Labels layers of the chosen stack's shape, after "(none)"."""
+        layer = self.selected_layer()
+        shape = tuple(layer.data.shape) if layer is not None else None
+        names = [ly.name for ly in self.viewer.layers
+                 if ly.__class__.__name__ == "Labels" and shape is not None
+                 and tuple(ly.data.shape) == shape]
+        current = self.ignore_combo.currentText()
+        self.ignore_combo.blockSignals(True)
+        self.ignore_combo.clear()
+        self.ignore_combo.addItems([NO_MASK, *names])
+        self.ignore_combo.setCurrentText(current if current in names else NO_MASK)
+        self.ignore_combo.blockSignals(False)
+
+    def selected_ignore(self) -> Any | None:
+        """The chosen ignore mask layer (None for "(none)" or one that is gone)."""
+        name = self.ignore_combo.currentText()
+        if name and name != NO_MASK and name in self.viewer.layers:
+            return self.viewer.layers[name]
+        return None
+
+    def set_ignore(self, layer: Any | None) -> None:
+        """Choose ``layer`` (or its name; None: no mask) as the ignore mask."""
+        self._refresh_ignore()
+        self.ignore_combo.setCurrentText(
+            NO_MASK if layer is None else layer if isinstance(layer, str) else layer.name)
+
     def selected_layer(self) -> Any | None:
         """The layer chosen in the combo box (None if there is none)."""
         name = self.layer_combo.currentText()
@@ -435,6 +469,7 @@ class AlignWidget(QWidget):
         self.layer_combo.setCurrentText(name)
 
     def _on_layer_changed(self, name: str) -> None:
+        self._refresh_ignore()
         layer = self.selected_layer()
         if self.form.set_reference_range(layer.data.shape[0] if layer is not None else None):
             self.status.setText(f"Reference lowered to {self.form.value('reference')}, the last "
@@ -616,9 +651,12 @@ class AlignWidget(QWidget):
         if ready is None:
             return
         layer, stack, params = ready
-        self._start("align", _read_then, jobs.align_job, stack, layer.name, params,
-                    source=layer.name, shape=tuple(stack.shape), params=params,
-                    dtype=str(stack.dtype))
+        mask = self.selected_ignore()
+        self._start("align", _read_then,
+                    functools.partial(jobs.align_job, ignore=_mask_data(mask)),
+                    stack, layer.name, params, source=layer.name, shape=tuple(stack.shape),
+                    params=params, dtype=str(stack.dtype),
+                    ignore=None if mask is None else mask.name)
 
     def preview(self) -> None:
         """Align the current section only, neighbours held fixed (the Preview button)."""
@@ -653,9 +691,12 @@ class AlignWidget(QWidget):
             return
         if base is not None:  # the section goes into that run's frame, whatever the box says
             params = params.replace(reference=base.params.reference)
-        self._start(kind, _read_then, jobs.section_job, stack, layer.name, z, params, base,
-                    source=layer.name, shape=tuple(stack.shape), params=params, z=z,
-                    dtype=str(stack.dtype))
+        mask = self.selected_ignore()
+        self._start(kind, _read_then,
+                    functools.partial(jobs.section_job, ignore=_mask_data(mask)),
+                    stack, layer.name, z, params, base, source=layer.name,
+                    shape=tuple(stack.shape), params=params, z=z, dtype=str(stack.dtype),
+                    ignore=None if mask is None else mask.name)
 
     def train_features(self) -> None:
         """Train the feature encoder on the selected stack, then use it ('custom')."""
@@ -935,7 +976,7 @@ class AlignWidget(QWidget):
             meta_kw={"ncc_before": res.ncc_before, "ncc_after": res.ncc_after,
                      "flags": res.flags, "params": res.params.to_dict(),
                      "extra": {"timings": dict(res.timings), "device": res.device,
-                               "source_dtype": job["dtype"],
+                               "source_dtype": job["dtype"], "ignore": job.get("ignore"),
                                "environment": dict(res.environment),
                                "pair_ncc": pair_rows(res.pair_ncc)}})
         if not job.get("stale"):
@@ -948,6 +989,8 @@ class AlignWidget(QWidget):
         text = (f"Aligned {z} sections on {res.device} in {total:.1f} s "
                 f"({total / max(z, 1):.2f} s/section). "
                 f"Mean NCC {np.nanmean(res.ncc_before):.3f} → {np.nanmean(res.ncc_after):.3f}.")
+        if job.get("ignore"):
+            text += f" Pixels painted in '{job['ignore']}' were left out."
         if res.flagged:
             text += " Flagged: " + ", ".join(f"{i} ({res.flags[i]})" for i in res.flagged[:6])
             more = len(res.flagged) - 6
@@ -970,7 +1013,8 @@ class AlignWidget(QWidget):
         if job["kind"] == "preview":
             state = "preview"
         sections = None if out.result is not None else [out.z]
-        extra: dict[str, Any] = {"section": out.z, "source_dtype": job["dtype"]}
+        extra: dict[str, Any] = {"section": out.z, "source_dtype": job["dtype"],
+                                 "ignore": job.get("ignore")}
         if state == "preview":
             extra["note"] = (f"Preview of section {out.z}; other sections are "
                              + ("the last full run." if out.result is not None
@@ -1149,6 +1193,15 @@ def _copy_dicts(d: Any) -> Any:
     if isinstance(d, list):
         return [_copy_dicts(v) for v in d]
     return d
+
+
+NO_MASK = "(none)"
+"""The Ignore mask chooser's entry for no mask."""
+
+
+def _mask_data(layer: Any | None) -> Any:
+    """An ignore mask layer's data as the core takes it (None: no mask)."""
+    return None if layer is None else layer.data
 
 
 def _name_combo() -> QComboBox:

@@ -201,6 +201,39 @@ def test_the_status_says_a_poor_section_is_off_alone(qtbot, viewer_widget):
     assert "Flagged: 6 (poor_match). Section 6 matches poorly on its own" in text, text
 
 
+def test_an_ignore_mask_layer_is_left_out_as_the_api_leaves_it_out(qtbot, viewer_widget,
+                                                                   stack):
+    from napari_ssemnet import align_stack
+
+    viewer, widget = viewer_widget
+    viewer.add_image(stack, name="em")
+    paint = np.zeros(stack.shape, np.uint8)
+    paint[1:3, 10:50, 20:70] = 1
+    viewer.add_labels(paint, name="dust")
+    viewer.add_labels(np.zeros((4, 50, 50), np.uint8), name="other size")
+    widget.set_layer("em")
+    items = [widget.ignore_combo.itemText(i) for i in range(widget.ignore_combo.count())]
+    assert items == ["(none)", "dust"]  # only masks of the stack's shape
+    assert widget.selected_ignore() is None  # none unless chosen
+    widget.set_ignore("dust")
+    set_fast(widget)
+    assert run_and_wait(qtbot, widget, widget.align) == "done", error_messages()
+    res = widget.results["em"]
+    api = align_stack(stack, res.params, ignore=paint)
+    np.testing.assert_allclose(res.displacement, api.displacement, atol=1e-4)
+    plain = align_stack(stack, res.params)
+    assert np.abs(plain.displacement - res.displacement).max() > 0.01
+    meta = viewer.layers["em aligned"].metadata[L.META_KEY]
+    assert meta["ignore"] == "dust" and "'dust' were left out" in widget.status.text()
+    viewer.dims.set_current_step(0, 2)
+    assert run_and_wait(qtbot, widget, widget.realign) == "done", error_messages()
+    assert viewer.layers["em aligned"].metadata[L.META_KEY]["ignore"] == "dust"
+    # the mask removed: the chooser forgets it
+    viewer.layers.remove("dust")
+    assert widget.selected_ignore() is None
+    assert widget.ignore_combo.count() == 1
+
+
 def test_blockwise_align_from_the_widget_matches_the_api(qtbot, viewer_widget):
     from napari_ssemnet.core.align import align_stack
 
@@ -760,8 +793,8 @@ def _hold_after_sections(monkeypatch, *counts: int):
     real = jobs.align_job
     holds = {n: (threading.Event(), threading.Event()) for n in counts}
 
-    def paused(stack, params, stop):
-        gen, seen = real(stack, params, stop=stop), 0
+    def paused(stack, params, stop, *, ignore=None):
+        gen, seen = real(stack, params, stop=stop, ignore=ignore), 0
         while True:
             try:
                 event = next(gen)

@@ -133,12 +133,14 @@ def _failure(exc: BaseException) -> Failure:
     return Failure(exc, traceback.format_exc(), user)
 
 
-def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event
-              ) -> Generator[Any, None, Any]:
-    """Full-stack alignment; returns :class:`AlignOutcome`, :class:`Cancelled` or
+def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event, *,
+              ignore: Any = None) -> Generator[Any, None, Any]:
+    """Full-stack alignment (``ignore``: a mask of what to leave out, as for
+    ``align_stack``); returns :class:`AlignOutcome`, :class:`Cancelled` or
     :class:`Failure`."""
     try:
-        result = yield from throttled(iter_align_stack(stack, params, should_stop=stop.is_set))
+        result = yield from throttled(iter_align_stack(stack, params, should_stop=stop.is_set,
+                                                       ignore=ignore))
         yield Progress("metrics", 0, 1, "local NCC error map")
         error = local_ncc_error(result.aligned, result.valid, flags=result.flags)
         digests = section_digests(stack)  # which sections a later change of the layer touches
@@ -152,8 +154,8 @@ def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event
 
 def _adjacent_ncc(aligned: np.ndarray, valid: np.ndarray, flags: list[str],
                   stack: np.ndarray, displacement: np.ndarray, z: int,
-                  before: np.ndarray, pairs: dict[tuple[int, int], float] | None = None
-                  ) -> tuple[np.ndarray, dict[tuple[int, int], float]]:
+                  before: np.ndarray, pairs: dict[tuple[int, int], float] | None = None,
+                  ignore: Any = None) -> tuple[np.ndarray, dict[tuple[int, int], float]]:
     """The run's NCC curve ``before`` with the values that section ``z`` moving changes
     (its own and its usable neighbours') computed again, on tissue only as the core does;
     and the run's ``pairs`` (:attr:`AlignmentResult.pair_ncc`) with those around z redone."""
@@ -164,7 +166,7 @@ def _adjacent_ncc(aligned: np.ndarray, valid: np.ndarray, flags: list[str],
     order = [int(i) for i in np.nonzero(usable | (np.arange(len(flags)) == z))[0]]
     k = order.index(z)
     window = order[max(0, k - 2):k + 3]  # z, its neighbours, and theirs beyond
-    sub_valid = np.stack([_tissue(valid, stack, displacement, i) for i in window])
+    sub_valid = np.stack([_tissue(valid, stack, displacement, i, ignore) for i in window])
     local = adjacent_pairs(aligned[window], sub_valid, usable[window], robust=True)
     around = {(window[a], window[b]): v for (a, b), v in local.items()}
     sub = mean_of_pairs(local, usable[window])
@@ -178,27 +180,30 @@ def _adjacent_ncc(aligned: np.ndarray, valid: np.ndarray, flags: list[str],
 
 
 def _tissue(valid: np.ndarray, stack: np.ndarray, displacement: np.ndarray,
-            i: int) -> np.ndarray:
+            i: int, ignore: Any = None) -> np.ndarray:
     """Aligned section ``i``'s valid pixels that come from tissue, as the core's NCC takes
     them."""
     from ..core.align import on_tissue
-    from ..core.metrics import fill_mask
+    from ..core.metrics import tissue_fill
 
-    return on_tissue(valid[i], fill_mask(np.asarray(stack[i])), displacement[i], "cpu")
+    fill = tissue_fill(np.asarray(stack[i]), None if ignore is None else ignore[i])
+    return on_tissue(valid[i], fill, displacement[i], "cpu")
 
 
 def _skip_ncc(aligned: np.ndarray, valid: np.ndarray, stack: np.ndarray,
-              displacement: np.ndarray, a: int, c: int) -> float:
+              displacement: np.ndarray, a: int, c: int, ignore: Any = None) -> float:
     """NCC of aligned sections ``a`` and ``c`` on the tissue of both, as the core's pairs."""
     from ..core.metrics import ncc
 
-    ok = _tissue(valid, stack, displacement, a) & _tissue(valid, stack, displacement, c)
+    ok = (_tissue(valid, stack, displacement, a, ignore)
+          & _tissue(valid, stack, displacement, c, ignore))
     return ncc(aligned[a], aligned[c], ok, robust=True)
 
 
 def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentResult | None,
-                stop: threading.Event) -> Generator[Any, None, Any]:
-    """Align section ``z`` only (neighbours fixed at ``base`` or identity).
+                stop: threading.Event, *, ignore: Any = None) -> Generator[Any, None, Any]:
+    """Align section ``z`` only (neighbours fixed at ``base`` or identity; ``ignore`` as
+    for ``align_stack``).
 
     Returns :class:`SectionOutcome`, :class:`Cancelled` or :class:`Failure`.
     """
@@ -208,7 +213,8 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
         t0 = time.perf_counter()
         previous = None if base is None else base.displacement
         section = yield from throttled(iter_align_section(
-            stack, z, params, previous_displacement=previous, should_stop=stop.is_set))
+            stack, z, params, previous_displacement=previous, should_stop=stop.is_set,
+            ignore=ignore))
         yield Progress("metrics", 0, 1, "local NCC error map")
         z_count, h, w = stack.shape
         if base is not None:
@@ -246,11 +252,11 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
         if base is not None:
             # neighbours' NCC changes too when z moves; recompute the whole curve
             ncc_after, pair_ncc = _adjacent_ncc(aligned, valid, flags, stack, displacement,
-                                                z, base.ncc_after, base.pair_ncc)
+                                                z, base.ncc_after, base.pair_ncc, ignore)
             placed = list(flags)
             flags = flag_poor_links(placed, pair_ncc, base.params.reference,
                                     lambda a, c: _skip_ncc(aligned, valid, stack, displacement,
-                                                           a, c))
+                                                           a, c, ignore))
             # the run's parameters and environment stay; this section's own are recorded
             # beside them (a Re-align on another device or days later says so)
             from ..core.device import pick_device, run_environment
