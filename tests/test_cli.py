@@ -735,6 +735,13 @@ def test_an_ignore_mask_from_the_command_line(tiny_tif, tmp_path, capsys):
     plain = align_stack(stack, AlignParams.from_dict(json.loads(summary.read_text())["params"]))
     assert np.abs(plain.displacement - api.displacement).max() > 0.01  # the mask mattered
     capsys.readouterr()
+    # a rerun from the summary without the mask is told that the mask is not a parameter
+    assert cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "again.tif"), "--params",
+                     str(summary), *TINY, "-q"]) == 0
+    assert f"left out the pixels of --ignore {mask_tif}" in capsys.readouterr().err
+    assert cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "again.tif"), "--params",
+                     str(summary), "--ignore", str(mask_tif), *TINY, "-q"]) == 0
+    assert "--ignore" not in capsys.readouterr().err
     short = write_stack(tmp_path / "in" / "short.tif", mask[:3])
     assert cli.main(["align", str(tiny_tif), "-o", str(tmp_path / "x.tif"), "--ignore",
                      str(short), *TINY]) == 2

@@ -216,6 +216,19 @@ def _recorded_output_dtype(path: str | Path) -> str | None:
     return None
 
 
+def _note_recorded_ignore(params_path: str) -> None:
+    """A rerun from a summary whose run had an ``--ignore`` mask, without one: the mask is
+    not a parameter, so say that it is not used."""
+    try:
+        data = json.loads(Path(params_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(data, dict) and "sections" in data and data.get("ignore"):
+        _say(sys.stderr, f"note: the run of {params_path} left out the pixels of --ignore "
+                         f"{data['ignore']}; this one has no mask (add --ignore to repeat "
+                         "it).\n")
+
+
 def _note_other_device(params_path: str) -> None:
     """With device "auto" from a results file, say so when this run lands on another kind
     of device than the run that made the file: the same seed matches only on the same
@@ -475,6 +488,8 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
     if args.output_dtype is None:
         args.output_dtype = (_recorded_output_dtype(args.params) if args.params else None) \
             or "input"
+    if args.params and not args.ignore:
+        _note_recorded_ignore(args.params)
     if args.fields and Path(args.fields).suffix.lower() in _NOT_FIELDS:
         # b.tif became b.tif.npz, while -o a.png is refused (run.v2 still gets .npz added)
         raise SsemnetError(f"--fields {args.fields}: the fields are a NumPy .npz archive; "
