@@ -824,3 +824,8 @@ def test_an_ignore_mask_of_the_wrong_kind_is_a_clear_error(small):
         align_stack(small, ignore=np.zeros(small.shape, np.float32), device="cpu")
     with pytest.raises(InputError, match="boolean or integer mask"):
         align_section(small, 1, ignore=np.zeros(small.shape, np.float32), device="cpu")
+    whole = np.zeros(small.shape, bool)
+    whole[0] = True  # the reference masked out: said so, not only "blank"
+    with pytest.raises(InputError, match="Reference section 0 is blank or has no structure "
+                                         "once the ignore mask is left out"):
+        align_stack(small, ignore=whole, device="cpu")

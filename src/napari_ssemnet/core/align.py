@@ -825,13 +825,14 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
     t0 = time.perf_counter()
     norm, blank, fill = metrics.normalise_stack(arr, fill=True, should_stop=stop_check,
                                                 ignore=ignore)
+    masked = "" if ignore is None else " once the ignore mask is left out"
     if blank.all():  # no other reference would help
-        raise InputError("Every section of the stack is blank or has no structure; there is "
-                         "nothing to align.")
+        raise InputError(f"Every section of the stack is blank or has no structure{masked}; "
+                         "there is nothing to align.")
     if blank[params.reference]:
-        raise InputError(f"Reference section {params.reference} is blank or has no structure; "
-                         f"choose another reference section ({_nearest_usable(blank, params)} "
-                         "is the nearest with structure).")
+        raise InputError(f"Reference section {params.reference} is blank or has no structure"
+                         f"{masked}; choose another reference section "
+                         f"({_nearest_usable(blank, params)} is the nearest with structure).")
     if (~blank).sum() < 2:
         raise InputError("Fewer than two sections contain image structure; nothing to align.")
     # flagged, and left out of the NCC (a perfect match says nothing); they stay in the fit:
