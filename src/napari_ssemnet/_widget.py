@@ -1200,8 +1200,13 @@ NO_MASK = "(none)"
 
 
 def _mask_data(layer: Any | None) -> Any:
-    """An ignore mask layer's data as the core takes it (None: no mask)."""
-    return None if layer is None else layer.data
+    """An ignore mask layer's data as the core takes it (None: no mask): for an in-memory
+    layer a boolean copy made now, so that painting on during the run does not change what
+    the run reads (1 byte a pixel); a lazy one as it is, read in the worker."""
+    if layer is None:
+        return None
+    data = layer.data
+    return data != 0 if isinstance(data, np.ndarray) else data
 
 
 def _name_combo() -> QComboBox:
