@@ -124,6 +124,9 @@ def test_summary_json_for_pipelines(tiny_tif, tmp_path, capsys):
         pairs = {(a, b): v for a, b, v in data["pair_ncc"]}
         assert list(pairs) == [(0, 1), (1, 2), (2, 3)]
         assert abs((pairs[(0, 1)] + pairs[(1, 2)]) / 2 - data["ncc_after"][1]) < 1e-9
+        # the yardstick poor_match measured them against: each section's better pair, median
+        best = [max(v for (a, b), v in pairs.items() if z in (a, b)) for z in range(4)]
+        assert abs(data["link_yardstick"] - float(np.median(best))) < 1e-9
         assert data["blocks"] == (2 if extra else None)
         assert data["output_dtype"] == "input" and data["resumed"] is False
         assert data["environment"]["torch_threads"] == torch.get_num_threads()

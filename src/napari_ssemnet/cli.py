@@ -681,6 +681,7 @@ def _write_summary(args: argparse.Namespace, shape: tuple[int, int, int], dtype:
                    blocks: int | None = None, resumed: bool = False) -> None:
     """``--summary-json``: the figures of the run ``res`` (an AlignmentResult or a
     block-wise summary) for a pipeline (JSON; NaN written as null)."""
+    from .core.align import link_yardstick
     from .core.io import pair_rows
 
     if not getattr(args, "summary_json", None):
@@ -702,6 +703,8 @@ def _write_summary(args: argparse.Namespace, shape: tuple[int, int, int], dtype:
         "flags": list(res.flags),
         # [a, b, NCC] of consecutive usable sections after alignment (the poor_match check)
         "pair_ncc": pair_rows(res.pair_ncc),
+        # what poor_match compares each pair with (core.align.link_yardstick; null: no check)
+        "link_yardstick": link_yardstick(dict(res.pair_ncc)),
         "output_dtype": args.output_dtype, "compression": _compression(args),
         "ignore": getattr(args, "ignore", None),
         "resumed": resumed,
