@@ -820,8 +820,12 @@ class AlignWidget(QWidget):
         layer = self.viewer.layers[source] if source in self.viewer.layers else None
         if layer is None:
             return {"placement": None, "contrast_limits": None, "colormap": "gray"}
+        path = getattr(getattr(layer, "source", None), "path", None)
         return {"placement": L.placement(layer), "contrast_limits": list(layer.contrast_limits),
-                "colormap": layer.colormap.name}
+                "colormap": layer.colormap.name,
+                # the file it was opened from: the TIFF writer keeps its compression and
+                # MinIsWhite for the aligned stack
+                "source_file": str(path) if isinstance(path, str | Path) else None}
 
     def _snapshot(self, job: dict[str, Any], roles: tuple[str, ...]) -> None:
         """Remember the result layers' state so a cancelled run can put it back."""
@@ -977,6 +981,7 @@ class AlignWidget(QWidget):
                      "flags": res.flags, "params": res.params.to_dict(),
                      "extra": {"timings": dict(res.timings), "device": res.device,
                                "source_dtype": job["dtype"], "ignore": job.get("ignore"),
+                               "source_file": job["transform"].get("source_file"),
                                "environment": dict(res.environment),
                                "pair_ncc": pair_rows(res.pair_ncc)}})
         if not job.get("stale"):
@@ -1014,7 +1019,8 @@ class AlignWidget(QWidget):
             state = "preview"
         sections = None if out.result is not None else [out.z]
         extra: dict[str, Any] = {"section": out.z, "source_dtype": job["dtype"],
-                                 "ignore": job.get("ignore")}
+                                 "ignore": job.get("ignore"),
+                                 "source_file": job["transform"].get("source_file")}
         if state == "preview":
             extra["note"] = (f"Preview of section {out.z}; other sections are "
                              + ("the last full run." if out.result is not None

@@ -8,6 +8,7 @@ Also thin wrappers over :mod:`napari_ssemnet.core.io` (``save_fields``, ``load_f
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +82,25 @@ def write_tiff(path: str, data: Any, meta: dict) -> list[str]:
     """npe2 single-layer writer: an image layer to a (multipage) TIFF.
 
     An aligned stack made by this plugin is written in its source layer's data type
-    (rounded and clipped, as the command line does by default); other layers as they are.
+    (rounded and clipped, as the command line does by default) and, when that layer was
+    opened from a TIFF that is still there, with its compression and its MinIsWhite, as the
+    command line keeps them; other layers as they are.
     """
     from .core import io
 
     arr = np.asarray(data)
     entry = (meta.get("metadata") or {}).get(META_KEY) or {}
-    if entry.get("role") == ROLE_ALIGNED and entry.get("source_dtype"):
-        arr = io.as_dtype(arr, entry["source_dtype"])
-    io.write_stack(path, arr, resolution=layer_resolution(meta) if arr.ndim == 3 else None)
+    res = layer_resolution(meta) if arr.ndim == 3 else None
+    compression = None
+    if entry.get("role") == ROLE_ALIGNED:
+        if entry.get("source_dtype"):
+            arr = io.as_dtype(arr, entry["source_dtype"])
+        src = entry.get("source_file")
+        if src and os.path.exists(src):
+            compression = io.read_compression(src)
+            if res is not None and io.read_resolution(src).get("photometric") == "miniswhite":
+                res = {**res, "photometric": "miniswhite"}
+    io.write_stack(path, arr, compression=compression, resolution=res)
     return [path]
 
 

@@ -24,6 +24,35 @@ def test_tiff_opens_with_builtin_reader_and_aligns(qtbot, viewer_widget, stack, 
     assert viewer.layers["em aligned"].data.shape == stack.shape
 
 
+def test_the_saved_aligned_stack_keeps_the_source_files_compression_and_miniswhite(
+        qtbot, viewer_widget, stack, tmp_path):
+    # napari's save of the aligned layer came out uncompressed and with 0 as black
+    viewer, widget = viewer_widget
+    path = tmp_path / "em.tif"
+    tifffile.imwrite(path, stack, photometric="miniswhite", compression="zlib")
+    viewer.open(str(path))
+    set_fast(widget)
+    assert run_and_wait(qtbot, widget, widget.align) == "done", error_messages()
+    viewer.layers.selection = {viewer.layers["em aligned"]}
+    out = viewer.layers.save(str(tmp_path / "aligned.tif"), selected=True,
+                             plugin="napari-ssemnet")[0]
+    with tifffile.TiffFile(out) as tif:
+        page = tif.pages.first
+        assert int(page.compression) == 8 and int(page.photometric) == 0
+    np.testing.assert_array_equal(tifffile.imread(out),
+                                  as_dtype(widget.results["em"].aligned, np.uint8))
+    # a layer made from an array has no file: written plainly, as before
+    viewer.add_image(stack, name="mem")
+    widget.set_layer("mem")
+    assert run_and_wait(qtbot, widget, widget.align) == "done", error_messages()
+    viewer.layers.selection = {viewer.layers["mem aligned"]}
+    out = viewer.layers.save(str(tmp_path / "mem.tif"), selected=True,
+                             plugin="napari-ssemnet")[0]
+    with tifffile.TiffFile(out) as tif:
+        assert int(tif.pages.first.compression) == 1
+        assert int(tif.pages.first.photometric) == 1
+
+
 def test_save_fields_then_apply_to_labels(qtbot, make_napari_viewer, stack, tmp_path):
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget("napari-ssemnet", "Align EM stack")
