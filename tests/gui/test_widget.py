@@ -229,6 +229,12 @@ def test_an_ignore_mask_layer_is_left_out_as_the_api_leaves_it_out(qtbot, viewer
     np.testing.assert_allclose(res.displacement, api.displacement, atol=1e-4)
     plain = align_stack(stack, res.params)
     assert np.abs(plain.displacement - res.displacement).max() > 0.01
+    # the error map leaves the painted pixels out, as the NCC does (they showed as error)
+    from scipy import ndimage
+
+    core = ndimage.binary_erosion(paint[2] != 0, iterations=8)
+    assert viewer.layers["em NCC error"].data[2][core].max() == 0
+    assert L.local_ncc_error(plain.aligned, plain.valid, flags=plain.flags)[2][core].max() > 0
     meta = viewer.layers["em aligned"].metadata[L.META_KEY]
     assert meta["ignore"] == "dust" and "'dust' were left out" in widget.status.text()
     viewer.dims.set_current_step(0, 2)

@@ -142,7 +142,8 @@ def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event, *,
         result = yield from throttled(iter_align_stack(stack, params, should_stop=stop.is_set,
                                                        ignore=ignore))
         yield Progress("metrics", 0, 1, "local NCC error map")
-        error = local_ncc_error(result.aligned, result.valid, flags=result.flags)
+        tissue = _tissue_stack(result.valid, stack, result.displacement, ignore, stop)
+        error = local_ncc_error(result.aligned, tissue, flags=result.flags)
         digests = section_digests(stack)  # which sections a later change of the layer touches
         yield Progress("metrics", 1, 1, "local NCC error map")
         return AlignOutcome(result, error, digests)
@@ -188,6 +189,19 @@ def _tissue(valid: np.ndarray, stack: np.ndarray, displacement: np.ndarray,
 
     fill = tissue_fill(np.asarray(stack[i]), None if ignore is None else ignore[i])
     return on_tissue(valid[i], fill, displacement[i], "cpu")
+
+
+def _tissue_stack(valid: np.ndarray, stack: np.ndarray, displacement: np.ndarray,
+                  ignore: Any, stop: threading.Event) -> np.ndarray:
+    """:func:`_tissue` of every section, (Z, H, W) bool: the NCC error map leaves out what
+    the NCC leaves out (padding, a user's ignore mask), which showed as error. 0.36 s for
+    the 20 VNC sections of 1024^2 here."""
+    out = np.empty(valid.shape, bool)
+    for i in range(valid.shape[0]):
+        if stop.is_set():
+            raise AlignmentCancelled("Cancelled.")
+        out[i] = _tissue(valid, stack, displacement, i, ignore)
+    return out
 
 
 def _skip_ncc(aligned: np.ndarray, valid: np.ndarray, stack: np.ndarray,
@@ -269,7 +283,8 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
                                          ncc_after=ncc_after, pair_ncc=pair_ncc,
                                          placed_flags=placed, environment=env,
                                          section_params={**base.section_params, z: params})
-        error = local_ncc_error(aligned, valid, flags=flags)
+        error = local_ncc_error(aligned, _tissue_stack(valid, stack, displacement, ignore, stop),
+                                flags=flags)
         yield Progress("metrics", 1, 1, "local NCC error map")
         return SectionOutcome(z, section, aligned, valid, displacement, error, ncc_before,
                               ncc_after, flags, params, time.perf_counter() - t0, result,
