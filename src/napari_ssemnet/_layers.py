@@ -416,7 +416,8 @@ def error_contrast_limits(error: np.ndarray) -> list[float]:
 
 
 def local_ncc_error(aligned: np.ndarray, valid: np.ndarray | None = None, *,
-                    flags: Sequence[str] | None = None, sigma: float = 8.0) -> np.ndarray:
+                    flags: Sequence[str] | None = None, sigma: float = 8.0,
+                    sections: Sequence[int] | None = None) -> np.ndarray:
     """1 - local NCC of each section with its previous usable neighbour (core metric).
 
     Parameters
@@ -427,6 +428,8 @@ def local_ncc_error(aligned: np.ndarray, valid: np.ndarray | None = None, *,
         Per-section flags; ``"blank"`` sections are skipped (their map is 0).
     sigma : float
         Gaussian window of the local statistics, in pixels.
+    sections : sequence of int, optional
+        Only these sections' maps (the others are 0).
 
     Returns
     -------
@@ -436,7 +439,7 @@ def local_ncc_error(aligned: np.ndarray, valid: np.ndarray | None = None, *,
     from .core.metrics import local_ncc_error as core_local_ncc_error
 
     blank = None if flags is None else np.array([f == "blank" for f in flags])
-    return core_local_ncc_error(aligned, valid, sigma=sigma, blank=blank)
+    return core_local_ncc_error(aligned, valid, sigma=sigma, blank=blank, sections=sections)
 
 
 # --- viewer helpers (model only, no Qt) --------------------------------------------------

@@ -163,6 +163,8 @@ class AlignWidget(QWidget):
         # sections whose data has changed since (their result needs a Re-align)
         self._digests: dict[str, list[bytes]] = {}
         self.changed: dict[str, set[int]] = {}
+        # per source: the NCC error map of its result, which a Re-align updates in part
+        self._errors: dict[str, np.ndarray] = {}
         self.last_outcome: str | None = None
         self._build_ui()
         self._connect_viewer()
@@ -341,7 +343,7 @@ class AlignWidget(QWidget):
 
     def _follow_rename(self, old: str, new: str) -> None:
         """Results of a renamed source layer stay its results (and keep matching names)."""
-        for store in (self.results, self._undo, self._digests, self.changed):
+        for store in (self.results, self._undo, self._digests, self.changed, self._errors):
             if old in store:
                 store[new] = store.pop(old)
         if self._job is not None and self._job.get("source") == old:
@@ -388,6 +390,7 @@ class AlignWidget(QWidget):
         self._undo.pop(name, None)
         self._digests.pop(name, None)
         self.changed.pop(name, None)
+        self._errors.pop(name, None)
         return self.results.pop(name, None) is not None
 
     def _changed_sections(self, name: str, data: Any) -> list[int] | None:
@@ -692,8 +695,10 @@ class AlignWidget(QWidget):
         if base is not None:  # the section goes into that run's frame, whatever the box says
             params = params.replace(reference=base.params.reference)
         mask = self.selected_ignore()
+        error = self._errors.get(layer.name) if base is not None else None
         self._start(kind, _read_then,
-                    functools.partial(jobs.section_job, ignore=_mask_data(mask)),
+                    functools.partial(jobs.section_job, ignore=_mask_data(mask),
+                                      base_error=error),
                     stack, layer.name, z, params, base, source=layer.name,
                     shape=tuple(stack.shape), params=params, z=z, dtype=str(stack.dtype),
                     ignore=None if mask is None else mask.name)
@@ -988,6 +993,7 @@ class AlignWidget(QWidget):
             self.results[source] = res
             self._digests[source] = list(outcome.digests)
             self.changed.pop(source, None)
+            self._errors[source] = outcome.ncc_error
         self._update_plot()
         z = res.aligned.shape[0]
         total = res.timings.get("total", time.perf_counter() - job["t0"])
@@ -1038,6 +1044,7 @@ class AlignWidget(QWidget):
             digests = self._digests.get(source)
             undo = {"before": self.results.get(source), "after": out.result, "z": out.z,
                     "changed": set(self.changed.get(source, ())),
+                    "error": self._errors.get(source),
                     "digest": digests[out.z] if digests else None,
                     "states": self._layer_states(source, (L.ROLE_ALIGNED, L.ROLE_DISPLACEMENT,
                                                           L.ROLE_NCC_ERROR))}
@@ -1051,6 +1058,7 @@ class AlignWidget(QWidget):
         if keep:
             self.results[source] = out.result
             self._undo[source] = undo
+            self._errors[source] = out.ncc_error
             if source in self._digests and out.digest:
                 self._digests[source][out.z] = out.digest  # re-aligned on the data it has now
             left = self.changed.get(source, set()) - {out.z}
@@ -1091,6 +1099,8 @@ class AlignWidget(QWidget):
         self._restore_layers(source, undo["states"])
         # a Re-align needs a full run first: there is always a result to go back to
         self.results[source] = undo["before"]
+        if undo["error"] is not None:
+            self._errors[source] = undo["error"]
         if undo["changed"]:  # a section re-aligned after its data changed is so again
             self.changed[source] = set(undo["changed"])
         if undo["digest"] is not None and source in self._digests:

@@ -137,6 +137,16 @@ def test_re_aligning_keeps_the_sections_own_doubtful_placement():
                                     threading.Event()), None)
     assert out.flags == doubtful and out.result.placed_flags == doubtful
     assert list(out.result.pair_ncc) == sorted(out.result.pair_ncc)
+    # given the run's error map, only the maps section 5 takes part in (5 and 6) are
+    # computed again, and the result is the map computed whole
+    from napari_ssemnet._layers import local_ncc_error
+
+    before = local_ncc_error(r.aligned, r.valid, flags=r.flags)
+    part = run_generator(section_job(stack, 5, AlignParams(device="cpu"), r,
+                                     threading.Event(), base_error=before), None)
+    np.testing.assert_allclose(part.ncc_error, out.ncc_error, atol=1e-6)
+    assert not np.array_equal(part.ncc_error[5], before[5])  # it did change there
+    np.testing.assert_array_equal(part.ncc_error[:5], before[:5])
 
 
 def test_a_section_placed_again_is_judged_by_its_new_placement():

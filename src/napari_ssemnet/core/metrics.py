@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -404,7 +404,8 @@ def local_ncc(a: np.ndarray, b: np.ndarray, sigma: float = 8.0) -> np.ndarray:
 
 
 def local_ncc_error(aligned: np.ndarray, valid: np.ndarray | None = None, *,
-                    sigma: float = 8.0, blank: np.ndarray | None = None) -> np.ndarray:
+                    sigma: float = 8.0, blank: np.ndarray | None = None,
+                    sections: Collection[int] | None = None) -> np.ndarray:
     """Where the alignment is still wrong: ``1 - local NCC`` with the previous usable section.
 
     Section 0 (or the first usable one) is compared with the next usable section.
@@ -417,24 +418,33 @@ def local_ncc_error(aligned: np.ndarray, valid: np.ndarray | None = None, *,
         Gaussian window in pixels.
     blank : ndarray, shape (Z,), bool, optional
         Sections to skip (their map is 0).
+    sections : collection of int, optional
+        Only these sections' maps (the others are 0): after one section moved, only its own
+        map and those compared with it change (:func:`local_ncc_partners`).
 
     Returns
     -------
     ndarray, shape (Z, H, W), float32 in [0, 2]; 0 where invalid or blank.
     """
-    z = aligned.shape[0]
-    usable = np.ones(z, bool) if blank is None else ~np.asarray(blank, bool)
-    idx = list(np.nonzero(usable)[0])
     out = np.zeros(aligned.shape, np.float32)
-    if len(idx) < 2:
-        return out
-    for j, zz in enumerate(idx):
-        other = idx[j - 1] if j > 0 else idx[1]
+    for zz, other in local_ncc_partners(aligned.shape[0], blank).items():
+        if sections is not None and zz not in sections:
+            continue
         err = 1.0 - local_ncc(aligned[zz], aligned[other], sigma)
         if valid is not None:
             err[~(valid[zz] & valid[other])] = 0.0
         out[zz] = err
     return out
+
+
+def local_ncc_partners(z: int, blank: np.ndarray | None = None) -> dict[int, int]:
+    """The section :func:`local_ncc_error` compares each usable section with: the previous
+    usable one (the first: the next); empty with fewer than two usable sections."""
+    usable = np.ones(z, bool) if blank is None else ~np.asarray(blank, bool)
+    idx = [int(i) for i in np.nonzero(usable)[0]]
+    if len(idx) < 2:
+        return {}
+    return {zz: idx[j - 1] if j > 0 else idx[1] for j, zz in enumerate(idx)}
 
 
 def field_stats(displacement: np.ndarray, valid: np.ndarray | None = None) -> dict[str, float]:
