@@ -152,8 +152,9 @@ def test_a_rerun_from_results_made_on_another_device_says_it_will_differ(tiny_ti
 
     here = pick_device("auto").type
     other = "cuda" if here == "cpu" else "cpu"
-    assert cli.recorded_device(summary) == cli.recorded_device(fields) == here
-    assert cli.recorded_device(tmp_path / "none.json") is None
+    assert cli.recorded_run(summary)["device"] == cli.recorded_run(fields)["device"] == here
+    assert cli.recorded_run(summary)["output_dtype"] == "input"
+    assert cli.recorded_run(tmp_path / "none.json") == {}
     capsys.readouterr()
     for params_file in (summary, fields):  # made here: no note
         assert cli.main(["align", str(tiny_tif), "-o", str(out), "--params", str(params_file),

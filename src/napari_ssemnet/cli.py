@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -153,7 +154,7 @@ def load_params_file(path: str | Path) -> AlignParams:
                                "parameters file.") from None
     if not isinstance(data, dict):
         raise SsemnetError(f"Parameter file {str(p)!r} must hold a JSON object of parameters.")
-    if isinstance(data.get("params"), dict) and "sections" in data and "version" in data:
+    if _is_summary(data):
         data = data["params"]  # a --summary-json file: its run's parameters
     weights = data.get("weights")
     if isinstance(weights, str) and weights and not os.path.isabs(weights) \
@@ -183,59 +184,45 @@ def params_from_args(args: argparse.Namespace) -> AlignParams:
     return params
 
 
-def recorded_device(path: str | Path) -> str | None:
-    """The device type (``cpu``, ``cuda``) that made a fields ``.npz`` or a
-    ``--summary-json`` file; None for a plain parameters file or one that does not say."""
+def _is_summary(data: Any) -> bool:
+    """Whether parsed JSON is a ``--summary-json`` file (its run's figures, not parameters)."""
+    return isinstance(data, dict) and isinstance(data.get("params"), dict) \
+        and "sections" in data and "version" in data
+
+
+def recorded_run(path: str | Path) -> dict[str, Any]:
+    """What a results file says of the run that made it, besides its parameters: the
+    ``device`` type (``cpu``, ``cuda``) from a fields ``.npz`` or a ``--summary-json`` file,
+    and from a summary also its ``output_dtype`` and ``ignore`` mask. Empty for a plain
+    parameters file; only the entries a file has. Reads no displacement."""
     p = Path(path)
-    found: Any = None
+    run: dict[str, Any] = {}
     try:
         if p.suffix.lower() == ".npz":
-            from .core.io import load_fields
-
-            found = load_fields(p, with_extra=True)[2].get("device_used")
+            with np.load(p, allow_pickle=False) as npz:  # members are read on demand
+                if "device_used" in npz.files:
+                    run["device"] = str(npz["device_used"])
         else:
             data = json.loads(p.read_text(encoding="utf-8"))
-            if isinstance(data, dict) and "sections" in data and "version" in data:
-                found = data.get("device")
-    except (OSError, ValueError, SsemnetError):
-        return None  # load_params_file has read it already; nothing to add here
-    text = str(found) if found is not None else ""
-    return text.split(":")[0] or None
+            if _is_summary(data):
+                run = {k: data[k] for k in ("device", "output_dtype", "ignore")
+                       if data.get(k) is not None}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return {}  # load_params_file has read it already; nothing to add here
+    if "device" in run:
+        run["device"] = str(run["device"]).split(":")[0]
+    if run.get("output_dtype") not in ("input", "float32"):
+        run.pop("output_dtype", None)
+    return run
 
 
-def _recorded_output_dtype(path: str | Path) -> str | None:
-    """``output_dtype`` of the run that wrote a ``--summary-json`` file (None for other
-    files): repeating a run from its summary writes the same type."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if isinstance(data, dict) and "sections" in data and "version" in data \
-            and data.get("output_dtype") in ("input", "float32"):
-        return str(data["output_dtype"])
-    return None
-
-
-def _note_recorded_ignore(params_path: str) -> None:
-    """A rerun from a summary whose run had an ``--ignore`` mask, without one: the mask is
-    not a parameter, so say that it is not used."""
-    try:
-        data = json.loads(Path(params_path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if isinstance(data, dict) and "sections" in data and data.get("ignore"):
-        _say(sys.stderr, f"note: the run of {params_path} left out the pixels of --ignore "
-                         f"{data['ignore']}; this one has no mask (add --ignore to repeat "
-                         "it).\n")
-
-
-def _note_other_device(params_path: str) -> None:
+def _note_other_device(params_path: str, before: str | None) -> None:
     """With device "auto" from a results file, say so when this run lands on another kind
-    of device than the run that made the file: the same seed matches only on the same
-    device."""
+    of device (``before``) than the run that made the file: the same seed matches only on
+    the same device."""
     from .core.device import pick_device
 
-    before, now = recorded_device(params_path), pick_device("auto").type
+    now = pick_device("auto").type
     if before is not None and before != now:
         _say(sys.stderr, f"note: {params_path} was made with device {before} and this run "
                          f"uses {now} (device auto): the results will differ a little; add "
@@ -483,13 +470,15 @@ def cmd_align(args: argparse.Namespace, out: TextIO) -> int:
         from .core.device import pick_device
 
         pick_device(params.device)
-    elif args.params and args.device is None:
-        _note_other_device(args.params)
-    if args.output_dtype is None:
-        args.output_dtype = (_recorded_output_dtype(args.params) if args.params else None) \
-            or "input"
-    if args.params and not args.ignore:
-        _note_recorded_ignore(args.params)
+    run = recorded_run(args.params) if args.params else {}
+    if params.device == "auto" and args.params and args.device is None:
+        _note_other_device(args.params, run.get("device"))
+    if args.output_dtype is None:  # a rerun from a summary writes what that run wrote
+        args.output_dtype = run.get("output_dtype", "input")
+    if run.get("ignore") and not args.ignore:  # the mask is not a parameter
+        _say(sys.stderr, f"note: the run of {args.params} left out the pixels of --ignore "
+                         f"{run['ignore']}; this one has no mask (add --ignore to repeat "
+                         "it).\n")
     if args.fields and Path(args.fields).suffix.lower() in _NOT_FIELDS:
         # b.tif became b.tif.npz, while -o a.png is refused (run.v2 still gets .npz added)
         raise SsemnetError(f"--fields {args.fields}: the fields are a NumPy .npz archive; "
