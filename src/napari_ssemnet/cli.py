@@ -1282,23 +1282,22 @@ def _run_identity(args: argparse.Namespace, params: AlignParams, shape: tuple[in
     its content (sizes and a digest of every byte), not its path or time: a job that
     copies its input to scratch again before it is requeued can still resume. So do custom
     weights: the same file name with other weights in it is another run."""
-    src: Any = "sample"
-    if not args.sample:
-        path = Path(args.input)
-        # a folder's sections only: a notes file or .DS_Store beside them does not count
-        files = section_files(path) if path.is_dir() else [path]
-        src = [[f.name if path.is_dir() else "", f.stat().st_size, file_digest(f)]
-               for f in files if f.is_file()]
+    src: Any = "sample" if args.sample else _content_record(Path(args.input))
     ident = {"params": params.to_dict(), "input": src, "shape": list(shape),
              "dtype": str(dtype), "identity": IDENTITY_VERSION}
     if params.features == "custom" and Path(params.weights).is_file():
         ident["weights"] = file_digest(Path(params.weights))
     if getattr(args, "ignore", None):  # another mask is another run
-        mask = Path(args.ignore)
-        ident["ignore"] = [[f.name if mask.is_dir() else "", f.stat().st_size, file_digest(f)]
-                           for f in (section_files(mask) if mask.is_dir() else [mask])
-                           if f.is_file()]
+        ident["ignore"] = _content_record(Path(args.ignore))
     return json.dumps(ident, sort_keys=True)
+
+
+def _content_record(path: Path) -> list[list[Any]]:
+    """[name, size, digest] of a TIFF, or of each section of a folder (its sections only: a
+    notes file or .DS_Store beside them does not count)."""
+    files = section_files(path) if path.is_dir() else [path]
+    return [[f.name if path.is_dir() else "", f.stat().st_size, file_digest(f)]
+            for f in files if f.is_file()]
 
 
 IDENTITY_VERSION = 2
