@@ -436,7 +436,7 @@ class AlignWidget(QWidget):
         layer = self.selected_layer()
         shape = tuple(layer.data.shape) if layer is not None else None
         names = [ly.name for ly in self.viewer.layers
-                 if ly.__class__.__name__ == "Labels" and shape is not None
+                 if L.layer_kind(ly) == "labels" and shape is not None
                  and tuple(ly.data.shape) == shape]
         current = self.ignore_combo.currentText()
         self.ignore_combo.blockSignals(True)
