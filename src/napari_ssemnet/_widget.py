@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ from .core.align import (
     resolve_params,
 )
 from .core.errors import SsemnetError
-from .core.io import as_dtype, pair_array, pair_rows
+from .core.io import as_dtype, pair_array, pair_rows, read_compression, read_resolution
 from .core.params import TRAIN_STEPS, AlignParams
 from .gui import _jobs as jobs
 from .gui._ncc_plot import NccPlot
@@ -826,11 +827,17 @@ class AlignWidget(QWidget):
         if layer is None:
             return {"placement": None, "contrast_limits": None, "colormap": "gray"}
         path = getattr(getattr(layer, "source", None), "path", None)
+        path = str(path) if isinstance(path, str | Path) else None
+        # the file it was opened from: the TIFF writer keeps its compression and MinIsWhite
+        # for the aligned stack. Read now, so that a save still has them once the file has
+        # been moved or deleted
+        codec, white = None, False
+        if path is not None and os.path.isfile(path):
+            codec = read_compression(path)
+            white = read_resolution(path).get("photometric") == "miniswhite"
         return {"placement": L.placement(layer), "contrast_limits": list(layer.contrast_limits),
-                "colormap": layer.colormap.name,
-                # the file it was opened from: the TIFF writer keeps its compression and
-                # MinIsWhite for the aligned stack
-                "source_file": str(path) if isinstance(path, str | Path) else None}
+                "colormap": layer.colormap.name, "source_file": path,
+                "source_compression": codec, "source_miniswhite": white}
 
     def _snapshot(self, job: dict[str, Any], roles: tuple[str, ...]) -> None:
         """Remember the result layers' state so a cancelled run can put it back."""
@@ -986,7 +993,7 @@ class AlignWidget(QWidget):
                      "flags": res.flags, "params": res.params.to_dict(),
                      "extra": {"timings": dict(res.timings), "device": res.device,
                                "source_dtype": job["dtype"], "ignore": job.get("ignore"),
-                               "source_file": job["transform"].get("source_file"),
+                               **_source_file_meta(job),
                                "environment": dict(res.environment),
                                "pair_ncc": pair_rows(res.pair_ncc)}})
         if not job.get("stale"):
@@ -1026,7 +1033,7 @@ class AlignWidget(QWidget):
         sections = None if out.result is not None else [out.z]
         extra: dict[str, Any] = {"section": out.z, "source_dtype": job["dtype"],
                                  "ignore": job.get("ignore"),
-                                 "source_file": job["transform"].get("source_file")}
+                                 **_source_file_meta(job)}
         if state == "preview":
             extra["note"] = (f"Preview of section {out.z}; other sections are "
                              + ("the last full run." if out.result is not None
@@ -1213,6 +1220,13 @@ def _copy_dicts(d: Any) -> Any:
 
 NO_MASK = "(none)"
 """The Ignore mask chooser's entry for no mask."""
+
+
+def _source_file_meta(job: dict[str, Any]) -> dict[str, Any]:
+    """The source file's path, codec and MinIsWhite as read when the run started, for the
+    result layers' metadata (the TIFF writer uses them)."""
+    t = job["transform"]
+    return {k: t.get(k) for k in ("source_file", "source_compression", "source_miniswhite")}
 
 
 def _mask_data(layer: Any | None) -> Any:

@@ -8,7 +8,6 @@ Also thin wrappers over :mod:`napari_ssemnet.core.io` (``save_fields``, ``load_f
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +82,9 @@ def write_tiff(path: str, data: Any, meta: dict) -> list[str]:
 
     An aligned stack made by this plugin is written in its source layer's data type
     (rounded and clipped, as the command line does by default) and, when that layer was
-    opened from a TIFF that is still there, with its compression and its MinIsWhite, as the
-    command line keeps them; other layers as they are.
+    opened from a TIFF, with that file's compression and MinIsWhite as they were when the
+    run started (the file may be gone since), as the command line keeps them; other layers
+    as they are.
     """
     from .core import io
 
@@ -95,11 +95,9 @@ def write_tiff(path: str, data: Any, meta: dict) -> list[str]:
     if entry.get("role") == ROLE_ALIGNED:
         if entry.get("source_dtype"):
             arr = io.as_dtype(arr, entry["source_dtype"])
-        src = entry.get("source_file")
-        if src and os.path.exists(src):
-            compression = io.read_compression(src)
-            if res is not None and io.read_resolution(src).get("photometric") == "miniswhite":
-                res = {**res, "photometric": "miniswhite"}
+        compression = entry.get("source_compression")
+        if res is not None and entry.get("source_miniswhite"):
+            res = {**res, "photometric": "miniswhite"}
     io.write_stack(path, arr, compression=compression, resolution=res)
     return [path]
 

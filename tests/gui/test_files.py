@@ -33,6 +33,8 @@ def test_the_saved_aligned_stack_keeps_the_source_files_compression_and_miniswhi
     viewer.open(str(path))
     set_fast(widget)
     assert run_and_wait(qtbot, widget, widget.align) == "done", error_messages()
+    # read when the run started: a save after the file moved away still has them
+    path.rename(tmp_path / "moved.tif")
     viewer.layers.selection = {viewer.layers["em aligned"]}
     out = viewer.layers.save(str(tmp_path / "aligned.tif"), selected=True,
                              plugin="napari-ssemnet")[0]
