@@ -139,9 +139,9 @@ def load_params_file(path: str | Path) -> AlignParams:
     if not p.is_file():
         raise SsemnetError(f"Parameter file {str(p)!r} does not exist.")
     if p.suffix.lower() == ".npz":
-        from .core.io import load_fields
+        from .core.io import load_fields_params
 
-        _disp, data = load_fields(p)
+        data = load_fields_params(p)
         if not data:
             raise SsemnetError(f"{str(p)!r} holds no alignment parameters.")
     else:

@@ -17,6 +17,7 @@ from napari_ssemnet.core.io import (
     apply_displacement,
     apply_displacement_section,
     load_fields,
+    load_fields_params,
     open_stack,
     read_resolution,
     read_stack,
@@ -312,6 +313,27 @@ def test_fields_round_trip_with_params_flags_and_extras(tmp_path):
         "UP.NPZ", "bare.npz", "g.npz", "h.npz"]
     with pytest.raises(InputError, match="not valid JSON"):
         save_fields(tmp_path / "j.npz", disp, params="{bad")
+
+
+def test_load_fields_params_reads_the_parameters_alone(tmp_path):
+    disp = np.zeros((2, 2, 8, 8), np.float32)
+    params = AlignParams(grid_spacing=32)
+    path = save_fields(tmp_path / "f.npz", disp, params=params)
+    assert AlignParams.from_dict(load_fields_params(path)) == params
+    assert load_fields_params(save_fields(tmp_path / "n.npz", disp)) is None
+    # a displacement that load_fields refuses is never read: the parameters still come back
+    np.savez(tmp_path / "nan.npz", displacement=np.full((2, 2, 8, 8), np.nan, np.float32),
+             params=np.array(params.to_json()))
+    with pytest.raises(InputError):
+        load_fields(tmp_path / "nan.npz")
+    assert AlignParams.from_dict(load_fields_params(tmp_path / "nan.npz")) == params
+    np.savez(tmp_path / "other.npz", params=np.array("{}"))
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    np.savez(tmp_path / "text.npz", displacement=disp, params=np.array("{bad"))
+    for name, words in [("other.npz", "no 'displacement'"), ("bad.npz", "not a fields file"),
+                        ("text.npz", "not valid JSON"), ("nope.npz", "does not exist")]:
+        with pytest.raises(InputError, match=words):
+            load_fields_params(tmp_path / name)
 
 
 def test_load_fields_errors(tmp_path):

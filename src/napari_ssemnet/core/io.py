@@ -991,18 +991,53 @@ def load_fields(path: str | os.PathLike, *, with_extra: bool = False
     disp = disp.astype(np.float32, copy=False)
     for z in range(disp.shape[0]):
         _check_field_section(disp[z], z, p)
-    params: dict[str, Any] | None = None
-    if params_text:
-        try:
-            params = json.loads(params_text)
-        except json.JSONDecodeError:
-            raise InputError(f"{str(p)!r}: the stored parameters are not valid JSON.") from None
-        if not isinstance(params, dict):
-            raise InputError(f"{str(p)!r}: the stored parameters are not a JSON object.")
-        params = params or None
+    params = _stored_params(params_text, p)
     if with_extra:
         return disp, params, extra
     return disp, params
+
+
+def load_fields_params(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The parameters stored in a fields file, without reading its displacement.
+
+    Returns
+    -------
+    dict or None
+        None when the file has no (or empty) parameters.
+
+    Raises
+    ------
+    InputError
+        Missing or corrupt file, no ``displacement`` key, bad params JSON.
+    """
+    p = Path(path)
+    _check_fields_path(p)
+    try:
+        with np.load(p, allow_pickle=False) as npz:  # members are read on demand
+            if "displacement" not in npz.files:
+                raise InputError(f"{str(p)!r} has no 'displacement' array (it has: "
+                                 f"{', '.join(npz.files) or 'nothing'}); is it a fields file "
+                                 "written by napari-ssemnet?")
+            params_text = str(npz["params"]) if "params" in npz.files else ""
+    except InputError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise InputError(f"{str(p)!r} is not a readable fields file ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'no details'}).") from None
+    return _stored_params(params_text, p)
+
+
+def _stored_params(text: str, p: Path) -> dict[str, Any] | None:
+    """A fields file's ``params`` JSON as a dict (None when empty)."""
+    if not text:
+        return None
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError:
+        raise InputError(f"{str(p)!r}: the stored parameters are not valid JSON.") from None
+    if not isinstance(params, dict):
+        raise InputError(f"{str(p)!r}: the stored parameters are not a JSON object.")
+    return params or None
 
 
 INTERPOLATION = {"nearest": 0, "linear": 1}
