@@ -866,7 +866,8 @@ class AlignWidget(QWidget):
 
     def _restore_layers(self, source: str, states: list[tuple[str, Any, Any]]) -> None:
         """Put result layers back as ``_layer_states`` found them; layers that did not exist
-        then are removed (those the user removed since stay removed)."""
+        then are removed (those the user removed since stay removed, and so does a partial
+        layer the run made again in their place)."""
         created = []
         for role, layer, state in states:
             current = L.find_result_layer(self.viewer, source, role)
@@ -875,6 +876,8 @@ class AlignWidget(QWidget):
                     created.append(current)
                 continue
             if layer is None or layer not in self.viewer.layers:
+                if current is not None and current is not layer:
+                    created.append(current)
                 continue
             layer.data = state["data"]
             if "features" in state:

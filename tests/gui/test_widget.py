@@ -856,6 +856,29 @@ def test_a_cancelled_rerun_gives_back_the_result_layers_with_their_metadata(
     assert len(viewer.layers) == n_layers  # the same layers updated, no "[1]" copies
 
 
+def test_a_result_layer_deleted_during_a_cancelled_rerun_stays_deleted(
+        qtbot, viewer_widget, monkeypatch):
+    # the run made the deleted layer again from the sections it streamed next, and Cancel
+    # ("result layers restored") left that partial layer on top of the others
+    viewer, widget = viewer_widget
+    viewer.add_image(make_stack(z=5, size=96), name="em")
+    set_fast(widget)
+    assert run_and_wait(qtbot, widget, widget.align) == "done"
+    holds = _hold_after_sections(monkeypatch, 1, 3)
+    with qtbot.waitSignal(widget.job_finished, timeout=60000) as blocker:
+        widget.align()
+        qtbot.waitUntil(holds[1][0].is_set, timeout=60000)
+        qtbot.wait(100)
+        viewer.layers.remove("em aligned")
+        holds[1][1].set()
+        qtbot.waitUntil(holds[3][0].is_set, timeout=60000)
+        qtbot.waitUntil(lambda: "em aligned" in viewer.layers, timeout=10000)  # made again
+        widget.cancel()
+    assert blocker.args[0] == "cancelled"
+    assert "em aligned" not in viewer.layers
+    assert viewer.layers["em displacement"].metadata[L.META_KEY]["complete"]
+
+
 def test_results_keep_the_sources_placement_when_it_is_deleted_during_the_run(
         qtbot, viewer_widget, monkeypatch):
     viewer, widget = viewer_widget
