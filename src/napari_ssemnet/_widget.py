@@ -166,6 +166,7 @@ class AlignWidget(QWidget):
         self.changed: dict[str, set[int]] = {}
         # per source: the NCC error map of its result, which a Re-align updates in part
         self._errors: dict[str, np.ndarray] = {}
+        self._reference_note: str | None = None  # the status "Reference lowered" note
         self.last_outcome: str | None = None
         self._build_ui()
         self._connect_viewer()
@@ -475,9 +476,17 @@ class AlignWidget(QWidget):
     def _on_layer_changed(self, name: str) -> None:
         self._refresh_ignore()
         layer = self.selected_layer()
+        lowered_before = self._reference_note is not None \
+            and self.status.text() == self._reference_note
+        self._reference_note = None
         if self.form.set_reference_range(layer.data.shape[0] if layer is not None else None):
-            self.status.setText(f"Reference lowered to {self.form.value('reference')}, the last "
-                                f"section of '{name}'; it goes back with a longer stack.")
+            self._reference_note = (f"Reference lowered to {self.form.value('reference')}, the "
+                                    f"last section of '{name}'; it goes back with a longer "
+                                    "stack.")
+            self.status.setText(self._reference_note)
+        elif lowered_before:  # that note was about another layer: no longer true
+            self.status.setText(f"Reference {self.form.value('reference')} again, for "
+                                f"'{name}'.")
         self._update_plot()
         self._update_buttons()
 

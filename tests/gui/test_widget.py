@@ -86,6 +86,8 @@ def test_the_reference_comes_back_after_a_shorter_stack_and_small_values_survive
     assert widget.form.value("reference") == 3 and "lowered to 3" in widget.status.text()
     widget.set_layer("long")  # was left at 3 without a word
     assert widget.form.value("reference") == 7
+    # and the note about 'short' does not stay on the status line
+    assert "lowered" not in widget.status.text() and "7 again" in widget.status.text()
     # choosing the value shown is a choice too, kept when the long stack comes back
     widget.set_layer("short")
     viewer.dims.set_current_step(0, 3)
