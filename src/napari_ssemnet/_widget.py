@@ -548,7 +548,8 @@ class AlignWidget(QWidget):
 
     def _set_running(self, running: bool) -> None:
         for w in (self.align_btn, self.preview_btn, self.realign_btn, self.undo_btn,
-                  self.train_btn, self.form, self.layer_combo, self.save_btn, self.train_steps):
+                  self.train_btn, self.form, self.layer_combo, self.ignore_combo,
+                  self.save_btn, self.train_steps):
             w.setEnabled(not running)
         self.cancel_btn.setEnabled(running)
         if not running:

@@ -483,6 +483,8 @@ def test_cancel_stops_quickly_and_restores(qtbot, viewer_widget):
     widget.align()
     assert widget.running and not widget.align_btn.isEnabled()
     assert not widget.realign_btn.isEnabled() and not widget.preview_btn.isEnabled()
+    # the run took its inputs when it started: choosing others now would not reach it
+    assert not widget.layer_combo.isEnabled() and not widget.ignore_combo.isEnabled()
     qtbot.waitUntil(lambda: widget.progress.maximum() > 0 and "fit" in widget.status.text(),
                     timeout=30000)
     # one bar for the whole run: past the pre-alignment's share once the fit runs
@@ -496,6 +498,7 @@ def test_cancel_stops_quickly_and_restores(qtbot, viewer_widget):
     assert stop_s < 2.0
     assert len(viewer.layers) == n_layers  # no partial result layers left behind
     assert widget.align_btn.isEnabled() and not widget.cancel_btn.isEnabled()
+    assert widget.ignore_combo.isEnabled()
     assert "cancelled" in widget.status.text().lower()
 
 
