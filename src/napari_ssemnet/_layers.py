@@ -181,6 +181,47 @@ def placement(layer: Any) -> dict[str, Any]:
             "units": [str(u) for u in layer.units]}
 
 
+def placement_from_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`placement` from a layer's state as napari hands it to a writer (``scale``,
+    ``translate``, ... and ``units`` entries); the identity for what is missing."""
+    out: dict[str, Any] = {}
+    for key in ("scale", "translate", "rotate", "shear", "affine"):
+        if state.get(key) is not None:
+            out[key] = np.asarray(state[key], float).tolist()
+    if state.get("units") is not None:
+        out["units"] = [str(u) for u in state["units"]]
+    return out
+
+
+def stored_placement(value: Any, ndim: int = 3) -> dict[str, Any]:
+    """The layer keyword arguments of a placement read back from a file (as
+    :func:`placement` wrote it); entries of the wrong form are left out, so a damaged or
+    foreign entry costs the placement, never the layer."""
+    if not isinstance(value, Mapping):
+        return {}
+    shapes = {"scale": (ndim,), "translate": (ndim,), "affine": (ndim + 1, ndim + 1)}
+    out: dict[str, Any] = {}
+    for key, shape in shapes.items():
+        try:
+            a = np.asarray(value.get(key), float)
+        except (TypeError, ValueError):
+            continue
+        if a.shape == shape and np.isfinite(a).all() and (key != "scale" or (a != 0).all()):
+            out[key] = a.tolist()
+    for key in ("rotate", "shear"):  # napari takes several forms: let it check them
+        if isinstance(value.get(key), list | float | int):
+            try:
+                a = np.asarray(value[key], float)
+            except (TypeError, ValueError):
+                continue
+            if np.isfinite(a).all():
+                out[key] = a.tolist()
+    units = value.get("units")
+    if isinstance(units, list) and len(units) == ndim and all(isinstance(u, str) for u in units):
+        out["units"] = units
+    return out
+
+
 def arrow_grid(shape: tuple[int, int], arrows_across: int = DEFAULT_ARROWS_ACROSS
                ) -> tuple[np.ndarray, np.ndarray, int]:
     """Grid points for the arrows of one section.

@@ -65,7 +65,10 @@ def fields_layer_data(path: str | Path) -> L.LayerDataTuple:
         over the whole section: the file has no valid-pixel mask). The metadata holds the
         full (Z, 2, H, W) field, the parameters, flags, NCC values and pairs, the
         environment and the re-aligned sections' parameters where the file has them, and
-        the file's path (``fields_file``).
+        the file's path (``fields_file``). Fields saved from napari (Save fields, the
+        writer) carry their layer's scale, translate, rotation, shear and units, and the
+        arrows get them, so that they lie over a stack placed as the one aligned; fields
+        from the command line have none (pixel units, as napari opens a TIFF).
 
     Raises
     ------
@@ -101,6 +104,7 @@ def fields_layer_data(path: str | Path) -> L.LayerDataTuple:
                              params=params, extra=more)
     vectors, magnitude = L.stack_vectors(disp)
     return L.displacement_layer_data(vectors, magnitude, name, section_shape=disp.shape[-2:],
+                                     placement=L.stored_placement(_json(extra, "placement")),
                                      metadata=meta)
 
 

@@ -1181,6 +1181,7 @@ class AlignWidget(QWidget):
                                flags=result.flags,
                                section_params=result.section_params_json(),
                                environment=result.environment,
+                               placement=L.placement(layer),
                                ncc_before=result.ncc_before, ncc_after=result.ncc_after,
                                pair_ncc=pair_array(result.pair_ncc))
         except (OSError, SsemnetError, ValueError) as exc:

@@ -13,13 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from ._layers import META_KEY, ROLE_ALIGNED, ROLE_DISPLACEMENT
+from ._layers import META_KEY, ROLE_ALIGNED, ROLE_DISPLACEMENT, placement_from_state
 from .core.errors import SsemnetError
 
 
 def save_fields(path: str | Path, displacement: np.ndarray, params: Any = None,
                 flags: list[str] | None = None, section_params: str = "",
-                environment: dict[str, Any] | None = None, **arrays: np.ndarray) -> str:
+                environment: dict[str, Any] | None = None,
+                placement: dict[str, Any] | None = None, **arrays: np.ndarray) -> str:
     """Write a displacement field (Z, 2, H, W) to an ``.npz`` (key ``displacement``).
 
     Parameters
@@ -35,6 +36,9 @@ def save_fields(path: str | Path, displacement: np.ndarray, params: Any = None,
     environment : dict, optional
         The run's ``AlignmentResult.environment`` (versions, threads, device, date); stored
         as JSON under that key when not empty.
+    placement : dict, optional
+        The source layer's world transform and units (``_layers.placement``), stored as
+        JSON under that key, so that the plugin's reader draws the arrows over that layer.
     **arrays : ndarray
         More arrays to store as they are (the widget: ``ncc_before``, ``ncc_after``,
         ``pair_ncc``).
@@ -50,6 +54,8 @@ def save_fields(path: str | Path, displacement: np.ndarray, params: Any = None,
     extra.update(arrays)
     if environment:
         extra["environment"] = np.array(json.dumps(environment))
+    if placement:
+        extra["placement"] = np.array(json.dumps(placement))
     return str(io.save_fields(path, displacement, params=params, flags=flags, **extra))
 
 
@@ -164,7 +170,8 @@ def write_fields(path: str, data: Any, meta: dict) -> list[str]:
         path = save_fields(path, disp, params=entry.get("params") or None,
                            flags=entry.get("flags"),
                            section_params=json.dumps(sections) if sections else "",
-                           environment=entry.get("environment"), **arrays)
+                           environment=entry.get("environment"),
+                           placement=placement_from_state(meta), **arrays)
     except SsemnetError as exc:  # e.g. an InputError (a ValueError) for a bad name
         raise SsemnetError(str(exc)) from None
     return [path]

@@ -284,3 +284,33 @@ def test_fields_from_the_command_line_open_as_arrows_and_save_back(make_napari_v
     np.savez(bad, displacement=np.zeros((2, 3)))
     with pytest.raises(Exception, match="expected"):
         viewer.open(str(bad), plugin="napari-ssemnet")
+
+
+def test_fields_saved_from_a_placed_layer_reopen_over_it(qtbot, viewer_widget, stack,
+                                                         tmp_path):
+    # the reader drew them at scale 1: nowhere near a layer in nm, so no arrow showed
+    viewer, widget = viewer_widget
+    src = viewer.add_image(stack, name="em", scale=(50, 4, 4), translate=(0, 8, 12),
+                           units=("nm", "nm", "nm"))
+    set_fast(widget)
+    assert run_and_wait(qtbot, widget, widget.align) == "done", error_messages()
+    made = viewer.layers["em displacement"]
+    path = widget.save_fields(tmp_path / "f.npz")
+    opened = viewer.open(path, plugin="napari-ssemnet")[0]
+    for layer in (made, opened):
+        np.testing.assert_allclose(layer.scale, src.scale)
+        np.testing.assert_allclose(layer.translate, src.translate)
+        assert [str(u) for u in layer.units] == ["nanometer"] * 3
+    np.testing.assert_allclose(opened.affine.affine_matrix, made.affine.affine_matrix)
+    # the napari writer keeps it, and a damaged entry costs the placement, not the layer
+    viewer.layers.selection = {opened}
+    again = viewer.layers.save(str(tmp_path / "again.npz"), selected=True,
+                               plugin="napari-ssemnet")[0]
+    np.testing.assert_allclose(viewer.open(again, plugin="napari-ssemnet")[0].scale, src.scale)
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    arrays["placement"] = np.array('{"scale": [0, "x"], "translate": [1, 2, 3]}')
+    np.savez(tmp_path / "odd.npz", **arrays)
+    odd = viewer.open(str(tmp_path / "odd.npz"), plugin="napari-ssemnet")[0]
+    np.testing.assert_allclose(odd.scale, (1, 1, 1))
+    np.testing.assert_allclose(odd.translate, (1, 2, 3))
