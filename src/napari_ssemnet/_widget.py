@@ -405,9 +405,8 @@ class AlignWidget(QWidget):
                 or data.shape != result.aligned.shape or data.nbytes > CHANGE_CHECK_BYTES):
             return None
         changed = [z for z, d in enumerate(jobs.section_digests(data)) if d != digests[z]]
-        if result.params.reference in changed or len(changed) > max(1, len(digests) // 4):
-            return None
-        return changed
+        return changed if _result_holds(changed, result.params.reference, len(digests)) \
+            else None
 
     def _changed_text(self, name: str) -> str:
         sections = sorted(self.changed.get(name, ()))
@@ -1009,10 +1008,17 @@ class AlignWidget(QWidget):
                                **_source_file_meta(job),
                                "environment": dict(res.environment),
                                "pair_ncc": pair_rows(res.pair_ncc)}})
+        edited = list(outcome.edited)
+        if edited and not job.get("stale") and not _result_holds(
+                edited, res.params.reference, len(outcome.digests)):
+            job["stale"] = "edited"
+            self._drop_result(source)  # an older result does not fit the data now either
         if not job.get("stale"):
             self.results[source] = res
             self._digests[source] = list(outcome.digests)
             self.changed.pop(source, None)
+            if edited:  # changed in place during the run: as if after it
+                self.changed[source] = set(edited)
             self._errors[source] = outcome.ncc_error
         self._update_plot()
         z = res.aligned.shape[0]
@@ -1035,6 +1041,8 @@ class AlignWidget(QWidget):
         elif job.get("stale"):
             text += (f" {self._stale_text(job, source)} during the run: these layers show "
                      "the old data, and the result is not kept (press Align again).")
+        elif edited:
+            text += " " + self._changed_text(source).replace("since Align", "during the run")
         self.status.setText(text)
 
     def _finish_section(self, job: dict[str, Any], out: jobs.SectionOutcome) -> None:
@@ -1234,6 +1242,12 @@ def _copy_dicts(d: Any) -> Any:
 
 NO_MASK = "(none)"
 """The Ignore mask chooser's entry for no mask."""
+
+
+def _result_holds(changed: list[int], reference: int, n_sections: int) -> bool:
+    """Whether a result still holds for the sections not in ``changed``: the reference
+    kept, and at most a quarter of the sections changed."""
+    return reference not in changed and len(changed) <= max(1, n_sections // 4)
 
 
 def _source_file_meta(job: dict[str, Any]) -> dict[str, Any]:

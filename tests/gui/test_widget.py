@@ -861,6 +861,29 @@ def test_a_cancelled_rerun_gives_back_the_result_layers_with_their_metadata(
     assert len(viewer.layers) == n_layers  # the same layers updated, no "[1]" copies
 
 
+def test_sections_edited_in_place_during_a_run_are_marked_changed(
+        qtbot, viewer_widget, monkeypatch):
+    # napari sends no event for an in-place edit: the result was kept as if made from the
+    # new data, and Save fields wrote it
+    viewer, widget = viewer_widget
+    layer = viewer.add_image(make_stack(z=5, size=96), name="em")
+    set_fast(widget)
+    for z, kept in [(3, True), (0, False)]:  # 0: the reference
+        holds = _hold_after_sections(monkeypatch, 1)
+        with qtbot.waitSignal(widget.job_finished, timeout=60000) as blocker:
+            widget.align()
+            qtbot.waitUntil(holds[1][0].is_set, timeout=60000)
+            layer.data[z] = layer.data[z][::-1].copy()
+            holds[1][1].set()
+        monkeypatch.undo()
+        assert blocker.args[0] == "done"
+        if kept:
+            assert widget.changed["em"] == {3} and not widget.save_btn.isEnabled()
+            assert "Section 3 of 'em' changed during the run" in widget.status.text()
+        else:
+            assert "em" not in widget.results and "not kept" in widget.status.text()
+
+
 def test_a_result_layer_deleted_during_a_cancelled_rerun_stays_deleted(
         qtbot, viewer_widget, monkeypatch):
     # the run made the deleted layer again from the sections it streamed next, and Cancel

@@ -58,7 +58,10 @@ class AlignOutcome:
 
     result: AlignmentResult
     ncc_error: np.ndarray
+    # of the sections as the run began; ``edited``: those that changed in place meanwhile
+    # (napari sees no event for that), so the result may not hold for them
     digests: list[bytes] = field(default_factory=list)
+    edited: list[int] = field(default_factory=list)
 
 
 def section_digest(section: np.ndarray) -> bytes:
@@ -139,14 +142,15 @@ def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event, *,
     ``align_stack``); returns :class:`AlignOutcome`, :class:`Cancelled` or
     :class:`Failure`."""
     try:
+        digests = section_digests(stack)  # which sections a later change of the layer touches
         result = yield from throttled(iter_align_stack(stack, params, should_stop=stop.is_set,
                                                        ignore=ignore))
         yield Progress("metrics", 0, 1, "local NCC error map")
         tissue = _tissue_stack(result.valid, stack, result.displacement, ignore, stop)
         error = local_ncc_error(result.aligned, tissue, flags=result.flags)
-        digests = section_digests(stack)  # which sections a later change of the layer touches
+        edited = [z for z, d in enumerate(section_digests(stack)) if d != digests[z]]
         yield Progress("metrics", 1, 1, "local NCC error map")
-        return AlignOutcome(result, error, digests)
+        return AlignOutcome(result, error, digests, edited)
     except AlignmentCancelled:
         return Cancelled()
     except Exception as exc:  # every error reaches the user as a notification
