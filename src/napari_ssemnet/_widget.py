@@ -1099,8 +1099,10 @@ class AlignWidget(QWidget):
         b = getattr(sec, "ncc_before", float("nan"))
         a = getattr(sec, "ncc_after", float("nan"))
         verb = "Re-aligned" if commit else "Preview of"
+        # the plot's "before" is the unaligned input; this one is the section as it was
+        was = " (as the run placed it)" if out.result is not None else ""
         self.status.setText(f"{verb} section {out.z} in {out.seconds:.1f} s: NCC with neighbours "
-                            f"{b:.3f} → {a:.3f}"
+                            f"{b:.3f}{was} → {a:.3f}"
                             + (f" ({out.flags[out.z]})" if out.flags[out.z] else "") + "."
                             + (" Placed again from scratch: the run's placement matched the "
                                "neighbour towards the reference less than half as well."
