@@ -848,6 +848,16 @@ class AlignWidget(QWidget):
                 "colormap": layer.colormap.name, "source_file": path,
                 "source_compression": codec, "source_miniswhite": white}
 
+    def _placement_now(self, source: str, tf: dict[str, Any]) -> dict[str, Any] | None:
+        """The source layer's placement as it is now, else the one taken at the start.
+
+        Read at every write, so that a scale or translation the user sets on the source
+        during a run moves its result layers too (they used to stay where the run began).
+        """
+        if source in self.viewer.layers:
+            tf["placement"] = L.placement(self.viewer.layers[source])
+        return tf["placement"]
+
     def _snapshot(self, job: dict[str, Any], roles: tuple[str, ...]) -> None:
         """Remember the result layers' state so a cancelled run can put it back."""
         job["snapshots"].extend(self._layer_states(job["source"], roles))
@@ -938,20 +948,23 @@ class AlignWidget(QWidget):
         layer = L.find_result_layer(self.viewer, source, L.ROLE_ALIGNED)
         new = layer is None or L.find_result_layer(self.viewer, source,
                                                     L.ROLE_DISPLACEMENT) is None
+        place = self._placement_now(source, tf)
         if layer is None or not stream.get("aligned_layer"):
             data = L.aligned_layer_data(
                 stream["aligned"], source, contrast_limits=tf["contrast_limits"],
-                colormap=tf["colormap"], placement=tf["placement"],
+                colormap=tf["colormap"], placement=place,
                 metadata=L.result_metadata(L.ROLE_ALIGNED, source, **meta_kw))
             L.upsert_layer(self.viewer, data, role=L.ROLE_ALIGNED, source_name=source)
             stream["aligned_layer"] = True
         else:
             layer.metadata[L.META_KEY].update(sections_done=len(done))
+            for key, value in (place or {}).items():
+                setattr(layer, key, value)
             layer.refresh()
         vectors = np.concatenate([stream["vectors"][z] for z in done])
         mags = np.concatenate([stream["magnitude"][z] for z in done])
         data = L.displacement_layer_data(
-            vectors, mags, source, section_shape=(h, w), placement=tf["placement"],
+            vectors, mags, source, section_shape=(h, w), placement=place,
             metadata=L.result_metadata(L.ROLE_DISPLACEMENT, source, **meta_kw))
         L.upsert_layer(self.viewer, data, role=L.ROLE_DISPLACEMENT, source_name=source)
         if new:  # a new layer takes the selection, and the chooser would follow it
@@ -961,9 +974,10 @@ class AlignWidget(QWidget):
                      displacement: np.ndarray, ncc_error: np.ndarray, meta_kw: dict[str, Any],
                      transform: dict[str, Any],
                      vector_sections: list[int] | None = None) -> None:
-        """Add or update the three result layers for ``source``, placed by ``transform``
-        (the source's when the run started)."""
+        """Add or update the three result layers for ``source``, placed as the source layer
+        is now (else by ``transform``, the source's when the run started)."""
         tf = transform
+        place = self._placement_now(source, tf)
         extra = dict(meta_kw.pop("extra", {}) or {})
 
         def meta(role: str, more: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -975,15 +989,15 @@ class AlignWidget(QWidget):
         shown = as_dtype(aligned, dtype) if dtype else aligned
         L.upsert_layer(self.viewer, L.aligned_layer_data(
             shown, source, contrast_limits=tf["contrast_limits"], colormap=tf["colormap"],
-            placement=tf["placement"], metadata=meta(L.ROLE_ALIGNED)),
+            placement=place, metadata=meta(L.ROLE_ALIGNED)),
             role=L.ROLE_ALIGNED, source_name=source)
         vectors, mags = L.stack_vectors(displacement, valid=valid, sections=vector_sections)
         L.upsert_layer(self.viewer, L.displacement_layer_data(
-            vectors, mags, source, section_shape=aligned.shape[1:], placement=tf["placement"],
+            vectors, mags, source, section_shape=aligned.shape[1:], placement=place,
             metadata=meta(L.ROLE_DISPLACEMENT, {"displacement": displacement})),
             role=L.ROLE_DISPLACEMENT, source_name=source)
         L.upsert_layer(self.viewer, L.ncc_error_layer_data(
-            ncc_error, source, placement=tf["placement"],
+            ncc_error, source, placement=place,
             metadata=meta(L.ROLE_NCC_ERROR, {"sigma": 8.0})),
             role=L.ROLE_NCC_ERROR, source_name=source)
         self._select(source)

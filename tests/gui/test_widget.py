@@ -941,6 +941,31 @@ def test_results_keep_the_sources_placement_when_it_is_deleted_during_the_run(
         np.testing.assert_allclose(layer.rotate, src.rotate, atol=1e-12, err_msg=name)
 
 
+def test_results_follow_a_placement_set_on_the_source_during_the_run(
+        qtbot, viewer_widget, monkeypatch):
+    # the results were placed as the source was when Align started: a pixel size typed in
+    # meanwhile left them, silently, at scale 1 beside the stack
+    viewer, widget = viewer_widget
+    src = viewer.add_image(make_stack(z=5, size=96), name="em")
+    set_fast(widget)
+    held, release = _hold_after_sections(monkeypatch, 2)[2]
+    with qtbot.waitSignal(widget.job_finished, timeout=60000) as blocker:
+        widget.align()
+        qtbot.waitUntil(held.is_set, timeout=60000)
+        qtbot.waitUntil(lambda: "em aligned" in viewer.layers, timeout=10000)
+        assert list(viewer.layers["em aligned"].scale) == [1, 1, 1]
+        src.scale, src.translate, src.units = (50, 4, 4), (100, 20, 30), ("nm",) * 3
+        release.set()
+    assert blocker.args[0] == "done" and "em" in widget.results
+    world = np.asarray(src.extent.world)
+    for name in ("em aligned", "em displacement", "em NCC error"):
+        layer = viewer.layers[name]
+        assert list(layer.scale) == [50, 4, 4] and list(layer.translate) == [100, 20, 30], name
+        assert [str(u) for u in layer.units] == ["nanometer"] * 3, name
+        if name != "em displacement":
+            np.testing.assert_allclose(layer.extent.world, world, atol=1e-6, err_msg=name)
+
+
 def test_a_lazy_layer_is_read_in_the_worker_not_on_the_gui_thread(qtbot, viewer_widget):
     # a dask or zarr stack read by the Align click froze napari for the whole read
     import threading
