@@ -326,20 +326,41 @@ def stack_vectors(
     return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
 
-def arrow_scale(magnitude: np.ndarray, spacing: int) -> float:
+def arrow_scale(magnitude: np.ndarray, spacing: int,
+                sections: np.ndarray | None = None) -> float:
     """Drawing scale for arrows: the median arrow spans half a grid cell, unless that would
     make the 95th-percentile one longer than 1.5 cells.
 
     (Scaling by the 95th percentile alone drew the typical arrow as a stub shorter than its
     own width on real stacks, where the sections far from the reference move most.)
-    Rounded down to 1, 2 or 5 times a power of ten so the legend reads well. Returns 1.0
-    when there is no displacement.
+    With ``sections`` (the section of each arrow), the median is the median of the sections'
+    medians and the 95th percentile the upper quartile of the sections' 95th percentiles,
+    so that one section that moved much more than the rest (a turned or misplaced one)
+    does not shrink every other section's arrows to dots; that section's arrows are then
+    drawn longer than the grid. Rounded down to 1, 2 or 5 times a power of ten so the
+    legend reads well. Returns 1.0 when there is no displacement.
+
+    Parameters
+    ----------
+    magnitude : ndarray, shape (N,)
+        Arrow lengths in pixels.
+    spacing : int
+        Grid spacing in pixels.
+    sections : ndarray, shape (N,), optional
+        Section index of each arrow.
     """
     mags = np.asarray(magnitude, dtype=float)
-    mags = mags[np.isfinite(mags) & (mags > 1e-6)]
-    if mags.size == 0:
+    keep = np.isfinite(mags) & (mags > 1e-6)
+    if not keep.any():
         return 1.0
-    p50, p95 = np.percentile(mags, [50, 95])
+    if sections is None:
+        p50, p95 = np.percentile(mags[keep], [50, 95])
+    else:
+        zs = np.asarray(sections)[keep]
+        mags = mags[keep]
+        per = np.array([np.percentile(mags[zs == z], [50, 95]) for z in np.unique(zs)])
+        p50 = float(np.median(per[:, 0]))
+        p95 = float(np.percentile(per[:, 1], 75))
     raw = min(0.5 * spacing / float(p50), 1.5 * spacing / float(p95))
     exponent = math.floor(math.log10(raw))
     base = raw / 10 ** exponent
@@ -379,7 +400,8 @@ def displacement_layer_data(
     """
     _, _, spacing = arrow_grid(section_shape, arrows_across)
     if length is None:
-        length = arrow_scale(magnitude, spacing)
+        zs = np.asarray(vectors)[:, 0, 0] if len(vectors) == len(magnitude) else None
+        length = arrow_scale(magnitude, spacing, zs)
     meta = metadata or result_metadata(ROLE_DISPLACEMENT, source_name)
     meta[META_KEY].update(arrow_metadata(length, spacing))
     mag = np.asarray(magnitude, dtype=np.float32)

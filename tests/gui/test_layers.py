@@ -71,6 +71,28 @@ def test_arrow_scale_shows_typical_arrows_without_long_ones_overlapping():
     assert np.percentile(mags, 95) * scale <= 1.5 * 19
 
 
+def test_one_section_that_moved_far_does_not_shrink_the_others_arrows_to_dots():
+    # 7 sections a few px, one turned by 30 deg (141 px at its corners): scaled by the pooled
+    # 95th percentile, the 7 sections' arrows were drawn under 1 px long
+    rng = np.random.default_rng(0)
+    zs = np.repeat(np.arange(8), 100)
+    mags = np.where(zs == 5, rng.uniform(40, 141, zs.size), rng.uniform(2, 6, zs.size))
+    pooled = L.arrow_scale(mags, 16)
+    scale = L.arrow_scale(mags, 16, zs)
+    typical = np.median(mags[zs != 5])
+    assert typical * pooled < 2  # what the fix is for
+    assert typical * scale >= 0.2 * 16  # half a cell, less the rounding down (up to 2.5x)
+    assert np.percentile(mags[zs != 5], 95) * scale <= 1.5 * 16
+    # a stack whose sections move alike is drawn as before
+    alike = rng.uniform(2, 6, zs.size)
+    assert L.arrow_scale(alike, 16, zs) == L.arrow_scale(alike, 16)
+    # and the layer data passes the sections on
+    vec = np.zeros((zs.size, 2, 3), np.float32)
+    vec[:, 0, 0] = zs
+    _, kwargs, _ = L.displacement_layer_data(vec, mags, "em", section_shape=(320, 320))
+    assert kwargs["length"] == scale
+
+
 def test_aligned_and_error_layers():
     aligned = np.random.default_rng(0).random((3, 40, 40)).astype(np.float32)
     data, kw, kind = L.aligned_layer_data(aligned, "em", contrast_limits=(0, 255),
