@@ -1081,6 +1081,12 @@ class AlignWidget(QWidget):
                          pair_ncc=pair_rows(out.result.pair_ncc))
             extra["section_params"] = {str(k): p.to_dict()
                                        for k, p in sorted(out.result.section_params.items())}
+        edited = list(out.edited)
+        if commit and edited and not job.get("stale") and not _result_holds(
+                sorted(set(self.changed.get(source, ())) | set(edited)),
+                out.result.params.reference, len(out.aligned)):
+            job["stale"] = "edited"
+            self._drop_result(source)  # the run's result does not fit the data now either
         keep = commit and not job.get("stale")
         if keep:
             digests = self._digests.get(source)
@@ -1102,8 +1108,9 @@ class AlignWidget(QWidget):
             self._undo[source] = undo
             self._errors[source] = out.ncc_error
             if source in self._digests and out.digest:
-                self._digests[source][out.z] = out.digest  # re-aligned on the data it has now
-            left = self.changed.get(source, set()) - {out.z}
+                self._digests[source][out.z] = out.digest  # re-aligned on the data it had
+            # changed in place during the job (z too): as if after it
+            left = (self.changed.get(source, set()) - {out.z}) | set(edited)
             if left:
                 self.changed[source] = left
             else:
@@ -1123,6 +1130,9 @@ class AlignWidget(QWidget):
                                if getattr(sec, "placed_again", False) else "")
                             + (f" {self._stale_text(job, source)} meanwhile: not kept."
                                if job.get("stale") else "")
+                            + (" " + self._changed_text(source).replace("since Align",
+                                                                         "during the run")
+                               if keep and edited else "")
                             + (" The NCC went down; the section is kept as re-aligned: "
                                "press Undo to go back, or re-align it with other parameters."
                                if keep and a < b else ""))

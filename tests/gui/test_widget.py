@@ -884,6 +884,52 @@ def test_sections_edited_in_place_during_a_run_are_marked_changed(
             assert "em" not in widget.results and "not kept" in widget.status.text()
 
 
+def test_sections_edited_in_place_during_a_realign_are_marked_changed(
+        qtbot, viewer_widget, monkeypatch):
+    # the Re-align job fingerprinted its section only as it ended, so an edit made during
+    # it was taken as the data it had aligned, and other sections' edits went unseen
+    import threading
+
+    from napari_ssemnet.core import align as core_align
+
+    viewer, widget = viewer_widget
+    layer = viewer.add_image(make_stack(z=8, size=96), name="em")  # a quarter: 2
+    set_fast(widget)
+    assert run_and_wait(qtbot, widget, widget.align) == "done", error_messages()
+    real = core_align.iter_align_section
+    held, release = threading.Event(), threading.Event()
+
+    def paused(*args, should_stop=None, **kwargs):
+        gen = real(*args, should_stop=should_stop, **kwargs)
+        first = next(gen)
+        held.set()
+        while not (release.is_set() or should_stop()):
+            time.sleep(0.01)
+        yield first
+        return (yield from gen)
+
+    viewer.dims.set_current_step(0, 2)
+    for edit, kept in [((2, 4), True), ((0,), False)]:  # 0: the reference
+        held.clear()
+        release.clear()
+        monkeypatch.setattr(core_align, "iter_align_section", paused)
+        with qtbot.waitSignal(widget.job_finished, timeout=60000) as blocker:
+            widget.realign()
+            qtbot.waitUntil(held.is_set, timeout=60000)
+            for z in edit:
+                layer.data[z] = layer.data[z][::-1].copy()
+            release.set()
+        monkeypatch.undo()
+        assert blocker.args[0] == "done", error_messages()
+        if kept:
+            assert widget.changed["em"] == {2, 4} and not widget.save_btn.isEnabled()
+            assert "Sections 2, 4 of 'em' changed during the run" in widget.status.text()
+            # what was edited is found again: the fingerprints are those of the old data
+            assert widget._changed_sections("em", layer.data) == [2, 4]
+        else:
+            assert "em" not in widget.results and "not kept" in widget.status.text()
+
+
 def test_a_result_layer_deleted_during_a_cancelled_rerun_stays_deleted(
         qtbot, viewer_widget, monkeypatch):
     # the run made the deleted layer again from the sections it streamed next, and Cancel

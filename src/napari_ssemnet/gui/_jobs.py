@@ -101,7 +101,9 @@ class SectionOutcome:
     params: AlignParams
     seconds: float
     result: AlignmentResult | None = None
+    # section z as the job began; ``edited``: the sections changed in place meanwhile
     digest: bytes = b""
+    edited: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -250,6 +252,7 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
         from ..core.align import USABLE_FLAGS, flag_poor_links, iter_align_section
 
         t0 = time.perf_counter()
+        digests = section_digests(stack)  # an in-place edit meanwhile sends no napari event
         previous = None if base is None else base.displacement
         section = yield from throttled(iter_align_section(
             stack, z, params, previous_displacement=previous, should_stop=stop.is_set,
@@ -314,10 +317,11 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
         else:
             error = local_ncc_error(aligned, _tissue_stack(valid, stack, displacement, ignore,
                                                            stop), flags=flags)
+        edited = [k for k, d in enumerate(section_digests(stack)) if d != digests[k]]
         yield Progress("metrics", 1, 1, "local NCC error map")
         return SectionOutcome(z, section, aligned, valid, displacement, error, ncc_before,
                               ncc_after, flags, params, time.perf_counter() - t0, result,
-                              section_digest(stack[z]))
+                              digests[z], edited)
     except AlignmentCancelled:
         return Cancelled()
     except Exception as exc:
