@@ -1081,7 +1081,12 @@ class AlignWidget(QWidget):
                          pair_ncc=pair_rows(out.result.pair_ncc))
             extra["section_params"] = {str(k): p.to_dict()
                                        for k, p in sorted(out.result.section_params.items())}
-        edited = list(out.edited)
+        # changed in place during the job, or since the run (other than z, which was
+        # re-aligned on the data it had as the job began)
+        stored = self._digests.get(source) or []
+        since = [k for k, (a, b) in enumerate(zip(out.digests, stored, strict=False))
+                 if a != b and k != out.z] if len(stored) == len(out.digests) else []
+        edited = sorted(set(out.edited) | set(since))
         if commit and edited and not job.get("stale") and not _result_holds(
                 sorted(set(self.changed.get(source, ())) | set(edited)),
                 out.result.params.reference, len(out.aligned)):
@@ -1107,8 +1112,8 @@ class AlignWidget(QWidget):
             self.results[source] = out.result
             self._undo[source] = undo
             self._errors[source] = out.ncc_error
-            if source in self._digests and out.digest:
-                self._digests[source][out.z] = out.digest  # re-aligned on the data it had
+            if source in self._digests and out.digests:
+                self._digests[source][out.z] = out.digests[out.z]  # re-aligned on this data
             # changed in place during the job (z too): as if after it
             left = (self.changed.get(source, set()) - {out.z}) | set(edited)
             if left:
@@ -1130,8 +1135,9 @@ class AlignWidget(QWidget):
                                if getattr(sec, "placed_again", False) else "")
                             + (f" {self._stale_text(job, source)} meanwhile: not kept."
                                if job.get("stale") else "")
-                            + (" " + self._changed_text(source).replace("since Align",
-                                                                         "during the run")
+                            + (" " + self._changed_text(source).replace(
+                                   "since Align", "during the run"
+                                   if set(edited) <= set(out.edited) else "since Align")
                                if keep and edited else "")
                             + (" The NCC went down; the section is kept as re-aligned: "
                                "press Undo to go back, or re-align it with other parameters."

@@ -908,6 +908,15 @@ def test_sections_edited_in_place_during_a_realign_are_marked_changed(
         yield first
         return (yield from gen)
 
+    # an edit between runs is found by the next Re-align (of another section)
+    layer.data[5] = layer.data[5][::-1].copy()
+    viewer.dims.set_current_step(0, 2)
+    assert run_and_wait(qtbot, widget, widget.realign) == "done", error_messages()
+    assert widget.changed["em"] == {5}
+    assert "Section 5 of 'em' changed since Align" in widget.status.text()
+    viewer.dims.set_current_step(0, 5)  # and the edited section re-aligned is set right
+    assert run_and_wait(qtbot, widget, widget.realign) == "done", error_messages()
+    assert "em" not in widget.changed and widget.save_btn.isEnabled()
     viewer.dims.set_current_step(0, 2)
     for edit, kept in [((2, 4), True), ((0,), False)]:  # 0: the reference
         held.clear()

@@ -101,8 +101,8 @@ class SectionOutcome:
     params: AlignParams
     seconds: float
     result: AlignmentResult | None = None
-    # section z as the job began; ``edited``: the sections changed in place meanwhile
-    digest: bytes = b""
+    # of the sections as the job began; ``edited``: those changed in place meanwhile
+    digests: list[bytes] = field(default_factory=list)
     edited: list[int] = field(default_factory=list)
 
 
@@ -321,7 +321,7 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
         yield Progress("metrics", 1, 1, "local NCC error map")
         return SectionOutcome(z, section, aligned, valid, displacement, error, ncc_before,
                               ncc_after, flags, params, time.perf_counter() - t0, result,
-                              digests[z], edited)
+                              digests, edited)
     except AlignmentCancelled:
         return Cancelled()
     except Exception as exc:
