@@ -533,7 +533,15 @@ class AlignWidget(QWidget):
             res_layer = L.find_result_layer(self.viewer, layer.name, L.ROLE_ALIGNED)
             if res_layer is not None:
                 meta = res_layer.metadata.get(L.META_KEY)
-        if meta:
+        count = len(meta.get("ncc_after") or ()) if meta else 0
+        shape = getattr(layer.data, "shape", None) if layer is not None else None
+        if count and shape and count != shape[0]:
+            # the stack was replaced by one of another length since: the curves were of
+            # other sections, and the cursor ran past them
+            self.plot.set_data(None, None, None, empty_text=(
+                f"the result layers are from a stack of {count} sections; this one has "
+                f"{shape[0]}: press Align"))
+        elif meta:
             self.plot.set_data(meta.get("ncc_before"), meta.get("ncc_after"), meta.get("flags"))
         else:
             self.plot.set_data(None, None, None)

@@ -419,6 +419,21 @@ def test_a_few_sections_replaced_in_the_layer_keep_the_result_for_re_align(
     assert "em" not in widget.results and "no longer applies" in widget.status.text()
 
 
+def test_the_plot_does_not_show_a_result_of_a_stack_of_another_length(
+        qtbot, viewer_widget):
+    # the curves of the old layers stayed, for sections the new stack does not have
+    viewer, widget = viewer_widget
+    layer = viewer.add_image(make_stack(z=4, size=96), name="em")
+    set_fast(widget)
+    assert run_and_wait(qtbot, widget, widget.align) == "done", error_messages()
+    assert widget.plot.n_sections() == 4
+    layer.data = make_stack(z=6, size=96, seed=1)
+    assert widget.plot.n_sections() == 0
+    assert "stack of 4 sections; this one has 6" in widget.plot.empty_text
+    assert run_and_wait(qtbot, widget, widget.align) == "done", error_messages()
+    assert widget.plot.n_sections() == 6
+
+
 def test_undo_puts_back_the_result_from_before_a_realign(qtbot, viewer_widget, stack,
                                                         tmp_path):
     viewer, widget = viewer_widget

@@ -32,6 +32,7 @@ class NccPlot(QWidget):
         self.before = np.zeros(0)
         self.after = np.zeros(0)
         self.flags: list[str] = []
+        self.empty_text = "no alignment yet"
         self.current: int | None = None
         # 130 px when there is room, down to 90 when the dock area is short (the Apply
         # panel open on a small screen): a fixed height made the panel overlap itself
@@ -48,12 +49,14 @@ class NccPlot(QWidget):
         return QSize(super().sizeHint().width(), 130)
 
     def set_data(self, before: Sequence[float | None] | None,
-                 after: Sequence[float | None] | None, flags: Sequence[str] | None = None
-                 ) -> None:
-        """Show new curves (None / NaN entries leave gaps)."""
+                 after: Sequence[float | None] | None, flags: Sequence[str] | None = None,
+                 *, empty_text: str = "no alignment yet") -> None:
+        """Show new curves (None / NaN entries leave gaps); ``empty_text`` is shown when
+        there are none."""
         self.before = _arr(before)
         self.after = _arr(after)
         self.flags = list(flags or [])
+        self.empty_text = empty_text
         self.update()
 
     def set_current(self, z: int | None) -> None:
@@ -111,7 +114,8 @@ class NccPlot(QWidget):
         p.drawText(QRectF(-20, -8, 40, 14), Qt.AlignCenter, "NCC")
         p.restore()
         if n == 0:
-            p.drawText(rect, Qt.AlignCenter, "no alignment yet")
+            p.drawText(rect.adjusted(4, 0, -4, 0), Qt.AlignCenter | Qt.TextWordWrap,
+                       self.empty_text)
             p.end()
             return
         p.drawText(QRectF(rect.left(), rect.bottom() + 2, 40, 14), Qt.AlignLeft, "0")
