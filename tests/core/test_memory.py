@@ -132,3 +132,40 @@ def test_other_runtime_errors_pass_through(small, monkeypatch):
     monkeypatch.setattr(fit, "fit_stack", boom)
     with pytest.raises(RuntimeError, match="something else"):
         align_stack(small, **FAST)
+
+
+def _faults_of_a_fresh_block(mb: int = 96) -> int:
+    """Minor page faults of allocating, filling and freeing a block of ``mb`` MB."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = np.empty(mb << 18, np.float32)  # bigger than glibc's largest mmap threshold
+    block.fill(1.0)
+    del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(memory._mallopt() is None, reason="glibc only")
+def test_a_run_keeps_freed_memory_for_reuse_and_gives_it_back_at_its_end(monkeypatch):
+    # every large block the fit freed went back to the system and was zeroed again on next
+    # use: as much time in the kernel as in torch
+    monkeypatch.setattr(memory, "available_bytes", lambda: 64 << 30)
+    fresh = _faults_of_a_fresh_block()  # one per page (or per 2 MB huge page)
+    assert fresh >= 40
+    with memory.kept_heap((2, 64, 64)) as kept:
+        assert kept
+        with memory.kept_heap((2, 64, 64)):  # nested: the outer one keeps the setting
+            _faults_of_a_fresh_block()
+        _faults_of_a_fresh_block()
+        assert _faults_of_a_fresh_block() < fresh / 5  # reused
+    assert _faults_of_a_fresh_block() > fresh / 2  # handed back again
+    # not with little free memory, nor when switched off
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)
+    with memory.kept_heap((2, 64, 64)) as kept:
+        assert not kept
+        _faults_of_a_fresh_block()
+        assert _faults_of_a_fresh_block() > fresh / 2
+    monkeypatch.setattr(memory, "available_bytes", lambda: 64 << 30)
+    monkeypatch.setenv(memory.KEEP_HEAP_ENV, "0")
+    with memory.kept_heap((2, 64, 64)) as kept:
+        assert not kept
