@@ -38,9 +38,10 @@ SKIP_ENV = "NAPARI_SSEMNET_SKIP_MEMORY_CHECK"
 """Set to 1 to skip the check (e.g. with swap the estimate does not know about)."""
 KEEP_HEAP_ENV = "NAPARI_SSEMNET_KEEP_HEAP"
 """Set to 0 to leave the C allocator's settings alone during a run (see :func:`kept_heap`)."""
-KEEP_HEAP_HEADROOM = 1.6
+KEEP_HEAP_HEADROOM = 2.0
 """Free memory, in multiples of the estimate, above which a run keeps freed memory: kept, the
-peak was up to 1.45 times that of the same run without (benchmarks/bench_heap.py)."""
+memory a run added at its peak was up to 1.6 times the estimate (30 x 512^2 in a worker
+thread, 1.8 times the same run without; benchmarks/bench_heap.py)."""
 
 
 def estimate_peak_bytes(shape: tuple[int, int, int], binning: int = 1) -> int:
