@@ -211,7 +211,7 @@ def kept_heap(shape: tuple[int, int, int], binning: int = 1) -> Iterator[bool]:
     (``malloc_trim``).
 
     Yields whether the settings were changed: not when ``NAPARI_SSEMNET_KEEP_HEAP=0``, off
-    glibc, or when the free memory is under :data:`KEEP_HEAP_HEADROOM` times the estimate
+    glibc, or when the free memory is unknown or under :data:`KEEP_HEAP_HEADROOM` times the estimate
     for ``shape`` at ``binning`` (kept memory raises the peak). Nested and concurrent runs
     share one setting; the last one to end restores it.
     """
@@ -220,7 +220,8 @@ def kept_heap(shape: tuple[int, int, int], binning: int = 1) -> Iterator[bool]:
     mallopt = _mallopt() if use else None
     if mallopt is not None:
         free = available_bytes()
-        use = free is None or free >= KEEP_HEAP_HEADROOM * estimate_peak_bytes(shape, binning)
+        use = (free is not None
+               and free >= KEEP_HEAP_HEADROOM * estimate_peak_bytes(shape, binning))
     use = use and mallopt is not None
     if use:
         with _heap_lock:
