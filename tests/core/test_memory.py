@@ -145,7 +145,7 @@ def _faults_of_a_fresh_block(mb: int = 96) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
-@pytest.mark.skipif(memory._mallopt() is None, reason="glibc only")
+@pytest.mark.skipif(memory._libc("mallopt") is None, reason="glibc only")
 def test_a_run_keeps_freed_memory_for_reuse_and_gives_it_back_at_its_end(monkeypatch):
     # every large block the fit freed went back to the system and was zeroed again on next
     # use: as much time in the kernel as in torch

@@ -182,7 +182,7 @@ def release_freed_memory() -> None:
     retained heap grew with the number of blocks (44 x 1024^2 in blocks of 8: 581 -> 794 MB
     at the block starts), where trimming before each block kept it at 363 MB.
     """
-    trim = _malloc_trim()
+    trim = _libc("malloc_trim")
     if trim is not None:
         trim(0)
 
@@ -211,18 +211,14 @@ def kept_heap(shape: tuple[int, int, int], binning: int = 1) -> Iterator[bool]:
     (``malloc_trim``).
 
     Yields whether the settings were changed: not when ``NAPARI_SSEMNET_KEEP_HEAP=0``, off
-    glibc, or when the free memory is unknown or under :data:`KEEP_HEAP_HEADROOM` times the estimate
-    for ``shape`` at ``binning`` (kept memory raises the peak). Nested and concurrent runs
-    share one setting; the last one to end restores it.
+    glibc, or when the free memory is unknown or under :data:`KEEP_HEAP_HEADROOM` times
+    the estimate for ``shape`` at ``binning`` (kept memory raises the peak). Nested and
+    concurrent runs share one setting; the last one to end restores it.
     """
     global _heap_users
-    use = os.environ.get(KEEP_HEAP_ENV, "1") != "0"
-    mallopt = _mallopt() if use else None
-    if mallopt is not None:
-        free = available_bytes()
-        use = (free is not None
-               and free >= KEEP_HEAP_HEADROOM * estimate_peak_bytes(shape, binning))
-    use = use and mallopt is not None
+    mallopt = _libc("mallopt") if os.environ.get(KEEP_HEAP_ENV, "1") != "0" else None
+    free = available_bytes() if mallopt is not None else None
+    use = free is not None and free >= KEEP_HEAP_HEADROOM * estimate_peak_bytes(shape, binning)
     if use:
         with _heap_lock:
             if _heap_users == 0:
@@ -243,25 +239,14 @@ def kept_heap(shape: tuple[int, int, int], binning: int = 1) -> Iterator[bool]:
 
 
 @functools.cache
-def _mallopt() -> Any:
+def _libc(name: str) -> Any:
+    """The C library's function ``name``, or None (not glibc, or not found)."""
     try:
         import ctypes
         import ctypes.util
 
-        name = ctypes.util.find_library("c")
-        return getattr(ctypes.CDLL(name), "mallopt", None) if name else None
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        return None
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    try:
-        import ctypes
-        import ctypes.util
-
-        name = ctypes.util.find_library("c")
-        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+        lib = ctypes.util.find_library("c")
+        return getattr(ctypes.CDLL(lib), name, None) if lib else None
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         return None
 
