@@ -404,7 +404,7 @@ class AlignWidget(QWidget):
         if (result is None or not digests or not isinstance(data, np.ndarray)
                 or data.shape != result.aligned.shape or data.nbytes > CHANGE_CHECK_BYTES):
             return None
-        changed = [z for z, d in enumerate(jobs.section_digests(data)) if d != digests[z]]
+        changed = jobs.changed_sections(data, digests)
         return changed if _result_holds(changed, result.params.reference, len(digests)) \
             else None
 
@@ -716,7 +716,7 @@ class AlignWidget(QWidget):
         error = self._errors.get(layer.name) if base is not None else None
         self._start(kind, _read_then,
                     functools.partial(jobs.section_job, ignore=_mask_data(mask),
-                                      base_error=error),
+                                      base_error=error, fingerprint=kind == "realign"),
                     stack, layer.name, z, params, base, source=layer.name,
                     shape=tuple(stack.shape), params=params, z=z, dtype=str(stack.dtype),
                     ignore=None if mask is None else mask.name)
@@ -1092,9 +1092,9 @@ class AlignWidget(QWidget):
         # changed in place during the job, or since the run (other than z, which was
         # re-aligned on the data it had as the job began)
         stored = self._digests.get(source) or []
-        since = [k for k, (a, b) in enumerate(zip(out.digests, stored, strict=False))
-                 if a != b and k != out.z] if len(stored) == len(out.digests) else []
-        edited = sorted(set(out.edited) | set(since))
+        since = ({k for k, (a, b) in enumerate(zip(out.digests, stored, strict=True)) if a != b}
+                 - {out.z} if len(stored) == len(out.digests) else set())
+        edited = sorted(set(out.edited) | since)
         if commit and edited and not job.get("stale") and not _result_holds(
                 sorted(set(self.changed.get(source, ())) | set(edited)),
                 out.result.params.reference, len(out.aligned)):

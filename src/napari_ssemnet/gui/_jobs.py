@@ -79,6 +79,12 @@ def section_digests(stack: np.ndarray) -> list[bytes]:
     return [section_digest(stack[z]) for z in range(stack.shape[0])]
 
 
+def changed_sections(stack: np.ndarray, digests: list[bytes]) -> list[int]:
+    """The sections of ``stack`` whose data differ from the fingerprints ``digests`` (of a
+    stack of the same length)."""
+    return [z for z, d in enumerate(section_digests(stack)) if d != digests[z]]
+
+
 @dataclass
 class SectionOutcome:
     """One section (re-)aligned, merged into a full-stack picture.
@@ -150,7 +156,7 @@ def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event, *,
         yield Progress("metrics", 0, 1, "local NCC error map")
         tissue = _tissue_stack(result.valid, stack, result.displacement, ignore, stop)
         error = local_ncc_error(result.aligned, tissue, flags=result.flags)
-        edited = [z for z, d in enumerate(section_digests(stack)) if d != digests[z]]
+        edited = changed_sections(stack, digests)
         yield Progress("metrics", 1, 1, "local NCC error map")
         return AlignOutcome(result, error, digests, edited)
     except AlignmentCancelled:
@@ -240,11 +246,13 @@ def _skip_ncc(aligned: np.ndarray, valid: np.ndarray, stack: np.ndarray,
 
 def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentResult | None,
                 stop: threading.Event, *, ignore: Any = None,
-                base_error: np.ndarray | None = None) -> Generator[Any, None, Any]:
+                base_error: np.ndarray | None = None, fingerprint: bool = True
+                ) -> Generator[Any, None, Any]:
     """Align section ``z`` only (neighbours fixed at ``base`` or identity; ``ignore`` as
     for ``align_stack``). ``base_error`` is ``base``'s NCC error map (Z, H, W): then only the
     maps that section ``z`` takes part in are computed again (the whole map took 13 s for
-    20 x 1024^2 here).
+    20 x 1024^2 here). ``fingerprint``: record the sections' fingerprints as the job starts,
+    and which changed in place by its end (a Re-align, whose result is kept).
 
     Returns :class:`SectionOutcome`, :class:`Cancelled` or :class:`Failure`.
     """
@@ -252,7 +260,8 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
         from ..core.align import USABLE_FLAGS, flag_poor_links, iter_align_section
 
         t0 = time.perf_counter()
-        digests = section_digests(stack)  # an in-place edit meanwhile sends no napari event
+        # an in-place edit meanwhile sends no napari event; a Preview keeps nothing to check
+        digests = section_digests(stack) if fingerprint else []
         previous = None if base is None else base.displacement
         section = yield from throttled(iter_align_section(
             stack, z, params, previous_displacement=previous, should_stop=stop.is_set,
@@ -317,7 +326,7 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
         else:
             error = local_ncc_error(aligned, _tissue_stack(valid, stack, displacement, ignore,
                                                            stop), flags=flags)
-        edited = [k for k, d in enumerate(section_digests(stack)) if d != digests[k]]
+        edited = changed_sections(stack, digests) if fingerprint else []
         yield Progress("metrics", 1, 1, "local NCC error map")
         return SectionOutcome(z, section, aligned, valid, displacement, error, ncc_before,
                               ncc_after, flags, params, time.perf_counter() - t0, result,

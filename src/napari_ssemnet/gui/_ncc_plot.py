@@ -14,6 +14,7 @@ BEFORE_COLOR = QColor(150, 150, 150)
 AFTER_COLOR = QColor(255, 160, 40)
 CURRENT_COLOR = QColor(90, 170, 255)
 FLAG_COLOR = QColor(230, 60, 60)
+NO_DATA_TEXT = "no alignment yet"
 HEADER = 20
 """Pixels above the plot frame for the current section's readout and the legend."""
 
@@ -32,7 +33,7 @@ class NccPlot(QWidget):
         self.before = np.zeros(0)
         self.after = np.zeros(0)
         self.flags: list[str] = []
-        self.empty_text = "no alignment yet"
+        self.empty_text = NO_DATA_TEXT
         self.current: int | None = None
         # 130 px when there is room, down to 90 when the dock area is short (the Apply
         # panel open on a small screen): a fixed height made the panel overlap itself
@@ -50,7 +51,7 @@ class NccPlot(QWidget):
 
     def set_data(self, before: Sequence[float | None] | None,
                  after: Sequence[float | None] | None, flags: Sequence[str] | None = None,
-                 *, empty_text: str = "no alignment yet") -> None:
+                 *, empty_text: str = NO_DATA_TEXT) -> None:
         """Show new curves (None / NaN entries leave gaps); ``empty_text`` is shown when
         there are none."""
         self.before = _arr(before)
