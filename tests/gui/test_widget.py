@@ -248,9 +248,13 @@ def test_an_ignore_mask_layer_is_left_out_as_the_api_leaves_it_out(qtbot, viewer
     assert widget.ignore_combo.count() == 1
 
 
-def test_blockwise_align_from_the_widget_matches_the_api(qtbot, viewer_widget):
+@pytest.mark.parametrize("in_process", [False, True], ids=["thread", "child-process"])
+def test_blockwise_align_from_the_widget_matches_the_api(qtbot, viewer_widget, monkeypatch,
+                                                         in_process):
     from napari_ssemnet.core.align import align_stack
 
+    # large stacks run in a child process (core.process); the result must be the same
+    monkeypatch.setenv("NAPARI_SSEMNET_PROCESS", "1" if in_process else "0")
     viewer, widget = viewer_widget
     stack = make_stack(z=7)
     viewer.add_image(stack, name="em")
@@ -489,7 +493,9 @@ def test_undo_puts_back_the_result_from_before_a_realign(qtbot, viewer_widget, s
     assert not widget.undo_btn.isEnabled() and "em2" not in widget._undo
 
 
-def test_cancel_stops_quickly_and_restores(qtbot, viewer_widget):
+@pytest.mark.parametrize("in_process", [False, True], ids=["thread", "child-process"])
+def test_cancel_stops_quickly_and_restores(qtbot, viewer_widget, monkeypatch, in_process):
+    monkeypatch.setenv("NAPARI_SSEMNET_PROCESS", "1" if in_process else "0")
     viewer, widget = viewer_widget
     big = make_stack(z=6, size=160, seed=1)
     viewer.add_image(big, name="em")

@@ -59,6 +59,7 @@ CHILD_PROGRESS_INTERVAL = 0.05
 """Seconds between progress frames from the child (the parent throttles them again)."""
 
 _POLL = 0.05  # seconds between the parent's looks at should_stop while it waits
+_EXIT_WAIT = 5.0  # seconds a child that has sent its result gets to exit by itself
 _TAIL = 40  # lines of the child's stderr kept for the message when it dies
 
 
@@ -143,6 +144,7 @@ def iter_align_stack_in_process(
     del job  # the writer thread holds the copy until the child has it
     for t in threads:
         t.start()
+    finished = False  # the child said its last word: let it end on its own
     try:
         while True:
             if should_stop is not None and should_stop():
@@ -152,6 +154,7 @@ def iter_align_stack_in_process(
             except queue.Empty:
                 continue
             kind = frame[0]
+            finished = kind != "event"
             if kind == "event":
                 yield frame[1]
             elif kind == "result":
@@ -165,12 +168,18 @@ def iter_align_stack_in_process(
                 raise exc
             else:  # the child's stdout ended without a last frame
                 code = proc.wait()
-                threads[2].join(timeout=2.0)
+                threads[2].join(timeout=1.0)
                 raise _died(code, list(tail))
     finally:
-        if proc.poll() is None:
+        if finished:
+            try:
+                proc.wait(timeout=_EXIT_WAIT)
+            except subprocess.TimeoutExpired:
+                pass
+        if proc.poll() is None:  # stopped, closed, or hanging after its result
             proc.kill()
         proc.wait()
+        threads[2].join(timeout=1.0)  # its last lines reach stderr before we return
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             try:
                 stream.close()

@@ -34,6 +34,7 @@ from ..core.align import (
 )
 from ..core.errors import AlignmentCancelled
 from ..core.params import AlignParams
+from ..core.process import iter_align_stack_in_process, use_process
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +149,14 @@ def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event, *,
               ignore: Any = None) -> Generator[Any, None, Any]:
     """Full-stack alignment (``ignore``: a mask of what to leave out, as for
     ``align_stack``); returns :class:`AlignOutcome`, :class:`Cancelled` or
-    :class:`Failure`."""
+    :class:`Failure`. Runs in a child process when :func:`core.process.use_process` says
+    so (large stacks on Linux, or ``NAPARI_SSEMNET_PROCESS=1``)."""
     try:
         digests = section_digests(stack)  # which sections a later change of the layer touches
-        result = yield from throttled(iter_align_stack(stack, params, should_stop=stop.is_set,
-                                                       ignore=ignore))
+        # large stacks run faster in a child process's main thread (core.process)
+        run = iter_align_stack_in_process if use_process(stack.shape) else iter_align_stack
+        result = yield from throttled(run(stack, params, should_stop=stop.is_set,
+                                          ignore=ignore))
         yield Progress("metrics", 0, 1, "local NCC error map")
         tissue = _tissue_stack(result.valid, stack, result.displacement, ignore, stop)
         error = local_ncc_error(result.aligned, tissue, flags=result.flags)
