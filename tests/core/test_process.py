@@ -21,13 +21,18 @@ from napari_ssemnet.core.errors import (
 
 GUI_MODULES = ("napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui")
 
-# the child as usual, plus a line at its exit naming any GUI module it imported
+# the child as usual, plus a line at its exit (os._exit) naming any GUI module it imported
 _REPORTING_CHILD = [
     sys.executable, "-c",
-    "import atexit, runpy, sys\n"
+    "import os, runpy, sys\n"
     f"gui = {GUI_MODULES!r}\n"
-    "atexit.register(lambda: sys.__stderr__.write('GUI-MODULES:' + ','.join("
-    "m for m in gui if m in sys.modules) + '\\n'))\n"
+    "real_exit = os._exit\n"
+    "def report(code):\n"
+    "    sys.__stderr__.write('GUI-MODULES:' + ','.join(m for m in gui if m in sys.modules)"
+    " + '\\n')\n"
+    "    sys.__stderr__.flush()\n"
+    "    real_exit(code)\n"
+    "os._exit = report\n"
     "runpy.run_module('napari_ssemnet.core.process', run_name='__main__', alter_sys=True)\n",
 ]
 
@@ -138,3 +143,15 @@ def test_use_process_follows_the_setting(monkeypatch):
     assert not process.use_process((4, 256, 256))
     glibc = sys.platform.startswith("linux") and memory._libc("mallopt") is not None
     assert process.use_process(big) == glibc
+
+
+def test_the_child_finds_a_source_tree_but_site_packages_stays_in_its_place(monkeypatch):
+    import os
+    import site
+
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.setattr(process, "__file__", "/some/tree/src/napari_ssemnet/core/process.py")
+    assert process._child_env()["PYTHONPATH"] == os.path.realpath("/some/tree/src")
+    installed = os.path.join(site.getsitepackages()[0], "napari_ssemnet", "core", "process.py")
+    monkeypatch.setattr(process, "__file__", installed)
+    assert "PYTHONPATH" not in process._child_env()
