@@ -141,8 +141,16 @@ def test_use_process_follows_the_setting(monkeypatch):
     assert not process.use_process(big)
     monkeypatch.setenv(process.PROCESS_ENV, "auto")
     assert not process.use_process((4, 256, 256))
+    assert not process.use_process((4096, 4096))  # not a stack: the usual checks say so
     glibc = sys.platform.startswith("linux") and memory._libc("mallopt") is not None
+    monkeypatch.setattr(memory, "available_bytes", lambda: 64 << 30)
     assert process.use_process(big) == glibc
+    # without room for the kept heap (where the gain comes from) the thread stays
+    need = memory.KEEP_HEAP_HEADROOM * memory.estimate_peak_bytes(big, 1)
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(need) - 1)
+    assert not process.use_process(big)
+    monkeypatch.setattr(memory, "available_bytes", lambda: None)
+    assert not process.use_process(big)
 
 
 def test_the_child_finds_a_source_tree_but_site_packages_stays_in_its_place(monkeypatch):

@@ -63,23 +63,30 @@ _EXIT_WAIT = 5.0  # seconds a child that has sent its result gets to exit by its
 _TAIL = 40  # lines of the child's stderr kept for the message when it dies
 
 
-def use_process(shape: tuple[int, ...]) -> bool:
-    """Whether a run on a stack of ``shape`` should go to a child process.
+def use_process(shape: tuple[int, int, int], binning: int = 1) -> bool:
+    """Whether a run on a stack of ``shape``, fitted at ``binning``, should go to a child
+    process.
 
     ``NAPARI_SSEMNET_PROCESS=1`` or ``0`` decide. Otherwise only on Linux with glibc (where
     the worker thread's arena is what costs time), not in a frozen application (its
-    ``sys.executable`` is not a Python), and for stacks of at least
-    :data:`PROCESS_MIN_PIXELS` pixels.
+    ``sys.executable`` is not a Python), for stacks of at least :data:`PROCESS_MIN_PIXELS`
+    pixels, and when the child would keep its freed memory (:func:`memory.kept_heap`: twice
+    the run's estimate free), which is where its gain comes from; the child also holds a
+    second copy of the stack and of the result.
     """
     setting = os.environ.get(PROCESS_ENV, "auto").strip().lower()
     if setting in ("1", "yes", "true", "on"):
         return True
     if setting in ("0", "no", "false", "off"):
         return False
-    from .memory import _libc
+    from .memory import KEEP_HEAP_HEADROOM, _libc, available_bytes, estimate_peak_bytes
 
-    return (sys.platform.startswith("linux") and not getattr(sys, "frozen", False)
-            and _libc("mallopt") is not None and int(np.prod(shape)) >= PROCESS_MIN_PIXELS)
+    if (len(shape) != 3 or not sys.platform.startswith("linux") or getattr(sys, "frozen", False)
+            or _libc("mallopt") is None or int(np.prod(shape)) < PROCESS_MIN_PIXELS):
+        return False
+    free = available_bytes()
+    return free is not None and free >= KEEP_HEAP_HEADROOM * estimate_peak_bytes(
+        tuple(shape), binning)
 
 
 def child_command() -> list[str]:

@@ -154,7 +154,8 @@ def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event, *,
     try:
         digests = section_digests(stack)  # which sections a later change of the layer touches
         # large stacks run faster in a child process's main thread (core.process)
-        run = iter_align_stack_in_process if use_process(stack.shape) else iter_align_stack
+        in_child = use_process(stack.shape, params.fit_binning)
+        run = iter_align_stack_in_process if in_child else iter_align_stack
         result = yield from throttled(run(stack, params, should_stop=stop.is_set,
                                           ignore=ignore))
         yield Progress("metrics", 0, 1, "local NCC error map")
