@@ -166,3 +166,28 @@ def test_local_ncc_and_field_stats_refuse_what_they_cannot_measure():
     with pytest.raises(InputError, match="valid has shape"):
         metrics.field_stats(disp, np.ones((32, 32), bool))
     assert metrics.field_stats(disp, np.ones((3, 32, 32), np.uint8))["max"] == 0.0
+
+
+def _local_ncc_by_definition(a: np.ndarray, b: np.ndarray, sigma: float) -> np.ndarray:
+    """The local NCC in float64 with the separable numpy blur (the former implementation)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    blur = metrics._gauss_blur
+    ma, mb = blur(a, sigma), blur(b, sigma)
+    va, vb, cov = blur(a * a, sigma) - ma * ma, blur(b * b, sigma) - mb * mb, \
+        blur(a * b, sigma) - ma * mb
+    floor = 1e-4 * max(float(np.mean(np.maximum(va, 0))), float(np.mean(np.maximum(vb, 0))))
+    return np.clip(cov / np.sqrt(np.maximum(va, floor) * np.maximum(vb, floor)), -1, 1)
+
+
+def test_local_ncc_matches_its_definition_on_real_em_whatever_the_intensity_scale():
+    a, b = em(slice(0, 2), 200)
+    want = _local_ncc_by_definition(a, b, 8.0)
+    got = metrics.local_ncc(a, b, 8.0)  # the FFT path (the image is wider than 3 sigma)
+    assert got.dtype == np.float32 and got.shape == a.shape
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    # uint16-like values with an offset: float32 moments of raw values would cancel badly
+    np.testing.assert_allclose(metrics.local_ncc(a * 900.0 + 30000.0, b, 8.0), want, atol=1e-4)
+    # an image narrower than the window's reach takes the numpy path
+    small_a, small_b = a[:20, :20], b[:20, :20]
+    np.testing.assert_allclose(metrics.local_ncc(small_a, small_b, 8.0),
+                               _local_ncc_by_definition(small_a, small_b, 8.0), atol=1e-6)
