@@ -163,3 +163,57 @@ def test_the_child_finds_a_source_tree_but_site_packages_stays_in_its_place(monk
     installed = os.path.join(site.getsitepackages()[0], "napari_ssemnet", "core", "process.py")
     monkeypatch.setattr(process, "__file__", installed)
     assert "PYTHONPATH" not in process._child_env()
+
+
+_PARENT_SCRIPT = """
+import subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from emtools import FAST, em
+from napari_ssemnet.core import process
+from napari_ssemnet.core.align import Progress
+
+class Told(subprocess.Popen):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        print("CHILD", self.pid, flush=True)
+
+process.subprocess.Popen = Told
+for ev in process.iter_align_stack_in_process(em(slice(0, 4), 96),
+                                              **{**FAST, "iterations": 10000, "tolerance": 0.0}):
+    if isinstance(ev, Progress) and ev.stage.startswith("fit"):
+        print("FITTING", flush=True)
+        input()  # wait to be killed
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            state = next(ln for ln in f if ln.startswith("State:"))
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return " Z " not in state and "zombie" not in state
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_child_ends_when_its_parent_is_killed(tmp_path):
+    import os
+    import time
+    from pathlib import Path
+
+    # napari killed or crashed mid-run: the child must not run on alone
+    here = str(Path(__file__).resolve().parent)
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT_SCRIPT, here],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline().split()[1])
+        assert parent.stdout.readline().strip() == "FITTING"
+        assert _running(child)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(child)
+    finally:
+        parent.kill()
