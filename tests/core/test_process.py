@@ -113,15 +113,31 @@ def test_a_child_killed_by_sigkill_reads_as_out_of_memory(small, monkeypatch):
         run_generator(process.iter_align_stack_in_process(small, **FAST), None)
 
 
-def test_a_child_that_dies_says_how_and_what_it_last_wrote(small, monkeypatch):
+def test_a_child_that_dies_mid_run_says_how_and_what_it_last_wrote(small, monkeypatch):
     monkeypatch.setattr(process, "child_command", lambda: [
         sys.executable, "-c",
-        "import os, sys; sys.stderr.write('libfoo: no space left on device\\n'); "
-        "sys.stderr.flush(); os._exit(3)"])
+        "import os, pickle, sys\n"
+        "from napari_ssemnet.core.align import Progress\n"
+        "pickle.dump(('event', Progress('prepare', 0, 1)), sys.stdout.buffer)\n"
+        "sys.stdout.flush()\n"
+        "sys.stderr.write('libfoo: no space left on device\\n')\n"
+        "sys.stderr.flush()\n"
+        "os._exit(3)\n"])
     with pytest.raises(SsemnetError, match="exit status 3") as info:
         run_generator(process.iter_align_stack_in_process(small, **FAST), None)
     assert "no space left on device" in str(info.value)
-    assert not isinstance(info.value, MemoryLimitError)
+    assert "napari and its layers are not affected" in str(info.value)
+    assert not isinstance(info.value, MemoryLimitError | process.ChildStartError)
+
+
+@pytest.mark.parametrize("command", [
+    ["/nonexistent/python"],
+    [sys.executable, "-c", "import sys; sys.exit('No module named napari_ssemnet')"],
+], ids=["missing-interpreter", "exits-before-its-first-report"])
+def test_a_child_that_does_not_start_is_told_apart(small, monkeypatch, command):
+    monkeypatch.setattr(process, "child_command", lambda: list(command))
+    with pytest.raises(process.ChildStartError):
+        run_generator(process.iter_align_stack_in_process(small, **FAST), None)
 
 
 def test_bad_input_is_refused_before_a_child_starts(monkeypatch):

@@ -175,3 +175,23 @@ def test_a_section_placed_again_is_judged_by_its_new_placement():
     env = out.result.environment
     assert {k: v for k, v in env.items() if k != "re_aligned"} == r.environment
     assert env["re_aligned"]["4"]["device"] == "cpu" and "date" in env["re_aligned"]["4"]
+
+
+def test_align_job_falls_back_to_the_thread_when_the_child_cannot_start(monkeypatch, caplog):
+    import threading
+
+    from conftest import FAST, make_stack
+
+    from napari_ssemnet.core import process
+    from napari_ssemnet.core.align import align_stack
+    from napari_ssemnet.core.params import AlignParams
+    from napari_ssemnet.gui import _jobs as jobs
+
+    stack = make_stack(z=4)
+    monkeypatch.setenv(process.PROCESS_ENV, "1")
+    monkeypatch.setattr(process, "child_command", lambda: ["/nonexistent/python"])
+    outcome = run_generator(jobs.align_job(stack, AlignParams(**FAST), threading.Event()), None)
+    assert isinstance(outcome, jobs.AlignOutcome), outcome
+    np.testing.assert_array_equal(outcome.result.displacement,
+                                  align_stack(stack, **FAST).displacement)
+    assert "worker thread instead" in caplog.text

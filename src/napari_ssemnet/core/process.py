@@ -63,6 +63,11 @@ _EXIT_WAIT = 5.0  # seconds a child that has sent its result gets to exit by its
 _TAIL = 40  # lines of the child's stderr kept for the message when it dies
 
 
+class ChildStartError(SsemnetError):
+    """The child process could not be started, or ended before its first report (e.g. its
+    Python cannot import this package); the caller may run the alignment in-process."""
+
+
 def use_process(shape: tuple[int, int, int], binning: int = 1) -> bool:
     """Whether a run on a stack of ``shape``, fitted at ``binning``, should go to a child
     process.
@@ -135,8 +140,9 @@ def iter_align_stack_in_process(
         The child's own errors come back as they were raised there (``InputError``,
         ``MemoryLimitError``, ...). A child that dies without a result gives a
         :class:`MemoryLimitError` when it was killed with SIGKILL (on Linux most often the
-        out-of-memory killer), otherwise an :class:`SsemnetError` with its exit status and
-        the last lines it wrote.
+        out-of-memory killer), a :class:`ChildStartError` when it could not be started or
+        ended otherwise before its first report, and else an :class:`SsemnetError` with its
+        exit status and the last lines it wrote.
     """
     arr = check_stack(stack)
     mask = check_ignore(ignore, arr.shape)
@@ -146,8 +152,12 @@ def iter_align_stack_in_process(
     job = {"stack": np.ascontiguousarray(arr),
            "ignore": None if mask is None else np.ascontiguousarray(mask), "params": params}
     yield Progress("prepare", 0, 1, "starting the alignment process")
-    proc = subprocess.Popen(child_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=_child_env())
+    try:
+        proc = subprocess.Popen(child_command(), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=_child_env())
+    except OSError as exc:
+        raise ChildStartError(f"Could not start the alignment process ({exc}).") from None
     frames: queue.Queue = queue.Queue()
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL)
     threads = [threading.Thread(target=_send_job, args=(proc, job), daemon=True),
@@ -157,6 +167,7 @@ def iter_align_stack_in_process(
     for t in threads:
         t.start()
     finished = False  # the child said its last word: let it end on its own
+    heard = False  # any frame yet: a child that dies before one did not start
     try:
         while True:
             if should_stop is not None and should_stop():
@@ -167,6 +178,7 @@ def iter_align_stack_in_process(
                 continue
             kind = frame[0]
             finished = kind != "event"
+            heard = heard or kind != "ended"
             if kind == "event":
                 yield frame[1]
             elif kind == "result":
@@ -181,7 +193,7 @@ def iter_align_stack_in_process(
             else:  # the child's stdout ended without a last frame
                 code = proc.wait()
                 threads[2].join(timeout=1.0)
-                raise _died(code, list(tail))
+                raise _died(code, list(tail), started=heard)
     finally:
         if finished:
             try:
@@ -229,7 +241,7 @@ def _relay_stderr(stream: Any, tail: collections.deque[str]) -> None:
             pass
 
 
-def _died(code: int, tail: list[str]) -> SsemnetError:
+def _died(code: int, tail: list[str], *, started: bool = True) -> SsemnetError:
     if code < 0:
         try:
             how = f"was killed by signal {signal.Signals(-code).name}"
@@ -244,6 +256,9 @@ def _died(code: int, tail: list[str]) -> SsemnetError:
             "and its layers are not affected. Try a fit binning of 2, a block size, or fewer "
             "sections at a time, or close other programs.")
     last = "\n".join(line for line in tail if line.strip())[-2000:]
+    if not started:
+        return ChildStartError(f"The alignment process {how} before its first report."
+                               + (f" Its last output:\n{last}" if last else ""))
     return SsemnetError(f"The alignment process {how} before it finished; napari and its "
                         "layers are not affected."
                         + (f" Its last output:\n{last}" if last else ""))

@@ -34,7 +34,7 @@ from ..core.align import (
 )
 from ..core.errors import AlignmentCancelled
 from ..core.params import AlignParams
-from ..core.process import iter_align_stack_in_process, use_process
+from ..core.process import ChildStartError, iter_align_stack_in_process, use_process
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +154,17 @@ def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event, *,
     try:
         digests = section_digests(stack)  # which sections a later change of the layer touches
         # large stacks run faster in a child process's main thread (core.process)
-        in_child = use_process(stack.shape, params.fit_binning)
-        run = iter_align_stack_in_process if in_child else iter_align_stack
-        result = yield from throttled(run(stack, params, should_stop=stop.is_set,
-                                          ignore=ignore))
+        result = None
+        if use_process(stack.shape, params.fit_binning):
+            try:
+                result = yield from throttled(iter_align_stack_in_process(
+                    stack, params, should_stop=stop.is_set, ignore=ignore))
+            except ChildStartError as exc:  # e.g. a bundled app's Python: the thread works
+                log.warning("%s Aligning in napari's worker thread instead.", exc)
+        if result is None:
+            result = yield from throttled(iter_align_stack(stack, params,
+                                                           should_stop=stop.is_set,
+                                                           ignore=ignore))
         yield Progress("metrics", 0, 1, "local NCC error map")
         tissue = _tissue_stack(result.valid, stack, result.displacement, ignore, stop)
         error = local_ncc_error(result.aligned, tissue, flags=result.flags)
