@@ -163,7 +163,7 @@ def iter_align_stack_in_process(
     threads = [threading.Thread(target=_send_job, args=(proc, job), daemon=True),
                threading.Thread(target=_read_frames, args=(proc.stdout, frames), daemon=True),
                threading.Thread(target=_relay_stderr, args=(proc.stderr, tail), daemon=True)]
-    del job  # the writer thread holds the copy until the child has it
+    del job  # only the writer thread holds it now, until the child has read it
     for t in threads:
         t.start()
     finished = False  # the child said its last word: let it end on its own
@@ -301,8 +301,8 @@ def _child_main() -> None:
         send("cancelled", str(exc))
     except BaseException as exc:  # every error goes back to the parent
         text = traceback.format_exc()
-        try:
-            pickle.dumps(exc)
+        try:  # some exception classes pickle but cannot be rebuilt from their args
+            pickle.loads(pickle.dumps(exc))
         except Exception:
             exc = RuntimeError(f"{type(exc).__name__}: {exc}")
         send("error", exc, text)
