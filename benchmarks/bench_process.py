@@ -12,6 +12,8 @@ stacks are the shared ones as they are, default parameters, seed 0.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_process.py
     OMP_NUM_THREADS=2 python benchmarks/bench_process.py --points isbi:8 vnc:20
+    OMP_NUM_THREADS=2 python benchmarks/bench_process.py --points vnc:20 --block-size 8 \
+        --output process_cpu_blocks.json
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import common as C  # noqa: E402
 DEFAULT_POINTS = ["isbi:8", "isbi:30", "vnc:8", "vnc:20"]
 
 
-def one_point(data: Path, dataset: str, n: int, path: str) -> dict:
+def one_point(data: Path, dataset: str, n: int, path: str, block_size: int = 0) -> dict:
     from napari_ssemnet import AlignParams
     from napari_ssemnet.core.align import iter_align_stack, run_generator
     from napari_ssemnet.core.process import iter_align_stack_in_process
@@ -45,7 +47,7 @@ def one_point(data: Path, dataset: str, n: int, path: str) -> dict:
 
     t0 = time.perf_counter()
     worker = threading.Thread(target=lambda: out.update(
-        r=run_generator(run(stack, AlignParams(seed=0)), count)))
+        r=run_generator(run(stack, AlignParams(seed=0, block_size=block_size)), count)))
     worker.start()
     worker.join()
     total = time.perf_counter() - t0
@@ -53,6 +55,7 @@ def one_point(data: Path, dataset: str, n: int, path: str) -> dict:
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"dataset": dataset, "sections": n, "size": stack.shape[1], "path": path,
+            "block_size": block_size,
             "total_s": round(total, 2), "fit_s": round(r.timings["fit"], 2),
             "run_total_s": round(r.timings["total"], 2), "events": out["events"],
             "peak_rss_mb": own.ru_maxrss // 1024,
@@ -66,23 +69,28 @@ def main() -> None:
     C.add_data_arg(parser)
     parser.add_argument("--points", nargs="+", default=DEFAULT_POINTS,
                         help="dataset:sections (default: %(default)s)")
+    parser.add_argument("--block-size", type=int, default=0,
+                        help="block_size of every run (default: 0, one joint fit)")
+    parser.add_argument("--output", default="process_cpu.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         dataset, n, path = args.one.split(":")
-        print("RESULT " + json.dumps(one_point(args.data, dataset, int(n), path)))
+        print("RESULT " + json.dumps(one_point(args.data, dataset, int(n), path,
+                                               args.block_size)))
         return
     rows = []
     for point in args.points:
         for path in ("thread", "process"):
             row, err = C.run_child([sys.executable, __file__, "--data", str(args.data),
+                                    "--block-size", str(args.block_size),
                                     "--one", f"{point}:{path}"])
             if row is None:
                 print(f"{point} {path}: {err}")
                 continue
             rows.append(row)
             print(json.dumps(row))
-    path = C.finish("process_cpu.json", {"machine": C.machine_info(), "rows": rows})
+    path = C.finish(args.output, {"machine": C.machine_info(), "rows": rows})
     print(f"wrote {path}")
 
 

@@ -167,6 +167,10 @@ def test_use_process_follows_the_setting(monkeypatch):
     assert not process.use_process(big)
     monkeypatch.setattr(memory, "available_bytes", lambda: None)
     assert not process.use_process(big)
+    # a block run is judged by one block and a section, as its memory guard is
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(need) - 1)
+    assert process.use_process((64, 1024, 1024), block_size=8) == glibc
+    assert not process.use_process((64, 1024, 1024), block_size=4)  # 5 x 1024^2 < 8 Mpx
 
 
 def test_the_child_finds_a_source_tree_but_site_packages_stays_in_its_place(monkeypatch):

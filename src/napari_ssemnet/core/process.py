@@ -68,16 +68,16 @@ class ChildStartError(SsemnetError):
     Python cannot import this package); the caller may run the alignment in-process."""
 
 
-def use_process(shape: tuple[int, int, int], binning: int = 1) -> bool:
-    """Whether a run on a stack of ``shape``, fitted at ``binning``, should go to a child
-    process.
+def use_process(shape: tuple[int, int, int], binning: int = 1, block_size: int = 0) -> bool:
+    """Whether a run on a stack of ``shape``, fitted at ``binning`` (in blocks of
+    ``block_size`` sections if above 0), should go to a child process.
 
     ``NAPARI_SSEMNET_PROCESS=1`` or ``0`` decide. Otherwise only on Linux with glibc (where
     the worker thread's arena is what costs time), not in a frozen application (its
-    ``sys.executable`` is not a Python), for stacks of at least :data:`PROCESS_MIN_PIXELS`
-    pixels, and when the child would keep its freed memory (:func:`memory.kept_heap`: twice
-    the run's estimate free), which is where its gain comes from; the child also holds a
-    second copy of the stack and of the result.
+    ``sys.executable`` is not a Python), for fits of at least :data:`PROCESS_MIN_PIXELS`
+    pixels (a block run's: one block and a section), and when the child would keep its freed
+    memory (:func:`memory.kept_heap`: twice the fit's estimate free), which is where its gain
+    comes from; the child also holds a second copy of the stack and of the result.
     """
     setting = os.environ.get(PROCESS_ENV, "auto").strip().lower()
     if setting in ("1", "yes", "true", "on"):
@@ -86,12 +86,18 @@ def use_process(shape: tuple[int, int, int], binning: int = 1) -> bool:
         return False
     from .memory import KEEP_HEAP_HEADROOM, _libc, available_bytes, estimate_peak_bytes
 
-    if (len(shape) != 3 or not sys.platform.startswith("linux") or getattr(sys, "frozen", False)
-            or _libc("mallopt") is None or int(np.prod(shape)) < PROCESS_MIN_PIXELS):
+    if len(shape) != 3:  # not a stack: the usual checks say so
+        return False
+    held = tuple(int(n) for n in shape)
+    if 0 < block_size < held[0]:
+        from .blocks import held_shape
+
+        held = held_shape(block_size, held)  # what the run's memory guard is given
+    if (not sys.platform.startswith("linux") or getattr(sys, "frozen", False)
+            or _libc("mallopt") is None or int(np.prod(held)) < PROCESS_MIN_PIXELS):
         return False
     free = available_bytes()
-    return free is not None and free >= KEEP_HEAP_HEADROOM * estimate_peak_bytes(
-        tuple(shape), binning)
+    return free is not None and free >= KEEP_HEAP_HEADROOM * estimate_peak_bytes(held, binning)
 
 
 def child_command() -> list[str]:

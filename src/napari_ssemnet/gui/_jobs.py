@@ -155,7 +155,7 @@ def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event, *,
         digests = section_digests(stack)  # which sections a later change of the layer touches
         # large stacks run faster in a child process's main thread (core.process)
         result = None
-        if use_process(stack.shape, params.fit_binning):
+        if use_process(stack.shape, params.fit_binning, params.block_size):
             try:
                 result = yield from throttled(iter_align_stack_in_process(
                     stack, params, should_stop=stop.is_set, ignore=ignore))
