@@ -106,3 +106,28 @@ def test_an_odd_width_finds_the_shift_that_the_even_width_finds():
     # and it is the shift: section 1 shows the content 6 px further on, so aligning it
     # samples it 6 px back (measured -5.96 / -5.89 px)
     assert np.abs(even + 6.0).max() < 0.3, even
+
+
+def test_sampling_the_held_sections_once_gives_the_plain_loops_result(monkeypatch):
+    from emtools import FAST
+
+    from napari_ssemnet.core import fit
+    from napari_ssemnet.core.align import align_section, align_stack
+
+    stack = em(slice(0, 8), 128)
+    fast = {**FAST, "features": "shipped", "prealign": "rigid", "levels": 2, "iterations": 30}
+
+    def runs():
+        full = align_stack(stack[:5], reference=2, **fast)  # the reference is held
+        one = align_section(stack[:5], 3, previous_displacement=full.displacement,
+                            reference=2, **fast)  # one free section of five
+        # later blocks hold the sections of earlier ones with their grids
+        blocks = align_stack(stack, block_size=4, **fast)
+        return full.displacement, one.displacement, blocks.displacement
+
+    once = runs()
+    monkeypatch.setattr(fit, "SAMPLE_HELD_ONCE", False)
+    plain = runs()
+    for a, b in zip(once, plain, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-3)
+        assert np.abs(b).max() > 0.5  # the fit moved something: the comparison means something
