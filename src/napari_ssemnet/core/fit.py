@@ -44,8 +44,9 @@ DROP_HALF_LIFE = 15.0  # iterations
 
 SAMPLE_HELD_ONCE = True
 """Sample the features of sections that are not free once per level instead of at every
-step (same result up to float rounding; VNC 8 x 1024^2, 2-core CPU: a re-align's fit
-18.1 -> 12.2 s, a full run's 15.1 -> 13.8 s). False restores the plain loop (for tests)."""
+step (the same result up to float rounding, at most 0.035 px apart; VNC 8 x 1024^2, 2-core
+CPU, ``benchmarks/bench_realign.py``: a Re-align 20.8 -> 13.1 s; a full run, with only its
+reference held, unchanged within noise). False restores the plain loop (for tests)."""
 LR_HALF_LIFE = 40.0  # iterations
 
 
