@@ -119,11 +119,16 @@ def test_sampling_the_held_sections_once_gives_the_plain_loops_result(monkeypatc
 
     def runs():
         full = align_stack(stack[:5], reference=2, **fast)  # the reference is held
+        # one free section of five (its pairs built row by row), long enough for the loss
+        # drop to end (about 85 steps), and without a loss drop at all
         one = align_section(stack[:5], 3, previous_displacement=full.displacement,
-                            reference=2, **fast)  # one free section of five
+                            reference=2, **{**fast, "iterations": 120})
+        no_drop = align_section(stack[:5], 1, previous_displacement=full.displacement,
+                                reference=2, **{**fast, "loss_drop": 0.0})
         # later blocks hold the sections of earlier ones with their grids
         blocks = align_stack(stack, block_size=4, **fast)
-        return full.displacement, one.displacement, blocks.displacement
+        return (full.displacement, one.displacement, no_drop.displacement,
+                blocks.displacement)
 
     once = runs()
     monkeypatch.setattr(fit, "SAMPLE_HELD_ONCE", False)

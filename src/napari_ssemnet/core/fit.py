@@ -118,6 +118,59 @@ def residual_points(mats: torch.Tensor, grid: torch.Tensor, q: torch.Tensor,
     return p + warp.grid_to_dense(grid, *interp)
 
 
+def _few_free_data(fw_m: torch.Tensor, ok_m: torch.Tensor, held_fw: torch.Tensor,
+                   held_ok: torch.Tensor, slot: dict[int, int], rows: list, pairs: list,
+                   n_orig: int, drop: float, it: int, thresholds: list, const_err: list,
+                   const_ok: list, const_thr: list, const_sum: list
+                   ) -> tuple[torch.Tensor | float, float]:
+    """The fit's data term (before its normalisation) and its weight when only the
+    sections in ``slot`` are free: the pairs that touch one are computed from their rows
+    (``fw_m``/``ok_m``: the free sections' sampled features and validity, in ``slot``
+    order); the pairs of two held sections are constant, and their masked means are only
+    recomputed when the loss drop's thresholds are (every 5 steps) or once it has ended.
+    The same sums as the batched loop, in another order."""
+
+    def pick(zz: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = slot.get(zz)
+        return (fw_m[k], ok_m[k]) if k is not None else (held_fw[zz], held_ok[zz])
+
+    data: torch.Tensor | float = 0.0
+    norm_w = 0.0
+    refresh = it % 5 == 0
+    for pi, ((_, wgt), (live, _)) in enumerate(zip(pairs, rows, strict=True)):
+        if live:
+            a = [pick(x) for x, _ in live]
+            b = [pick(y) for _, y in live]
+            err = ((torch.stack([f for f, _ in a]) - torch.stack([f for f, _ in b])) ** 2
+                   ).sum(dim=1) / n_orig
+            m = torch.stack([o for _, o in a]) & torch.stack([o for _, o in b])
+            if drop > 0.01:
+                if refresh or thresholds[pi] is None:
+                    e = err.detach().masked_fill(~m, float("nan")).flatten(1)[:, ::3]
+                    thr = torch.nanquantile(e, 1.0 - drop, dim=1)
+                    thresholds[pi] = torch.nan_to_num(thr, nan=float("inf"))
+                m = m & (err.detach() <= thresholds[pi][:, None, None])
+            cnt = m.sum(dim=(1, 2)).clamp(min=1)
+            data = data + wgt * ((err * m).sum(dim=(1, 2)) / cnt).sum()
+        if const_err[pi] is not None:
+            err_c, m_c = const_err[pi], const_ok[pi]
+            due = refresh or const_thr[pi] is None
+            if drop > 0.01 and due:
+                e = err_c.masked_fill(~m_c, float("nan")).flatten(1)[:, ::3]
+                thr = torch.nanquantile(e, 1.0 - drop, dim=1)
+                const_thr[pi] = torch.nan_to_num(thr, nan=float("inf"))
+                m_c = m_c & (err_c <= const_thr[pi][:, None, None])
+                const_sum[pi] = ((err_c * m_c).sum(dim=(1, 2))
+                                 / m_c.sum(dim=(1, 2)).clamp(min=1)).sum()
+            elif drop <= 0.01 and not (isinstance(const_thr[pi], str)):
+                const_thr[pi] = "off"  # no more dropping: the plain masked mean from now on
+                const_sum[pi] = ((err_c * m_c).sum(dim=(1, 2))
+                                 / m_c.sum(dim=(1, 2)).clamp(min=1)).sum()
+            data = data + wgt * const_sum[pi]
+        norm_w += wgt * (len(live) + (0 if const_err[pi] is None else len(const_err[pi])))
+    return data, norm_w
+
+
 def _pair_weights(n_usable: int, window: int, decay: float) -> list[tuple[int, float]]:
     """(distance, weight) for neighbour pairs among the usable sections (blanks bridged)."""
     return [(d, decay ** (d - 1)) for d in range(1, window + 1) if d < n_usable]
@@ -353,6 +406,17 @@ def fit_stack(
     n_free = int(np.count_nonzero(free))
     moving = (torch.from_numpy(np.nonzero(free)[0]).to(device)
               if SAMPLE_HELD_ONCE and not refine_global and 0 < n_free < z_count else None)
+    # with few free sections, the pairs are built section by section: slicing the whole
+    # batch made autograd zero-fill and copy gradients of every held section at each step
+    rows = slot = None
+    if moving is not None and 2 * n_free <= z_count:
+        slot = {int(zz): k for k, zz in enumerate(np.nonzero(free)[0])}
+        use = [int(zz) for zz in np.nonzero(usable)[0]]
+        rows = []
+        for d, _ in pairs:
+            links = [(use[u], use[u + d]) for u in range(len(use) - d)]
+            rows.append(([ab for ab in links if ab[0] in slot or ab[1] in slot],
+                         [ab for ab in links if ab[0] not in slot and ab[1] not in slot]))
 
     # level ``lev`` works on sections binned by k = b * 2**lev (input pixels per level pixel);
     # the finest fitted level is the binning b itself
@@ -392,6 +456,17 @@ def fit_stack(
                 held_sampled, held_inside = warp.sample(
                     feats, residual_points(fixed_mats, held, q, interp), kf,
                     padding_mode="border")
+            if rows is not None:
+                held_fw = held_sampled[:, :nfeat]
+                held_ok = held_inside & (held_sampled[:, nfeat] > 0.99)
+                with torch.no_grad():  # pairs of two held sections: the same at every step
+                    const_err = [None if not ks else torch.stack(
+                        [((held_fw[a] - held_fw[b]) ** 2).sum(dim=0) / n_orig for a, b in ks])
+                        for _, ks in rows]
+                    const_ok = [None if not ks else torch.stack(
+                        [held_ok[a] & held_ok[b] for a, b in ks]) for _, ks in rows]
+                const_thr: list[torch.Tensor | None] = [None] * len(pairs)
+                const_sum: list[torch.Tensor | float] = [0.0] * len(pairs)
         # coarse levels make the large moves; each finer level (4x the pixels) only refines,
         # so it gets half the iterations of the one above
         total = max(10, params.iterations >> li)
@@ -413,15 +488,24 @@ def fit_stack(
             else:
                 p = residual_points(fixed_mats[moving], v_eff[moving], q, interp)
                 s_m, in_m = warp.sample(feats[moving], p, kf, padding_mode="border")
-                sampled = held_sampled.index_copy(0, moving, s_m)
-                inside = held_inside.index_copy(0, moving, in_m)
-            ok = inside & (sampled[:, nfeat] > 0.99)
-            fw = sampled[:, :nfeat]
-            if not all_usable:  # one gather, then neighbour pairs are plain slices
-                fw, ok = fw[use_idx], ok[use_idx]
             data = 0.0
             norm_w = 0.0
-            for pi, (d, wgt) in enumerate(pairs):
+            if rows is not None:
+                data, norm_w = _few_free_data(
+                    s_m[:, :nfeat], in_m & (s_m[:, nfeat] > 0.99), held_fw, held_ok, slot,
+                    rows, pairs, n_orig, drop, it, thresholds, const_err, const_ok,
+                    const_thr, const_sum)
+                pairs_here = []
+            else:
+                if moving is not None:
+                    sampled = held_sampled.index_copy(0, moving, s_m)
+                    inside = held_inside.index_copy(0, moving, in_m)
+                ok = inside & (sampled[:, nfeat] > 0.99)
+                fw = sampled[:, :nfeat]
+                if not all_usable:  # one gather, then neighbour pairs are plain slices
+                    fw, ok = fw[use_idx], ok[use_idx]
+                pairs_here = pairs
+            for pi, (d, wgt) in enumerate(pairs_here):
                 err = ((fw[:-d] - fw[d:]) ** 2).sum(dim=1) / n_orig
                 m = ok[:-d] & ok[d:]
                 if drop > 0.01:
