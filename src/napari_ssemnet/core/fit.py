@@ -43,10 +43,10 @@ MAGNITUDE_UNIT = 1e-3
 DROP_HALF_LIFE = 15.0  # iterations
 
 SAMPLE_HELD_ONCE = True
-"""Sample the features of sections that are not free once per level instead of at every
-step (the same result up to float rounding, at most 0.035 px apart; VNC 8 x 1024^2, 2-core
-CPU, ``benchmarks/bench_realign.py``: a Re-align 20.8 -> 13.1 s; a full run, with only its
-reference held, unchanged within noise). False restores the plain loop (for tests)."""
+"""When at most half the sections are free (a Re-align), sample the held sections' features
+once per level and build the pairs from the free sections' rows, instead of the batched loop
+over all sections at every step (the same result up to float rounding, at most 0.035 px
+apart; see ``benchmarks/bench_realign.py``). False keeps the batched loop (for tests)."""
 LR_HALF_LIFE = 40.0  # iterations
 
 
@@ -162,7 +162,7 @@ def _few_free_data(fw_m: torch.Tensor, ok_m: torch.Tensor, held_fw: torch.Tensor
                 m_c = m_c & (err_c <= const_thr[pi][:, None, None])
                 const_sum[pi] = ((err_c * m_c).sum(dim=(1, 2))
                                  / m_c.sum(dim=(1, 2)).clamp(min=1)).sum()
-            elif drop <= 0.01 and not (isinstance(const_thr[pi], str)):
+            elif drop <= 0.01 and not isinstance(const_thr[pi], str):
                 const_thr[pi] = "off"  # no more dropping: the plain masked mean from now on
                 const_sum[pi] = ((err_c * m_c).sum(dim=(1, 2))
                                  / m_c.sum(dim=(1, 2)).clamp(min=1)).sum()
@@ -404,12 +404,16 @@ def fit_stack(
     # the free sections, when only some are free and nothing moves the others (a global map
     # refined along the chain could): only those are sampled again at each step
     n_free = int(np.count_nonzero(free))
+    # with few free sections (a re-align: 1 of up to 5) the pairs are built section by
+    # section: slicing the whole batch made autograd zero-fill and copy the gradients of
+    # every held section at each step. With many free (a full run holds its reference)
+    # merging the held samples back in cost more than it saved (VNC 8 x 1024^2: fit 12.1 ->
+    # 16.2 s), so those keep the batched loop.
     moving = (torch.from_numpy(np.nonzero(free)[0]).to(device)
-              if SAMPLE_HELD_ONCE and not refine_global and 0 < n_free < z_count else None)
-    # with few free sections, the pairs are built section by section: slicing the whole
-    # batch made autograd zero-fill and copy gradients of every held section at each step
+              if SAMPLE_HELD_ONCE and not refine_global and 0 < 2 * n_free <= z_count
+              else None)
     rows = slot = None
-    if moving is not None and 2 * n_free <= z_count:
+    if moving is not None:
         slot = {int(zz): k for k, zz in enumerate(np.nonzero(free)[0])}
         use = [int(zz) for zz in np.nonzero(usable)[0]]
         rows = []
@@ -456,17 +460,16 @@ def fit_stack(
                 held_sampled, held_inside = warp.sample(
                     feats, residual_points(fixed_mats, held, q, interp), kf,
                     padding_mode="border")
-            if rows is not None:
                 held_fw = held_sampled[:, :nfeat]
                 held_ok = held_inside & (held_sampled[:, nfeat] > 0.99)
-                with torch.no_grad():  # pairs of two held sections: the same at every step
-                    const_err = [None if not ks else torch.stack(
-                        [((held_fw[a] - held_fw[b]) ** 2).sum(dim=0) / n_orig for a, b in ks])
-                        for _, ks in rows]
-                    const_ok = [None if not ks else torch.stack(
-                        [held_ok[a] & held_ok[b] for a, b in ks]) for _, ks in rows]
-                const_thr: list[torch.Tensor | None] = [None] * len(pairs)
-                const_sum: list[torch.Tensor | float] = [0.0] * len(pairs)
+                # pairs of two held sections: the same at every step
+                const_err = [None if not ks else torch.stack(
+                    [((held_fw[a] - held_fw[b]) ** 2).sum(dim=0) / n_orig for a, b in ks])
+                    for _, ks in rows]
+                const_ok = [None if not ks else torch.stack(
+                    [held_ok[a] & held_ok[b] for a, b in ks]) for _, ks in rows]
+            const_thr: list[torch.Tensor | str | None] = [None] * len(pairs)
+            const_sum: list[torch.Tensor | float] = [0.0] * len(pairs)
         # coarse levels make the large moves; each finer level (4x the pixels) only refines,
         # so it gets half the iterations of the one above
         total = max(10, params.iterations >> li)
@@ -490,16 +493,13 @@ def fit_stack(
                 s_m, in_m = warp.sample(feats[moving], p, kf, padding_mode="border")
             data = 0.0
             norm_w = 0.0
-            if rows is not None:
+            if moving is not None:
                 data, norm_w = _few_free_data(
                     s_m[:, :nfeat], in_m & (s_m[:, nfeat] > 0.99), held_fw, held_ok, slot,
                     rows, pairs, n_orig, drop, it, thresholds, const_err, const_ok,
                     const_thr, const_sum)
                 pairs_here = []
             else:
-                if moving is not None:
-                    sampled = held_sampled.index_copy(0, moving, s_m)
-                    inside = held_inside.index_copy(0, moving, in_m)
                 ok = inside & (sampled[:, nfeat] > 0.99)
                 fw = sampled[:, :nfeat]
                 if not all_usable:  # one gather, then neighbour pairs are plain slices
