@@ -41,13 +41,14 @@ MAX_CHANNELS = 8  # principal components of the features that are matched
 SMOOTHNESS_UNIT = 1e-2
 MAGNITUDE_UNIT = 1e-3
 DROP_HALF_LIFE = 15.0  # iterations
+LR_HALF_LIFE = 40.0  # iterations
 
 SAMPLE_HELD_ONCE = True
 """When at most half the sections are free (a Re-align), sample the held sections' features
 once per level and build the pairs from the free sections' rows, instead of the batched loop
-over all sections at every step (the same result up to float rounding, at most 0.035 px
-apart; see ``benchmarks/bench_realign.py``). False keeps the batched loop (for tests)."""
-LR_HALF_LIFE = 40.0  # iterations
+over all sections at every step (the same result up to float rounding; on VNC 1024^2 the
+same field, 1.7x faster, ``benchmarks/bench_realign.py``). False keeps the batched loop (for
+tests)."""
 
 
 @dataclass
@@ -401,14 +402,13 @@ def fit_stack(
             return fixed_mats
         return chain_matrices(translation_matrices(g * free_t[:, None]), chain)
 
-    # the free sections, when only some are free and nothing moves the others (a global map
-    # refined along the chain could): only those are sampled again at each step
+    # With few free sections (a re-align: 1 of up to 5) and nothing moving the held ones (a
+    # global map refined along the chain could), only the free ones are sampled at each step
+    # and the pairs are built section by section: slicing the whole batch made autograd
+    # zero-fill and copy the gradients of every held section at each step. With many free (a
+    # full run holds its reference) merging the held samples back in cost more than it
+    # saved (VNC 8 x 1024^2: fit 12.1 -> 16.2 s), so those keep the batched loop.
     n_free = int(np.count_nonzero(free))
-    # with few free sections (a re-align: 1 of up to 5) the pairs are built section by
-    # section: slicing the whole batch made autograd zero-fill and copy the gradients of
-    # every held section at each step. With many free (a full run holds its reference)
-    # merging the held samples back in cost more than it saved (VNC 8 x 1024^2: fit 12.1 ->
-    # 16.2 s), so those keep the batched loop.
     moving = (torch.from_numpy(np.nonzero(free)[0]).to(device)
               if SAMPLE_HELD_ONCE and not refine_global and 0 < 2 * n_free <= z_count
               else None)
