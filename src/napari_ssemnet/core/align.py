@@ -768,17 +768,16 @@ def iter_align_stack(
     params = resolve_params(params, overrides)
     _check_encoder(encoder)
     _check_callable(should_stop=should_stop)
-    if 0 < params.block_size < arr.shape[0]:
-        from .blocks import held_shape
+    from .blocks import guarded_shape
 
+    if 0 < params.block_size < arr.shape[0]:
         gen = _iter_align_stack_blocks(arr, params, should_stop=should_stop, encoder=encoder,
                                        ignore=ignore)
-        held = held_shape(params.block_size, arr.shape)
     else:
         gen = _iter_align_stack(arr, params, should_stop=should_stop, encoder=encoder,
                                 ignore=ignore)
-        held = arr.shape
-    return (yield from memory.guard(gen, held, params.fit_binning))
+    return (yield from memory.guard(gen, guarded_shape(params.block_size, arr.shape),
+                                    params.fit_binning))
 
 
 def _iter_align_stack_blocks(arr: np.ndarray, params: AlignParams, *,

@@ -231,6 +231,13 @@ def held_shape(block_size: int, shape: tuple[int, int, int]) -> tuple[int, int, 
     return (min(block_size + 1, z), h, w)
 
 
+def guarded_shape(block_size: int, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The shape a run's memory guard is given: :func:`held_shape` for a block-wise run
+    (``0 < block_size <`` the number of sections), else the whole stack's."""
+    z, h, w = (int(s) for s in shape)
+    return held_shape(block_size, (z, h, w)) if 0 < block_size < z else (z, h, w)
+
+
 def _carried(order: Sequence[int], flags: list[str], done: np.ndarray, window: int,
              limit: int) -> list[int]:
     """Finished sections walked in ``order`` (away from the new ones) until ``window``

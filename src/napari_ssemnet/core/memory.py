@@ -198,6 +198,16 @@ _heap_lock = threading.Lock()
 _heap_users = 0
 
 
+def heap_can_be_kept(shape: tuple[int, int, int], binning: int = 1) -> bool:
+    """Whether :func:`kept_heap` would keep freed memory during a run of ``shape`` fitted at
+    ``binning``: glibc, not turned off by ``NAPARI_SSEMNET_KEEP_HEAP=0``, and the free memory
+    known and at least :data:`KEEP_HEAP_HEADROOM` times the estimate."""
+    if os.environ.get(KEEP_HEAP_ENV, "1") == "0" or _libc("mallopt") is None:
+        return False
+    free = available_bytes()
+    return free is not None and free >= KEEP_HEAP_HEADROOM * estimate_peak_bytes(shape, binning)
+
+
 @contextlib.contextmanager
 def kept_heap(shape: tuple[int, int, int], binning: int = 1) -> Iterator[bool]:
     """During a run, keep the memory torch frees for its next tensors (glibc only).
@@ -216,9 +226,8 @@ def kept_heap(shape: tuple[int, int, int], binning: int = 1) -> Iterator[bool]:
     concurrent runs share one setting; the last one to end restores it.
     """
     global _heap_users
-    mallopt = _libc("mallopt") if os.environ.get(KEEP_HEAP_ENV, "1") != "0" else None
-    free = available_bytes() if mallopt is not None else None
-    use = free is not None and free >= KEEP_HEAP_HEADROOM * estimate_peak_bytes(shape, binning)
+    use = heap_can_be_kept(shape, binning)
+    mallopt = _libc("mallopt")
     if use:
         with _heap_lock:
             if _heap_users == 0:

@@ -38,6 +38,7 @@ from .align import (
     ProgressRate,
     SectionResult,
     StopCallback,
+    _check_callable,
     check_ignore,
     check_stack,
     iter_align_stack,
@@ -76,28 +77,22 @@ def use_process(shape: tuple[int, int, int], binning: int = 1, block_size: int =
     the worker thread's arena is what costs time), not in a frozen application (its
     ``sys.executable`` is not a Python), for fits of at least :data:`PROCESS_MIN_PIXELS`
     pixels (a block run's: one block and a section), and when the child would keep its freed
-    memory (:func:`memory.kept_heap`: twice the fit's estimate free), which is where its gain
-    comes from; the child also holds a second copy of the stack and of the result.
+    memory (:func:`memory.heap_can_be_kept`: twice the fit's estimate free), which is where
+    its gain comes from; the child also holds a second copy of the stack and of the result.
     """
     setting = os.environ.get(PROCESS_ENV, "auto").strip().lower()
     if setting in ("1", "yes", "true", "on"):
         return True
     if setting in ("0", "no", "false", "off"):
         return False
-    from .memory import KEEP_HEAP_HEADROOM, _libc, available_bytes, estimate_peak_bytes
+    from .blocks import guarded_shape
+    from .memory import heap_can_be_kept
 
     if len(shape) != 3:  # not a stack: the usual checks say so
         return False
-    held = tuple(int(n) for n in shape)
-    if 0 < block_size < held[0]:
-        from .blocks import held_shape
-
-        held = held_shape(block_size, held)  # what the run's memory guard is given
-    if (not sys.platform.startswith("linux") or getattr(sys, "frozen", False)
-            or _libc("mallopt") is None or int(np.prod(held)) < PROCESS_MIN_PIXELS):
-        return False
-    free = available_bytes()
-    return free is not None and free >= KEEP_HEAP_HEADROOM * estimate_peak_bytes(held, binning)
+    held = guarded_shape(block_size, shape)
+    return (sys.platform.startswith("linux") and not getattr(sys, "frozen", False)
+            and int(np.prod(held)) >= PROCESS_MIN_PIXELS and heap_can_be_kept(held, binning))
 
 
 def child_command() -> list[str]:
@@ -153,8 +148,7 @@ def iter_align_stack_in_process(
     arr = check_stack(stack)
     mask = check_ignore(ignore, arr.shape)
     params = resolve_params(params, overrides)
-    if should_stop is not None and not callable(should_stop):
-        raise TypeError("should_stop must be a callable returning True to stop")
+    _check_callable(should_stop=should_stop)
     job = {"stack": np.ascontiguousarray(arr),
            "ignore": None if mask is None else np.ascontiguousarray(mask), "params": params}
     yield Progress("prepare", 0, 1, "starting the alignment process")
