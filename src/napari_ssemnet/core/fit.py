@@ -119,57 +119,84 @@ def residual_points(mats: torch.Tensor, grid: torch.Tensor, q: torch.Tensor,
     return p + warp.grid_to_dense(grid, *interp)
 
 
-def _few_free_data(fw_m: torch.Tensor, ok_m: torch.Tensor, held_fw: torch.Tensor,
-                   held_ok: torch.Tensor, slot: dict[int, int], rows: list, pairs: list,
-                   n_orig: int, drop: float, it: int, thresholds: list, const_err: list,
-                   const_ok: list, const_thr: list, const_sum: list
-                   ) -> tuple[torch.Tensor | float, float]:
-    """The fit's data term (before its normalisation) and its weight when only the
-    sections in ``slot`` are free: the pairs that touch one are computed from their rows
-    (``fw_m``/``ok_m``: the free sections' sampled features and validity, in ``slot``
-    order); the pairs of two held sections are constant, and their masked means are only
-    recomputed when the loss drop's thresholds are (every 5 steps) or once it has ended.
-    The same sums as the batched loop, in another order."""
+def _drop_worst(err: torch.Tensor, m: torch.Tensor, drop: float, thresholds: list,
+                pi: int, refresh: bool) -> torch.Tensor:
+    """``m`` (rows, H, W) without each row's worst ``drop`` share of ``err`` (the loss drop);
+    ``thresholds[pi]`` is recomputed when ``refresh`` or unset, else reused."""
+    if drop <= 0.01:
+        return m
+    if refresh or thresholds[pi] is None:
+        e = err.detach().masked_fill(~m, float("nan")).flatten(1)[:, ::3]
+        thr = torch.nanquantile(e, 1.0 - drop, dim=1)
+        thresholds[pi] = torch.nan_to_num(thr, nan=float("inf"))
+    return m & (err.detach() <= thresholds[pi][:, None, None])
 
-    def pick(zz: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k = slot.get(zz)
-        return (fw_m[k], ok_m[k]) if k is not None else (held_fw[zz], held_ok[zz])
 
-    data: torch.Tensor | float = 0.0
-    norm_w = 0.0
-    refresh = it % 5 == 0
-    for pi, ((_, wgt), (live, _)) in enumerate(zip(pairs, rows, strict=True)):
-        if live:
-            a = [pick(x) for x, _ in live]
-            b = [pick(y) for _, y in live]
-            err = ((torch.stack([f for f, _ in a]) - torch.stack([f for f, _ in b])) ** 2
-                   ).sum(dim=1) / n_orig
-            m = torch.stack([o for _, o in a]) & torch.stack([o for _, o in b])
-            if drop > 0.01:
-                if refresh or thresholds[pi] is None:
-                    e = err.detach().masked_fill(~m, float("nan")).flatten(1)[:, ::3]
-                    thr = torch.nanquantile(e, 1.0 - drop, dim=1)
-                    thresholds[pi] = torch.nan_to_num(thr, nan=float("inf"))
-                m = m & (err.detach() <= thresholds[pi][:, None, None])
-            cnt = m.sum(dim=(1, 2)).clamp(min=1)
-            data = data + wgt * ((err * m).sum(dim=(1, 2)) / cnt).sum()
-        if const_err[pi] is not None:
-            err_c, m_c = const_err[pi], const_ok[pi]
-            due = refresh or const_thr[pi] is None
-            if drop > 0.01 and due:
-                e = err_c.masked_fill(~m_c, float("nan")).flatten(1)[:, ::3]
-                thr = torch.nanquantile(e, 1.0 - drop, dim=1)
-                const_thr[pi] = torch.nan_to_num(thr, nan=float("inf"))
-                m_c = m_c & (err_c <= const_thr[pi][:, None, None])
-                const_sum[pi] = ((err_c * m_c).sum(dim=(1, 2))
-                                 / m_c.sum(dim=(1, 2)).clamp(min=1)).sum()
-            elif drop <= 0.01 and not isinstance(const_thr[pi], str):
-                const_thr[pi] = "off"  # no more dropping: the plain masked mean from now on
-                const_sum[pi] = ((err_c * m_c).sum(dim=(1, 2))
-                                 / m_c.sum(dim=(1, 2)).clamp(min=1)).sum()
-            data = data + wgt * const_sum[pi]
-        norm_w += wgt * (len(live) + (0 if const_err[pi] is None else len(const_err[pi])))
-    return data, norm_w
+def _row_means(err: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Mean of ``err`` over each row's pixels in ``m`` (rows, H, W) -> (rows,)."""
+    return (err * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2)).clamp(min=1)
+
+
+class _FewFree:
+    """The data term of a fit in which only the sections in ``slot`` are free.
+
+    The held sections' features are sampled once per level (``held_fw``/``held_ok``), and
+    the pairs are built row by row: those that touch a free section from the free
+    sections' samples at each step, those of two held sections once (constant; their
+    masked means are recomputed only when the loss drop's thresholds are, or once it has
+    ended). The same sums as the batched loop, in another order.
+    """
+
+    def __init__(self, held_fw: torch.Tensor, held_ok: torch.Tensor, slot: dict[int, int],
+                 rows: list, n_orig: int) -> None:
+        self.held_fw, self.held_ok, self.slot, self.rows = held_fw, held_ok, slot, rows
+        self.n_orig = n_orig
+        with torch.no_grad():
+            self.const = [None if not ks else self._err(*self._rows(ks, None, None))
+                          for _, ks in rows]
+        self.const_thr: list[torch.Tensor | None] = [None] * len(rows)
+        self.const_sum: list[torch.Tensor | None] = [None] * len(rows)
+        self.const_dropping: list[bool | None] = [None] * len(rows)
+
+    def _rows(self, links: list[tuple[int, int]], fw_m: torch.Tensor | None,
+              ok_m: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        def pick(zz: int) -> tuple[torch.Tensor, torch.Tensor]:
+            k = self.slot.get(zz)
+            return (fw_m[k], ok_m[k]) if k is not None else (self.held_fw[zz],
+                                                             self.held_ok[zz])
+
+        a = [pick(x) for x, _ in links]
+        b = [pick(y) for _, y in links]
+        return (torch.stack([f for f, _ in a]), torch.stack([f for f, _ in b]),
+                torch.stack([o for _, o in a]) & torch.stack([o for _, o in b]))
+
+    def _err(self, fa: torch.Tensor, fb: torch.Tensor, m: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        return ((fa - fb) ** 2).sum(dim=1) / self.n_orig, m
+
+    def data(self, fw_m: torch.Tensor, ok_m: torch.Tensor, pairs: list, drop: float,
+             refresh: bool, thresholds: list) -> tuple[torch.Tensor | float, float]:
+        """The data term before its normalisation, and its weight (rows times pair weight).
+        ``fw_m``/``ok_m``: the free sections' sampled features and validity, in ``slot``
+        order."""
+        data: torch.Tensor | float = 0.0
+        norm_w = 0.0
+        for pi, ((_, wgt), (live, _)) in enumerate(zip(pairs, self.rows, strict=True)):
+            if live:
+                err, m = self._err(*self._rows(live, fw_m, ok_m))
+                m = _drop_worst(err, m, drop, thresholds, pi, refresh)
+                data = data + wgt * _row_means(err, m).sum()
+            if self.const[pi] is not None:
+                err_c, m_c = self.const[pi]
+                dropping = drop > 0.01
+                if self.const_dropping[pi] != dropping or (dropping and refresh):
+                    m_c = _drop_worst(err_c, m_c, drop, self.const_thr, pi, True)
+                    self.const_sum[pi] = _row_means(err_c, m_c).sum()
+                    self.const_dropping[pi] = dropping
+                data = data + wgt * self.const_sum[pi]
+            norm_w += wgt * (len(live) + (0 if self.const[pi] is None else
+                                          len(self.const[pi][0])))
+        return data, norm_w
 
 
 def _pair_weights(n_usable: int, window: int, decay: float) -> list[tuple[int, float]]:
@@ -460,16 +487,8 @@ def fit_stack(
                 held_sampled, held_inside = warp.sample(
                     feats, residual_points(fixed_mats, held, q, interp), kf,
                     padding_mode="border")
-                held_fw = held_sampled[:, :nfeat]
-                held_ok = held_inside & (held_sampled[:, nfeat] > 0.99)
-                # pairs of two held sections: the same at every step
-                const_err = [None if not ks else torch.stack(
-                    [((held_fw[a] - held_fw[b]) ** 2).sum(dim=0) / n_orig for a, b in ks])
-                    for _, ks in rows]
-                const_ok = [None if not ks else torch.stack(
-                    [held_ok[a] & held_ok[b] for a, b in ks]) for _, ks in rows]
-            const_thr: list[torch.Tensor | str | None] = [None] * len(pairs)
-            const_sum: list[torch.Tensor | float] = [0.0] * len(pairs)
+            few = _FewFree(held_sampled[:, :nfeat],
+                           held_inside & (held_sampled[:, nfeat] > 0.99), slot, rows, n_orig)
         # coarse levels make the large moves; each finer level (4x the pixels) only refines,
         # so it gets half the iterations of the one above
         total = max(10, params.iterations >> li)
@@ -494,10 +513,8 @@ def fit_stack(
             data = 0.0
             norm_w = 0.0
             if moving is not None:
-                data, norm_w = _few_free_data(
-                    s_m[:, :nfeat], in_m & (s_m[:, nfeat] > 0.99), held_fw, held_ok, slot,
-                    rows, pairs, n_orig, drop, it, thresholds, const_err, const_ok,
-                    const_thr, const_sum)
+                data, norm_w = few.data(s_m[:, :nfeat], in_m & (s_m[:, nfeat] > 0.99), pairs,
+                                        drop, it % 5 == 0, thresholds)
                 pairs_here = []
             else:
                 ok = inside & (sampled[:, nfeat] > 0.99)
@@ -507,17 +524,9 @@ def fit_stack(
                 pairs_here = pairs
             for pi, (d, wgt) in enumerate(pairs_here):
                 err = ((fw[:-d] - fw[d:]) ** 2).sum(dim=1) / n_orig
-                m = ok[:-d] & ok[d:]
-                if drop > 0.01:
-                    # loss drop: ignore the worst pixels (quantile refreshed every 5 steps)
-                    if it % 5 == 0 or thresholds[pi] is None:
-                        e = err.detach().masked_fill(~m, float("nan")).flatten(1)[:, ::3]
-                        thr = torch.nanquantile(e, 1.0 - drop, dim=1)
-                        thresholds[pi] = torch.nan_to_num(thr, nan=float("inf"))
-                    m = m & (err.detach() <= thresholds[pi][:, None, None])
-                cnt = m.sum(dim=(1, 2)).clamp(min=1)
-                per_pair = (err * m).sum(dim=(1, 2)) / cnt
-                data = data + wgt * per_pair.sum()
+                # loss drop: ignore the worst pixels (quantile refreshed every 5 steps)
+                m = _drop_worst(err, ok[:-d] & ok[d:], drop, thresholds, pi, it % 5 == 0)
+                data = data + wgt * _row_means(err, m).sum()
                 norm_w += wgt * err.shape[0]
             data = data / max(norm_w, 1e-9)
             nfree = free_t.sum().clamp(min=1.0)
