@@ -17,7 +17,6 @@ resident set and that of its children, and a digest of the displacement. Writes
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -38,7 +37,6 @@ def one_point(data: Path, dataset: str, n: int) -> dict:
     os.environ["NAPARI_CONFIG"] = str(Path(tempfile.mkdtemp()) / "settings.yaml")
     import napari
     from napari.settings import get_settings
-    from qtpy.QtCore import QEventLoop, QTimer
 
     from napari_ssemnet.core.process import use_process
 
@@ -51,21 +49,8 @@ def one_point(data: Path, dataset: str, n: int) -> dict:
     for _ in range(20):
         app.processEvents()
         time.sleep(0.02)
-    ticks: list[float] = []
-    timer = QTimer()
-    timer.setInterval(10)
-    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
-    loop = QEventLoop()
-    widget.job_finished.connect(lambda state: loop.quit())
     in_child = use_process(stack.shape)
-    timer.start()
-    t0 = time.perf_counter()
-    widget.align()
-    QTimer.singleShot(900_000, loop.quit)
-    loop.exec_()
-    wall = time.perf_counter() - t0
-    timer.stop()
-    gaps = np.diff(np.array(ticks)) * 1000.0
+    wall, gaps = C.timed_align(widget, lambda n: None, 900_000)
     result = widget.results.get("EM stack")
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -79,8 +64,7 @@ def one_point(data: Path, dataset: str, n: int) -> dict:
                            "max": round(float(gaps.max()), 1), "n": int(gaps.size)},
            "napari_peak_rss_mb": own.ru_maxrss // 1024,
            "child_peak_rss_mb": kids.ru_maxrss // 1024 if in_child else None,
-           "displacement_digest": None if result is None else hashlib.blake2b(
-               result.displacement.tobytes(), digest_size=8).hexdigest()}
+           "displacement_digest": None if result is None else C.digest(result.displacement)}
     viewer.close()
     return row
 

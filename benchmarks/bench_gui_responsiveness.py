@@ -18,11 +18,15 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +39,6 @@ def main() -> None:
     os.environ["NAPARI_CONFIG"] = str(Path(tempfile.mkdtemp()) / "settings.yaml")
     import napari
     from napari.settings import get_settings
-    from qtpy.QtCore import QEventLoop, QTimer
 
     from napari_ssemnet.core.sample import load_sample
 
@@ -50,14 +53,7 @@ def main() -> None:
         time.sleep(0.02)
 
     def press_align() -> float:
-        loop = QEventLoop()
-        widget.job_finished.connect(lambda state: loop.quit())
-        t0 = time.perf_counter()
-        widget.align()
-        QTimer.singleShot(600_000, loop.quit)
-        loop.exec_()
-        widget.job_finished.disconnect()
-        return time.perf_counter() - t0
+        return C.timed_align(widget, lambda n: None)[0]
 
     idle_runs = []
     for _ in range(args.runs):
@@ -96,26 +92,9 @@ def main() -> None:
     for _ in range(10):
         app.processEvents()
         time.sleep(0.02)
-    ticks: list[float] = []
-
-    def tick() -> None:
-        ticks.append(time.perf_counter())
-        # interact like a user scrolling through the stack during the run
-        viewer.dims.set_current_step(0, len(ticks) % stack.shape[0])
-
-    timer = QTimer()
-    timer.setInterval(10)
-    timer.timeout.connect(tick)
-    loop = QEventLoop()
-    widget.job_finished.connect(lambda state: loop.quit())
-    timer.start()
-    t0 = time.perf_counter()
-    widget.align()
-    QTimer.singleShot(600_000, loop.quit)
-    loop.exec_()
-    wall = time.perf_counter() - t0
-    timer.stop()
-    gaps = np.diff(np.array(ticks)) * 1000.0
+    # interact like a user scrolling through the stack during the run
+    wall, gaps = C.timed_align(
+        widget, lambda n: viewer.dims.set_current_step(0, n % stack.shape[0]))
     load = os.getloadavg()
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -19,7 +19,6 @@ stacks are the shared ones as they are, default parameters, seed 0.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import resource
 import sys
@@ -60,8 +59,7 @@ def one_point(data: Path, dataset: str, n: int, path: str, block_size: int = 0) 
             "run_total_s": round(r.timings["total"], 2), "events": out["events"],
             "peak_rss_mb": own.ru_maxrss // 1024,
             "child_peak_rss_mb": kids.ru_maxrss // 1024 if path == "process" else None,
-            "displacement_digest": hashlib.blake2b(r.displacement.tobytes(),
-                                                   digest_size=8).hexdigest()}
+            "displacement_digest": C.digest(r.displacement)}
 
 
 def main() -> None:

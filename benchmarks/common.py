@@ -104,6 +104,40 @@ def run_child(cmd: list[str]) -> tuple[dict | None, str]:
     return None, (said[:1] or err[-1:] or ["failed"])[0]
 
 
+def digest(arr: np.ndarray) -> str:
+    """A short fingerprint of an array's bytes: two runs' fields can be seen to be equal."""
+    import hashlib
+
+    return hashlib.blake2b(np.ascontiguousarray(arr).tobytes(), digest_size=8).hexdigest()
+
+
+def timed_align(widget, tick, timeout_ms: int = 600_000) -> tuple[float, np.ndarray]:
+    """Press the dock widget's Align and run the Qt event loop until the job ends, with a
+    10 ms timer calling ``tick`` on the GUI thread; returns the wall time (s) and the gaps
+    between ticks (ms), i.e. how long the GUI could not react."""
+    from qtpy.QtCore import QEventLoop, QTimer
+
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: (ticks.append(time.perf_counter()), tick(len(ticks))))
+    loop = QEventLoop()
+
+    def done(_state: str) -> None:
+        loop.quit()
+
+    widget.job_finished.connect(done)
+    timer.start()
+    t0 = time.perf_counter()
+    widget.align()
+    QTimer.singleShot(timeout_ms, loop.quit)
+    loop.exec_()
+    wall = time.perf_counter() - t0
+    timer.stop()
+    widget.job_finished.disconnect(done)
+    return wall, np.diff(np.array(ticks)) * 1000.0
+
+
 def finish(name: str, payload: dict) -> Path:
     """Record the load average after a run, save the JSON and print the load."""
     payload["load_avg_after"] = list(os.getloadavg())
