@@ -72,6 +72,19 @@ def test_the_child_gives_the_threads_events_and_result_and_no_gui(small, monkeyp
     assert "GUI-MODULES:\n" in err, err[-2000:]  # the line is there and names none
 
 
+def test_the_child_uses_the_parents_torch_threads(small):
+    import torch
+
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2  # a number the child would not pick by itself
+    torch.set_num_threads(wanted)
+    try:
+        got = run_generator(process.iter_align_stack_in_process(small, **FAST), None)
+    finally:
+        torch.set_num_threads(before)
+    assert got.environment["torch_threads"] == wanted
+
+
 def test_errors_raised_in_the_child_come_back_as_they_were(small):
     with pytest.raises(InputError) as here:
         run_generator(iter_align_stack(small, reference=7, **FAST), None)

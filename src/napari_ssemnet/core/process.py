@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .align import (
     AlignmentResult,
@@ -150,7 +151,9 @@ def iter_align_stack_in_process(
     params = resolve_params(params, overrides)
     _check_callable(should_stop=should_stop)
     job = {"stack": np.ascontiguousarray(arr),
-           "ignore": None if mask is None else np.ascontiguousarray(mask), "params": params}
+           "ignore": None if mask is None else np.ascontiguousarray(mask), "params": params,
+           # a torch.set_num_threads made in napari's console is not in the environment
+           "threads": torch.get_num_threads()}
     yield Progress("prepare", 0, 1, "starting the alignment process")
     try:
         proc = subprocess.Popen(child_command(), stdin=subprocess.PIPE,
@@ -286,6 +289,7 @@ def _child_main() -> None:
 
     rate = ProgressRate(CHILD_PROGRESS_INTERVAL)
     stack, mask = job.pop("stack"), job.pop("ignore")
+    torch.set_num_threads(job["threads"])
     try:
         gen = iter_align_stack(stack, job["params"], should_stop=stop.is_set, ignore=mask)
         del stack, mask
