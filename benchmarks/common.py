@@ -190,10 +190,14 @@ class Case:
 
 
 def make_case(name: str, full: np.ndarray, crop: int, *, seed: int, gain_jitter: float = 0.0,
-              noise: float = 0.0, blank: int | None = None, reference: int = 0) -> Case:
+              noise: float = 0.0, blank: int | None = None, reference: int = 0,
+              misalignment: dict | None = None) -> Case:
+    """``misalignment`` overrides keys of :data:`MISALIGNMENT` (``random_misalignment``'s
+    bounds)."""
     z, h, w = full.shape
     e_full = random_misalignment(full.shape, seed=seed,
-                                 **{**MISALIGNMENT, "reference": reference})
+                                 **{**MISALIGNMENT, **(misalignment or {}),
+                                    "reference": reference})
     mis_full = apply_misalignment(full, e_full, gain_jitter=gain_jitter, noise=noise,
                                   blank=blank, seed=seed)
     oy, ox = (h - crop) // 2, (w - crop) // 2

@@ -15,6 +15,9 @@ the variant ``prealign=rigid,magnitude_penalty=10000`` for it).
 
 ``--hard`` replaces the hard case's degradations (keyword arguments of
 ``core.synth.apply_misalignment``), e.g. to separate the blank section from the jitter.
+``--misalignment`` replaces bounds of the misalignment (keyword arguments of
+``core.synth.random_misalignment``), e.g. ``'{"scale": 0.05}'`` for sections whose scale
+differs by up to 10 % (section compression, a magnification step).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def run_variant(full: np.ndarray, crop: int, params: dict, seeds: list[int],
-                hard: dict | None = None) -> dict:
+                hard: dict | None = None, misalignment: dict | None = None) -> dict:
     t0 = time.perf_counter()
     first = C.make_case("sweep", full, crop, seed=seeds[0])
     c = C.run_ours(C.untouched_case(first).clean, **params)
@@ -58,7 +61,8 @@ def run_variant(full: np.ndarray, crop: int, params: dict, seeds: list[int],
     for case_name, extra in (("clean", {}), ("hard", HARD if hard is None else hard)):
         rows = []
         for seed in seeds:
-            case = C.make_case("sweep", full, crop, seed=seed, **extra)
+            case = C.make_case("sweep", full, crop, seed=seed, misalignment=misalignment,
+                               **extra)
             r = C.run_ours(case.mis.copy(), **params)
             ev = C.evaluate(case, r["d"], r["valid"], c=c["d"], c_valid=c["valid"])
             rows.append({"seed": seed, **ev["consistency"], "ncc": ev["adjacent_ncc"],
@@ -85,17 +89,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="sweep_consistency.json")
     p.add_argument("--hard", type=json.loads, default=None,
                    help=f"JSON degradations of the hard case (default {json.dumps(HARD)})")
+    p.add_argument("--misalignment", type=json.loads, default=None,
+                   help="JSON bounds that replace those of the benchmark misalignment, e.g. "
+                        '\'{"scale": 0.05}\' (default: common.MISALIGNMENT)')
     args = p.parse_args(argv)
     name, sections, crop = DATASETS[args.dataset]
     full = C.load_stack(args.data, name)[:sections]
     seeds = list(range(args.seeds))
     results = {"machine": C.machine_info(), "dataset": args.dataset, "sections": sections,
-               "crop": crop, "seeds": seeds, "hard": args.hard or HARD, "variants": {}}
+               "crop": crop, "seeds": seeds, "hard": args.hard or HARD,
+               "misalignment": {**C.MISALIGNMENT, **(args.misalignment or {})}, "variants": {}}
     print("| variant | clean median / p95 (worst p95) | hard median / p95 (worst p95) | "
           "adjacent NCC clean / untouched | s |\n|---|---|---|---|---|", flush=True)
     for text in args.variants:
         label, params = parse_variant(text)
-        r = run_variant(full, crop, params, seeds, args.hard)
+        r = run_variant(full, crop, params, seeds, args.hard, args.misalignment)
         results["variants"][label] = r
         cl, hd = r["clean"], r["hard"]
         print(f"| {label} | {cl['mean_median']:.2f} / {cl['mean_p95']:.2f} "
