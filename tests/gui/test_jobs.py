@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
+import pytest
 
 from napari_ssemnet.core.align import Progress, SectionResult, run_generator
 from napari_ssemnet.gui._jobs import throttled
@@ -195,3 +199,24 @@ def test_align_job_falls_back_to_the_thread_when_the_child_cannot_start(monkeypa
     np.testing.assert_array_equal(outcome.result.displacement,
                                   align_stack(stack, **FAST).displacement)
     assert "worker thread instead" in caplog.text
+
+
+@pytest.mark.parametrize("job", [
+    "_jobs.align_job(stack, AlignParams(), threading.Event())",
+    "_jobs.section_job(stack, 1, AlignParams(), None, threading.Event())",
+])
+def test_jobs_import_napari_s_vectors_dependencies_before_the_run_starts(job):
+    # a fresh interpreter: this test session imported pandas long ago
+    code = ("import sys, threading, numpy as np\n"
+            "from napari_ssemnet.gui import _jobs\n"
+            "from napari_ssemnet.core.params import AlignParams\n"
+            "assert 'pandas' not in sys.modules, 'imported by the package already'\n"
+            "stack = np.zeros((3, 64, 64), np.float32)\n"
+            f"job = {job}\n"
+            "next(job)\n"
+            "print('pandas' in sys.modules)\n"
+            "job.close()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True"]

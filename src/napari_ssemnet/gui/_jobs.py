@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -145,6 +147,21 @@ def _failure(exc: BaseException) -> Failure:
     return Failure(exc, traceback.format_exc(), user)
 
 
+# napari imports these on the first Vectors layer, in the GUI thread (pandas: 0.4-0.8 s on
+# the dev box); a job imports them first, while the window has little to draw
+LAYER_IMPORTS = ("pandas",)
+
+
+def warm_layer_imports() -> None:
+    """Import :data:`LAYER_IMPORTS` that are not imported yet (in the calling thread)."""
+    for name in LAYER_IMPORTS:
+        if name not in sys.modules:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # napari will say so when it needs it; the run goes on
+                log.debug("could not import %s early: %s", name, exc)
+
+
 def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event, *,
               ignore: Any = None) -> Generator[Any, None, Any]:
     """Full-stack alignment (``ignore``: a mask of what to leave out, as for
@@ -152,6 +169,7 @@ def align_job(stack: np.ndarray, params: AlignParams, stop: threading.Event, *,
     :class:`Failure`. Runs in a child process when :func:`core.process.use_process` says
     so (large stacks on Linux, or ``NAPARI_SSEMNET_PROCESS=1``)."""
     try:
+        warm_layer_imports()
         digests = section_digests(stack)  # which sections a later change of the layer touches
         # large stacks run faster in a child process's main thread (core.process)
         result = None
@@ -271,6 +289,7 @@ def section_job(stack: np.ndarray, z: int, params: AlignParams, base: AlignmentR
     try:
         from ..core.align import USABLE_FLAGS, flag_poor_links, iter_align_section
 
+        warm_layer_imports()  # a Preview before any Align makes the first Vectors layer
         t0 = time.perf_counter()
         # an in-place edit meanwhile sends no napari event; a Preview keeps nothing to check
         digests = section_digests(stack) if fingerprint else []
