@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .align import (
     AlignmentResult,
@@ -150,6 +149,8 @@ def iter_align_stack_in_process(
     mask = check_ignore(ignore, arr.shape)
     params = resolve_params(params, overrides)
     _check_callable(should_stop=should_stop)
+    import torch  # not at the top: the widget module imports this one and not torch
+
     job = {"stack": np.ascontiguousarray(arr),
            "ignore": None if mask is None else np.ascontiguousarray(mask), "params": params,
            # a torch.set_num_threads made in napari's console is not in the environment
@@ -289,6 +290,8 @@ def _child_main() -> None:
 
     rate = ProgressRate(CHILD_PROGRESS_INTERVAL)
     stack, mask = job.pop("stack"), job.pop("ignore")
+    import torch
+
     torch.set_num_threads(job["threads"])
     try:
         gen = iter_align_stack(stack, job["params"], should_stop=stop.is_set, ignore=mask)
