@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -1771,6 +1772,18 @@ def _did_you_mean(parser: argparse.ArgumentParser, extra: Sequence[str]) -> str:
     return f"; did you mean {' or '.join(hints)}?" if hints else ""
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str,
+                  lineno: int, file: TextIO | None = None, line: str | None = None) -> None:
+    """What the core says through ``warnings`` (e.g. padded sections) as a ``note:`` line,
+    not as a source location."""
+    from .core.io import SectionsPadded
+
+    if issubclass(category, SectionsPadded):
+        _say(sys.stderr, f"note: {message}\n")
+        return
+    _say(sys.stderr, warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``napari-ssemnet`` console script; returns the exit code."""
     parser = build_parser()
@@ -1787,7 +1800,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _stopped_by.clear()
     _STARTED[0] = time.monotonic()
     try:
-        with _sigterm_interrupts():
+        with _sigterm_interrupts(), warnings.catch_warnings():
+            warnings.showwarning = _show_warning
             return args.func(args, out)
     except (AlignmentCancelled, KeyboardInterrupt):
         if _stopped_by and _stopped_by[0] == signal.SIGTERM:

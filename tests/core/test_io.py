@@ -14,6 +14,7 @@ from napari_ssemnet.core.io import (
     FieldSections,
     FolderStack,
     PageStack,
+    SectionsPadded,
     apply_displacement,
     apply_displacement_section,
     load_fields,
@@ -22,6 +23,7 @@ from napari_ssemnet.core.io import (
     read_resolution,
     read_stack,
     save_fields,
+    section_boxes,
     tiff_write_kwargs,
     write_stack,
 )
@@ -99,41 +101,71 @@ def test_truncated_tiff(tmp_path):
             reader(path)
 
 
-def test_a_page_of_another_size_is_named_not_read_as_junk(tmp_path):
-    # tifffile looks at pages 0, 1, 7 and the last only, then reads all with page 0's layout
-    path = tmp_path / "mixed.tif"
-    with tifffile.TiffWriter(path) as tw:
-        for k in range(8):
-            tw.write(np.full((200 if k == 5 else 256, 256), k, np.uint8),
-                     photometric="minisblack", metadata=None)
+def _read_both(path):
+    """read_stack's and open_stack's arrays, and the SectionsPadded warnings of each."""
+    out = []
     for reader in (read_stack, open_stack):
-        with pytest.raises(InputError, match="page 5 is 200x256 px uint8, but page 0 is 256x256"):
-            reader(path)
-    # the same with tifffile's own metadata: one series per page
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            got = reader(path)
+            arr = np.stack([np.asarray(got[z]) for z in range(got.shape[0])])
+            getattr(got, "close", lambda: None)()
+        out.append((arr, [w for w in seen if issubclass(w.category, SectionsPadded)]))
+    return out
+
+
+def test_a_page_of_another_size_is_centred_on_the_canvas_not_read_as_junk(tmp_path):
+    # tifffile looks at pages 0, 1, 7 and the last only, then reads all with page 0's layout:
+    # the odd page came back as junk rows from the bytes after it
+    path = tmp_path / "mixed.tif"
+    pages = [np.full((200 if k == 5 else 256, 256), k + 1, np.uint8) for k in range(8)]
+    with tifffile.TiffWriter(path) as tw:
+        for page in pages:
+            tw.write(page, photometric="minisblack", metadata=None)
+    for arr, padded in _read_both(path):
+        assert arr.shape == (8, 256, 256) and len(padded) == 1
+        assert "200x256 to 256x256" in str(padded[0].message)
+        np.testing.assert_array_equal(arr[5, 28:228], 6)  # (256 - 200) // 2 rows above
+        assert not arr[5, :28].any() and not arr[5, 228:].any()
+        np.testing.assert_array_equal(arr[[0, 4, 7]], np.stack([pages[k] for k in (0, 4, 7)]))
+    assert section_boxes(path) == ((256, 256), [(0, 0, 256, 256)] * 5 + [(28, 0, 200, 256)]
+                                   + [(0, 0, 256, 256)] * 2)
+    # pages of another type are still refused (with tifffile's metadata: one series per page)
     path = tmp_path / "shaped.tif"
     with tifffile.TiffWriter(path) as tw:
         for k in range(4):
             tw.write(np.full((256, 256), k, np.uint16 if k == 2 else np.uint8),
                      photometric="minisblack")
     for reader in (read_stack, open_stack):
-        with pytest.raises(InputError, match="different sizes or types.*page 2 is 256x256 px "
-                                             "uint16"):
+        with pytest.raises(InputError, match="different types.*page 2 is uint16"):
             reader(path)
 
 
 def test_a_page_in_a_series_of_its_own_is_not_dropped(tmp_path):
     # tifffile made a second series of the odd page, and only the first was read: the
     # section was lost without a word, and fields went onto the wrong sections
-    a = np.stack([np.full((64, 64), k, np.uint8) for k in range(6)])
+    a = np.stack([np.full((64, 64), k + 1, np.uint8) for k in range(6)])
     for odd in (3, 5):
         path = tmp_path / f"odd{odd}.tif"
         with tifffile.TiffWriter(path) as tw:
             for k in range(6):
                 tw.write(a[k] if k != odd else a[k, :40, :40], photometric="minisblack",
                          metadata=None)
-        for reader in (read_stack, open_stack):
-            with pytest.raises(InputError, match=f"page {odd} is 40x40 px uint8"):
-                reader(path)
+        for arr, padded in _read_both(path):
+            assert arr.shape == (6, 64, 64) and len(padded) == 1
+            np.testing.assert_array_equal(arr[odd, 12:52, 12:52], odd + 1)
+            assert arr[odd].sum() == 40 * 40 * (odd + 1)
+            keep = [k for k in range(6) if k != odd]
+            np.testing.assert_array_equal(arr[keep], a[keep])
+    # a page too small for a section is named, not padded
+    path = tmp_path / "tiny.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for k in range(6):
+            tw.write(a[k] if k != 2 else a[k, :20, :64], photometric="minisblack",
+                     metadata=None)
+    for reader in (read_stack, open_stack):
+        with pytest.raises(InputError, match="Page 2 of .* is 20x64 px, too small"):
+            reader(path)
     # like pages written one by one with tifffile's metadata: one series each, all read
     path = tmp_path / "one_by_one.tif"
     with tifffile.TiffWriter(path) as tw:
@@ -231,17 +263,49 @@ def test_folder_of_sections_in_natural_order(tmp_path):
     np.testing.assert_array_equal(stack[10], arr[10])
 
 
+def test_a_folder_of_sections_of_different_sizes_is_centred_on_one_canvas(tmp_path):
+    rng = np.random.default_rng(5)
+    shapes = [(40, 48), (37, 48), (40, 41), (34, 44)]
+    sections = [(rng.random(s) * 250 + 1).astype(np.uint8) for s in shapes]
+    folder = tmp_path / "ragged"
+    folder.mkdir()
+    for z, sec in enumerate(sections):
+        tifffile.imwrite(folder / f"s{z}.tif", sec)
+    boxes = [(0, 0, 40, 48), (1, 0, 37, 48), (0, 3, 40, 41), (3, 2, 34, 44)]
+    assert section_boxes(folder) == ((40, 48), boxes)
+    for arr, padded in _read_both(folder):
+        assert arr.shape == (4, 40, 48) and arr.dtype == np.uint8
+        assert len(padded) == 1 and "3 of 4 are centred on a 40x48 px canvas" in str(
+            padded[0].message)
+        for z, (top, left, h, w) in enumerate(boxes):
+            np.testing.assert_array_equal(arr[z, top:top + h, left:left + w], sections[z])
+            assert arr[z].astype(int).sum() == sections[z].astype(int).sum()  # 0 around it
+    with pytest.warns(SectionsPadded):
+        opened = open_stack(folder)
+    assert opened.boxes == boxes
+    opened.close()
+    # sections of one size have no layout
+    same = tmp_path / "same"
+    same.mkdir()
+    for z in range(3):
+        tifffile.imwrite(same / f"s{z}.tif", sections[0])
+    assert section_boxes(same) is None
+    assert section_boxes(tmp_path / "missing") is None
+
+
 def test_folder_of_sections_errors_name_the_file(tmp_path):
     for name, files, words in [
         ("empty", {}, "holds 0 TIFF file"),
-        ("sizes", {"a1.tif": (40, 48), "a2.tif": (40, 50)}, "a2.tif.*all sections"),
+        ("types", {"a1.tif": (40, 48), "a2.tif": ((40, 48), np.uint16)},
+         "a2.tif.* is uint16, but a1.tif is uint8.*same data type"),
+        ("tiny", {"a1.tif": (40, 48), "a2.tif": (20, 48)}, "a2.tif.*20x48 px, too small"),
         ("stack", {"a1.tif": (40, 48), "a2.tif": (2, 40, 48)}, "a2.tif.*one grayscale 2D"),
     ]:
         folder = tmp_path / name
         folder.mkdir()
         for fname, shape in files.items():
-            tifffile.imwrite(folder / fname, np.zeros(shape, np.uint8),
-                             photometric="minisblack")
+            shape, dtype = shape if isinstance(shape[0], tuple) else (shape, np.uint8)
+            tifffile.imwrite(folder / fname, np.zeros(shape, dtype), photometric="minisblack")
         for reader in (read_stack, open_stack):
             with pytest.raises(InputError, match=words):
                 reader(folder)

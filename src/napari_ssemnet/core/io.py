@@ -87,6 +87,22 @@ def _first_mismatch(pages: Any) -> str | None:
     return None
 
 
+def _first_type_mismatch(pages: Any) -> str | None:
+    """The first page whose data type differs from the first page's, as a sentence (pages
+    of other sizes are padded onto one canvas, pages of other types are refused)."""
+    want = None
+    for k, pg in enumerate(pages):
+        if pg is None:
+            continue
+        page = pg.aspage() if hasattr(pg, "aspage") else pg
+        got = np.dtype(page.dtype)
+        if want is None:
+            want = got
+        elif got != want:
+            return f"page {k} is {got}, but page 0 is {want}"
+    return None
+
+
 def _page_mismatch(series: Any) -> str | None:
     """Which page of ``series`` differs from its first in size or type.
 
@@ -136,7 +152,30 @@ def _split_series(tif: Any) -> bool:
 def _every_page(tif: Any, p: Path) -> np.ndarray:
     """The section pages of a file whose sections are split over several series, as one
     (Z, H, W) stack, or an error that says why they cannot be one."""
-    return np.stack([page.asarray() for page in _split_pages(tif, p)])
+    pages = _split_pages(tif, p)
+    lay = _page_layout(pages, p)
+    if lay is None:
+        return np.stack([page.asarray() for page in pages])
+    canvas, boxes = lay
+    _warn_padded(str(p), [b[2:] for b in boxes], canvas)
+    return np.stack([on_canvas(np.asarray(page.asarray()).reshape(box[2:]), box, canvas)
+                     for page, box in zip(pages, boxes, strict=True)])
+
+
+def _page_layout(pages: list[Any], p: Path) -> tuple[tuple[int, int], list[Box]] | None:
+    """:func:`canvas_boxes` of grayscale 2D pages, each checked for the smallest size."""
+    shapes = [tuple(int(n) for n in pg.shape) for pg in pages]
+    odd = next((k for k, s in enumerate(shapes) if len(s) != 2), None)
+    if odd is not None and len(set(shapes)) > 1:
+        raise InputError(f"Page {odd} of {str(p)!r} holds an image of shape {shapes[odd]}, "
+                         f"page 0 one of shape {shapes[0]}; each section must be one "
+                         "grayscale 2D image.")
+    if odd is not None:
+        return None  # all alike: the caller's shape checks say what is wrong
+    lay = canvas_boxes(shapes)
+    if lay is not None:
+        _check_each_size(shapes, [f"Page {k} of {str(p)!r}" for k in range(len(shapes))])
+    return lay
 
 
 def _split_pages(tif: Any, p: Path) -> list[Any]:
@@ -145,9 +184,9 @@ def _split_pages(tif: Any, p: Path) -> list[Any]:
         raise InputError(f"{str(p)!r} holds {len(tif.series)} OME images (series); one image "
                          "with all sections (Z, Y, X) is needed. Save the stack as one image.")
     pages = _section_pages(tif)
-    differ = _first_mismatch(pages)
+    differ = _first_type_mismatch(pages)
     if differ:
-        raise InputError(f"{str(p)!r} holds pages of different sizes or types ({differ}); "
+        raise InputError(f"{str(p)!r} holds pages of different types ({differ}); "
                          f"{SAME_SIZE}.")
     # like series are joined in page order: sections appended to a stack (tifffile's
     # append=True) make one series per write, and refusing those lost more users than the
@@ -155,8 +194,63 @@ def _split_pages(tif: Any, p: Path) -> list[Any]:
     return pages
 
 
-SAME_SIZE = ("every section of a stack must have the same size and data type; crop or pad "
-             "the sections to one size first")
+SAME_SIZE = ("every section of a stack must have the same data type; convert the sections to "
+             "one type first")
+
+
+class SectionsPadded(UserWarning):
+    """Sections of different sizes were each centred on one canvas (the largest height and
+    width among them), padded with 0; :func:`section_boxes` says where each one lies."""
+
+
+Box = tuple[int, int, int, int]
+"""Where a section lies on the canvas: (top, left, height, width) in canvas pixels."""
+
+
+def canvas_boxes(shapes: list[tuple[int, int]]) -> tuple[tuple[int, int], list[Box]] | None:
+    """The canvas (largest height, largest width) and each section's centred box on it, or
+    None when all sections already have one size.
+
+    Centred, because sections cut from one block hold the same tissue around their middle,
+    and the pre-alignment then has the least to find."""
+    if len(set(shapes)) <= 1:
+        return None
+    ch, cw = max(h for h, _ in shapes), max(w for _, w in shapes)
+    return (ch, cw), [((ch - h) // 2, (cw - w) // 2, h, w) for h, w in shapes]
+
+
+def on_canvas(section: np.ndarray, box: Box, canvas: tuple[int, int]) -> np.ndarray:
+    """``section`` (h, w) at ``box`` on a zero canvas (H, W) of its dtype."""
+    out = np.zeros(canvas, section.dtype)
+    top, left, h, w = box
+    out[top:top + h, left:left + w] = section
+    return out
+
+
+def padding_note(where: str, shapes: list[tuple[int, int]], canvas: tuple[int, int]) -> str:
+    """The one-line message of :class:`SectionsPadded`."""
+    small = min(shapes, key=lambda s: s[0] * s[1])
+    odd = sum(s != canvas for s in shapes)
+    return (f"{where}: the sections differ in size (from {small[0]}x{small[1]} to "
+            f"{canvas[0]}x{canvas[1]} px); {odd} of {len(shapes)} are centred on a "
+            f"{canvas[0]}x{canvas[1]} px canvas, padded with 0 (as padding them by hand "
+            "would), and the output has the canvas size.")
+
+
+def _check_each_size(shapes: list[tuple[int, int]], names: list[str]) -> None:
+    from .align import MIN_SIZE
+
+    for shape, name in zip(shapes, names, strict=True):
+        if min(shape) < MIN_SIZE:
+            raise InputError(f"{name} is {shape[0]}x{shape[1]} px, too small for a section; "
+                             f"at least {MIN_SIZE}x{MIN_SIZE} px are needed (is it a "
+                             "thumbnail or a label?).")
+
+
+def _warn_padded(where: str, shapes: list[tuple[int, int]], canvas: tuple[int, int]) -> None:
+    import warnings
+
+    warnings.warn(padding_note(where, shapes, canvas), SectionsPadded, stacklevel=3)
 
 
 def read_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = False
@@ -192,6 +286,8 @@ def read_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
         raise InputError(f"Input file {str(p)!r} does not exist.")
     if p.is_dir():
         folder = FolderStack(p, min_sections=min_sections, masks=masks)
+        if folder.boxes is not None:
+            _warn_padded(str(p), [b[2:] for b in folder.boxes], folder.shape[1:])
         return check_stack(np.stack([folder[z] for z in range(len(folder))]),
                            name=f"stack in {p.name}", min_sections=min_sections, masks=masks)
     if not p.is_file():  # reading a pipe waits for a writer: a hang
@@ -204,11 +300,12 @@ def read_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
                 series = tif.series[0] if tif.series else None
                 if series is None:
                     raise InputError(f"{str(p)!r} is a TIFF file without images.")
-                mismatch = _page_mismatch(series)
-                if mismatch:
-                    raise InputError(f"{str(p)!r}: {mismatch}; {SAME_SIZE}.")
+                sized = _page_mismatch(series) is not None  # another size: padded below
+                typed = _first_type_mismatch(list(series.pages)) if sized else None
+                if typed:
+                    raise InputError(f"{str(p)!r}: {typed}; {SAME_SIZE}.")
                 is_rgb = _is_rgb(series)
-                if _split_series(tif):
+                if sized or _split_series(tif):
                     arr, axes = _every_page(tif, p), "ZYX"
                 else:
                     arr = series.asarray()
@@ -254,7 +351,10 @@ class SectionReader:
     """A (Z, H, W) stack read one section at a time: ``shape``, ``dtype``, ``ndim``, ``size``,
     ``len`` and ``stack[z]`` for an integer z, so that a block-wise alignment never holds the
     whole input. Subclasses read section z in :meth:`_read`. Close it (or use it as a context
-    manager) when done."""
+    manager) when done. ``boxes`` is None, or, for sections of different sizes centred on
+    one canvas of ``shape[1:]``, each section's (top, left, height, width) there."""
+
+    boxes: list[Box] | None = None
 
     def __init__(self, shape: tuple[int, int, int], dtype: Any) -> None:
         self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
@@ -288,10 +388,11 @@ class PageStack(SectionReader):
     """A multi-page TIFF read one page (section) at a time, cast to ``dtype`` (a boolean
     mask is read as uint8 0/1)."""
 
-    def __init__(self, tif: Any, pages: Any, shape: tuple[int, int, int], dtype: np.dtype
-                 ) -> None:
+    def __init__(self, tif: Any, pages: Any, shape: tuple[int, int, int], dtype: np.dtype,
+                 boxes: list[Box] | None = None) -> None:
         super().__init__(shape, dtype)
         self._tif, self._pages = tif, pages
+        self.boxes = boxes
 
     def _read(self, z: int) -> np.ndarray:
         try:
@@ -302,7 +403,11 @@ class PageStack(SectionReader):
         except Exception as exc:  # a page that does not decode, or a file cut short
             path = Path(getattr(self._tif.filehandle, "path", "") or "the TIFF file")
             raise InputError(f"Section {z}: {_unreadable(path, exc)}") from None
-        return page.astype(self.dtype, copy=False)
+        page = page.astype(self.dtype, copy=False)
+        if self.boxes is None:
+            return page
+        box = self.boxes[z]
+        return on_canvas(page.reshape(box[2:]), box, self.shape[1:])
 
     def close(self) -> None:
         self._tif.close()
@@ -325,11 +430,13 @@ class FolderStack(SectionReader):
     before ``s10``) read one file at a time. With ``masks=True`` boolean sections are
     accepted and read as uint8 0/1 (``dtype`` is then uint8).
 
+    Sections of different sizes are centred on one canvas (:func:`canvas_boxes`, ``boxes``).
+
     Raises
     ------
     InputError
-        No TIFF files, a file that is not one grayscale 2D image, or sections whose size or
-        data type differ (the message names the file).
+        No TIFF files, a file that is not one grayscale 2D image, or sections whose data type
+        differs (the message names the file).
     """
 
     def __init__(self, folder: str | os.PathLike, *, min_sections: int = 2,
@@ -345,6 +452,7 @@ class FolderStack(SectionReader):
                              f"folder of sections needs at least {min_sections} (one 2D image "
                              "per file).")
         shape = dtype = None
+        shapes = []
         for f in files:
             try:
                 with tifffile.TiffFile(f) as tif:
@@ -361,10 +469,15 @@ class FolderStack(SectionReader):
                                  "grayscale 2D image per file.")
             if shape is None:
                 shape, dtype = fshape, fdtype
-            elif (fshape, fdtype) != (shape, dtype):
-                raise InputError(f"{f.name} in {str(folder)!r} is {fshape[0]}x{fshape[1]} px "
-                                 f"{fdtype}, but {files[0].name} is {shape[0]}x{shape[1]} px "
-                                 f"{dtype}; all sections must have the same size and type.")
+            elif fdtype != dtype:
+                raise InputError(f"{f.name} in {str(folder)!r} is {fdtype}, but "
+                                 f"{files[0].name} is {dtype}; all sections must have the "
+                                 "same data type.")
+            shapes.append(fshape)
+        lay = canvas_boxes(shapes)
+        if lay is not None:
+            _check_each_size(shapes, [f"{f.name} in {str(folder)!r}" for f in files])
+            shape, self.boxes = lay
         if min(shape) < MIN_SIZE:
             raise InputError(f"Sections of {shape[0]}x{shape[1]} px are too small; at least "
                              f"{MIN_SIZE}x{MIN_SIZE} px are needed.")
@@ -382,9 +495,38 @@ class FolderStack(SectionReader):
         import tifffile
 
         try:
-            return tifffile.imread(self.files[z]).astype(self.dtype, copy=False)
+            img = tifffile.imread(self.files[z]).astype(self.dtype, copy=False)
         except Exception as exc:  # a file cut short after its header was checked
             raise InputError(_unreadable(self.files[z], exc)) from None
+        if self.boxes is None:
+            return img
+        box = self.boxes[z]
+        return on_canvas(img.reshape(box[2:]), box, self.shape[1:])
+
+
+def section_boxes(path: str | os.PathLike
+                  ) -> tuple[tuple[int, int], list[Box]] | None:
+    """Where the readers place each section of a file or folder whose sections differ in
+    size, from the headers only: the canvas (H, W) and each section's (top, left, height,
+    width) on it; None when all sections have one size, or when the input is not readable
+    (the readers then say what is wrong)."""
+    import tifffile
+
+    p = Path(path)
+    try:
+        if p.is_dir():
+            with FolderStack(p, min_sections=1, masks=True) as folder:
+                return None if folder.boxes is None else (folder.shape[1:], folder.boxes)
+        if not p.is_file():
+            return None
+        with _TiffWarnings(), tifffile.TiffFile(p) as tif:
+            if not tif.series or _is_rgb(tif.series[0]):
+                return None
+            if not (_split_series(tif) or _page_mismatch(tif.series[0])):
+                return None
+            return _page_layout(_section_pages(tif), p)
+    except Exception:
+        return None
 
 
 def section_count(path: str | os.PathLike) -> int | None:
@@ -431,7 +573,10 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
     p = Path(path)
     whole = functools.partial(read_stack, p, min_sections=min_sections, masks=masks)
     if p.is_dir():
-        return FolderStack(p, min_sections=min_sections, masks=masks)
+        folder = FolderStack(p, min_sections=min_sections, masks=masks)
+        if folder.boxes is not None:
+            _warn_padded(str(p), [b[2:] for b in folder.boxes], folder.shape[1:])
+        return folder
     if not p.is_file():
         return whole()  # its errors say what is wrong
     try:
@@ -452,10 +597,11 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
             split = real and _split_series(tif)  # reads every page's header: once
             simple = (real and len(shape) == 3 and not _is_rgb(series) and not split
                       and min(shape[1:]) >= MIN_SIZE and shape[0] >= min_sections)
-            if simple:
-                mismatch = _page_mismatch(series)
-                if mismatch:
-                    raise InputError(f"{str(p)!r}: {mismatch}; {SAME_SIZE}.")
+            if simple and _page_mismatch(series):
+                typed = _first_type_mismatch(list(series.pages))
+                if typed:
+                    raise InputError(f"{str(p)!r}: {typed}; {SAME_SIZE}.")
+                simple, split = False, not mask  # pages of other sizes: padded page by page
             if simple and series.dataoffset is not None and not mask:  # masks are bit-packed
                 tif.close()
                 mm = tifffile.memmap(p, series=0, mode="r").reshape(shape)
@@ -463,10 +609,15 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
                 return mm  # check_stack's result is a plain ndarray view of the same pages
             if split and not mask:  # e.g. one series per page
                 pages = _split_pages(tif, p)
-                shape = (len(pages), *tuple(int(n) for n in pages[0].shape))
+                lay = _page_layout(pages, p)
+                plane = lay[0] if lay else tuple(int(n) for n in pages[0].shape)
+                shape = (len(pages), *plane)
                 if len(shape) == 3 and shape[0] >= min_sections and min(shape[1:]) >= MIN_SIZE:
                     pages[0].asarray()  # a codec that is not installed fails here
-                    return PageStack(tif, pages, shape, pages[0].dtype)
+                    if lay:
+                        _warn_padded(str(p), [b[2:] for b in lay[1]], lay[0])
+                    return PageStack(tif, pages, shape, pages[0].dtype,
+                                     boxes=lay[1] if lay else None)
             pages = list(series.pages) if simple else []
             if simple and len(pages) == shape[0] and all(
                     pg is not None and tuple(pg.shape) == shape[1:] for pg in pages):
