@@ -66,6 +66,14 @@ class AlignParams:
              "its squared size), relative to the default (the global pre-alignment is not "
              "penalised). Raise it to keep the deformable correction small.",
         minimum=0.0, maximum=1e4, step=0.1, label="magnitude penalty")
+    linear_penalty: float = _knob(
+        0.1, "How strongly both penalties act on the linear part of the deformable "
+             "correction (a scale, shear or rotation across the whole section that the "
+             "pre-alignment left), as a fraction of their weight on the rest. 0.1 lets the "
+             "fit take up the scale differences a rigid pre-alignment leaves (section "
+             "compression); 1 weighs it like the rest, as napari-ssemnet did before this "
+             "parameter existed.",
+        minimum=0.0, maximum=1.0, step=0.05, label="linear part penalty", advanced=True)
     window: int = _knob(
         2, "How many neighbour sections on each side each section is matched to. 2 averages "
            "out the real differences between adjacent sections; 1 is closest to the paper.",
