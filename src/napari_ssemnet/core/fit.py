@@ -1,8 +1,9 @@
 """Joint deformable fit of all sections on frozen encoder features (ssEMnet Eqs. 4-5).
 
 Every free section z gets a coarse control grid ``v_z`` (penalised by
-``alpha ||u||^2 + beta ||grad u||^2``, where ``u`` is ``v`` with its least-squares linear part
-scaled by ``sqrt(linear_penalty)``) on top of its pre-alignment. Only without a
+``alpha ||u||^2 + beta ||grad u||^2``, where ``u`` is ``v`` with its mean scaled by
+``sqrt(shift_penalty)`` and its least-squares linear part by ``sqrt(linear_penalty)``) on top
+of its pre-alignment. Only without a
 pre-alignment (``prealign="none"``) does it also get a residual global translation ``A_z``
 (not penalised), parameterised relative to its neighbour towards the reference
 (``A_z = G_z @ A_parent``) so that the slow "drift along the stack" modes of a chain are single
@@ -120,15 +121,17 @@ def residual_points(mats: torch.Tensor, grid: torch.Tensor, q: torch.Tensor,
     return p + warp.grid_to_dense(grid, *interp)
 
 
-def _scale_linear_part(v: torch.Tensor, f: float) -> torch.Tensor:
-    """``v`` (B, 2, gh, gw) with its least-squares linear part (in node position, about the
-    grid's centre) scaled by ``f``; its mean and the rest are kept."""
+def _scale_parts(v: torch.Tensor, mean_f: float, linear_f: float) -> torch.Tensor:
+    """``v`` (B, 2, gh, gw) with its mean scaled by ``mean_f`` and its least-squares linear
+    part (in node position, about the grid's centre) by ``linear_f``; the rest is kept (the
+    three parts are orthogonal on the nodes)."""
     gh, gw = v.shape[-2:]
     yy = torch.linspace(-1.0, 1.0, gh, device=v.device)[:, None].expand(gh, gw)
     xx = torch.linspace(-1.0, 1.0, gw, device=v.device)[None, :].expand(gh, gw)
+    mean = v.mean((-2, -1), keepdim=True)
     by = (v * yy).sum((-2, -1), keepdim=True) / (yy ** 2).sum()
     bx = (v * xx).sum((-2, -1), keepdim=True) / (xx ** 2).sum()
-    return v - (1.0 - f) * (by * yy + bx * xx)
+    return v - (1.0 - mean_f) * mean - (1.0 - linear_f) * (by * yy + bx * xx)
 
 
 def _drop_worst(err: torch.Tensor, m: torch.Tensor, drop: float, thresholds: list,
@@ -542,11 +545,13 @@ def fit_stack(
                 norm_w += wgt * err.shape[0]
             data = data / max(norm_w, 1e-9)
             nfree = free_t.sum().clamp(min=1.0)
-            # the linear part is weighted apart: a scale the rigid pre-alignment leaves is
-            # about 10 px at the border of a 512 px section, which the full magnitude
-            # penalty held to about 1 % (docs/benchmarks.md)
-            v_pen = (v_eff if params.linear_penalty == 1.0
-                     else _scale_linear_part(v_eff, math.sqrt(params.linear_penalty)))
+            # the mean and the linear part are weighted apart: a scale the rigid
+            # pre-alignment leaves is about 10 px at the border of a 512 px section, which
+            # the full magnitude penalty held to about 1 %, and the pre-alignment's shift
+            # errors were held as firmly as tissue distortion (docs/benchmarks.md)
+            v_pen = (v_eff if params.linear_penalty == params.shift_penalty == 1.0
+                     else _scale_parts(v_eff, math.sqrt(params.shift_penalty),
+                                       math.sqrt(params.linear_penalty)))
             reg_mag = (v_pen ** 2).sum() / (nfree * v_eff[0].numel())
             dy = v_pen[:, :, 1:, :] - v_pen[:, :, :-1, :]
             dx = v_pen[:, :, :, 1:] - v_pen[:, :, :, :-1]

@@ -74,6 +74,13 @@ class AlignParams:
              "compression); 1 weighs it like the rest, as napari-ssemnet did before this "
              "parameter existed.",
         minimum=0.0, maximum=1.0, step=0.05, label="linear part penalty", advanced=True)
+    shift_penalty: float = _knob(
+        0.3, "How strongly the magnitude penalty holds the mean of the deformable correction "
+             "(a shift of the whole section that the pre-alignment left), as a fraction of "
+             "its weight on the rest. Lower lets the fit correct the pre-alignment's shift "
+             "more freely; near 0 the sections drift along the stack; 1 weighs it like the "
+             "rest, as napari-ssemnet did before this parameter existed.",
+        minimum=0.0, maximum=1.0, step=0.05, label="shift penalty", advanced=True)
     window: int = _knob(
         2, "How many neighbour sections on each side each section is matched to. 2 averages "
            "out the real differences between adjacent sections; 1 is closest to the paper.",
