@@ -52,7 +52,7 @@ from .core.align import (
     placed_through_text,
     resolve_params,
 )
-from .core.errors import SsemnetError
+from .core.errors import InputError, SsemnetError
 from .core.io import as_dtype, pair_array, pair_rows, read_compression, read_resolution
 from .core.params import TRAIN_STEPS, AlignParams
 from .gui import _jobs as jobs
@@ -654,9 +654,14 @@ class AlignWidget(QWidget):
         self._ctl.stop = threading.Event()
         self._job = {"kind": kind, "t0": time.perf_counter(), "outcome": None,
                      "stream": None, "snapshots": [], **info}
+        extra = {}
         if "source" in info:  # placed as the source is now, even if it is deleted meanwhile
             self._job["transform"] = self._source_transform(info["source"])
-        worker = create_worker(func, *args, stop=self._ctl.stop, _start_thread=False)
+            if func is _read_then:
+                layers = self.viewer.layers
+                extra["source_file"] = _source_file(
+                    layers[info["source"]] if info["source"] in layers else None)
+        worker = create_worker(func, *args, stop=self._ctl.stop, _start_thread=False, **extra)
         worker.yielded.connect(self._on_yielded)
         worker.returned.connect(self._on_returned)
         worker.finished.connect(self._on_finished)
@@ -843,8 +848,7 @@ class AlignWidget(QWidget):
         layer = self.viewer.layers[source] if source in self.viewer.layers else None
         if layer is None:
             return {"placement": None, "contrast_limits": None, "colormap": "gray"}
-        path = getattr(getattr(layer, "source", None), "path", None)
-        path = str(path) if isinstance(path, str | Path) else None
+        path = _source_file(layer)
         # the file it was opened from: the TIFF writer keeps its compression and MinIsWhite
         # for the aligned stack. Read now, so that a save still has them once the file has
         # been moved or deleted
@@ -1379,9 +1383,42 @@ def _read(data: Any, name: str, stop: threading.Event):
     return stack
 
 
-def _read_then(job: Any, data: Any, name: str, *args: Any, stop: threading.Event):
+def _source_file(layer: Any) -> str | None:
+    """The file or folder napari opened ``layer`` from, or None."""
+    path = getattr(getattr(layer, "source", None), "path", None)
+    return str(path) if isinstance(path, str | Path) else None
+
+
+def _ragged_source(path: str | None, name: str) -> jobs.Failure | None:
+    """A failure when napari opened the layer from a file or folder whose sections differ in
+    size: its reader then drops pages of another size, or hands back pieces of several
+    shapes, so the layer is not the file's stack."""
+    if path is None or not os.path.exists(path):
+        return None
+    from .core.io import section_boxes
+
+    layout = section_boxes(path)
+    if layout is None:
+        return None
+    (ch, cw), boxes = layout
+    small = min(boxes, key=lambda b: b[2] * b[3])
+    return jobs.Failure(InputError(
+        f"Layer '{name}' was opened from {path}, whose {len(boxes)} sections differ in size "
+        f"(from {small[2]}x{small[3]} to {ch}x{cw} px). napari's reader cannot open those as "
+        "one stack (it leaves out pages of another size, or mixes sizes), so the layer is "
+        "not that stack. Open it in napari's console with: from napari_ssemnet.core.io "
+        f"import read_stack; viewer.add_image(read_stack({path!r})). That centres each "
+        "section on one canvas; align that layer."), "", True)
+
+
+def _read_then(job: Any, data: Any, name: str, *args: Any, stop: threading.Event,
+               source_file: str | None = None):
     """Worker entry: read the layer's data (see :func:`_read`), then run
-    ``job(stack, *args, stop=stop)``."""
+    ``job(stack, *args, stop=stop)``; first, a layer napari opened from a file whose sections
+    differ in size is refused (:func:`_ragged_source`)."""
+    ragged = _ragged_source(source_file, name)
+    if ragged is not None:
+        return ragged
     stack = yield from _read(data, name, stop)
     if isinstance(stack, jobs.Failure | jobs.Cancelled):
         return stack

@@ -24,6 +24,34 @@ def test_tiff_opens_with_builtin_reader_and_aligns(qtbot, viewer_widget, stack, 
     assert viewer.layers["em aligned"].data.shape == stack.shape
 
 
+def test_a_file_of_sections_of_different_sizes_that_napari_opened_is_refused(
+        qtbot, viewer_widget, stack, tmp_path):
+    # napari's reader left out the page of another size (5 of 6 sections) or mixed sizes in
+    # a folder, and the widget aligned what it got
+    viewer, widget = viewer_widget
+    path = tmp_path / "ragged.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for z, sec in enumerate(stack):
+            tw.write(sec[4:-4, 4:-4] if z == 2 else sec, photometric="minisblack",
+                     metadata=None)
+    layers = viewer.open(str(path))
+    assert layers[0].data.shape[0] == stack.shape[0] - 1  # napari's own reading
+    set_fast(widget)
+    start = n_records()
+    assert run_and_wait(qtbot, widget, widget.align) == "failed"
+    errors = error_messages(start)
+    assert len(errors) == 1 and "sections differ in size" in errors[0], errors
+    assert "read_stack(" in errors[0] and "ragged aligned" not in viewer.layers
+    # the same stack opened as the message says is aligned
+    from napari_ssemnet.core.io import read_stack
+
+    with pytest.warns(UserWarning, match="centred on a"):
+        viewer.add_image(read_stack(path), name="padded")
+    widget.layer_combo.setCurrentText("padded")
+    assert run_and_wait(qtbot, widget, widget.align) == "done", error_messages()
+    assert viewer.layers["padded aligned"].data.shape == stack.shape
+
+
 def test_the_saved_aligned_stack_keeps_the_source_files_compression_and_miniswhite(
         qtbot, viewer_widget, stack, tmp_path):
     # napari's save of the aligned layer came out uncompressed and with 0 as black
