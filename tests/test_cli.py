@@ -139,6 +139,36 @@ def test_summary_json_for_pipelines(tiny_tif, tmp_path, capsys):
     assert code == 2 and "--summary-json name the same file" in capsys.readouterr().err
 
 
+def test_a_rerun_from_parameters_of_before_a_new_parameter_says_how_to_repeat_it(
+        tiny_tif, tmp_path, capsys):
+    # records written before linear_penalty and shift_penalty name neither; the defaults
+    # then refit differently without a word
+    old = AlignParams().to_dict()
+    for name in cli.ADDED_LATER:
+        del old[name]
+    record = tmp_path / "old.json"
+    record.write_text(json.dumps(old))
+    out, fields = tmp_path / "o.tif", tmp_path / "f.npz"
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), "--params", str(record),
+                     "--fields", str(fields), *TINY, "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "was written before linear_penalty, shift_penalty existed" in err, err
+    assert "add --linear-penalty 1.0 --shift-penalty 1.0 to repeat" in err
+    assert load_fields(fields)[1]["linear_penalty"] == 0.1
+    # as the note says: the old fit, and then no note
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), "--params", str(record),
+                     "--linear-penalty", "1.0", "--shift-penalty", "1.0", "--fields",
+                     str(fields), *TINY, "-q"]) == 0
+    assert "written before" not in capsys.readouterr().err
+    assert load_fields(fields)[1]["shift_penalty"] == 1.0
+    # a file of a few overrides is not a record of an older run
+    few = tmp_path / "few.json"
+    few.write_text(json.dumps({"window": 1}))
+    assert cli.main(["align", str(tiny_tif), "-o", str(out), "--params", str(few), *TINY,
+                     "-q"]) == 0
+    assert "written before" not in capsys.readouterr().err
+
+
 def test_a_rerun_from_results_made_on_another_device_says_it_will_differ(tiny_tif, tmp_path,
                                                                        capsys):
     # device "auto" in a GPU run's files sent the rerun to the CPU without a word

@@ -57,7 +57,7 @@ from . import __version__
 from .core.align import ProgressRate
 from .core.errors import AlignmentCancelled, MemoryLimitError, SsemnetError
 from .core.io import SectionReader, as_dtype, fields_file_name, file_digest, section_files
-from .core.params import TRAIN_STEPS, AlignParams, ParameterError, knobs
+from .core.params import ADDED_LATER, TRAIN_STEPS, AlignParams, ParameterError, knobs
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -129,8 +129,10 @@ def add_param_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument(option_name(f.name), **kwargs)
 
 
-def load_params_file(path: str | Path) -> AlignParams:
-    """Read parameters from a JSON file (``AlignParams.to_json``) or a fields ``.npz``."""
+def load_params_file(path: str | Path, gaps: list[str] | None = None) -> AlignParams:
+    """Read parameters from a JSON file (``AlignParams.to_json``) or a fields ``.npz``;
+    ``gaps`` (if given) receives the names of :data:`ADDED_LATER` that a whole record of an
+    older version leaves out."""
     p = Path(path)
     if p.is_dir():
         raise SsemnetError(f"Parameter file {str(p)!r} is a folder; give the .json file "
@@ -162,14 +164,26 @@ def load_params_file(path: str | Path) -> AlignParams:
             and not os.path.exists(weights) and (p.parent / weights).is_file():
         # files written before weights were stored absolute, read from another folder
         data = {**data, "weights": str((p.parent / weights).resolve())}
+    if gaps is not None and "magnitude_penalty" in data:  # a whole record, not a few overrides
+        gaps.extend(name for name in ADDED_LATER if name not in data)
     return AlignParams.from_dict(data)
 
 
 def params_from_args(args: argparse.Namespace) -> AlignParams:
     """``--params`` file (if any), overridden by the options given on the command line."""
-    base = load_params_file(args.params) if getattr(args, "params", None) else AlignParams()
+    gaps: list[str] = []
+    base = (load_params_file(args.params, gaps) if getattr(args, "params", None)
+            else AlignParams())
     given = {f.name: getattr(args, f.name) for f in knobs()
              if getattr(args, f.name, None) is not None}
+    gaps = [name for name in gaps if name not in given]
+    if gaps:
+        then = ", ".join(f"{n}={ADDED_LATER[n]}" for n in gaps)
+        now = ", ".join(f"{n}={getattr(base, n)}" for n in gaps)
+        opts = " ".join(f"{option_name(n)} {ADDED_LATER[n]}" for n in gaps)
+        _say(sys.stderr, f"note: {args.params} was written before {', '.join(gaps)} "
+                         f"existed; its run fitted as {then} does, and this one uses the "
+                         f"defaults {now}; add {opts} to repeat that run.\n")
     if given.get("weights"):  # stored with the results: it must still say which file
         given["weights"] = os.path.abspath(given["weights"])
     params = base.replace(**given) if given else base

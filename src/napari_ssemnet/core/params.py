@@ -259,6 +259,11 @@ def _plain(value: Any, expected: type) -> Any:
     return value
 
 
+ADDED_LATER: dict[str, Any] = {"linear_penalty": 1.0, "shift_penalty": 1.0}
+"""Parameters added after the first release, with the value that gives the fit of the
+records written before them (which do not name them)."""
+
+
 def knobs() -> list[dataclasses.Field]:
     """The fields of :class:`AlignParams`, in declaration order (for front ends)."""
     return list(dataclasses.fields(AlignParams))
