@@ -1007,6 +1007,26 @@ def test_a_folder_of_sections_of_different_sizes_is_aligned_on_one_canvas(tmp_pa
     assert "7 of 8 are centred" in capsys.readouterr().err
 
 
+def test_advice_about_the_pre_alignment_is_a_note_and_in_the_summary(tmp_path, capsys):
+    from napari_ssemnet.core.synth import apply_misalignment, random_misalignment
+
+    sample = load_sample(misaligned=False).astype(np.float32)
+    e = random_misalignment(sample.shape, seed=0, scale=0.1, rotation_deg=3, shift_frac=0.03)
+    src = write_stack(tmp_path / "scaled.tif", apply_misalignment(sample, e))
+    summary = tmp_path / "s.json"
+    quick = ["--levels", "1", "--iterations", "10", "--features", "pixels", "--device", "cpu"]
+    assert cli.main(["align", str(src), "-o", str(tmp_path / "a.tif"), "--summary-json",
+                     str(summary), *quick, "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "note: Neighbouring sections seem to differ in scale" in err, err
+    notes = json.loads(summary.read_text())["notes"]
+    assert len(notes) == 1 and "prealign='affine'" in notes[0]
+    assert cli.main(["align", str(src), "-o", str(tmp_path / "a.tif"), "--summary-json",
+                     str(summary), *quick, "--prealign", "affine", "-q"]) == 0
+    assert "differ in scale" not in capsys.readouterr().err
+    assert json.loads(summary.read_text())["notes"] == []
+
+
 def test_output_that_would_replace_the_input_is_refused(tiny_tif, tmp_path, capsys):
     src = tmp_path / "in.tif"
     src.write_bytes(tiny_tif.read_bytes())

@@ -76,6 +76,13 @@ def show_error(message: str) -> None:
     _show_error(message)
 
 
+def show_warning(message: str) -> None:
+    """Show a warning notification (advice after a run that succeeded)."""
+    from napari.utils.notifications import show_warning as _show_warning
+
+    _show_warning(message)
+
+
 def show_info(message: str) -> None:
     from napari.utils.notifications import show_info as _show_info
 
@@ -1069,6 +1076,9 @@ class AlignWidget(QWidget):
                      "the old data, and the result is not kept (press Align again).")
         elif edited:
             text += " " + self._changed_text(source).replace("since Align", "during the run")
+        for note in res.notes:  # advice (e.g. another pre-alignment): a notification too
+            text += f" {note.replace('prealign=', 'Pre-alignment ')}"
+            show_warning(note.replace("prealign=", "Pre-alignment "))
         self.status.setText(text)
 
     def _finish_section(self, job: dict[str, Any], out: jobs.SectionOutcome) -> None:

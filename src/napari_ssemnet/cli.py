@@ -636,6 +636,8 @@ def _report(args: argparse.Namespace, out: TextIO, shape: tuple[int, int, int], 
     out.write(format_summary(shape, res.device, res.timings, res.ncc_before, res.ncc_after,
                              res.flags, reference=params.reference) + "\n")
     out.write(_wall_line())
+    for note in getattr(res, "notes", None) or []:  # a block-wise summary has none
+        _say(sys.stderr, f"note: {note}\n")
     _write_summary(args, shape, dtype, params, res, out_path, fields, blocks=blocks,
                    resumed=resumed)
     return EXIT_OK
@@ -712,6 +714,7 @@ def _write_summary(args: argparse.Namespace, shape: tuple[int, int, int], dtype:
         "output_dtype": args.output_dtype, "compression": _compression(args),
         "ignore": getattr(args, "ignore", None),
         "resumed": resumed,
+        "notes": list(getattr(res, "notes", None) or []),
         "environment": _environment(res),
     }
     tmp = _partial(path, "partial.json")

@@ -1250,3 +1250,24 @@ def test_a_layer_selected_during_the_run_stays_selected(qtbot, viewer_widget, mo
         assert viewer.layers.selection.active.name == "em aligned"
         assert widget.layer_combo.currentText() == "em"
         holds[3][1].set()
+
+
+def test_advice_after_a_run_is_in_the_status_and_a_warning(qtbot, viewer_widget):
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    from napari_ssemnet.core.sample import load_sample
+    from napari_ssemnet.core.synth import apply_misalignment, random_misalignment
+
+    viewer, widget = viewer_widget
+    sample = load_sample(misaligned=False).astype(np.float32)
+    e = random_misalignment(sample.shape, seed=0, scale=0.1, rotation_deg=3, shift_frac=0.03)
+    viewer.add_image(apply_misalignment(sample, e), name="scaled")
+    for name, value in {"levels": 1, "iterations": 10, "features": "pixels",
+                        "prealign": "rigid", "device": "cpu"}.items():
+        widget.form.set_value(name, value)
+    start = n_records()
+    assert run_and_wait(qtbot, widget, widget.align) == "done", error_messages(start)
+    warned = [str(n.message) for n in notification_manager.records[start:]
+              if n.severity == NotificationSeverity.WARNING]
+    assert any("differ in scale" in w and "Pre-alignment 'affine'" in w for w in warned), warned
+    assert "differ in scale" in widget.status.text()

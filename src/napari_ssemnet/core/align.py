@@ -155,6 +155,8 @@ class AlignmentResult:
     placed_flags : list of str, length Z
         The flags before that check (:func:`flag_poor_links`), for running it again after
         a section moved (Re-align section).
+    notes : list of str
+        Advice about the run for the user (e.g. :func:`scale_note`); empty for most runs.
     """
 
     aligned: np.ndarray
@@ -170,6 +172,7 @@ class AlignmentResult:
     environment: dict[str, Any] = field(default_factory=dict)
     pair_ncc: dict[tuple[int, int], float] = field(default_factory=dict)
     placed_flags: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def section_params_json(self) -> str:
         """``section_params`` as a JSON object keyed by section ("" when there are none)."""
@@ -186,6 +189,35 @@ class AlignmentResult:
         """A few human-readable lines about the run."""
         return format_summary(self.aligned.shape, self.device, self.timings, self.ncc_before,
                               self.ncc_after, self.flags, reference=self.params.reference)
+
+
+SCALE_NOTE_AT = 0.05
+"""Median scale deviation between neighbours (affine fits of the pre-alignment's patches)
+from which a run without an affine pre-alignment advises one. Measured medians on the
+2-core dev box (docs/benchmarks.md): untouched ssTEM 0.004-0.020 (ISBI, VNC, the sample);
+sections scaled by up to 2 % per axis 0.015-0.042, by 5 % 0.029-0.049, by 10 % 0.044-0.089
+(ISBI 8 seeds with and without a blank section, VNC 4 seeds). Only with at least
+``SCALE_NOTE_MATCHES`` matches on sections of at least ``SCALE_NOTE_SIDE`` px: on 96 px crops
+of the sample the fits of 2 matches said 11 % for sections of one scale."""
+SCALE_NOTE_MATCHES = 4
+SCALE_NOTE_SIDE = 256
+
+
+def scale_note(scales: dict[int, float], prealign: str, size: tuple[int, int]) -> str:
+    """The advice to use ``prealign='affine'`` when neighbouring sections of ``size``
+    (H, W) differ in scale (``scales``: :func:`prealign.prealign_stack`'s), or ""."""
+    if (prealign == "affine" or len(scales) < SCALE_NOTE_MATCHES
+            or min(size) < SCALE_NOTE_SIDE):
+        return ""
+    median = float(np.median(list(scales.values())))
+    if median < SCALE_NOTE_AT:
+        return ""
+    return (f"Neighbouring sections seem to differ in scale by {100 * median:.0f} % (median "
+            f"of {len(scales)} matches; sections of one scale measured 0.4-2 %). A "
+            f"'{prealign}' pre-alignment cannot follow that: if the sections were compressed "
+            "unevenly by the knife or imaged at other magnifications, align again with "
+            "prealign='affine' (on sections scaled by up to 10 % it was about twice as "
+            "consistent).")
 
 
 def format_summary(shape: tuple[int, ...], device: str, timings: dict[str, float],
@@ -846,9 +878,11 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
                                     f"structure{dups}")
 
     t0 = time.perf_counter()
+    scales: dict[int, float] = {}
     matrices, confidence = yield from prealign.prealign_stack(
         norm, blank, reference=params.reference, kind=params.prealign,
-        max_rotation=params.max_rotation, device=device, should_stop=stop_check)
+        max_rotation=params.max_rotation, device=device, should_stop=stop_check,
+        scales=scales)
     timings["prealign"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -907,7 +941,8 @@ def _iter_align_stack(arr: np.ndarray, params: AlignParams, *,
                            ncc_before=ncc_before, ncc_after=ncc_after, flags=flags,
                            params=params, timings=timings, device=str(device),
                            environment=result_environment(params, device),
-                           pair_ncc=pairs_after, placed_flags=placed_flags)
+                           pair_ncc=pairs_after, placed_flags=placed_flags,
+                           notes=[n for n in [scale_note(scales, params.prealign, (h, w))] if n])
 
 
 def align_section(stack: np.ndarray, z: int, params: AlignParams | None = None, *,

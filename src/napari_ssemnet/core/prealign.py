@@ -435,7 +435,8 @@ def estimate_pair(fixed: torch.Tensor, moving: torch.Tensor, *, kind: str, k: fl
     report : dict, optional
         Filled with ``split``: whether the winning map's inlier patches fall into two
         groups that moved differently (:func:`split_match`; the confidence is then at most
-        :data:`SPLIT_CONFIDENCE`).
+        :data:`SPLIT_CONFIDENCE`), and ``scale``: how far from 1 an affine map fitted to
+        the same inlier patches scales any direction (nan without a fit).
 
     Returns
     -------
@@ -445,28 +446,29 @@ def estimate_pair(fixed: torch.Tensor, moving: torch.Tensor, *, kind: str, k: fl
         Median peak-to-sidelobe ratio of the inlier patches, scaled down when fewer than
         ``MIN_INLIER_SHARE`` of the structured patches are inliers (0 if the fit failed).
     """
-    best: tuple[float, np.ndarray, float, bool] | None = None
+    best: tuple[float, np.ndarray, float, bool, float] | None = None
     for theta, shift in _coarse_rigid(fixed, moving, kind=kind, k=k,
                                       max_rotation=max_rotation, extra=hypotheses - 1):
         if should_stop is not None:
             should_stop()
-        m, conf, support, split = _refine_on_patches(
+        m, conf, support, split, scale = _refine_on_patches(
             fixed, moving, _rigid_matrix(theta, shift, full_size), kind=kind, k=k,
             full_size=full_size)
         if best is None or support > best[0]:
-            best = (support, m, conf, split)
+            best = (support, m, conf, split, scale)
     assert best is not None
     if report is not None:
-        report["split"] = best[3]
+        report["split"], report["scale"] = best[3], best[4]
     return best[1], best[2]
 
 
 def _refine_on_patches(fixed: torch.Tensor, moving: torch.Tensor, m: np.ndarray, *,
                        kind: str, k: float, full_size: tuple[int, int]
-                       ) -> tuple[np.ndarray, float, float, bool]:
+                       ) -> tuple[np.ndarray, float, float, bool, float]:
     """Block-matching refinement of a rough map: (map, confidence, summed inlier PSR,
-    whether the inliers split in two, :func:`split_match`)."""
-    conf, support, split = 0.0, 0.0, False
+    whether the inliers split in two (:func:`split_match`), and the scale deviation of an
+    affine map fitted to the same inliers (:func:`scale_deviation`; nan without a fit))."""
+    conf, support, split, scale = 0.0, 0.0, False, float("nan")
     for _ in range(2):
         src, dst, psr = _block_match(fixed, moving, m, k, full_size)
         good = psr >= MIN_CONFIDENCE
@@ -493,7 +495,16 @@ def _refine_on_patches(fixed: torch.Tensor, moving: torch.Tensor, m: np.ndarray,
         split = split_match(src[good], dst[good] - pred, k)
         if split:
             conf = min(conf, SPLIT_CONFIDENCE)
-    return m, conf, support, split
+        scale = scale_deviation(m if kind == "affine"
+                                else fit_points(src[good], dst[good], psr[good], "affine"))
+    return m, conf, support, split, scale
+
+
+def scale_deviation(m: np.ndarray) -> float:
+    """How far from 1 the linear part of a (3, 3) map scales any direction (its singular
+    values): 0.05 for a section 5 % larger or smaller along some axis."""
+    sv = np.linalg.svd(np.asarray(m, float)[:2, :2], compute_uv=False)
+    return float(np.abs(sv - 1.0).max())
 
 
 def split_match(points: np.ndarray, residual: np.ndarray, k: float) -> bool:
@@ -570,6 +581,7 @@ def prealign_stack(
     should_stop: Callable[[], None] | None = None,
     fixed: dict[int, np.ndarray] | None = None,
     fixed_confidence: dict[int, float] | None = None,
+    scales: dict[int, float] | None = None,
 ) -> Generator[object, None, tuple[np.ndarray, np.ndarray]]:
     """Chain pairwise estimates outwards from the reference.
 
@@ -582,6 +594,11 @@ def prealign_stack(
         kept and serve as anchors for the sections beyond them.
     fixed_confidence : dict of int to float, optional
         The confidence of fixed sections (default inf), passed on to those placed from them.
+    scales : dict of int to float, optional
+        Filled, for each section confidently matched to its nearest placed neighbour, with
+        the scale deviation of an affine map fitted to that match's patches
+        (:func:`scale_deviation`), whatever ``kind`` is: evidence of sections that differ in
+        scale, which a rigid pre-alignment cannot follow.
 
     Returns
     -------
@@ -646,6 +663,9 @@ def prealign_stack(
                                          report=report)
                 if cand == placed[-1] and report.get("split"):
                     split = True
+                if (scales is not None and cand == placed[-1] and c >= MIN_CONFIDENCE
+                        and np.isfinite(report.get("scale", np.nan))):
+                    scales[zz] = float(report["scale"])
                 # sections two apart share little structure: only a fallback, and only when
                 # clearly better than a doubtful nearest match, or confident where it is not
                 # (a torn section's wrong match, 4.85, beat the right one across it, 5.89)
