@@ -1077,8 +1077,9 @@ class AlignWidget(QWidget):
         elif edited:
             text += " " + self._changed_text(source).replace("since Align", "during the run")
         for note in res.notes:  # advice (e.g. another pre-alignment): a notification too
-            text += f" {note.replace('prealign=', 'Pre-alignment ')}"
-            show_warning(note.replace("prealign=", "Pre-alignment "))
+            note = note.replace("prealign=", "Pre-alignment ")  # the widget's own label
+            text += f" {note}"
+            show_warning(note)
         self.status.setText(text)
 
     def _finish_section(self, job: dict[str, Any], out: jobs.SectionOutcome) -> None:
@@ -1405,16 +1406,14 @@ def _ragged_source(path: str | None, name: str) -> jobs.Failure | None:
     shapes, so the layer is not the file's stack."""
     if path is None or not os.path.exists(path):
         return None
-    from .core.io import section_boxes
+    from .core.io import section_boxes, size_range
 
     layout = section_boxes(path)
     if layout is None:
         return None
-    (ch, cw), boxes = layout
-    small = min(boxes, key=lambda b: b[2] * b[3])
     return jobs.Failure(InputError(
-        f"Layer '{name}' was opened from {path}, whose {len(boxes)} sections differ in size "
-        f"(from {small[2]}x{small[3]} to {ch}x{cw} px). napari's reader cannot open those as "
+        f"Layer '{name}' was opened from {path}, whose {len(layout[1])} sections differ in "
+        f"size ({size_range(*layout)}). napari's reader cannot open those as "
         "one stack (it leaves out pages of another size, or mixes sizes), so the layer is "
         "not that stack. Open it in napari's console with: from napari_ssemnet.core.io "
         f"import read_stack; viewer.add_image(read_stack({path!r})). That centres each "

@@ -121,13 +121,21 @@ def residual_points(mats: torch.Tensor, grid: torch.Tensor, q: torch.Tensor,
     return p + warp.grid_to_dense(grid, *interp)
 
 
-def _scale_parts(v: torch.Tensor, mean_f: float, linear_f: float) -> torch.Tensor:
+def linear_basis(gshape: tuple[int, int], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Node positions (gh, gw) in y and in x, from -1 to 1 about the grid's centre: the
+    linear part of a grid in :func:`_scale_parts` (made once per pyramid level)."""
+    gh, gw = gshape
+    yy = torch.linspace(-1.0, 1.0, gh, device=device)[:, None].expand(gh, gw)
+    xx = torch.linspace(-1.0, 1.0, gw, device=device)[None, :].expand(gh, gw)
+    return yy, xx
+
+
+def _scale_parts(v: torch.Tensor, mean_f: float, linear_f: float,
+                 basis: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``v`` (B, 2, gh, gw) with its mean scaled by ``mean_f`` and its least-squares linear
-    part (in node position, about the grid's centre) by ``linear_f``; the rest is kept (the
-    three parts are orthogonal on the nodes)."""
-    gh, gw = v.shape[-2:]
-    yy = torch.linspace(-1.0, 1.0, gh, device=v.device)[:, None].expand(gh, gw)
-    xx = torch.linspace(-1.0, 1.0, gw, device=v.device)[None, :].expand(gh, gw)
+    part (in node position, about the grid's centre; ``basis``: :func:`linear_basis`) by
+    ``linear_f``; the rest is kept (the three parts are orthogonal on the nodes)."""
+    yy, xx = basis if basis is not None else linear_basis(v.shape[-2:], v.device)
     mean = v.mean((-2, -1), keepdim=True)
     by = (v * yy).sum((-2, -1), keepdim=True) / (yy ** 2).sum()
     bx = (v * xx).sum((-2, -1), keepdim=True) / (xx ** 2).sum()
@@ -489,6 +497,7 @@ def fit_stack(
         glob = glob.detach().requires_grad_(refine_global)
         grid = grid.detach().requires_grad_(True)
         held = held_grids(gshape)
+        basis = linear_basis(gshape, device)
         lr = params.learning_rate * k
         opt = torch.optim.Adam([glob, grid] if refine_global else [grid], lr=lr)
         q = warp.level_points(hf, wf, kf, device=device)
@@ -551,7 +560,7 @@ def fit_stack(
             # errors were held as firmly as tissue distortion (docs/benchmarks.md)
             v_pen = (v_eff if params.linear_penalty == params.shift_penalty == 1.0
                      else _scale_parts(v_eff, math.sqrt(params.shift_penalty),
-                                       math.sqrt(params.linear_penalty)))
+                                       math.sqrt(params.linear_penalty), basis))
             reg_mag = (v_pen ** 2).sum() / (nfree * v_eff[0].numel())
             dy = v_pen[:, :, 1:, :] - v_pen[:, :, :-1, :]
             dx = v_pen[:, :, :, 1:] - v_pen[:, :, :, :-1]

@@ -69,37 +69,26 @@ class _TiffWarnings(logging.Handler):
         return f" (tifffile: {first[:200]})"
 
 
-def _first_mismatch(pages: Any) -> str | None:
-    """The first page that differs from the first one in size or type, as a sentence.
+def _first_mismatch(pages: Any, *, size: bool = True) -> str | None:
+    """The first page that differs from the first one in size or type (``size=False``: in
+    type only, as pages of other sizes are padded onto one canvas), as a sentence.
 
     Each page's own header is read (``aspage``: a few KB each), not the layout tifffile
     took from the first pages.
     """
-    want = None
-    for k, pg in enumerate(pages):
-        page = pg.aspage() if hasattr(pg, "aspage") else pg
-        got = (tuple(page.shape), np.dtype(page.dtype))
-        if want is None:
-            want = got
-        elif got != want:
-            return (f"page {k} is {'x'.join(map(str, got[0]))} px {got[1]}, but page 0 is "
-                    f"{'x'.join(map(str, want[0]))} px {want[1]}")
-    return None
+    def told(got: tuple) -> str:
+        return f"{'x'.join(map(str, got[0]))} px {got[1]}" if size else str(got[1])
 
-
-def _first_type_mismatch(pages: Any) -> str | None:
-    """The first page whose data type differs from the first page's, as a sentence (pages
-    of other sizes are padded onto one canvas, pages of other types are refused)."""
     want = None
     for k, pg in enumerate(pages):
         if pg is None:
             continue
         page = pg.aspage() if hasattr(pg, "aspage") else pg
-        got = np.dtype(page.dtype)
+        got = (tuple(page.shape) if size else (), np.dtype(page.dtype))
         if want is None:
             want = got
         elif got != want:
-            return f"page {k} is {got}, but page 0 is {want}"
+            return f"page {k} is {told(got)}, but page 0 is {told(want)}"
     return None
 
 
@@ -157,7 +146,7 @@ def _every_page(tif: Any, p: Path) -> np.ndarray:
     if lay is None:
         return np.stack([page.asarray() for page in pages])
     canvas, boxes = lay
-    _warn_padded(str(p), [b[2:] for b in boxes], canvas)
+    _warn_padded(str(p), canvas, boxes)
     return np.stack([on_canvas(np.asarray(page.asarray()).reshape(box[2:]), box, canvas)
                      for page, box in zip(pages, boxes, strict=True)])
 
@@ -184,7 +173,7 @@ def _split_pages(tif: Any, p: Path) -> list[Any]:
         raise InputError(f"{str(p)!r} holds {len(tif.series)} OME images (series); one image "
                          "with all sections (Z, Y, X) is needed. Save the stack as one image.")
     pages = _section_pages(tif)
-    differ = _first_type_mismatch(pages)
+    differ = _first_mismatch(pages, size=False)
     if differ:
         raise InputError(f"{str(p)!r} holds pages of different types ({differ}); "
                          f"{SAME_SIZE}.")
@@ -227,12 +216,17 @@ def on_canvas(section: np.ndarray, box: Box, canvas: tuple[int, int]) -> np.ndar
     return out
 
 
-def padding_note(where: str, shapes: list[tuple[int, int]], canvas: tuple[int, int]) -> str:
-    """The one-line message of :class:`SectionsPadded`."""
-    small = min(shapes, key=lambda s: s[0] * s[1])
-    odd = sum(s != canvas for s in shapes)
-    return (f"{where}: the sections differ in size (from {small[0]}x{small[1]} to "
-            f"{canvas[0]}x{canvas[1]} px); {odd} of {len(shapes)} are centred on a "
+def size_range(canvas: tuple[int, int], boxes: list[Box]) -> str:
+    """``"from 304x304 to 320x320 px"`` for :func:`canvas_boxes`' layout."""
+    small = min(boxes, key=lambda b: b[2] * b[3])
+    return f"from {small[2]}x{small[3]} to {canvas[0]}x{canvas[1]} px"
+
+
+def padding_note(where: str, canvas: tuple[int, int], boxes: list[Box]) -> str:
+    """The one-line message of :class:`SectionsPadded` for :func:`canvas_boxes`' layout."""
+    odd = sum(tuple(b[2:]) != tuple(canvas) for b in boxes)
+    return (f"{where}: the sections differ in size ({size_range(canvas, boxes)}); {odd} of "
+            f"{len(boxes)} are centred on a "
             f"{canvas[0]}x{canvas[1]} px canvas, padded with 0 (as padding them by hand "
             "would), and the output has the canvas size.")
 
@@ -247,10 +241,10 @@ def _check_each_size(shapes: list[tuple[int, int]], names: list[str]) -> None:
                              "thumbnail or a label?).")
 
 
-def _warn_padded(where: str, shapes: list[tuple[int, int]], canvas: tuple[int, int]) -> None:
+def _warn_padded(where: str, canvas: tuple[int, int], boxes: list[Box]) -> None:
     import warnings
 
-    warnings.warn(padding_note(where, shapes, canvas), SectionsPadded, stacklevel=3)
+    warnings.warn(padding_note(where, canvas, boxes), SectionsPadded, stacklevel=3)
 
 
 def read_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = False
@@ -287,7 +281,7 @@ def read_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
     if p.is_dir():
         folder = FolderStack(p, min_sections=min_sections, masks=masks)
         if folder.boxes is not None:
-            _warn_padded(str(p), [b[2:] for b in folder.boxes], folder.shape[1:])
+            _warn_padded(str(p), folder.shape[1:], folder.boxes)
         return check_stack(np.stack([folder[z] for z in range(len(folder))]),
                            name=f"stack in {p.name}", min_sections=min_sections, masks=masks)
     if not p.is_file():  # reading a pipe waits for a writer: a hang
@@ -301,7 +295,7 @@ def read_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
                 if series is None:
                     raise InputError(f"{str(p)!r} is a TIFF file without images.")
                 sized = _page_mismatch(series) is not None  # another size: padded below
-                typed = _first_type_mismatch(list(series.pages)) if sized else None
+                typed = _first_mismatch(series.pages, size=False) if sized else None
                 if typed:
                     raise InputError(f"{str(p)!r}: {typed}; {SAME_SIZE}.")
                 is_rgb = _is_rgb(series)
@@ -352,7 +346,8 @@ class SectionReader:
     ``len`` and ``stack[z]`` for an integer z, so that a block-wise alignment never holds the
     whole input. Subclasses read section z in :meth:`_read`. Close it (or use it as a context
     manager) when done. ``boxes`` is None, or, for sections of different sizes centred on
-    one canvas of ``shape[1:]``, each section's (top, left, height, width) there."""
+    one canvas of ``shape[1:]``, each section's (top, left, height, width) there: ``_read``
+    then returns the section as it is, and ``stack[z]`` places it on the canvas."""
 
     boxes: list[Box] | None = None
 
@@ -372,7 +367,11 @@ class SectionReader:
         z = int(z)
         if not -self.shape[0] <= z < self.shape[0]:
             raise IndexError(f"section {z} out of range")
-        return np.asarray(self._read(z % self.shape[0])).reshape(self.shape[1:])
+        img = np.asarray(self._read(z % self.shape[0]))
+        if self.boxes is None:
+            return img.reshape(self.shape[1:])
+        box = self.boxes[z % self.shape[0]]
+        return on_canvas(img.reshape(box[2:]), box, self.shape[1:])
 
     def close(self) -> None:
         """Release what the reader holds open (nothing by default)."""
@@ -403,11 +402,7 @@ class PageStack(SectionReader):
         except Exception as exc:  # a page that does not decode, or a file cut short
             path = Path(getattr(self._tif.filehandle, "path", "") or "the TIFF file")
             raise InputError(f"Section {z}: {_unreadable(path, exc)}") from None
-        page = page.astype(self.dtype, copy=False)
-        if self.boxes is None:
-            return page
-        box = self.boxes[z]
-        return on_canvas(page.reshape(box[2:]), box, self.shape[1:])
+        return page.astype(self.dtype, copy=False)
 
     def close(self) -> None:
         self._tif.close()
@@ -495,13 +490,9 @@ class FolderStack(SectionReader):
         import tifffile
 
         try:
-            img = tifffile.imread(self.files[z]).astype(self.dtype, copy=False)
+            return tifffile.imread(self.files[z]).astype(self.dtype, copy=False)
         except Exception as exc:  # a file cut short after its header was checked
             raise InputError(_unreadable(self.files[z], exc)) from None
-        if self.boxes is None:
-            return img
-        box = self.boxes[z]
-        return on_canvas(img.reshape(box[2:]), box, self.shape[1:])
 
 
 def section_boxes(path: str | os.PathLike
@@ -575,7 +566,7 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
     if p.is_dir():
         folder = FolderStack(p, min_sections=min_sections, masks=masks)
         if folder.boxes is not None:
-            _warn_padded(str(p), [b[2:] for b in folder.boxes], folder.shape[1:])
+            _warn_padded(str(p), folder.shape[1:], folder.boxes)
         return folder
     if not p.is_file():
         return whole()  # its errors say what is wrong
@@ -598,7 +589,7 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
             simple = (real and len(shape) == 3 and not _is_rgb(series) and not split
                       and min(shape[1:]) >= MIN_SIZE and shape[0] >= min_sections)
             if simple and _page_mismatch(series):
-                typed = _first_type_mismatch(list(series.pages))
+                typed = _first_mismatch(series.pages, size=False)
                 if typed:
                     raise InputError(f"{str(p)!r}: {typed}; {SAME_SIZE}.")
                 simple, split = False, not mask  # pages of other sizes: padded page by page
@@ -615,7 +606,7 @@ def open_stack(path: str | os.PathLike, *, min_sections: int = 2, masks: bool = 
                 if len(shape) == 3 and shape[0] >= min_sections and min(shape[1:]) >= MIN_SIZE:
                     pages[0].asarray()  # a codec that is not installed fails here
                     if lay:
-                        _warn_padded(str(p), [b[2:] for b in lay[1]], lay[0])
+                        _warn_padded(str(p), *lay)
                     return PageStack(tif, pages, shape, pages[0].dtype,
                                      boxes=lay[1] if lay else None)
             pages = list(series.pages) if simple else []
