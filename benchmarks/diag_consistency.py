@@ -13,6 +13,13 @@ Three experiments on ISBI sections 0-5, 384^2 crop, reference 0:
   rotation (+-2 deg), shift (+-2 %) and smooth elastic field (1.5 px node std): with no
   tissue change, how much of the known motion does the fit leave, with its regularisers and
   iteration budget, and without them?
+* ``floor``: the benchmark itself (6 x 384^2, the benchmark misalignment, consistency as
+  in ``sweep_consistency.py``) on six copies of ONE real section: the score with no tissue
+  change between neighbours, i.e. the part of the error that the fit's regularisers and
+  iteration budget cause on their own;
+* ``split``: the consistency residual ``t - c`` of each section split into its mean
+  (translation), its least-squares linear part and the rest, per section (median length of
+  each part, mean over seeds).
 
     OMP_NUM_THREADS=2 python benchmarks/diag_consistency.py parts
 """
@@ -157,10 +164,77 @@ def copies(full: np.ndarray, seeds) -> None:
         print(f"| {name} | {np.mean(meds):.2f} / {np.mean(p95s):.2f} |", flush=True)
 
 
+FLOOR_VARIANTS = {
+    "defaults": {},
+    "fit frozen (pre-alignment only)": FROZEN,
+    "smoothness 0": {"smoothness": 0.0},
+    "magnitude_penalty 0": {"magnitude_penalty": 0.0},
+    "600 iterations, no early stop": {"iterations": 600, "tolerance": 0.0},
+    "no regularisers": {"smoothness": 0.0, "magnitude_penalty": 0.0},
+    "no regularisers, 600 iterations, no early stop": {
+        "smoothness": 0.0, "magnitude_penalty": 0.0, "iterations": 600, "tolerance": 0.0},
+}
+
+
+def floor(full: np.ndarray, seeds, section: int = 3) -> None:
+    copies_full = np.stack([full[section]] * full.shape[0]).astype(np.float32)
+    print(f"| variant (copies of section {section}) | consistency median / p95 (px) | "
+          "per section 1-5 (median) |\n|---|---|---|")
+    for name, params in FLOOR_VARIANTS.items():
+        first = C.make_case("floor", copies_full, CROP, seed=seeds[0])
+        c = C.run_ours(C.untouched_case(first).clean, **dict(params))
+        meds, p95s, per = [], [], []
+        for seed in seeds:
+            case = C.make_case("floor", copies_full, CROP, seed=seed)
+            r = C.run_ours(case.mis.copy(), **dict(params))
+            ev = C.evaluate(case, r["d"], r["valid"], c=c["d"], c_valid=c["valid"])
+            meds.append(ev["consistency"]["median"])
+            p95s.append(ev["consistency"]["p95"])
+            per.append(ev["consistency_per_section"])
+        sections = ", ".join(f"{v:.2f}" for v in np.mean(per, axis=0))
+        print(f"| {name} | {np.mean(meds):.2f} / {np.mean(p95s):.2f} | {sections} |",
+              flush=True)
+
+
+SPLIT_VARIANTS = {"defaults": {}, "fit frozen (pre-alignment only)": FROZEN}
+
+
+def split(full: np.ndarray, seeds) -> None:
+    yy, xx = np.meshgrid(np.arange(CROP), np.arange(CROP), indexing="ij")
+    half = CROP / 2
+    print("| variant | section | residual | translation | linear part | rest |\n"
+          "|---|---|---|---|---|---|")
+    for name, params in SPLIT_VARIANTS.items():
+        first = C.make_case("diag", full, CROP, seed=seeds[0])
+        c = C.run_ours(C.untouched_case(first).clean, **dict(params))
+        rows = []
+        for seed in seeds:
+            case = C.make_case("diag", full, CROP, seed=seed)
+            r = C.run_ours(case.mis.copy(), **dict(params))
+            t, _ = C.total_map(case, r["d"])
+            both = r["valid"] & c["valid"]
+            for z in range(1, full.shape[0]):
+                m = both[z]
+                res = (t[z] - c["d"][z])[:, m].T
+                basis = np.stack([np.ones(m.sum()), (yy[m] - half) / half,
+                                  (xx[m] - half) / half], 1)
+                coef, *_ = np.linalg.lstsq(basis, res, rcond=None)
+                linear = basis[:, 1:] @ coef[1:]
+                rest = res - basis @ coef
+                rows.append((z, np.median(np.hypot(*res.T)), np.hypot(*coef[0]),
+                             np.median(np.hypot(*linear.T)), np.median(np.hypot(*rest.T))))
+        a = np.array(rows)
+        for z in [*range(1, full.shape[0]), None]:
+            sel = a if z is None else a[a[:, 0] == z]
+            print(f"| {name} | {'all' if z is None else z} | "
+                  + " | ".join(f"{v:.2f}" for v in sel[:, 1:].mean(axis=0)) + " |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     C.add_data_arg(p)
-    p.add_argument("experiment", choices=["parts", "oracle", "landscape", "copies"])
+    p.add_argument("experiment", choices=["parts", "oracle", "landscape", "copies", "floor",
+                                           "split"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args(argv)
     full = C.load_stack(args.data, C.ISBI)[:6]
@@ -170,6 +244,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.experiment == "copies":
         copies(full, args.seeds)
+        return
+    if args.experiment == "floor":
+        floor(full, args.seeds)
+        return
+    if args.experiment == "split":
+        split(full, args.seeds)
         return
     print("| experiment | consistency median / p95 (px), mean of seeds |\n|---|---|")
     if args.experiment == "parts":
