@@ -75,6 +75,15 @@ the section is matched two back as well and flagged if that does not confirm it.
 AGREE_WORK_PX = 3.0
 """Two doubtful matches of a section (to its two anchors) whose maps put every corner of
 the section within this many work pixels of each other confirm each other."""
+AFFINE_ROUNDS = 4
+AFFINE_SETTLED_WORK_PX = 1.0
+"""Block-matching rounds of an affine refinement: after the two that every kind gets, more
+(up to :data:`AFFINE_ROUNDS`) while the last round still moved a corner by more than
+:data:`AFFINE_SETTLED_WORK_PX`. Patches matched around a rough rigid map see only part of a
+large scale difference, and each round recovers more of it: ISBI with a 10 % magnification
+step, fit frozen, the section after the step 7.2 px with two rounds and 3.5 px with up to
+four (docs/benchmarks.md). Rigid maps cannot take up a scale, and their extra rounds
+changed the blank-section bridges (8 seeds, hard case 2.57 -> 2.74 px), so they keep two."""
 
 
 def pair_settings(kind: str, distance: int) -> tuple[tuple[float, float], str, int]:
@@ -469,7 +478,11 @@ def _refine_on_patches(fixed: torch.Tensor, moving: torch.Tensor, m: np.ndarray,
     whether the inliers split in two (:func:`split_match`), and the scale deviation of an
     affine map fitted to the same inliers (:func:`scale_deviation`; nan without a fit))."""
     conf, support, split, scale = 0.0, 0.0, False, float("nan")
-    for _ in range(2):
+    before = m
+    for rnd in range(AFFINE_ROUNDS if kind == "affine" else 2):
+        if rnd >= 2 and _corner_gap(m, before, full_size) <= AFFINE_SETTLED_WORK_PX * k:
+            break
+        before = m
         src, dst, psr = _block_match(fixed, moving, m, k, full_size)
         good = psr >= MIN_CONFIDENCE
         if good.sum() < 4:
