@@ -298,7 +298,7 @@ def run_ours(stack: np.ndarray, **params) -> dict:
     t0 = time.perf_counter()
     r = align_stack(stack, device=params.pop("device", "cpu"), **params)
     return {"d": r.displacement, "valid": r.valid, "seconds": time.perf_counter() - t0,
-            "flags": list(r.flags)}
+            "flags": list(r.flags), "notes": list(r.notes)}
 
 
 # -- pystackreg ----------------------------------------------------------------------------
