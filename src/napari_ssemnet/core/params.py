@@ -49,8 +49,10 @@ class AlignParams:
     prealign: str = _knob(
         "rigid", "Global pre-alignment before the deformable stage: none, translation, rigid "
                  "(rotation + shift) or affine (adds scale and shear). Use affine when sections "
-                 "are stretched or compressed by cutting; none if the stack is already roughly "
-                 "aligned.", choices=PREALIGN_KINDS, label="pre-alignment")
+                 "are stretched or compressed by cutting or were imaged at more than one "
+                 "magnification (several sessions): rigid cannot follow a magnification step "
+                 "and nothing warns of one; none if the stack is already roughly aligned.",
+        choices=PREALIGN_KINDS, label="pre-alignment")
     grid_spacing: int = _knob(
         64, "Spacing in pixels between control points of the deformation grid. Smaller "
             "follows more local distortion (folds, cracks) but risks warping real tissue; "
