@@ -80,10 +80,11 @@ AFFINE_SETTLED_WORK_PX = 1.0
 """Block-matching rounds of an affine refinement: after the two that every kind gets, more
 (up to :data:`AFFINE_ROUNDS`) while the last round still moved a corner by more than
 :data:`AFFINE_SETTLED_WORK_PX`. Patches matched around a rough rigid map see only part of a
-large scale difference, and each round recovers more of it: ISBI with a 10 % magnification
-step, fit frozen, the section after the step 7.2 px with two rounds and 3.5 px with up to
-four (docs/benchmarks.md). Rigid maps cannot take up a scale, and their extra rounds
-changed the blank-section bridges (8 seeds, hard case 2.57 -> 2.74 px), so they keep two."""
+large scale difference, and later rounds recovered more of it on ISBI (a 10 % magnification
+step, fit frozen: the section after the step 7.2 px with two rounds and 3.5 px with up to
+four; scales of +-2-10 %: 0.1-0.3 px lower medians over 8 seeds; docs/benchmarks.md).
+Rigid maps cannot take up a scale, and their extra rounds changed the blank-section bridges
+(8 seeds, hard case 2.57 -> 2.74 px), so they keep two."""
 
 
 def pair_settings(kind: str, distance: int) -> tuple[tuple[float, float], str, int]:
