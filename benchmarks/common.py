@@ -191,13 +191,15 @@ class Case:
 
 def make_case(name: str, full: np.ndarray, crop: int, *, seed: int, gain_jitter: float = 0.0,
               noise: float = 0.0, blank: int | None = None, reference: int = 0,
-              misalignment: dict | None = None) -> Case:
+              misalignment: dict | None = None, fields: np.ndarray | None = None) -> Case:
     """``misalignment`` overrides keys of :data:`MISALIGNMENT` (``random_misalignment``'s
-    bounds)."""
+    bounds); ``fields`` (Z, 2, H, W), the known backward field of the full sections, replaces
+    the random one altogether."""
     z, h, w = full.shape
-    e_full = random_misalignment(full.shape, seed=seed,
-                                 **{**MISALIGNMENT, **(misalignment or {}),
-                                    "reference": reference})
+    e_full = (np.ascontiguousarray(fields, np.float32) if fields is not None
+              else random_misalignment(full.shape, seed=seed,
+                                       **{**MISALIGNMENT, **(misalignment or {}),
+                                          "reference": reference}))
     mis_full = apply_misalignment(full, e_full, gain_jitter=gain_jitter, noise=noise,
                                   blank=blank, seed=seed)
     oy, ox = (h - crop) // 2, (w - crop) // 2

@@ -177,23 +177,16 @@ FLOOR_VARIANTS = {
 
 
 def floor(full: np.ndarray, seeds, section: int = 3) -> None:
+    from sweep_consistency import run_variant
+
     copies_full = np.stack([full[section]] * full.shape[0]).astype(np.float32)
     print(f"| variant (copies of section {section}) | consistency median / p95 (px) | "
           "per section 1-5 (median) |\n|---|---|---|")
     for name, params in FLOOR_VARIANTS.items():
-        first = C.make_case("floor", copies_full, CROP, seed=seeds[0])
-        c = C.run_ours(C.untouched_case(first).clean, **dict(params))
-        meds, p95s, per = [], [], []
-        for seed in seeds:
-            case = C.make_case("floor", copies_full, CROP, seed=seed)
-            r = C.run_ours(case.mis.copy(), **dict(params))
-            ev = C.evaluate(case, r["d"], r["valid"], c=c["d"], c_valid=c["valid"])
-            meds.append(ev["consistency"]["median"])
-            p95s.append(ev["consistency"]["p95"])
-            per.append(ev["consistency_per_section"])
-        sections = ", ".join(f"{v:.2f}" for v in np.mean(per, axis=0))
-        print(f"| {name} | {np.mean(meds):.2f} / {np.mean(p95s):.2f} | {sections} |",
-              flush=True)
+        clean = run_variant(copies_full, CROP, dict(params), list(seeds), hard_case=False)["clean"]
+        per = np.mean([row["per_section"] for row in clean["seeds"]], axis=0)
+        print(f"| {name} | {clean['mean_median']:.2f} / {clean['mean_p95']:.2f} | "
+              f"{', '.join(f'{v:.2f}' for v in per)} |", flush=True)
 
 
 SPLIT_VARIANTS = {"defaults": {}, "fit frozen (pre-alignment only)": FROZEN}

@@ -52,13 +52,17 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def run_variant(full: np.ndarray, crop: int, params: dict, seeds: list[int],
-                hard: dict | None = None, misalignment: dict | None = None) -> dict:
+                hard: dict | None = None, misalignment: dict | None = None,
+                hard_case: bool = True) -> dict:
+    """Consistency of one parameter variant over ``seeds``: ``clean`` and (with
+    ``hard_case``) ``hard``, each with per-seed rows and their means."""
     t0 = time.perf_counter()
     first = C.make_case("sweep", full, crop, seed=seeds[0])
     c = C.run_ours(C.untouched_case(first).clean, **params)
     untouched_ncc = C.evaluate(C.untouched_case(first), c["d"], c["valid"])["adjacent_ncc"]
     out: dict = {"params": params, "untouched_ncc": untouched_ncc}
-    for case_name, extra in (("clean", {}), ("hard", HARD if hard is None else hard)):
+    cases = [("clean", {}), ("hard", HARD if hard is None else hard)][:2 if hard_case else 1]
+    for case_name, extra in cases:
         rows = []
         for seed in seeds:
             case = C.make_case("sweep", full, crop, seed=seed, misalignment=misalignment,
